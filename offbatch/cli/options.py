@@ -1,0 +1,25 @@
+"""Option aliases shared by the commands, so a flag means the same thing everywhere."""
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ModelDirArg = Annotated[Path, typer.Argument(help="Hugging Face model folder (config.json + safetensors).")]
+OptionalModelDirArg = Annotated[
+    Optional[Path], typer.Argument(help="Hugging Face model folder; default: the embedded SmolLM2-135M-Instruct.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
+GpuMemoryOpt = Annotated[
+    Optional[str], typer.Option("--gpu-memory", help="GPU memory offbatch may reserve, e.g. 8GiB (default: all free).")
+]
+CpuMemoryOpt = Annotated[
+    Optional[str], typer.Option("--cpu-memory", help="Host memory offbatch may use, e.g. 64GiB (default: 80% of available).")
+]
+DeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", help="Compute device: cuda, cpu (default: cuda when present).")
+]
+DtypeOpt = Annotated[
+    Optional[str], typer.Option("--dtype", help="Compute dtype: bfloat16, float16, float32 (default: the checkpoint's).")
+]
