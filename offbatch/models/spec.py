@@ -119,6 +119,14 @@ def _eos_ids(value) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+def _num_experts(cfg: dict, family: str) -> int:
+    # Mixtral says num_local_experts, Qwen/OLMoE num_experts; transformers 5 writes either.
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if cfg.get(key):
+            return int(cfg[key])
+    raise ModelFolderError(f"config.json of a {family!r} model is missing the key 'num_experts' (or 'num_local_experts')")
+
+
 def _moe_layer_flags(cfg: dict, num_layers: int) -> tuple[bool, ...]:
     """Qwen2/3-MoE: a layer is sparse unless listed in mlp_only_layers or off the sparse step."""
     step = cfg.get("decoder_sparse_step", 1) or 1
@@ -212,7 +220,7 @@ def spec_from_config(cfg: dict) -> ModelSpec:
     elif family == "mixtral":
         spec.update(
             moe=MoESpec(
-                num_experts=int(_need(cfg, "num_local_experts", family)),
+                num_experts=_num_experts(cfg, family),
                 top_k=int(_need(cfg, "num_experts_per_tok", family)),
                 expert_intermediate_size=int(_need(cfg, "intermediate_size", family)),
                 norm_topk_prob=True,
@@ -224,10 +232,10 @@ def spec_from_config(cfg: dict) -> ModelSpec:
         shared = int(cfg.get("shared_expert_intermediate_size") or 0) if family == "qwen2_moe" else 0
         spec.update(
             moe=MoESpec(
-                num_experts=int(_need(cfg, "num_experts", family)),
+                num_experts=_num_experts(cfg, family),
                 top_k=int(_need(cfg, "num_experts_per_tok", family)),
                 expert_intermediate_size=int(_need(cfg, "moe_intermediate_size", family)),
-                norm_topk_prob=bool(cfg.get("norm_topk_prob", family == "qwen3_moe")),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
                 shared_expert_intermediate_size=shared,
                 shared_expert_gate=shared > 0,
             ),
@@ -240,7 +248,7 @@ def spec_from_config(cfg: dict) -> ModelSpec:
     elif family == "olmoe":
         spec.update(
             moe=MoESpec(
-                num_experts=int(_need(cfg, "num_experts", family)),
+                num_experts=_num_experts(cfg, family),
                 top_k=int(_need(cfg, "num_experts_per_tok", family)),
                 expert_intermediate_size=int(_need(cfg, "intermediate_size", family)),
                 norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),

@@ -1,0 +1,62 @@
+"""The contract between jobs (requests in, results out) and whatever engine generates tokens.
+
+The jobs layer turns JSONL lines into `GenRequest`s and hands an iterable of them to a `Generator`;
+the generator yields a `GenOutput` as soon as each sequence finishes (not in input order), so results
+can be flushed one by one. Every engine (the reference loop, the streaming engine) implements this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Protocol
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None  # None: derived from the request id, so reruns repeat
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class GenRequest:
+    key: int  # unique within one generate() call; echoed in GenOutput
+    prompt_ids: list[int]
+    params: SamplingParams
+    # Called after each new token with all generated ids so far; True stops the sequence with
+    # finish_reason "stop" (the jobs layer uses it for stop strings, which need detokenising).
+    stop_check: Callable[[list[int]], bool] | None = None
+
+
+@dataclass
+class GenOutput:
+    key: int
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class GenStats:
+    """Counters a generator keeps for progress and summaries."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    peak_gpu_reserved_bytes: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Generator(Protocol):
+    stats: GenStats
+
+    def generate(self, requests: Iterable[GenRequest]) -> Iterator[GenOutput]:
+        """Yield one GenOutput per request, each as soon as it finishes."""
+        ...
