@@ -1,0 +1,322 @@
+"""The streaming engine: module-based batching over a wave of sequences (MoE-Gen's execution model).
+
+Every step runs one token for each running sequence plus the prompts of newly admitted ones, layer
+by layer; each module (attention, dense FFN, each expert) runs once over all of the step's tokens,
+while the next modules' weights stream into spare device slots on a copy stream. KV of the wave
+stays on the compute device. Finished sequences leave at once and waiting ones take their KV slots.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from offbatch.attention.dense import grouped_attention
+from offbatch.engine import sampler
+from offbatch.engine.api import GenOutput, GenRequest, GenStats
+from offbatch.engine.reference_generator import finish_reason, suppress_stop_tokens
+from offbatch.models import layers as L
+from offbatch.offload.kv import WaveKV
+from offbatch.offload.prefetch import Prefetcher
+from offbatch.offload.weights import ModuleKey, WeightStore
+from offbatch.planner.plan import Plan
+
+
+@dataclass
+class LiveSeq:
+    req: GenRequest
+    slot: int
+    rng: torch.Generator | None
+    length: int = 0  # tokens in the KV cache
+    generated: list[int] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    @property
+    def history(self) -> list[int]:
+        return self.req.prompt_ids + self.generated
+
+
+@dataclass
+class StepTimes:
+    steps: int = 0
+    wall_s: float = 0.0
+    weight_wait_s: float = 0.0  # compute stream stalled on a copy (device-side, from events)
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    decode_wall_s: float = 0.0
+    decode_tokens: int = 0
+    prefill_wall_s: float = 0.0
+    prefill_tokens: int = 0
+
+
+class StreamingEngine:
+    def __init__(self, store: WeightStore, plan: Plan, eos_token_ids: Iterable[int] = (), timing: bool = False):
+        self.spec = store.spec
+        self.plan = plan
+        self.device = torch.device(plan.device)
+        self.dtype = store.dtype
+        self.store = store
+        self.eos_ids = tuple(eos_token_ids)
+        self.pf = Prefetcher(store, self.device, plan.slots, plan.resident)
+        self.kv = WaveKV(self.spec, plan.wave_size, plan.max_len, self.device, self.dtype)
+        self.inv_freq = L.rope_inv_freq(self.spec).to(self.device) if self.spec.positions == "rope" else None
+        self.embed_host = store.host_views((-1, "embed"))
+        self.stats = GenStats()
+        self.times = StepTimes()
+        self.timing = timing and self.device.type == "cuda"
+        self._wait_events: list = []
+
+    # ---- one step over the wave ------------------------------------------
+    def _schedule_step(self) -> None:
+        spec, keys = self.spec, []
+        for i in range(spec.num_layers):
+            keys.append((i, "attn"))
+            if spec.is_moe_layer(i):
+                if spec.moe.shared_expert_intermediate_size:
+                    keys.append((i, "shared"))
+                keys += [(i, f"expert.{e}") for e in range(spec.moe.num_experts)]
+            else:
+                keys.append((i, "ffn"))
+        keys.append((-1, "head"))
+        self.pf.schedule(keys)
+
+    def _acquire(self, key: ModuleKey) -> dict[str, torch.Tensor]:
+        if not self.timing or self.pf.is_resident(key):
+            return self.pf.acquire(key)
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record()
+        w = self.pf.acquire(key)
+        after.record()
+        self._wait_events.append((before, after))
+        return w
+
+    def _embed(self, ids: list[int], positions: torch.Tensor) -> torch.Tensor:
+        # The embedding table stays in host memory: a row gather there moves T*H bytes, not V*H.
+        g = self.embed_host
+        x = F.embedding(torch.tensor(ids, dtype=torch.long), g["embed"])
+        if "project_in" in g:
+            x = F.linear(x, g["project_in"])
+        if self.spec.positions == "learned":
+            x = x + F.embedding(positions.cpu() + 2, g["pos_embed"])
+        return x.to(self.device, non_blocking=True)
+
+    def _attention(self, i: int, x: torch.Tensor, dec: list[LiveSeq], pre: list[tuple[LiveSeq, int]],
+                   cos, sin) -> torch.Tensor:
+        spec, plan = self.spec, self.plan
+        w = self._acquire((i, "attn"))
+        h = L.norm(x, w, "attn_norm", spec) if spec.pre_norm else x
+        q, k, v = L.attention_qkv(h, w, spec, cos, sin)
+        out = torch.empty_like(q)
+        nd = len(dec)
+        if nd:
+            slots = torch.tensor([s.slot for s in dec], device=self.device)
+            pos = torch.tensor([s.length for s in dec], device=self.device)
+            self.kv.write_decode(i, slots, pos, k[:nd], v[:nd])
+            for a in range(0, nd, plan.attn_micro_batch):
+                b = min(nd, a + plan.attn_micro_batch)
+                length = max(s.length for s in dec[a:b]) + 1
+                kk, vv = self.kv.gather(i, slots[a:b], length)
+                o = grouped_attention(q[a:b, :, None, :], kk, vv, pos[a:b, None], pos[a:b] + 1, spec.sliding_window)
+                out[a:b] = o[:, :, 0, :]
+        row = nd
+        for start in range(0, len(pre), plan.attn_micro_batch):
+            group = pre[start : start + plan.attn_micro_batch]
+            tmax = max(n for _, n in group)
+            qpad = q.new_zeros(len(group), spec.num_heads, tmax, spec.head_dim)
+            rows = []
+            for j, (s, n) in enumerate(group):
+                self.kv.write_span(i, s.slot, s.length, k[row : row + n], v[row : row + n])
+                qpad[j, :, :n] = q[row : row + n].transpose(0, 1)
+                rows.append((row, n))
+                row += n
+            slots = torch.tensor([s.slot for s, _ in group], device=self.device)
+            starts = torch.tensor([s.length for s, _ in group], device=self.device)
+            ends = torch.tensor([s.length + n for s, n in group], device=self.device)
+            kk, vv = self.kv.gather(i, slots, int(max(s.length + n for s, n in group)))
+            q_pos = starts[:, None] + torch.arange(tmax, device=self.device)[None, :]
+            o = grouped_attention(qpad, kk, vv, q_pos, ends, spec.sliding_window)
+            for j, (r, n) in enumerate(rows):
+                out[r : r + n] = o[j, :, :n].transpose(0, 1)
+        y = L.attention_output(out, w)
+        self.pf.release((i, "attn"))
+        return y
+
+    def _mlp_chunked(self, h: torch.Tensor, w, prefix: str = "") -> torch.Tensor:
+        step = self.plan.ffn_micro_tokens
+        if h.shape[0] <= step:
+            return L.mlp(h, w, self.spec, prefix)
+        return torch.cat([L.mlp(h[a : a + step], w, self.spec, prefix) for a in range(0, h.shape[0], step)])
+
+    def _ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if not spec.is_moe_layer(i):
+            w = self._acquire((i, "ffn"))
+            h = L.norm(x, w, "ffn_norm", spec) if spec.pre_norm else x
+            y = self._mlp_chunked(h, w)
+            self.pf.release((i, "ffn"))
+            return y
+        wr = self._acquire((i, "router"))
+        h = L.norm(x, wr, "ffn_norm", spec)
+        top_w, top_i = L.route(h, wr, spec)
+        order, counts = L.group_by_expert(top_i, spec.moe.num_experts)
+        counts = counts.tolist()  # the one host sync of a MoE layer: which experts to fetch
+        self.pf.unschedule({(i, f"expert.{e}") for e, n in enumerate(counts) if n == 0})
+        y = torch.zeros_like(h)
+        if spec.moe.shared_expert_intermediate_size:
+            ws = self._acquire((i, "shared"))
+            y += self._shared(h, ws)
+            self.pf.release((i, "shared"))
+        k = spec.moe.top_k
+        flat_w = top_w.reshape(-1)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            sel = order[start : start + n]
+            start += n
+            rows = sel // k
+            we = self._acquire((i, f"expert.{e}"))
+            y.index_add_(0, rows, self._mlp_chunked(h[rows], we, f"experts.{e}.") * flat_w[sel, None])
+            self.pf.release((i, f"expert.{e}"))
+        return y
+
+    def _shared(self, h, ws):
+        step = self.plan.ffn_micro_tokens
+        return torch.cat([L.shared_expert(h[a : a + step], ws, self.spec) for a in range(0, h.shape[0], step)])
+
+    def _layer(self, i, x, dec, pre, cos, sin):
+        spec = self.spec
+        if spec.pre_norm:
+            x = x + self._attention(i, x, dec, pre, cos, sin)
+            return x + self._ffn(i, x)
+        # Post-norm (OPT-350m): normalise after each residual add.
+        a = self._attention(i, x, dec, pre, cos, sin)
+        x = L.norm(x + a, self._norm_weights(i, "attn"), "attn_norm", spec)
+        f = self._ffn(i, x)
+        return L.norm(x + f, self._norm_weights(i, "ffn"), "ffn_norm", spec)
+
+    def _norm_weights(self, i: int, module: str) -> dict[str, torch.Tensor]:
+        # Post-norm needs a module's norm after the module was released: keep a device copy of the
+        # (tiny) norm tensors per layer.
+        cache = self.__dict__.setdefault("_post_norms", {})
+        if (i, module) not in cache:
+            host = self.store.host_views((i, module))
+            cache[(i, module)] = {k: t.to(self.device) for k, t in host.items() if "norm" in k}
+        return cache[(i, module)]
+
+    @torch.inference_mode()
+    def step(self, dec: list[LiveSeq], pre: list[tuple[LiveSeq, int]]) -> torch.Tensor:
+        """dec: sequences decoding one token (their last generated one); pre: (sequence, n) running the
+        next n prompt tokens. Returns float32 logits of each sequence's last new token, dec then pre."""
+        ids, pos = [], []
+        for s in dec:
+            ids.append(s.generated[-1])
+            pos.append(s.length)
+        for s, n in pre:
+            ids += s.req.prompt_ids[s.length : s.length + n]
+            pos += range(s.length, s.length + n)
+        positions = torch.tensor(pos, dtype=torch.long)
+        x = self._embed(ids, positions)
+        positions = positions.to(self.device, non_blocking=True)
+        cos = sin = None
+        if self.inv_freq is not None:
+            cos, sin = L.rope_cos_sin(self.inv_freq, positions, self.dtype)
+        self._schedule_step()
+        for i in range(self.spec.num_layers):
+            x = self._layer(i, x, dec, pre, cos, sin)
+        last = list(range(len(dec)))
+        row = len(dec)
+        for _, n in pre:
+            row += n
+            last.append(row - 1)
+        xl = x[torch.tensor(last, device=self.device)]
+        wh = self._acquire((-1, "head"))
+        if self.spec.final_norm:
+            xl = L.norm(xl, wh, "final_norm", self.spec)
+        if "project_out" in wh:
+            xl = F.linear(xl, wh["project_out"])
+        logits = F.linear(xl, wh["lm_head"]).float()
+        self.pf.release((-1, "head"))
+        self.pf.end_step()
+        for s in dec:
+            s.length += 1
+        for s, n in pre:
+            s.length += n
+        return logits
+
+    # ---- the wave loop ---------------------------------------------------
+    def _admit(self, pending: Iterator[GenRequest], waiting: list[GenRequest], live: list[LiveSeq]):
+        """New sequences for this step, within free KV slots and the step's prompt-token budget."""
+        new, budget = [], self.plan.prefill_tokens
+        while self.kv.free:
+            req = waiting.pop() if waiting else next(pending, None)
+            if req is None:
+                break
+            n = len(req.prompt_ids)
+            if n + 1 > self.plan.max_len:
+                raise ValueError(f"request {req.key}: prompt of {n} tokens exceeds the planned context {self.plan.max_len}")
+            if new and n > budget:
+                waiting.append(req)
+                break
+            budget -= n
+            new.append(LiveSeq(req, self.kv.allocate(), sampler.make_rng(req.params, req.key)))
+            if budget <= 0:
+                break
+        return new
+
+    def generate(self, requests: Iterable[GenRequest]) -> Iterator[GenOutput]:
+        pending = iter(requests)
+        waiting: list[GenRequest] = []
+        live: list[LiveSeq] = []
+        while True:
+            new = self._admit(pending, waiting, live)
+            if not live and not new:
+                return
+            t0 = time.perf_counter()
+            self._wait_events.clear()
+            logits = self.step(live, [(s, len(s.req.prompt_ids)) for s in new])
+            step = live + new
+            suppress_stop_tokens(logits, step, self.eos_ids)
+            nxt = sampler.sample_next(logits, [s.req.params for s in step], [s.rng for s in step],
+                                      [s.history for s in step])  # host sync: the step is done
+            self._account(time.perf_counter() - t0, len(step), sum(len(s.req.prompt_ids) for s in new))
+            live = []
+            now = time.perf_counter()
+            for s, tok in zip(step, nxt):
+                s.generated.append(tok)
+                s.first_token_at = s.first_token_at or now
+                room = min(self.plan.max_len, self.spec.max_position) - s.length - 1
+                reason = finish_reason(s.req.params, tok, s.generated, self.eos_ids, room, s.req.stop_check)
+                if reason is None:
+                    live.append(s)
+                    continue
+                self.kv.release(s.slot)
+                ids = s.generated
+                if tok in s.req.params.stop_token_ids or (not s.req.params.ignore_eos and tok in self.eos_ids):
+                    ids = ids[:-1]
+                yield GenOutput(s.req.key, ids, reason, len(s.req.prompt_ids),
+                                {"ttft_s": s.first_token_at - s.started, "total_s": now - s.started})
+
+    def _account(self, wall: float, n_sampled: int, n_prompt: int) -> None:
+        t = self.times
+        t.steps += 1
+        t.wall_s += wall
+        if self._wait_events:
+            t.weight_wait_s += sum(a.elapsed_time(b) for a, b in self._wait_events) / 1000
+        if n_prompt:
+            t.prefill_steps += 1
+            t.prefill_wall_s += wall
+            t.prefill_tokens += n_prompt
+        else:
+            t.decode_steps += 1
+            t.decode_wall_s += wall
+            t.decode_tokens += n_sampled
+        self.stats.prompt_tokens += n_prompt
+        self.stats.generated_tokens += n_sampled
+        if self.device.type == "cuda":
+            self.stats.peak_gpu_reserved_bytes = torch.cuda.max_memory_reserved(self.device)

@@ -1,0 +1,128 @@
+"""Plan: placement and batch sizes for the streaming engine, and the simple rules that choose them.
+
+Decode streams every non-resident weight byte once per step whatever the wave size, so tokens per
+step (the wave) is worth more than residency: a byte given to KV adds sequences to every step, a byte
+given to residency only shortens the copy. The rules therefore size the wave first (as many KV slots
+as the cap allows, up to the number of requests), then make modules resident with what is left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from offbatch.errors import BudgetError
+from offbatch.models.spec import ModelSpec
+from offbatch.offload.kv import WaveKV
+from offbatch.offload.weights import ModuleKey, WeightStore, module_kind
+from offbatch.units import format_bytes
+
+# Device slots per module kind: two let one copy run while the other module computes; experts get
+# three because they are many and small, so a copy never waits for the expert before it to finish.
+DEFAULT_SLOTS = {"attn": 2, "ffn": 2, "shared": 2, "expert": 3, "head": 1, "router": 2}
+SAFETY = 0.90  # of the cap: allocator fragmentation and what we do not model
+
+
+@dataclass
+class Plan:
+    device: str
+    dtype: torch.dtype
+    wave_size: int  # KV slots: sequences decoded together
+    max_len: int  # context per sequence (prompt + generated)
+    prefill_tokens: int  # prompt tokens admitted per step
+    attn_micro_batch: int  # sequences per attention call
+    ffn_micro_tokens: int  # tokens per FFN / expert call
+    slots: dict[str, int] = field(default_factory=dict)
+    resident: set[ModuleKey] = field(default_factory=set)
+    budget_bytes: int | None = None
+    memory: dict[str, int] = field(default_factory=dict)  # device bytes by use
+
+    def describe(self) -> dict:
+        return {
+            "device": self.device, "dtype": str(self.dtype).replace("torch.", ""), "wave_size": self.wave_size,
+            "max_len": self.max_len, "prefill_tokens": self.prefill_tokens,
+            "attn_micro_batch": self.attn_micro_batch, "ffn_micro_tokens": self.ffn_micro_tokens,
+            "slots": self.slots, "resident_modules": len(self.resident), "budget_bytes": self.budget_bytes,
+            "memory": self.memory,
+        }
+
+
+def activation_bytes(spec: ModelSpec, tokens: int, ffn_tokens: int, attn_batch: int, max_len: int, dsize: int) -> int:
+    """Peak transient device memory of one step: hidden states and projections of all its tokens, one
+    FFN micro-batch's intermediates, one attention micro-batch's gathered K/V, mask and scores."""
+    H = spec.hidden_size
+    inter = max(spec.intermediate_size, spec.moe.expert_intermediate_size if spec.moe else 0,
+                spec.moe.shared_expert_intermediate_size if spec.moe else 0)
+    hidden = tokens * (4 * H + spec.q_size + 2 * spec.kv_size + spec.q_size) * dsize
+    if spec.moe:
+        hidden += tokens * spec.moe.top_k * (H * dsize + 16)  # routed copies, weights, indices
+    ffn = ffn_tokens * (3 * inter + H) * dsize
+    rep = spec.num_heads // spec.num_kv_heads
+    kv = 2 * attn_batch * spec.kv_size * max_len * dsize
+    scores = attn_batch * spec.num_heads * max_len * 4 + attn_batch * rep * max_len
+    return hidden + ffn + kv + scores
+
+
+def rule_plan(spec: ModelSpec, store: WeightStore, device: str, budget: int | None, num_requests: int,
+              max_len: int, prefill_tokens: int = 8192, ffn_micro_tokens: int = 4096,
+              attn_micro_batch: int = 64, max_wave: int = 1024) -> Plan:
+    dsize = torch.tensor([], dtype=store.dtype).element_size()
+    kinds: dict[str, int] = {}
+    for key in store.keys():
+        if key[0] >= 0 or key[1] == "head":
+            kind = module_kind(key[1])
+            kinds[kind] = max(kinds.get(kind, 0), store.nbytes(key))
+    slots = {k: DEFAULT_SLOTS.get(k, 2) for k in kinds}
+    # Routers and norms are tiny and needed by every token: always resident.
+    resident = {k for k in store.keys() if k[1] == "router"}
+    slots.pop("router", None)
+    fixed = sum(store.nbytes(k) for k in resident)
+    slot_bytes = sum(slots[k] * kinds[k] for k in slots)
+    prefill_tokens = max(1, min(prefill_tokens, max(num_requests, 1) * max_len))
+    ffn_micro_tokens = min(ffn_micro_tokens, prefill_tokens + max_wave)
+    kv_slot = WaveKV.bytes_per_slot(spec, max_len, dsize)
+
+    def need(wave: int) -> int:
+        act = activation_bytes(spec, prefill_tokens + wave, ffn_micro_tokens, min(attn_micro_batch, wave), max_len, dsize)
+        return fixed + slot_bytes + wave * kv_slot + act
+
+    wave = max(1, min(num_requests, max_wave))
+    if budget is not None:
+        usable = int(budget * SAFETY)
+        if need(1) > usable:
+            # Try smaller transient sizes before giving up.
+            prefill_tokens = min(prefill_tokens, max_len)
+            ffn_micro_tokens = min(ffn_micro_tokens, 256)
+            if need(1) > usable:
+                raise BudgetError(
+                    f"--gpu-memory {format_bytes(budget)} is too small for this model: streaming needs at least "
+                    f"{format_bytes(need(1) / SAFETY)} (weight buffers {format_bytes(slot_bytes)}, one sequence's KV "
+                    f"{format_bytes(kv_slot)}, activations); give more GPU memory or shorter --max-tokens"
+                )
+        while wave > 1 and need(wave) > usable:
+            wave = max(1, min(wave - 1, int(wave * 0.9)))
+        left = usable - need(wave)
+    else:
+        left = 1 << 62
+    # Residency with what is left: the output head first (every step reads all of it), then layers in
+    # order. Slots of a kind whose every module became resident are given back.
+    order = [k for k in store.keys() if k[1] == "head"] + sorted(
+        (k for k in store.keys() if k[0] >= 0 and k not in resident), key=lambda k: (k[0], k[1]))
+    for key in order:
+        n = store.nbytes(key)
+        if n <= left:
+            resident.add(key)
+            left -= n
+    for kind in list(slots):
+        if all(k in resident for k in store.keys() if (k[0] >= 0 or k[1] == "head") and module_kind(k[1]) == kind):
+            left += slots.pop(kind) * kinds[kind]
+    memory = {
+        "kv": wave * kv_slot,
+        "weight_slots": sum(slots[k] * kinds[k] for k in slots),
+        "resident_weights": sum(store.nbytes(k) for k in resident),
+        "activations": activation_bytes(spec, prefill_tokens + wave, ffn_micro_tokens,
+                                        min(attn_micro_batch, wave), max_len, dsize),
+    }
+    return Plan(device, store.dtype, wave, max_len, prefill_tokens, min(attn_micro_batch, wave),
+                ffn_micro_tokens, slots, resident, budget, memory)
