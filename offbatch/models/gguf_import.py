@@ -1,0 +1,635 @@
+"""Import a llama.cpp GGUF file as a Hugging Face model folder.
+
+The GGUF is read with the `gguf` package (GGUFReader, gguf.quants.dequantize): every tensor is
+dequantised to float32, put back into the Hugging Face layout, cast to the output dtype and written
+as safetensors beside config.json, generation_config.json, tokenizer.json (built with `tokenizers`
+from the tokenizer.ggml.* metadata), tokenizer_config.json and chat_template.jinja.
+
+Two things llama.cpp changes on the way in, and we undo:
+- its convert script permutes the rows of q_proj/k_proj of "llama" models so that rope pairs
+  adjacent elements (GPT-J style) instead of the two halves of each head (GPT-NeoX style);
+- Llama 3.1-style rope scaling is stored as a `rope_freqs` tensor of per-frequency divisors,
+  not as config keys; we recognise the standard Llama 3 parameters from it.
+
+Everything is written into a hidden temp folder next to the target and renamed at the end, so a crash
+never leaves a half-written model folder, and two processes importing the same file cannot mix files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFValueType
+from gguf.quants import dequantize
+from safetensors.torch import save_file
+
+from offbatch.errors import ModelFolderError
+from offbatch.models.names import expected_tensors
+from offbatch.models.spec import spec_from_config
+
+IMPORTER_VERSION = 1  # bump when the output of the same GGUF file changes (invalidates caches)
+MARKER_FILE = ".offbatch-import.json"  # written last: its presence means the folder is complete
+DEFAULT_MAX_SHARD_BYTES = 2 * 1000**3
+
+OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SUPPORTED_TENSOR_TYPES = (
+    QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,
+    QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Arch:
+    model_type: str
+    hf_class: str
+    permuted_qk: bool  # llama.cpp permutes q/k rows only for its "llama" architecture
+    qk_norm: bool = False
+
+
+ARCHITECTURES = {
+    "llama": _Arch("llama", "LlamaForCausalLM", permuted_qk=True),
+    # Mistral GGUFs are normally written as "llama"; accept the name too (same layout).
+    "mistral": _Arch("llama", "LlamaForCausalLM", permuted_qk=True),
+    "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", permuted_qk=False),
+    "qwen3": _Arch("qwen3", "Qwen3ForCausalLM", permuted_qk=False, qk_norm=True),
+}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Tensors llama.cpp writes that carry nothing a HF folder needs (rope_freqs is read separately).
+_IGNORED = re.compile(r"(rope_freqs\.weight|blk\.\d+\.attn_rot_embd\.weight)")
+
+
+@dataclass
+class ImportSummary:
+    out_dir: Path
+    architecture: str
+    num_tensors: int
+    total_bytes: int
+    tensor_types: dict[str, int]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------
+# reading
+class _Reader(gguf.GGUFReader):
+    """GGUFReader over a plain ndarray view of the file mapping.
+
+    np.memmap runs Python-level hooks on every slice, and the reader slices a few times per
+    vocabulary entry; on a plain view of the same mapping opening a 49k-token file is ~3x faster.
+    """
+
+    @property
+    def data(self):
+        return self._data
+
+    @data.setter
+    def data(self, value):
+        self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+
+def open_gguf(path: str | Path):
+    """Open a GGUF file; any failure is one clear ModelFolderError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFolderError(f"GGUF file {str(path)!r} not found")
+    try:
+        return _Reader(path)
+    except Exception as e:  # noqa: BLE001 - the reader raises ValueError, IndexError, numpy errors...
+        raise ModelFolderError(
+            f"{path} is not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _field_value(f) -> Any:
+    """A metadata field as a Python value: str, int, float, bool, list of str, or numpy array."""
+    if not f.types:
+        return None
+    main = f.types[0]
+    if main == GGUFValueType.ARRAY:
+        sub = f.types[-1]
+        if sub == GGUFValueType.ARRAY:
+            return None  # nested arrays carry nothing we use
+        if sub == GGUFValueType.STRING:
+            return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+        if not f.data:
+            return np.zeros(0)
+        return np.concatenate([f.parts[i] for i in f.data])
+    part = f.parts[f.data[0]]
+    if main == GGUFValueType.STRING:
+        return bytes(part).decode("utf-8")
+    value = part[0].item()
+    return bool(value) if main == GGUFValueType.BOOL else value
+
+
+def read_metadata(reader) -> dict[str, Any]:
+    try:
+        return {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    except UnicodeDecodeError as e:
+        raise ModelFolderError(f"GGUF metadata holds a string that is not UTF-8: {e}") from None
+
+
+def _hf_shape(t) -> tuple[int, ...]:
+    # GGUF lists dimensions fastest-first (ne0 = row length); torch lists them slowest-first.
+    return tuple(int(d) for d in reversed(t.shape.tolist()))
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """GGUF tensor name -> Hugging Face name; None for names we do not know."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _LAYER_RE.fullmatch(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's convert-time q/k permutation (rows of a weight, or a bias).
+
+    llama.cpp reshapes each head's rows as (2, head_dim/2) and swaps the two axes, interleaving the
+    two halves that HF's rotate_half pairs; reshaping as (head_dim/2, 2) and swapping back restores them.
+    """
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ---------------------------------------------------------------------------
+# config
+def _llama3_rope_scaling(rope_factors: np.ndarray, theta: float, head_dim: int) -> dict:
+    """Recognise Llama 3.1-style rope scaling from llama.cpp's `rope_freqs` tensor.
+
+    llama.cpp stores only the per-frequency divisors; the Llama 3.x releases all use
+    low_freq_factor 1, high_freq_factor 4 and an original context of 8192, with `factor` the largest
+    divisor. We rebuild the divisors from those values and insist they match.
+    """
+    factors = np.asarray(rope_factors, dtype=np.float64).reshape(-1)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": float(np.round(factors.max(), 4)),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    lo, hi, omp, f = 1.0, 4.0, 8192, scaling["factor"]
+    smooth = np.clip((omp / wavelen - lo) / (hi - lo), 0.0, 1.0)
+    expected = np.where(wavelen < omp / hi, 1.0, np.where(wavelen > omp / lo, f, 1.0 / ((1 - smooth) / f + smooth)))
+    if factors.shape != expected.shape or not np.allclose(factors, expected, rtol=1e-3):
+        raise ModelFolderError(
+            "this GGUF has a rope_freqs tensor that is not Llama 3 rope scaling "
+            "(low_freq_factor 1, high_freq_factor 4, original context 8192); it is not supported"
+        )
+    return scaling
+
+
+def _rope_scaling(meta: dict, arch: str) -> dict | None:
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if kind is None and meta.get(f"{arch}.rope.scale_linear"):  # older files
+        kind, factor = "linear", meta[f"{arch}.rope.scale_linear"]
+    if kind in (None, "none") or not factor or float(factor) == 1.0 and kind == "linear":
+        return None
+    scaling: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
+    if meta.get(f"{arch}.rope.scaling.original_context_length"):
+        scaling["original_max_position_embeddings"] = int(meta[f"{arch}.rope.scaling.original_context_length"])
+    return scaling
+
+
+def _token_id(meta: dict, what: str) -> int | None:
+    value = meta.get(f"tokenizer.ggml.{what}_token_id")
+    return None if value is None else int(value)
+
+
+def build_config(meta: dict, tensors: dict[str, Any], dtype: str) -> dict:
+    """config.json for the GGUF's model, from its metadata (and tensor shapes where metadata is silent)."""
+    arch_name = meta.get("general.architecture")
+    if arch_name not in ARCHITECTURES:
+        raise ModelFolderError(
+            f"GGUF architecture {arch_name!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
+        )
+    arch = ARCHITECTURES[arch_name]
+
+    def need(key: str):
+        value = meta.get(f"{arch_name}.{key}")
+        if value is None:
+            raise ModelFolderError(f"GGUF metadata lacks {arch_name}.{key}, needed for a {arch_name!r} model")
+        return value
+
+    if "token_embd.weight" not in tensors:
+        raise ModelFolderError("GGUF file has no token_embd.weight tensor")
+    hidden = int(need("embedding_length"))
+    heads = int(need("attention.head_count"))
+    kv_heads = int(meta.get(f"{arch_name}.attention.head_count_kv") or heads)
+    head_dim = int(meta.get(f"{arch_name}.attention.key_length") or hidden // heads)
+    rope_dims = meta.get(f"{arch_name}.rope.dimension_count")
+    if rope_dims is not None and int(rope_dims) != head_dim:
+        raise ModelFolderError(
+            f"partial rotary embeddings (rope over {rope_dims} of {head_dim} dims) are not supported"
+        )
+    theta = float(meta.get(f"{arch_name}.rope.freq_base") or 10000.0)
+    rope_scaling = _rope_scaling(meta, arch_name)
+    if "rope_freqs.weight" in tensors:
+        rope_scaling = _llama3_rope_scaling(dequantize(tensors["rope_freqs.weight"].data, QT.F32), theta, head_dim)
+
+    eos = _token_id(meta, "eos")
+    cfg: dict[str, Any] = {
+        "architectures": [arch.hf_class],
+        "model_type": arch.model_type,
+        "vocab_size": _hf_shape(tensors["token_embd.weight"])[0],
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": int(meta.get(f"{arch_name}.context_length") or 2048),
+        "rms_norm_eps": float(meta.get(f"{arch_name}.attention.layer_norm_rms_epsilon") or 1e-6),
+        "rope_theta": theta,
+        "rope_scaling": rope_scaling,
+        "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "torch_dtype": dtype,
+        "bos_token_id": _token_id(meta, "bos"),
+        "eos_token_id": eos,
+        "pad_token_id": _token_id(meta, "padding"),
+        "initializer_range": 0.02,
+        "use_cache": True,
+    }
+    if arch.model_type in ("llama", "qwen3"):
+        cfg["attention_bias"] = "blk.0.attn_q.bias" in tensors
+    if arch.model_type == "llama":
+        cfg["mlp_bias"] = False
+    if arch.model_type in ("qwen2", "qwen3"):
+        cfg["use_sliding_window"] = False
+        cfg["sliding_window"] = None
+    return cfg
+
+
+def _generation_config(meta: dict) -> dict:
+    # Chat models end turns with eot/eom tokens (Llama 3: <|eot_id|>); generation stops on any of them.
+    eos = [i for i in (_token_id(meta, "eos"), _token_id(meta, "eot"), _token_id(meta, "eom")) if i is not None]
+    out: dict[str, Any] = {}
+    if _token_id(meta, "bos") is not None:
+        out["bos_token_id"] = _token_id(meta, "bos")
+    if eos:
+        eos = list(dict.fromkeys(eos))
+        out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    if _token_id(meta, "padding") is not None:
+        out["pad_token_id"] = _token_id(meta, "padding")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# tensors
+def plan_tensors(reader, cfg: dict) -> list[tuple[str, Any]]:
+    """(HF name, GGUF tensor) in writing order, after checking names, types and shapes."""
+    mapped: dict[str, Any] = {}
+    for t in reader.tensors:
+        if _IGNORED.fullmatch(t.name):
+            continue
+        name = hf_tensor_name(t.name)
+        if name is None:
+            raise ModelFolderError(f"GGUF tensor {t.name!r} has no place in a {cfg['model_type']!r} model")
+        if t.tensor_type not in SUPPORTED_TENSOR_TYPES:
+            raise ModelFolderError(
+                f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, which is not supported; "
+                f"supported: {', '.join(q.name for q in SUPPORTED_TENSOR_TYPES)}"
+            )
+        mapped[name] = t
+
+    expected = expected_tensors(spec_from_config(cfg))
+    if cfg["tie_word_embeddings"]:
+        expected.pop("lm_head.weight", None)
+    missing = [n for n in expected if n not in mapped]
+    extra = [n for n in mapped if n not in expected]
+    if missing or extra:
+        raise ModelFolderError(
+            "GGUF tensors do not match its metadata"
+            + (f"; missing: {', '.join(missing[:5])}" if missing else "")
+            + (f"; unexpected: {', '.join(extra[:5])}" if extra else "")
+        )
+    for name, info in expected.items():
+        if _hf_shape(mapped[name]) != info.shape:
+            raise ModelFolderError(
+                f"GGUF tensor {mapped[name].name!r} has shape {_hf_shape(mapped[name])}, "
+                f"the metadata implies {info.shape}"
+            )
+    return [(name, mapped[name]) for name in expected]  # expected_tensors' order: embed, layers, head
+
+
+def load_tensor(t, cfg: dict, permuted_qk: bool, dtype: torch.dtype) -> torch.Tensor:
+    """One GGUF tensor, dequantised, in HF layout, cast to `dtype`."""
+    w = dequantize(t.data, t.tensor_type)  # float32, rows = HF rows
+    w = w.reshape(_hf_shape(t))
+    if permuted_qk and re.fullmatch(r"blk\.\d+\.attn_[qk]\.(weight|bias)", t.name):
+        heads = cfg["num_attention_heads"] if ".attn_q." in t.name else cfg["num_key_value_heads"]
+        w = unpermute_qk(w, heads)
+    if not w.flags.writeable:  # F32 tensors come back as views of the read-only file mapping
+        w = w.copy()
+    return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(dtype)
+
+
+def _shards(plan: list[tuple[str, Any]], itemsize: int, max_bytes: int) -> list[list[tuple[str, Any]]]:
+    shards: list[list[tuple[str, Any]]] = [[]]
+    size = 0
+    for name, t in plan:
+        nbytes = int(np.prod(_hf_shape(t))) * itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += nbytes
+    return shards
+
+
+def _write_weights(folder: Path, plan, cfg, permuted_qk, dtype, max_shard_bytes, progress) -> int:
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    shards = _shards(plan, itemsize, max_shard_bytes)
+    weight_map: dict[str, str] = {}
+    total = done = 0
+    for k, shard in enumerate(shards):
+        # One shard in memory at a time: bounded by max_shard_bytes, whatever the model size.
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name, t in shard:
+            tensors[name] = load_tensor(t, cfg, permuted_qk, dtype)
+            total += tensors[name].numel() * itemsize
+            weight_map[name] = fname
+            done += 1
+            if progress:
+                progress(done, len(plan))
+        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return total
+
+
+# ---------------------------------------------------------------------------
+# tokenizer
+# Pre-tokenizer regexes of the Hugging Face tokenizers llama.cpp names in tokenizer.ggml.pre.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT2_PRE = ("default", "gpt2", "gpt-2", "olmo", "mpt", "jais")
+_DIGITS_PRE = ("smollm", "starcoder", "refact", "codeshell", "exaone", "minerva-7b")  # GPT-2 + one digit per token
+_LLAMA3_PRE = ("llama3", "llama-bpe", "llama-v3", "smaug-bpe", "dbrx", "falcon3")
+_QWEN2_PRE = ("qwen2", "deepseek-r1-qwen", "megrez")
+
+
+def _byte_level_pre_tokenizer(pre: str | None, notes: list[str]):
+    from tokenizers import Regex, pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    if pre is None or pre in _GPT2_PRE:
+        return byte_level, False
+    if pre in _DIGITS_PRE:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]), False
+    if pre in _LLAMA3_PRE or pre in _QWEN2_PRE:
+        pattern = _LLAMA3_SPLIT if pre in _LLAMA3_PRE else _QWEN2_SPLIT
+        split = pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
+        no_regex = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+        # Llama 3 takes a whole word that is in the vocabulary as one token, merges or not.
+        return pre_tokenizers.Sequence([split, no_regex]), pre in _LLAMA3_PRE
+    notes.append(f"tokenizer pre-type {pre!r} is not known to offbatch; using GPT-2's splitting rules")
+    return byte_level, False
+
+
+def _spm_merges(tokens: list[str], scores, types) -> list[tuple[str, str]]:
+    """BPE merges equivalent to a SentencePiece-BPE vocabulary: every split of a normal piece into two
+    pieces of the vocabulary, ranked by the merged piece's score (SentencePiece merges the best-scoring
+    pair first), which is the rule llama.cpp's SPM tokenizer applies."""
+    index = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for i, t in enumerate(tokens):
+        if types is not None and int(types[i]) != gguf.TokenType.NORMAL:
+            continue
+        for k in range(1, len(t)):
+            if t[:k] in index and t[k:] in index:
+                ranked.append((-float(scores[i]) if scores is not None else i, i, index[t[:k]], t[:k], t[k:]))
+    ranked.sort()
+    return [(a, b) for *_, a, b in ranked]
+
+
+def build_tokenizer(meta: dict, notes: list[str]):
+    """A `tokenizers.Tokenizer` and the tokenizer_config.json dict from tokenizer.ggml.* metadata."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ModelFolderError("GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)")
+    types = meta.get("tokenizer.ggml.token_type")
+    ids = {what: _token_id(meta, what) for what in ("bos", "eos", "unknown", "padding")}
+    for what, i in ids.items():
+        if i is not None and not 0 <= i < len(tokens):
+            raise ModelFolderError(f"GGUF tokenizer {what} token id {i} is outside its {len(tokens)} tokens")
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)  # a repeated string keeps its first id
+
+    if kind == "gpt2":
+        merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges") or []]
+        if any(len(m) != 2 for m in merges):
+            raise ModelFolderError("GGUF tokenizer merges are malformed (expected 'left right' pairs)")
+        pre_tokenizer, ignore_merges = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre"), notes)
+        try:
+            model = models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges, fuse_unk=False)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises its own exception type
+            raise ModelFolderError(f"GGUF tokenizer vocabulary and merges do not fit together: {e}") from None
+        tok = Tokenizer(model)
+        tok.pre_tokenizer = pre_tokenizer
+        tok.decoder = decoders.ByteLevel()
+    elif kind == "llama":  # SentencePiece BPE (Llama 1/2, Mistral, TinyLlama): byte fallback, "▁" for spaces
+        unk = tokens[ids["unknown"] if ids["unknown"] is not None else 0]
+        merges = _spm_merges(tokens, meta.get("tokenizer.ggml.scores"), types)
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+        steps = [normalizers.Replace(" ", "▁")]
+        if meta.get("tokenizer.ggml.add_space_prefix", True):
+            steps.insert(0, normalizers.Prepend("▁"))
+        tok.normalizer = normalizers.Sequence(steps)
+        strip = [decoders.Strip(" ", 1, 0)] if meta.get("tokenizer.ggml.add_space_prefix", True) else []
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    else:
+        raise ModelFolderError(
+            f"GGUF tokenizer model {kind!r} is not supported; supported: gpt2 (byte-level BPE), llama (SentencePiece)"
+        )
+
+    # Control tokens (and the bos/eos/unk/pad tokens) are special: matched whole, skipped when decoding.
+    special_ids = {i for i in ids.values() if i is not None}
+    user_ids = set()
+    if types is not None:
+        special_ids |= set(
+            np.flatnonzero((types == gguf.TokenType.CONTROL) | (types == gguf.TokenType.UNKNOWN)).tolist()
+        )
+        user_ids = set(np.flatnonzero(types == gguf.TokenType.USER_DEFINED).tolist()) - special_ids
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in sorted(special_ids)])
+    if user_ids:
+        tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in sorted(user_ids)])
+
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    if (add_bos and ids["bos"] is not None) or (add_eos and ids["eos"] is not None):
+        bos = [tokens[ids["bos"]]] if add_bos and ids["bos"] is not None else []
+        eos = [tokens[ids["eos"]]] if add_eos and ids["eos"] is not None else []
+        single = [f"{t}:0" for t in bos] + ["$A:0"] + [f"{t}:0" for t in eos]
+        pair = single + [f"{t}:1" for t in bos] + ["$B:1"] + [f"{t}:1" for t in eos]
+        specials = [(t, vocab[t]) for t in dict.fromkeys(bos + eos)]
+        tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+    elif kind == "gpt2":
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+
+    tok_config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(meta.get(f"{meta.get('general.architecture')}.context_length") or 2048),
+    }
+    for key, what in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
+        if ids[what] is not None:
+            tok_config[key] = tokens[ids[what]]
+    if meta.get("tokenizer.chat_template"):
+        tok_config["chat_template"] = meta["tokenizer.chat_template"]
+    return tok, tok_config
+
+
+# ---------------------------------------------------------------------------
+def source_stamp(path: Path, dtype: str) -> dict:
+    """What the marker file records: a folder is current when its marker equals this."""
+    st = path.stat()
+    return {
+        "source": str(path.resolve()),
+        "source_size": st.st_size,
+        "source_mtime_ns": st.st_mtime_ns,
+        "dtype": dtype,
+        "importer_version": IMPORTER_VERSION,
+    }
+
+
+def read_marker(folder: Path) -> dict | None:
+    try:
+        return json.loads((Path(folder) / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def import_gguf(
+    gguf_path: str | Path,
+    out_dir: str | Path,
+    dtype: str = "bfloat16",
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: Callable[[int, int], None] | None = None,
+) -> ImportSummary:
+    """Turn a GGUF file into a Hugging Face model folder at `out_dir` (created atomically)."""
+    start = time.perf_counter()
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if dtype not in OUTPUT_DTYPES:
+        raise ModelFolderError(f"output dtype {dtype!r} is not supported; supported: {', '.join(OUTPUT_DTYPES)}")
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ModelFolderError(f"{out_dir} already exists and is not empty (use --force to replace it)")
+
+    reader = open_gguf(gguf_path)
+    meta = read_metadata(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = build_config(meta, tensors, dtype)
+    arch = ARCHITECTURES[meta["general.architecture"]]
+    plan = plan_tensors(reader, cfg)
+    notes: list[str] = []
+    tokenizer, tok_config = build_tokenizer(meta, notes)
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise ModelFolderError(f"cannot create a folder next to {out_dir}: {e.strerror or e}") from None
+    try:
+        total = _write_weights(tmp, plan, cfg, arch.permuted_qk, OUTPUT_DTYPES[dtype], max_shard_bytes, progress)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(_generation_config(meta), indent=2) + "\n")
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
+        if meta.get("tokenizer.chat_template"):
+            (tmp / "chat_template.jinja").write_text(meta["tokenizer.chat_template"])
+        (tmp / MARKER_FILE).write_text(json.dumps(source_stamp(gguf_path, dtype), indent=2) + "\n")
+        install_folder(tmp, out_dir, replace=overwrite)
+    except OSError as e:  # disk full, permissions: say where, without a traceback
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelFolderError(f"writing {out_dir} failed: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ImportSummary(
+        out_dir=out_dir,
+        architecture=meta["general.architecture"],
+        num_tensors=len(plan),
+        total_bytes=total,
+        tensor_types=dict(Counter(t.tensor_type.name for _, t in plan)),
+        seconds=time.perf_counter() - start,
+        notes=notes,
+    )
+
+
+def install_folder(tmp: Path, out_dir: Path, replace: bool) -> None:
+    """Rename a finished temp folder to `out_dir`; with `replace`, swap out what is there."""
+    old = None
+    try:
+        if replace and out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(out_dir, old)
+        try:
+            os.rename(tmp, out_dir)  # atomic; fails if a non-empty out_dir appeared meanwhile
+        except OSError:
+            if old is not None and not out_dir.exists():
+                os.rename(old, out_dir)  # put the previous folder back rather than leave none
+                old = None
+            raise
+    except OSError as e:
+        raise ModelFolderError(f"cannot create {out_dir}: {e.strerror or e}") from None
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
