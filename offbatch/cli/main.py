@@ -19,6 +19,10 @@ app = typer.Typer(
 # (command name, module under offbatch.cli); each module exposes `command`.
 COMMANDS = [
     ("inspect", "inspect"),
+    ("bench", "bench"),
+    ("run", "run"),
+    ("import-gguf", "import_gguf"),
+    ("synth", "synth"),
 ]
 
 

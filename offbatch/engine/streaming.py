@@ -68,6 +68,7 @@ class StreamingEngine:
         self.embed_host = store.host_views((-1, "embed"))
         self.stats = GenStats()
         self.times = StepTimes()
+        self.step_kinds: list[str] = []  # "prefill" or "decode", one per step, beside pf.stats.per_step_bytes
         self.timing = timing and self.device.type == "cuda"
         self._wait_events: list = []
 
@@ -124,8 +125,7 @@ class StreamingEngine:
                 o = grouped_attention(q[a:b, :, None, :], kk, vv, pos[a:b, None], pos[a:b] + 1, spec.sliding_window)
                 out[a:b] = o[:, :, 0, :]
         row = nd
-        for start in range(0, len(pre), plan.attn_micro_batch):
-            group = pre[start : start + plan.attn_micro_batch]
+        for group in self._prefill_groups(pre):
             tmax = max(n for _, n in group)
             qpad = q.new_zeros(len(group), spec.num_heads, tmax, spec.head_dim)
             rows = []
@@ -145,6 +145,23 @@ class StreamingEngine:
         y = L.attention_output(out, w)
         self.pf.release((i, "attn"))
         return y
+
+    def _prefill_groups(self, pre: list[tuple[LiveSeq, int]]):
+        """Prefill sequences in attention calls whose float32 scores stay within plan.score_bytes."""
+        spec, plan = self.spec, self.plan
+        group: list[tuple[LiveSeq, int]] = []
+        for s, n in pre:
+            cand = group + [(s, n)]
+            tmax = max(m for _, m in cand)
+            keys = max(q.length + m for q, m in cand)
+            if group and (len(cand) > plan.attn_micro_batch or
+                          len(cand) * spec.num_heads * tmax * keys * 4 > plan.score_bytes):
+                yield group
+                group = [(s, n)]
+            else:
+                group = cand
+        if group:
+            yield group
 
     def _mlp_chunked(self, h: torch.Tensor, w, prefix: str = "") -> torch.Tensor:
         step = self.plan.ffn_micro_tokens
@@ -308,6 +325,7 @@ class StreamingEngine:
         t.wall_s += wall
         if self._wait_events:
             t.weight_wait_s += sum(a.elapsed_time(b) for a, b in self._wait_events) / 1000
+        self.step_kinds.append("prefill" if n_prompt else "decode")
         if n_prompt:
             t.prefill_steps += 1
             t.prefill_wall_s += wall

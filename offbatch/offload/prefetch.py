@@ -100,8 +100,8 @@ class Prefetcher:
             self._copy_into(slot, key)
 
     def _copy_into(self, slot: Slot, key: ModuleKey) -> None:
-        if slot.key is not None:
-            self.in_slot.pop(slot.key, None)
+        if slot.key is not None and self.in_slot.get(slot.key) is slot:
+            del self.in_slot[slot.key]  # (a later copy of the same module may sit in another slot)
         n = self.store.nbytes(key)
         src = self.store.host[key]
         if self.cuda:

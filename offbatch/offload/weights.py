@@ -125,3 +125,26 @@ class WeightStore:
     @property
     def total_bytes(self) -> int:
         return sum(layout.nbytes for layout in self.layouts.values())
+
+
+class SynthSource:
+    """Random weights generated tensor by tensor (offbatch synth's generator), for benchmarks at real
+    shapes without writing the model to disk first."""
+
+    def __init__(self, spec: ModelSpec, seed: int = 0):
+        from offbatch.models.names import expected_tensors
+
+        self.spec, self.seed = spec, seed
+        self.infos = {info.canonical: (name, info) for name, info in expected_tensors(spec).items()}
+
+    def tensor_names(self) -> list[str]:
+        return list(self.infos)
+
+    def tensor_shape(self, canonical: str) -> tuple[int, ...]:
+        return self.infos[canonical][1].shape
+
+    def get(self, canonical: str) -> torch.Tensor:
+        from offbatch.models.synth import synth_tensor
+
+        name, info = self.infos[canonical]
+        return synth_tensor(self.spec, name, self.seed)

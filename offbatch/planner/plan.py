@@ -22,6 +22,7 @@ from offbatch.units import format_bytes
 # three because they are many and small, so a copy never waits for the expert before it to finish.
 DEFAULT_SLOTS = {"attn": 2, "ffn": 2, "shared": 2, "expert": 3, "head": 1, "router": 2}
 SAFETY = 0.90  # of the cap: allocator fragmentation and what we do not model
+SCORE_BYTES = 256 << 20  # attention scores of one prefill micro-batch (bounds its sequence count)
 
 
 @dataclass
@@ -31,10 +32,11 @@ class Plan:
     wave_size: int  # KV slots: sequences decoded together
     max_len: int  # context per sequence (prompt + generated)
     prefill_tokens: int  # prompt tokens admitted per step
-    attn_micro_batch: int  # sequences per attention call
+    attn_micro_batch: int  # sequences per attention call (prefill calls also bounded by score_bytes)
     ffn_micro_tokens: int  # tokens per FFN / expert call
     slots: dict[str, int] = field(default_factory=dict)
     resident: set[ModuleKey] = field(default_factory=set)
+    score_bytes: int = SCORE_BYTES
     budget_bytes: int | None = None
     memory: dict[str, int] = field(default_factory=dict)  # device bytes by use
 
@@ -60,13 +62,15 @@ def activation_bytes(spec: ModelSpec, tokens: int, ffn_tokens: int, attn_batch: 
     ffn = ffn_tokens * (3 * inter + H) * dsize
     rep = spec.num_heads // spec.num_kv_heads
     kv = 2 * attn_batch * spec.kv_size * max_len * dsize
-    scores = attn_batch * spec.num_heads * max_len * 4 + attn_batch * rep * max_len
-    return hidden + ffn + kv + scores
+    # Scores (float32) and the mask of one attention call; prefill calls are cut to SCORE_BYTES.
+    scores = min(SCORE_BYTES, attn_batch * spec.num_heads * max_len * max_len * 4)
+    mask = scores // 4 // max(1, spec.num_kv_heads)
+    return hidden + ffn + kv + 2 * scores + mask
 
 
 def rule_plan(spec: ModelSpec, store: WeightStore, device: str, budget: int | None, num_requests: int,
               max_len: int, prefill_tokens: int = 8192, ffn_micro_tokens: int = 4096,
-              attn_micro_batch: int = 64, max_wave: int = 1024) -> Plan:
+              attn_micro_batch: int = 64, max_wave: int = 1024, max_resident_bytes: int | None = None) -> Plan:
     dsize = torch.tensor([], dtype=store.dtype).element_size()
     kinds: dict[str, int] = {}
     for key in store.keys():
@@ -102,9 +106,15 @@ def rule_plan(spec: ModelSpec, store: WeightStore, device: str, budget: int | No
                 )
         while wave > 1 and need(wave) > usable:
             wave = max(1, min(wave - 1, int(wave * 0.9)))
+        # Equal waves: 1024 requests in waves of 500 would leave a last wave of 24 decoding alone.
+        if num_requests > wave:
+            waves = -(-num_requests // wave)
+            wave = -(-num_requests // waves)
         left = usable - need(wave)
     else:
         left = 1 << 62
+    if max_resident_bytes is not None:  # tests and benchmarks: force streaming
+        left = min(left, max_resident_bytes)
     # Residency with what is left: the output head first (every step reads all of it), then layers in
     # order. Slots of a kind whose every module became resident are given back.
     order = [k for k in store.keys() if k[1] == "head"] + sorted(
@@ -124,5 +134,6 @@ def rule_plan(spec: ModelSpec, store: WeightStore, device: str, budget: int | No
         "activations": activation_bytes(spec, prefill_tokens + wave, ffn_micro_tokens,
                                         min(attn_micro_batch, wave), max_len, dsize),
     }
-    return Plan(device, store.dtype, wave, max_len, prefill_tokens, min(attn_micro_batch, wave),
-                ffn_micro_tokens, slots, resident, budget, memory)
+    return Plan(device=device, dtype=store.dtype, wave_size=wave, max_len=max_len, prefill_tokens=prefill_tokens,
+                attn_micro_batch=min(attn_micro_batch, wave), ffn_micro_tokens=ffn_micro_tokens, slots=slots,
+                resident=resident, budget_bytes=budget, memory=memory)

@@ -1,0 +1,97 @@
+"""`offbatch bench`: run a synthetic job through the streaming engine and report rates, the time
+split, memory peaks and the physical floor of a decode step."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+
+from offbatch.engine.api import GenRequest, SamplingParams
+from offbatch.engine.build import build_engine
+from offbatch.models.spec import ModelSpec
+from offbatch.offload.weights import WeightSource
+from offbatch.planner import probe
+
+
+def active_params_per_token(spec: ModelSpec) -> int:
+    """Weights each token multiplies with in one forward (the MoE experts it is routed to only)."""
+    H = spec.hidden_size
+    attn = H * (2 * spec.q_size + 2 * spec.kv_size)
+    total = 0
+    for i in range(spec.num_layers):
+        total += attn
+        if spec.is_moe_layer(i):
+            m = spec.moe
+            per_expert = (3 if spec.gated_ffn else 2) * H * m.expert_intermediate_size
+            total += m.top_k * per_expert + H * m.num_experts
+            total += 3 * H * m.shared_expert_intermediate_size
+        else:
+            total += (3 if spec.gated_ffn else 2) * H * spec.intermediate_size
+    return total + spec.vocab_size * (spec.embed_proj_dim or H)
+
+
+def decode_flops(spec: ModelSpec, tokens: int, mean_context: float) -> float:
+    attn_scores = 4 * spec.num_layers * spec.q_size * mean_context  # QK^T and PV
+    return tokens * (2 * active_params_per_token(spec) + attn_scores)
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, max(4, vocab - 1), (n, length), generator=g).tolist()
+
+
+def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts: int, prompt_len: int,
+              gen_len: int, dtype=None, default_dtype=torch.bfloat16, **plan_options) -> dict:
+    spec = source.spec
+    dev = torch.device(device)
+    t_build = time.perf_counter()
+    engine = build_engine(source, device=device, dtype=dtype, gpu_memory=gpu_memory, num_requests=prompts,
+                          max_len=prompt_len + gen_len, timing=dev.type == "cuda", default_dtype=default_dtype,
+                          **plan_options)
+    build_s = time.perf_counter() - t_build
+    # Ceilings, measured now, on this machine.
+    pinned = probe.copy_rate(dev, 1 << 30 if dev.type == "cuda" else 1 << 26)
+    gemm = probe.gemm_rate(dev, m=max(16, engine.plan.wave_size), k=spec.hidden_size,
+                           n=max(spec.intermediate_size, spec.moe.expert_intermediate_size if spec.moe else 0),
+                           dtype=engine.dtype)
+    reqs = [GenRequest(i, p, SamplingParams(max_tokens=gen_len, ignore_eos=True))
+            for i, p in enumerate(random_prompts(prompts, prompt_len, spec.vocab_size))]
+    t0 = time.perf_counter()
+    done = sum(1 for _ in engine.generate(reqs))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    wall = time.perf_counter() - t0
+    assert done == prompts
+    t = engine.times
+    stats = engine.pf.stats
+    # Bytes streamed per pure decode step: the steps that admitted no prompt.
+    decode_bytes = [b for b, p in zip(stats.per_step_bytes, engine.step_kinds) if p == "decode"]
+    bytes_per_step = sum(decode_bytes) / max(1, len(decode_bytes))
+    tokens_per_step = t.decode_tokens / max(1, t.decode_steps)
+    mean_ctx = prompt_len + gen_len / 2
+    floor_step = max(bytes_per_step / pinned, decode_flops(spec, tokens_per_step, mean_ctx) / gemm)
+    decode_tok_s = t.decode_tokens / t.decode_wall_s if t.decode_wall_s else 0.0
+    floor_tok_s = tokens_per_step / floor_step if floor_step else 0.0
+    return {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "family": spec.family, "layers": spec.num_layers, "hidden_size": spec.hidden_size,
+        "weights_bytes": engine.store.total_bytes, "gpu_memory_cap": gpu_memory,
+        "prompts": prompts, "prompt_len": prompt_len, "gen_len": gen_len,
+        "plan": engine.plan.describe(),
+        "build_s": build_s, "wall_s": wall,
+        "prefill_tok_s": t.prefill_tokens / t.prefill_wall_s if t.prefill_wall_s else 0.0,
+        "decode_tok_s": decode_tok_s,
+        "e2e_tok_s": prompts * gen_len / wall,
+        "decode_steps": t.decode_steps, "prefill_steps": t.prefill_steps,
+        "decode_bytes_per_step": bytes_per_step, "decode_tokens_per_step": tokens_per_step,
+        "decode_floor_tok_s": floor_tok_s,
+        "decode_achieved_over_floor": decode_tok_s / floor_tok_s if floor_tok_s else 0.0,
+        "measured_copy_bytes_s": pinned, "measured_gemm_flop_s": gemm,
+        "time_split_s": {"weight_wait": t.weight_wait_s, "other (compute, host)": max(0.0, t.wall_s - t.weight_wait_s),
+                         "cpu_attention": 0.0},
+        "wasted_fetch_bytes": stats.wasted_bytes,
+        "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else 0,
+        "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
