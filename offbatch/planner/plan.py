@@ -94,16 +94,16 @@ def rule_plan(spec: ModelSpec, store: WeightStore, device: str, budget: int | No
     wave = max(1, min(num_requests, max_wave))
     if budget is not None:
         usable = int(budget * SAFETY)
+        # Shrink the transient sizes (halving) before giving up.
+        while need(1) > usable and (prefill_tokens > max_len or ffn_micro_tokens > 256):
+            prefill_tokens = max(max_len, prefill_tokens // 2)
+            ffn_micro_tokens = max(256, ffn_micro_tokens // 2)
         if need(1) > usable:
-            # Try smaller transient sizes before giving up.
-            prefill_tokens = min(prefill_tokens, max_len)
-            ffn_micro_tokens = min(ffn_micro_tokens, 256)
-            if need(1) > usable:
-                raise BudgetError(
-                    f"--gpu-memory {format_bytes(budget)} is too small for this model: streaming needs at least "
-                    f"{format_bytes(need(1) / SAFETY)} (weight buffers {format_bytes(slot_bytes)}, one sequence's KV "
-                    f"{format_bytes(kv_slot)}, activations); give more GPU memory or shorter --max-tokens"
-                )
+            raise BudgetError(
+                f"--gpu-memory {format_bytes(budget)} is too small for this model: streaming needs at least "
+                f"{format_bytes(need(1) / SAFETY)} (weight buffers {format_bytes(slot_bytes)}, one sequence's KV "
+                f"{format_bytes(kv_slot)}, activations); give more GPU memory or shorter --max-tokens"
+            )
         while wave > 1 and need(wave) > usable:
             wave = max(1, min(wave - 1, int(wave * 0.9)))
         # Equal waves: 1024 requests in waves of 500 would leave a last wave of 24 decoding alone.

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One device call: GPU tests, kernel timings, then the engine-vs-accelerate comparison.
+# Usage (on the GPU machine, repo root): bash scripts/gpu_session.sh PART...  (PART: tests kernels quick mixtral llama)
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python -c "import torch, triton, transformers, accelerate; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, torch.cuda.get_device_name())"
+for part in "$@"; do
+  echo "=== $part $(date +%T)"
+  case $part in
+    tests) timeout 200 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py 2>&1 | tail -25 ;;
+    kernels) timeout 120 python scripts/bench_kernels.py 2>&1 | tail -20 ;;
+    quick) timeout 150 python -m offbatch.cli.main bench --synth mixtral-8x7b --layers 2 --gpu-memory 8GiB \
+             --prompts 256 --prompt-len 256 --gen-len 16 --out "$OUT/quick.json" 2>&1 | tail -22 ;;
+    mixtral) timeout 560 python scripts/bench_vs_accelerate.py --preset mixtral-8x7b --layers 8 --gpu-memory 8GiB \
+             --prompts 1024 --prompt-len 256 --gen-len 64 --out "$OUT/mixtral.json" 2>&1 | tail -30 ;;
+    llama) timeout 560 python scripts/bench_vs_accelerate.py --preset llama-3-8b --gpu-memory 8GiB \
+             --prompts 1024 --prompt-len 256 --gen-len 64 --out "$OUT/llama.json" 2>&1 | tail -30 ;;
+  esac
+done
+echo "=== done $(date +%T)"
