@@ -18,7 +18,8 @@ def cap_gpu_memory(device: torch.device, budget: int | None) -> None:
     if device.type != "cuda" or budget is None:
         return
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
 
 
 def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memory: int | None = None,
