@@ -1,0 +1,51 @@
+"""Stop strings and the final text of a finished sequence.
+
+Stop strings need text, and only the jobs layer has the tokenizer, so each GenRequest gets a
+`stop_check` that the generator calls after every new token. The final text is cut before the first
+stop string, and a closing eos / stop token is not part of it (as in vLLM and the OpenAI API).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from offbatch.engine.api import GenOutput, SamplingParams
+
+
+def make_stop_check(tokenizer, stops: tuple[str, ...], params: SamplingParams) -> Callable[[list[int]], bool] | None:
+    if not stops and not params.stop_token_ids:
+        return None
+    stop_ids = set(params.stop_token_ids)
+    # Only the tail can hold a stop string that was not there one token ago. A character is at most 4
+    # UTF-8 bytes and a token at least one byte, so 4 tokens per character (plus slack for special
+    # tokens that decode to nothing) are enough; decoding only that keeps each check O(1).
+    window = 4 * max((len(s) for s in stops), default=0) + 8
+
+    def stop_check(ids: list[int]) -> bool:
+        if len(ids) < params.min_tokens:
+            return False
+        if ids and ids[-1] in stop_ids:
+            return True
+        if not stops:
+            return False
+        tail = tokenizer.decode(ids[-window:])
+        return any(s in tail for s in stops)
+
+    return stop_check
+
+
+def final_text(tokenizer, out: GenOutput, stops: tuple[str, ...], params: SamplingParams,
+               eos_token_ids: tuple[int, ...]) -> tuple[str, str]:
+    """(text, finish_reason) of a finished sequence."""
+    ids = list(out.token_ids)
+    finish = out.finish_reason
+    enders = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+    if ids and ids[-1] in enders and len(ids) >= params.min_tokens:
+        ids = ids[:-1]
+        finish = "stop"
+    text = tokenizer.decode(ids)
+    cuts = [text.find(s) for s in stops if s in text]
+    if cuts:
+        text = text[: min(cuts)]
+        finish = "stop"
+    return text, finish
