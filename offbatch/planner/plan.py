@@ -37,6 +37,8 @@ class Plan:
     slots: dict[str, int] = field(default_factory=dict)
     resident: set[ModuleKey] = field(default_factory=set)
     score_bytes: int = SCORE_BYTES
+    kv_placement: str = "gpu"  # "gpu": the wave's KV on the device; "host": pinned host memory
+    decode_attention: str = "gpu"  # with host KV: "gpu" copies a micro-batch's KV over, "cpu" attends on the host
     budget_bytes: int | None = None
     memory: dict[str, int] = field(default_factory=dict)  # device bytes by use
 
@@ -46,7 +48,7 @@ class Plan:
             "max_len": self.max_len, "prefill_tokens": self.prefill_tokens,
             "attn_micro_batch": self.attn_micro_batch, "ffn_micro_tokens": self.ffn_micro_tokens,
             "slots": self.slots, "resident_modules": len(self.resident), "budget_bytes": self.budget_bytes,
-            "memory": self.memory,
+            "memory": self.memory, "kv_placement": self.kv_placement, "decode_attention": self.decode_attention,
         }
 
 
