@@ -25,8 +25,12 @@ def exact_fp32():
     torch.cuda.set_per_process_memory_fraction(1.0)  # the engine's cap is process-wide
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gpu_streamed_greedy_equals_reference(family, tmp_path):
+KV_MODES = [{}, {"kv_placement": "host", "decode_attention": "gpu"}, {"kv_placement": "host", "decode_attention": "cpu"}]
+CASES = [(f, {}) for f in FAMILIES] + [(f, m) for f in ("llama", "mixtral", "opt") for m in KV_MODES[1:]]
+
+
+@pytest.mark.parametrize("family,kv_mode", CASES)
+def test_gpu_streamed_greedy_equals_reference(family, kv_mode, tmp_path):
     save_hf_model(family, tmp_path)
     ref = ReferenceModel.load(tmp_path, device="cuda", dtype="float32")
     expected = ref.greedy(PROMPTS, NEW)
@@ -37,7 +41,7 @@ def test_gpu_streamed_greedy_equals_reference(family, tmp_path):
     cap = 64 << 20  # the allocator reserves in 2 MiB segments: a cap of a few MiB would be all rounding
     eng = engine_for_folder(tmp_path, device="cuda", dtype="float32", gpu_memory=cap, num_requests=len(PROMPTS),
                             max_len=40, prefill_tokens=16, attn_micro_batch=2, ffn_micro_tokens=8,
-                            max_resident_bytes=0, max_wave=3)
+                            max_resident_bytes=0, max_wave=3, plan_overrides=kv_mode)
     reqs = [GenRequest(i, p, SamplingParams(max_tokens=NEW, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
     outs = {o.key: o.token_ids for o in eng.generate(reqs)}
     assert [outs[i] for i in range(len(PROMPTS))] == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -24,12 +25,15 @@ def cap_gpu_memory(device: torch.device, budget: int | None) -> None:
 
 def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memory: int | None = None,
                  num_requests: int = 64, max_len: int = 2048, eos_token_ids=(), timing: bool = False,
-                 default_dtype: torch.dtype = torch.float32, **plan_options) -> StreamingEngine:
+                 default_dtype: torch.dtype = torch.float32, plan_overrides: dict | None = None,
+                 **plan_options) -> StreamingEngine:
     dev = torch.device(device)
     dtype = resolve_dtype(dtype, default_dtype)
     max_len = min(max_len, source.spec.max_position)
     store = WeightStore(source, dtype, pin=dev.type == "cuda")
     plan = rule_plan(source.spec, store, str(dev), gpu_memory, num_requests, max_len, **plan_options)
+    if plan_overrides:  # experiments and tests: pin fields of the chosen plan
+        plan = dataclasses.replace(plan, **plan_overrides)
     cap_gpu_memory(dev, gpu_memory)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

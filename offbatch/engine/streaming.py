@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from offbatch.attention.dense import grouped_attention
+from offbatch.attention.wave import decode_attention, prefill_attention
 from offbatch.engine import sampler
 from offbatch.engine.api import GenOutput, GenRequest, GenStats
 from offbatch.engine.reference_generator import finish_reason, suppress_stop_tokens
@@ -63,7 +63,11 @@ class StreamingEngine:
         self.store = store
         self.eos_ids = tuple(eos_token_ids)
         self.pf = Prefetcher(store, self.device, plan.slots, plan.resident)
-        self.kv = WaveKV(self.spec, plan.wave_size, plan.max_len, self.device, self.dtype)
+        # The wave's KV: on the compute device, or in (pinned) host memory when the plan says so.
+        host_kv = plan.kv_placement == "host" and self.device.type != "cpu"
+        kv_device = torch.device("cpu") if host_kv else self.device
+        self.kv = WaveKV(self.spec, plan.wave_size, plan.max_len, kv_device, self.dtype, pin=host_kv)
+        self.attn_device = kv_device if host_kv and plan.decode_attention == "cpu" else self.device
         self.inv_freq = L.rope_inv_freq(self.spec).to(self.device) if self.spec.positions == "rope" else None
         self.embed_host = store.host_views((-1, "embed"))
         self.stats = GenStats()
@@ -115,51 +119,31 @@ class StreamingEngine:
         out = torch.empty_like(q)
         nd = len(dec)
         if nd:
-            slots = torch.tensor([s.slot for s in dec], device=self.device)
-            pos = torch.tensor([s.length for s in dec], device=self.device)
-            self.kv.write_decode(i, slots, pos, k[:nd], v[:nd])
-            for a in range(0, nd, plan.attn_micro_batch):
-                b = min(nd, a + plan.attn_micro_batch)
-                length = max(s.length for s in dec[a:b]) + 1
-                kk, vv = self.kv.gather(i, slots[a:b], length)
-                o = grouped_attention(q[a:b, :, None, :], kk, vv, pos[a:b, None], pos[a:b] + 1, spec.sliding_window)
-                out[a:b] = o[:, :, 0, :]
-        row = nd
-        for group in self._prefill_groups(pre):
-            tmax = max(n for _, n in group)
-            qpad = q.new_zeros(len(group), spec.num_heads, tmax, spec.head_dim)
-            rows = []
-            for j, (s, n) in enumerate(group):
-                self.kv.write_span(i, s.slot, s.length, k[row : row + n], v[row : row + n])
-                qpad[j, :, :n] = q[row : row + n].transpose(0, 1)
-                rows.append((row, n))
-                row += n
-            slots = torch.tensor([s.slot for s, _ in group], device=self.device)
-            starts = torch.tensor([s.length for s, _ in group], device=self.device)
-            ends = torch.tensor([s.length + n for s, n in group], device=self.device)
-            kk, vv = self.kv.gather(i, slots, int(max(s.length + n for s, n in group)))
-            q_pos = starts[:, None] + torch.arange(tmax, device=self.device)[None, :]
-            o = grouped_attention(qpad, kk, vv, q_pos, ends, spec.sliding_window)
-            for j, (r, n) in enumerate(rows):
-                out[r : r + n] = o[j, :, :n].transpose(0, 1)
+            out[:nd] = decode_attention(self.kv, i, q[:nd], k[:nd], v[:nd], [s.slot for s in dec],
+                                        [s.length for s in dec], plan.attn_micro_batch, self.attn_device,
+                                        spec.sliding_window)
+        if pre:
+            seqs = [(s.slot, n) for s, n in pre]
+            out[nd:] = prefill_attention(self.kv, i, q[nd:], k[nd:], v[nd:], seqs, list(self._prefill_groups(pre)),
+                                         spec.sliding_window)
         y = L.attention_output(out, w)
         self.pf.release((i, "attn"))
         return y
 
     def _prefill_groups(self, pre: list[tuple[LiveSeq, int]]):
-        """Prefill sequences in attention calls whose float32 scores stay within plan.score_bytes."""
+        """Indices of prefill sequences attended together: calls whose float32 scores stay within
+        plan.score_bytes and at most attn_micro_batch sequences."""
         spec, plan = self.spec, self.plan
-        group: list[tuple[LiveSeq, int]] = []
-        for s, n in pre:
-            cand = group + [(s, n)]
-            tmax = max(m for _, m in cand)
-            keys = max(q.length + m for q, m in cand)
-            if group and (len(cand) > plan.attn_micro_batch or
-                          len(cand) * spec.num_heads * tmax * keys * 4 > plan.score_bytes):
+        group: list[int] = []
+        tmax = 0
+        for j, (s, n) in enumerate(pre):
+            t = max(tmax, n)
+            if group and (len(group) + 1 > plan.attn_micro_batch or
+                          (len(group) + 1) * spec.num_heads * t * t * 4 > plan.score_bytes):
                 yield group
-                group = [(s, n)]
-            else:
-                group = cand
+                group, t = [], n
+            group.append(j)
+            tmax = t
         if group:
             yield group
 
@@ -230,6 +214,8 @@ class StreamingEngine:
     def step(self, dec: list[LiveSeq], pre: list[tuple[LiveSeq, int]]) -> torch.Tensor:
         """dec: sequences decoding one token (their last generated one); pre: (sequence, n) running the
         next n prompt tokens. Returns float32 logits of each sequence's last new token, dec then pre."""
+        if any(s.length for s, _ in pre):
+            raise ValueError("prefill runs whole prompts of fresh sequences")
         ids, pos = [], []
         for s in dec:
             ids.append(s.generated[-1])

@@ -12,12 +12,12 @@ from offbatch.models.spec import ModelSpec
 
 
 class WaveKV:
-    def __init__(self, spec: ModelSpec, slots: int, max_len: int, device, dtype):
+    def __init__(self, spec: ModelSpec, slots: int, max_len: int, device, dtype, pin: bool = False):
         self.spec, self.slots, self.max_len = spec, slots, max_len
         shape = (slots, spec.num_kv_heads, max_len, spec.head_dim)
         # Zeroed, not empty: masked-out positions still meet V in the product (0 * NaN is NaN).
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.num_layers)]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype, pin_memory=pin) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype, pin_memory=pin) for _ in range(spec.num_layers)]
         self.free = list(range(slots - 1, -1, -1))
 
     @staticmethod
@@ -44,7 +44,3 @@ class WaveKV:
         t = k.shape[0]
         self.k[layer][slot, :, start : start + t] = k.transpose(0, 1)
         self.v[layer][slot, :, start : start + t] = v.transpose(0, 1)
-
-    def gather(self, layer: int, slots: torch.Tensor, length: int):
-        """Keys and values of several sequences, first `length` positions: [b, nkv, length, d] each."""
-        return self.k[layer][slots, :, :length], self.v[layer][slots, :, :length]
