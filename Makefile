@@ -26,7 +26,7 @@ test-gpu: setup
 
 demo: setup
 	$(VENV)/bin/offbatch run examples/prompts.jsonl -o demo-results.jsonl --max-tokens 64
-	$(PY) -c "import json; [print(f\"\n### {r['id']}\n{r['text']}\") for r in map(json.loads, open('demo-results.jsonl'))]"
+	$(PY) -m offbatch.jobs.show demo-results.jsonl
 
 clean:
 	rm -rf $(VENV) demo-results.jsonl

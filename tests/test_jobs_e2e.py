@@ -263,3 +263,19 @@ def test_signal_stops_cleanly(model, tmp_path, sig, code):
     assert all(json.loads(x)["error"] is None for x in data.splitlines())
     assert run(model, prompts, "-o", out, *RERUN).exit_code == 0
     check_complete(out, rows)
+
+
+def test_streaming_engine_behind_run_gives_the_reference_results(model, tmp_path):
+    """`run` with the streaming engine (CPU as compute device, a cap that forces weights to stream and
+    sequences to wait for KV slots) writes the same results as with the reference engine."""
+    rows = [{"id": f"s{i}", "prompt": " ".join(WORDS[i:i + 3 + i % 4]), "max_tokens": 6 + i % 5} for i in range(9)]
+    rows.append({"id": "sampled", "prompt": "the sun is", "temperature": 0.8, "seed": 5, "max_tokens": 8})
+    prompts = write_jsonl(tmp_path / "p.jsonl", rows)
+    ref, streamed = tmp_path / "ref.jsonl", tmp_path / "streamed.jsonl"
+    assert run(model, prompts, "-o", ref, "--engine", "reference").exit_code == 0
+    r = run(model, prompts, "-o", streamed, "--engine", "streaming", "--device", "cpu", "--gpu-memory", "1.2MiB")
+    assert r.exit_code == 0, r.output
+    a, b = texts(ref), texts(streamed)
+    assert set(a) == set(b) == {row["id"] for row in rows}
+    for key in a:
+        assert (a[key]["text"], a[key]["finish_reason"]) == (b[key]["text"], b[key]["finish_reason"]), key

@@ -65,7 +65,11 @@ def command(
     cpu_memory: CpuMemoryOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most sequences generated together.")] = 32,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most sequences generated together "
+                                           "(reference engine; the streaming engine plans its wave).")] = 32,
+    engine_kind: Annotated[Optional[str], typer.Option("--engine", help="streaming (module-based batching under "
+                                                       "the GPU cap) or reference; default: streaming on a GPU, "
+                                                       "reference on the CPU.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check every line and count tokens; generate nothing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the results file afresh instead of resuming.")] = False,
     log_format: Annotated[LogFormat, typer.Option("--log-format", help="auto: a progress bar on a terminal, else "
@@ -125,7 +129,8 @@ def command(
                 raise typer.BadParameter(str(e), param_hint="--" + name.replace("_", "-")) from None
 
     engine = EngineOptions(device=device, dtype=dtype, gpu_memory=_bytes_opt(gpu_memory, "--gpu-memory"),
-                           cpu_memory=_bytes_opt(cpu_memory, "--cpu-memory"), max_batch=max_batch)
+                           cpu_memory=_bytes_opt(cpu_memory, "--cpu-memory"), max_batch=max_batch,
+                           engine=engine_kind)
     progress = Progress(pick_mode(log_format.value, quiet), interval=log_interval)
     try:
         spec = load_spec(model_dir)

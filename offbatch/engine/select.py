@@ -15,7 +15,10 @@ class EngineOptions:
     dtype: str | None = None  # None: the checkpoint's
     gpu_memory: int | None = None  # bytes offbatch may reserve on the GPU; None: all free
     cpu_memory: int | None = None
-    max_batch: int = 32  # sequences decoded together
+    max_batch: int = 32  # sequences decoded together (reference path)
+    engine: str | None = None  # "streaming" | "reference"; None: streaming on a GPU, reference on the CPU
+    num_requests: int = 64  # the job's size, for the streaming engine's plan
+    max_len: int = 2048  # longest prompt + max_tokens in the job
 
 
 def resolve_device(device: str | None) -> str:
@@ -27,13 +30,23 @@ def resolve_device(device: str | None) -> str:
 
 
 def make_generator(model_dir: str | Path, tokenizer, options: EngineOptions | None = None) -> Generator:
-    """A Generator for the model folder. For now: the reference forward and generator loop on the
-    CPU (the streaming engine will be chosen here when the device and plan call for it)."""
+    """A Generator for the model folder: the streaming engine (module-based batching under the GPU cap)
+    when the device is a GPU, else the reference forward's continuous batching on the CPU. Both give the
+    same greedy tokens; `engine="streaming"` on the CPU runs the streaming engine's scheduling there."""
+    options = options or EngineOptions()
+    device = resolve_device(options.device)
+    kind = options.engine or ("streaming" if device.startswith("cuda") else "reference")
+    if kind == "streaming":
+        from offbatch.engine.build import engine_for_folder
+
+        return engine_for_folder(model_dir, device=device, dtype=options.dtype, gpu_memory=options.gpu_memory,
+                                 num_requests=options.num_requests, max_len=options.max_len,
+                                 eos_token_ids=tokenizer.eos_token_ids)
+    if kind != "reference":
+        raise ValueError(f"unknown engine {kind!r}: streaming or reference")
     from offbatch.engine.reference_generator import ReferenceGenerator
     from offbatch.models.reference import ReferenceModel
 
-    options = options or EngineOptions()
-    # The reference runs where it is told and on the CPU by default: it is the correctness path, not
-    # the fast one, and it holds the whole model on one device.
-    model = ReferenceModel.load(model_dir, device=options.device or "cpu", dtype=options.dtype)
+    # The reference holds the whole model on one device: the correctness path, not the fast one.
+    model = ReferenceModel.load(model_dir, device=device, dtype=options.dtype)
     return ReferenceGenerator(model, tokenizer.eos_token_ids, max_batch=options.max_batch)
