@@ -591,3 +591,24 @@ def test_smollm_answers_paris(smollm_dir, smollm_tokenizer):
         out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
     answer = smollm_tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_smollm_offbatch_reference_equals_transformers_and_says_paris(smollm_dir, smollm_tokenizer):
+    """The real model through offbatch's own tokenizer, chat template and reference forward: the same
+    prompt ids and greedy tokens as transformers, and the answer names Paris."""
+    from offbatch.models.reference import ReferenceModel
+    from offbatch.models.tokenizer import load_tokenizer
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ours_tok = load_tokenizer(smollm_dir)
+    ids = ours_tok.encode_chat(messages)
+    assert ids == smollm_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    for text, golden in GOLDEN_IDS.items():
+        assert ours_tok.encode(text) == golden, text
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm_dir).eval()
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    ours = ReferenceModel.load(smollm_dir, dtype="float32").greedy([ids], 24)[0]
+    n = hf.index(2) if 2 in hf else len(hf)  # transformers stops at eos; compare up to it
+    assert ours[:n] == hf[:n]
+    assert "Paris" in ours_tok.decode(ours[:n])
