@@ -2,7 +2,6 @@
 family while most modules stream through device slots; any wave or micro-batch size gives the same."""
 
 import pytest
-import torch
 
 from hf_factory import FAMILIES, save_hf_model
 from offbatch.engine.api import GenRequest, SamplingParams

@@ -60,7 +60,7 @@ def test_gpu_bf16_streamed_matches_reference_logits(family, tmp_path):
     seqs = []
     from offbatch.engine.streaming import LiveSeq
     for i, p in enumerate(PROMPTS):
-        seqs.append(LiveSeq(GenRequest(i, p, SamplingParams()), eng.kv.allocate(), None))
+        seqs.append(LiveSeq(GenRequest(i, p, SamplingParams()), None, slot=eng.kv.allocate()))
     got = eng.step([], [(s, len(s.req.prompt_ids)) for s in seqs])
     rel = ((got - expected).norm() / expected.norm()).item()
     assert rel < 2e-2

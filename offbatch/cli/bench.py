@@ -1,4 +1,5 @@
-"""`offbatch bench`: throughput, time split, memory peaks and the physical floor of a synthetic job."""
+"""`offbatch bench`: throughput, time split, memory peaks and the physical floor of a synthetic job,
+beside what the planner predicted for the plan it ran."""
 
 import json
 from pathlib import Path
@@ -9,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from offbatch.cli.options import DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt
+from offbatch.cli.plan import HardwareOpt
 from offbatch.errors import OffbatchError
 from offbatch.units import format_bytes, parse_bytes
 
@@ -27,6 +29,18 @@ def _source(model_dir: Optional[Path], synth: Optional[str], layers: Optional[in
     return CheckpointSource(open_checkpoint(model_dir))
 
 
+def load_plan_file(path: Path):
+    from offbatch.planner.plan import Plan
+
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise OffbatchError(f"cannot read the plan file {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise OffbatchError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
+    return Plan.from_dict(data)
+
+
 def command(
     model_dir: Annotated[Optional[Path], typer.Argument(help="Model folder (or use --synth).")] = None,
     synth: Annotated[Optional[str], typer.Option("--synth", help="Bench a synth preset in memory, e.g. mixtral-8x7b.")] = None,
@@ -37,6 +51,9 @@ def command(
     gen_len: Annotated[int, typer.Option("--gen-len", help="Tokens generated per prompt.")] = 16,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    plan_file: Annotated[Optional[Path], typer.Option("--plan", help="Pin this plan (a `plan --json` file) instead of "
+                                                      "planning.")] = None,
+    hardware: HardwareOpt = None,
     as_json: JsonOpt = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON report here.")] = None,
 ):
@@ -44,37 +61,74 @@ def command(
     import torch
 
     from offbatch.engine.benchmark import run_bench
+    from offbatch.models.reference import resolve_dtype
+    from offbatch.planner.shape import shape_from_spec
+    from offbatch.planner.solve import predict, resolve_hardware
+    from offbatch.planner.workload import Workload
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     source = _source(model_dir, synth, layers)
+    spec = source.spec
     cap = parse_bytes(gpu_memory) if gpu_memory else None
-    report = run_bench(source, device, cap, prompts, prompt_len, gen_len, dtype=dtype,
-                       default_dtype=getattr(torch, source.spec.torch_dtype))
+    default_dtype = getattr(torch, spec.torch_dtype)
+    hw = resolve_hardware(hardware, device, model_dir)
+    workload = Workload.uniform(prompts, prompt_len, gen_len)
+    pinned = load_plan_file(plan_file) if plan_file else None
+    if pinned is not None and pinned.max_len < prompt_len + gen_len:
+        raise OffbatchError(f"the plan's context is {pinned.max_len} tokens; this job needs {prompt_len + gen_len}")
+    report = run_bench(source, device, cap, prompts, prompt_len, gen_len, dtype=dtype, default_dtype=default_dtype,
+                       plan=pinned, workload=workload, hardware=hw)
+    # What the cost model expected of the plan that ran (the solver's own figures, or for a pinned plan,
+    # the model applied to it), on the hardware profile used for planning.
+    plan_pred = report["plan"].get("predicted") or {}
+    if pinned is not None:
+        plan_pred = predict(pinned, shape_from_spec(spec, resolve_dtype(dtype, default_dtype)), hw, workload)
+    report["predicted"] = {k: v for k, v in plan_pred.items() if k not in ("decode_step", "prefill_step")}
+    report["hardware_profile"] = hw.name
+    report["prediction_error"] = {
+        k: report[k] / plan_pred[k] - 1 for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s") if plan_pred.get(k)}
     if out:
         out.write_text(json.dumps(report, indent=2))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    t = Table(title=f"offbatch bench: {report['family']} x{report['layers']} layers, {report['prompts']} prompts x "
-                    f"{report['prompt_len']} + {report['gen_len']} new, cap {format_bytes(cap) if cap else 'none'}")
+    plan = report["plan"]
+    title = (f"offbatch bench: {report['family']} x{report['layers']} layers, {report['prompts']} prompts x "
+             f"{report['prompt_len']} + {report['gen_len']} new, cap {format_bytes(cap) if cap else 'none'}")
+    t = Table(title=title)
     t.add_column("metric")
-    t.add_column("value", justify="right")
+    t.add_column("measured", justify="right")
+    t.add_column(f"predicted ({hw.name})", justify="right")
+    pred = report["predicted"]
+
+    def both(key, fmt="{:.1f}"):
+        return fmt.format(report[key]), (fmt.format(pred[key]) if key in pred else "")
+
     rows = [
-        ("prefill tok/s", f"{report['prefill_tok_s']:.1f}"),
-        ("decode tok/s", f"{report['decode_tok_s']:.1f}"),
-        ("end-to-end tok/s (generated)", f"{report['e2e_tok_s']:.1f}"),
-        ("decode floor tok/s", f"{report['decode_floor_tok_s']:.1f}"),
-        ("decode achieved / floor", f"{report['decode_achieved_over_floor']:.2f}"),
-        ("wave (sequences)", str(report["plan"]["wave_size"])),
-        ("streamed per decode step", format_bytes(report["decode_bytes_per_step"])),
-        ("copy rate (pinned, measured)", f"{report['measured_copy_bytes_s'] / 1e9:.1f} GB/s"),
-        ("GEMM rate (measured)", f"{report['measured_gemm_flop_s'] / 1e12:.1f} TFLOP/s"),
-        ("waiting for weights", f"{report['time_split_s']['weight_wait']:.2f} s"),
-        ("compute + host", f"{report['time_split_s']['other (compute, host)']:.2f} s"),
-        ("peak GPU reserved", format_bytes(report["peak_gpu_reserved_bytes"])),
-        ("peak host RSS", format_bytes(report["peak_host_bytes"])),
-        ("wall", f"{report['wall_s']:.1f} s"),
+        ("prefill tok/s", *both("prefill_tok_s")),
+        ("decode tok/s", *both("decode_tok_s")),
+        ("end-to-end tok/s (generated)", *both("e2e_tok_s")),
+        ("decode floor tok/s", *both("decode_floor_tok_s")),
+        ("decode achieved / floor", f"{report['decode_achieved_over_floor']:.2f}", ""),
+        ("plan", f"{plan['kv_placement']} KV, {plan['decode_attention']} attention, wave {plan['wave_size']}, "
+                 f"prefill {plan['prefill_tokens']} tok, attn mb {plan['attn_micro_batch']}, ffn mb "
+                 f"{plan['ffn_micro_tokens']} ({'pinned' if pinned else plan.get('chosen_by', 'solver')})", ""),
+        ("streamed per decode step", format_bytes(report["decode_bytes_per_step"]),
+         format_bytes(plan_pred["decode_step"]["weight_bytes"]) if "decode_step" in plan_pred else ""),
+        ("copy rate (pinned, measured)", f"{report['measured_copy_bytes_s'] / 1e9:.1f} GB/s",
+         f"{hw.h2d_pinned_bytes_s / 1e9:.1f} GB/s"),
+        ("GEMM rate (measured)", f"{report['measured_gemm_flop_s'] / 1e12:.1f} TFLOP/s", ""),
+        ("waiting for weights", f"{report['time_split_s']['weight_wait']:.2f} s", ""),
+        ("compute + host", f"{report['time_split_s']['other (compute, host)']:.2f} s", ""),
+        ("peak GPU reserved", format_bytes(report["peak_gpu_reserved_bytes"]),
+         format_bytes(sum(plan["memory"].values())) if plan.get("memory") else ""),
+        ("peak host RSS", format_bytes(report["peak_host_bytes"]),
+         format_bytes(sum(plan["host_memory"].values())) if plan.get("host_memory") else ""),
+        ("wall", f"{report['wall_s']:.1f} s", f"{pred['total_s']:.1f} s" if "total_s" in pred else ""),
     ]
-    for k, v in rows:
-        t.add_row(k, v)
-    Console().print(t)
+    for row in rows:
+        t.add_row(*row)
+    console = Console()
+    console.print(t)
+    if pred.get("bottleneck"):
+        console.print(f"predicted bottleneck: {pred['bottleneck']}")

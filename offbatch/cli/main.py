@@ -2,7 +2,6 @@
 
 import functools
 import importlib
-import sys
 
 import typer
 
@@ -23,6 +22,7 @@ COMMANDS = [
     ("run", "run"),
     ("import-gguf", "import_gguf"),
     ("synth", "synth"),
+    ("plan", "plan"),
 ]
 
 

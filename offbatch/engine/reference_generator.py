@@ -7,49 +7,19 @@ for every running one; finished sequences are yielded at once and their slots re
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-import torch
 
 from offbatch.engine import sampler
 from offbatch.engine.api import GenOutput, GenRequest, GenStats
+from offbatch.engine.sequence import SeqState, suppress_stop_tokens
 from offbatch.models.reference import KVCache, ReferenceModel
 
 
 @dataclass
-class Sequence:
-    req: GenRequest
-    cache: KVCache
-    rng: torch.Generator | None
-    generated: list[int] = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-
-    @property
-    def history(self) -> list[int]:
-        return self.req.prompt_ids + self.generated
-
-
-def finish_reason(seq_params, token: int, generated: list[int], eos_ids, context_left: int, stop_check) -> str | None:
-    """Why a sequence ends after `token` was sampled (already appended to `generated`), or None."""
-    if token in seq_params.stop_token_ids or (not seq_params.ignore_eos and token in eos_ids):
-        return "stop"
-    if stop_check is not None and stop_check(generated):
-        return "stop"
-    if len(generated) >= seq_params.max_tokens or context_left <= 0:
-        return "length"
-    return None
-
-
-def suppress_stop_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_ids) -> None:
-    """min_tokens: eos and stop tokens cannot be drawn before a sequence has that many tokens."""
-    for row, s in enumerate(seqs):
-        p = s.req.params
-        if len(s.generated) < p.min_tokens:
-            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
-            if banned:
-                logits[row, banned] = float("-inf")
+class Sequence(SeqState):
+    cache: KVCache | None = None
 
 
 class ReferenceGenerator:
@@ -73,7 +43,7 @@ class ReferenceGenerator:
                 break
             budget -= len(req.prompt_ids)
             cache = self.model.new_cache(len(req.prompt_ids) + min(req.params.max_tokens, 256))
-            new.append(Sequence(req, cache, sampler.make_rng(req.params, req.key)))
+            new.append(Sequence(req, sampler.make_rng(req.params, req.key), cache=cache))
         return new
 
     def generate(self, requests: Iterable[GenRequest]) -> Iterator[GenOutput]:
@@ -96,15 +66,8 @@ class ReferenceGenerator:
             live = []
             now = time.perf_counter()
             for s, tok in zip(step, nxt):
-                s.generated.append(tok)
-                s.first_token_at = s.first_token_at or now
-                reason = finish_reason(s.req.params, tok, s.generated, self.eos_ids,
-                                       max_ctx - s.cache.length - 1, s.req.stop_check)
-                if reason is None:
+                out = s.append(tok, self.eos_ids, max_ctx - s.cache.length - 1, now)
+                if out is None:
                     live.append(s)
-                    continue
-                ids = s.generated
-                if tok in s.req.params.stop_token_ids or (not s.req.params.ignore_eos and tok in self.eos_ids):
-                    ids = ids[:-1]  # the terminating token is not part of the completion
-                yield GenOutput(s.req.key, ids, reason, len(s.req.prompt_ids),
-                                {"ttft_s": s.first_token_at - s.started, "total_s": now - s.started})
+                else:
+                    yield out

@@ -17,8 +17,9 @@ class EngineOptions:
     cpu_memory: int | None = None
     max_batch: int = 32  # sequences decoded together (reference path)
     engine: str | None = None  # "streaming" | "reference"; None: streaming on a GPU, reference on the CPU
-    num_requests: int = 64  # the job's size, for the streaming engine's plan
-    max_len: int = 2048  # longest prompt + max_tokens in the job
+    # The job, for the streaming engine's planner: each request's prompt length and max_tokens.
+    prompt_lens: list[int] | None = None
+    gen_lens: list[int] | None = None
 
 
 def resolve_device(device: str | None) -> str:
@@ -38,9 +39,15 @@ def make_generator(model_dir: str | Path, tokenizer, options: EngineOptions | No
     kind = options.engine or ("streaming" if device.startswith("cuda") else "reference")
     if kind == "streaming":
         from offbatch.engine.build import engine_for_folder
+        from offbatch.planner.workload import Workload
 
+        workload = None
+        if options.prompt_lens:
+            workload = Workload.from_lengths(options.prompt_lens, options.gen_lens)
         return engine_for_folder(model_dir, device=device, dtype=options.dtype, gpu_memory=options.gpu_memory,
-                                 num_requests=options.num_requests, max_len=options.max_len,
+                                 cpu_memory=options.cpu_memory, workload=workload,
+                                 num_requests=workload.num_requests if workload else 64,
+                                 max_len=workload.max_len if workload else 2048,
                                  eos_token_ids=tokenizer.eos_token_ids)
     if kind != "reference":
         raise ValueError(f"unknown engine {kind!r}: streaming or reference")

@@ -8,8 +8,9 @@ stays on the compute device. Finished sequences leave at once and waiting ones t
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 from offbatch.attention.wave import decode_attention, prefill_attention
 from offbatch.engine import sampler
 from offbatch.engine.api import GenOutput, GenRequest, GenStats
-from offbatch.engine.reference_generator import finish_reason, suppress_stop_tokens
+from offbatch.engine.experts import GroupedExperts, expert_items
+from offbatch.engine.sequence import SeqState, suppress_stop_tokens
 from offbatch.models import layers as L
 from offbatch.offload.kv import WaveKV
 from offbatch.offload.prefetch import Prefetcher
@@ -27,18 +29,9 @@ from offbatch.planner.plan import Plan
 
 
 @dataclass
-class LiveSeq:
-    req: GenRequest
-    slot: int
-    rng: torch.Generator | None
+class LiveSeq(SeqState):
+    slot: int = -1  # the sequence's KV slot in the wave
     length: int = 0  # tokens in the KV cache
-    generated: list[int] = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-
-    @property
-    def history(self) -> list[int]:
-        return self.req.prompt_ids + self.generated
 
 
 @dataclass
@@ -63,6 +56,10 @@ class StreamingEngine:
         self.store = store
         self.eos_ids = tuple(eos_token_ids)
         self.pf = Prefetcher(store, self.device, plan.slots, plan.resident)
+        # Routed experts through the grouped kernels when they are gated SiLU (None: per-expert loop).
+        # OFFBATCH_GROUPED_EXPERTS=0 falls back to one launch per expert (an escape hatch, and a baseline).
+        items = expert_items(self.spec, store) if os.environ.get("OFFBATCH_GROUPED_EXPERTS", "1") != "0" else None
+        self.experts = GroupedExperts(self.spec, store, self.pf, self.device, items) if items else None
         # The wave's KV: on the compute device, or in (pinned) host memory when the plan says so.
         host_kv = plan.kv_placement == "host" and self.device.type != "cpu"
         kv_device = torch.device("cpu") if host_kv else self.device
@@ -172,8 +169,11 @@ class StreamingEngine:
             ws = self._acquire((i, "shared"))
             y += self._shared(h, ws)
             self.pf.release((i, "shared"))
-        k = spec.moe.top_k
         flat_w = top_w.reshape(-1)
+        if self.experts is not None:
+            self.experts.run(i, h, order, counts, flat_w, y, self._acquire, self.plan.ffn_micro_tokens)
+            return y
+        k = spec.moe.top_k
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
@@ -267,7 +267,7 @@ class StreamingEngine:
                 waiting.append(req)
                 break
             budget -= n
-            new.append(LiveSeq(req, self.kv.allocate(), sampler.make_rng(req.params, req.key)))
+            new.append(LiveSeq(req, sampler.make_rng(req.params, req.key), slot=self.kv.allocate()))
             if budget <= 0:
                 break
         return new
@@ -291,19 +291,13 @@ class StreamingEngine:
             live = []
             now = time.perf_counter()
             for s, tok in zip(step, nxt):
-                s.generated.append(tok)
-                s.first_token_at = s.first_token_at or now
                 room = min(self.plan.max_len, self.spec.max_position) - s.length - 1
-                reason = finish_reason(s.req.params, tok, s.generated, self.eos_ids, room, s.req.stop_check)
-                if reason is None:
+                out = s.append(tok, self.eos_ids, room, now)
+                if out is None:
                     live.append(s)
-                    continue
-                self.kv.release(s.slot)
-                ids = s.generated
-                if tok in s.req.params.stop_token_ids or (not s.req.params.ignore_eos and tok in self.eos_ids):
-                    ids = ids[:-1]
-                yield GenOutput(s.req.key, ids, reason, len(s.req.prompt_ids),
-                                {"ttft_s": s.first_token_at - s.started, "total_s": now - s.started})
+                else:
+                    self.kv.release(s.slot)
+                    yield out
 
     def _account(self, wall: float, n_sampled: int, n_prompt: int) -> None:
         t = self.times

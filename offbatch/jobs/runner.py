@@ -139,8 +139,8 @@ def run_job(cfg: RunConfig, progress: Progress, make_generator: Callable, tokeni
     # Load the model before touching any file: a folder with bad weights is one clear error, and the
     # output is left exactly as it was.
     if todo and cfg.engine is not None:  # the engine sizes its wave and KV from the job
-        cfg.engine.num_requests = len(todo)
-        cfg.engine.max_len = max(len(r.prompt_ids) + r.params.max_tokens for r in todo)
+        cfg.engine.prompt_lens = [len(r.prompt_ids) for r in todo]
+        cfg.engine.gen_lens = [r.params.max_tokens for r in todo]
     generator = make_generator(cfg.model_dir, tokenizer, cfg.engine) if todo else None
 
     if plan is not None and plan.changed_any:

@@ -6,6 +6,11 @@ issued in that order into rings of device slots, one ring per module kind. A cop
 compute waits for the copy's event. So the host never blocks in the layer loop; the copy stream runs
 as far ahead as there are free slots.
 
+Each ring is one device buffer [count, slot_bytes] whose rows are the slots, and the resident modules
+of one kind in one layer share one buffer the same way (a "bank"). Modules of a kind have one layout up
+to their names, so a bank seen through that layout is a strided stack of each weight over its rows:
+the grouped expert kernels take a chunk of experts as one [rows, N, K] tensor and a row per group.
+
 On the CPU (compute device "cpu") the same code runs with plain synchronous copies, so CI exercises
 the scheduling, slot reuse and views.
 """
@@ -22,7 +27,8 @@ from offbatch.offload.weights import ModuleKey, WeightStore, module_kind
 
 @dataclass
 class Slot:
-    buf: torch.Tensor
+    buf: torch.Tensor  # row `index` of its ring's bank
+    index: int = 0
     key: ModuleKey | None = None
     busy: bool = False  # holds a module that was scheduled and not yet released
     ready: object = None  # event: the copy into this slot finished
@@ -44,19 +50,35 @@ class Prefetcher:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        # Resident modules: copied once, never evicted.
+        # Resident modules: copied once, never evicted; those of one kind in one layer (a layer's
+        # resident experts) as the rows of one bank.
         self.resident: dict[ModuleKey, dict[str, torch.Tensor]] = {}
-        for key in resident:
-            flat = store.host[key].to(self.device)
-            self.resident[key] = store.layouts[key].views(flat)
+        self.resident_rows: dict[ModuleKey, tuple[torch.Tensor, int]] = {}
+        groups: dict[tuple[int, str], list[ModuleKey]] = {}
+        for key in sorted(resident):
+            groups.setdefault((key[0], module_kind(key[1])), []).append(key)
+        for members in groups.values():
+            if len(members) == 1:
+                bank = store.host[members[0]].to(self.device).unsqueeze(0)  # on the CPU: the host buffer itself
+            else:
+                bank = torch.empty(len(members), max(store.nbytes(k) for k in members), dtype=torch.uint8,
+                                   device=self.device)
+                for row, key in enumerate(members):
+                    bank[row, : store.nbytes(key)].copy_(store.host[key])
+            for row, key in enumerate(members):
+                self.resident[key] = store.layouts[key].views(bank[row])
+                self.resident_rows[key] = (bank, row)
         # Slot rings, each slot as large as the largest module of its kind.
+        self.banks: dict[str, torch.Tensor] = {}
         self.rings: dict[str, list[Slot]] = {}
         self.next_slot: dict[str, int] = {}
         for kind, count in slots_per_kind.items():
             size = max((store.nbytes(k) for k in store.keys() if module_kind(k[1]) == kind and k not in resident), default=0)
             if size == 0 or count == 0:
                 continue
-            self.rings[kind] = [Slot(torch.empty(size, dtype=torch.uint8, device=self.device)) for _ in range(count)]
+            bank = torch.empty(count, size, dtype=torch.uint8, device=self.device)
+            self.banks[kind] = bank
+            self.rings[kind] = [Slot(bank[j], j) for j in range(count)]
             self.next_slot[kind] = 0
         self.queue: deque[ModuleKey] = deque()
         self.in_slot: dict[ModuleKey, Slot] = {}
@@ -90,14 +112,17 @@ class Prefetcher:
             if key in self.in_slot and self.in_slot[key].busy:
                 self.queue.popleft()  # already there (scheduled twice)
                 continue
-            ring = self.rings[module_kind(key[1])]
-            idx = self.next_slot[module_kind(key[1])]
-            slot = ring[idx]
-            if slot.busy:
+            kind = module_kind(key[1])
+            ring, start = self.rings[kind], self.next_slot[kind]
+            # The first free slot in ring order from the last fill: usually the next one, but unused
+            # experts (unschedule) free slots out of order, and a grouped chunk holds several slots
+            # at once while it waits for the next expert.
+            idx = next((j % len(ring) for j in range(start, start + len(ring)) if not ring[j % len(ring)].busy), None)
+            if idx is None:
                 return
             self.queue.popleft()
-            self.next_slot[module_kind(key[1])] = (idx + 1) % len(ring)
-            self._copy_into(slot, key)
+            self.next_slot[kind] = (idx + 1) % len(ring)
+            self._copy_into(ring[idx], key)
 
     def _copy_into(self, slot: Slot, key: ModuleKey) -> None:
         if slot.key is not None and self.in_slot.get(slot.key) is slot:
@@ -132,6 +157,25 @@ class Prefetcher:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
         return self.store.layouts[key].views(slot.buf)
 
+    def row_of(self, key: ModuleKey) -> tuple[torch.Tensor, int]:
+        """(bank, row): the byte buffer [rows, row_bytes] that holds an acquired or resident module as
+        one of its rows. Read other rows only for modules acquired and not yet released."""
+        if key in self.resident_rows:
+            return self.resident_rows[key]
+        slot = self.in_slot.get(key)
+        if slot is None or not slot.busy:
+            raise RuntimeError(f"module {key} is neither resident nor held in a slot")
+        return self.banks[module_kind(key[1])], slot.index
+
+    def bank_of(self, key: ModuleKey) -> torch.Tensor | None:
+        """The bank a module will be read from: its resident bank, or its kind's ring (None: neither)."""
+        if key in self.resident_rows:
+            return self.resident_rows[key][0]
+        return self.banks.get(module_kind(key[1]))
+
+    def ring_size(self, kind: str) -> int:
+        return len(self.rings.get(kind, ()))
+
     def release(self, key: ModuleKey) -> None:
         """The compute that reads this module has been issued; its slot may be refilled after it runs."""
         if key in self.resident:
@@ -152,6 +196,6 @@ class Prefetcher:
 
     @property
     def device_bytes(self) -> int:
-        slots = sum(s.buf.numel() for ring in self.rings.values() for s in ring)
-        resident = sum(self.store.nbytes(k) for k in self.resident)
+        slots = sum(bank.numel() for bank in self.banks.values())
+        resident = sum(bank.numel() for bank in {id(b): b for b, _ in self.resident_rows.values()}.values())
         return slots + resident

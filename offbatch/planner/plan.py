@@ -1,9 +1,9 @@
-"""Plan: placement and batch sizes for the streaming engine, and the simple rules that choose them.
+"""Plan: placement and batch sizes for the streaming engine; the simple rules that chose them before
+the solver (kept as a baseline for `scripts/plan_grid.py`); saving and loading a plan as JSON.
 
-Decode streams every non-resident weight byte once per step whatever the wave size, so tokens per
-step (the wave) is worth more than residency: a byte given to KV adds sequences to every step, a byte
-given to residency only shortens the copy. The rules therefore size the wave first (as many KV slots
-as the cap allows, up to the number of requests), then make modules resident with what is left.
+The rules: decode streams every non-resident weight byte once per step whatever the wave size, so
+tokens per step (the wave) is worth more than residency: size the wave first (as many KV slots as the
+cap allows, up to the number of requests), then make modules resident with what is left.
 """
 
 from __future__ import annotations
@@ -12,17 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from offbatch.errors import BudgetError
+from offbatch.errors import BudgetError, OffbatchError
 from offbatch.models.spec import ModelSpec
 from offbatch.offload.kv import WaveKV
 from offbatch.offload.weights import ModuleKey, WeightStore, module_kind
+from offbatch.planner.memory import DEFAULT_SLOTS, SAFETY, SCORE_BYTES, activation_bytes  # noqa: F401 (re-exported)
 from offbatch.units import format_bytes
 
-# Device slots per module kind: two let one copy run while the other module computes; experts get
-# three because they are many and small, so a copy never waits for the expert before it to finish.
-DEFAULT_SLOTS = {"attn": 2, "ffn": 2, "shared": 2, "expert": 3, "head": 1, "router": 2}
-SAFETY = 0.90  # of the cap: allocator fragmentation and what we do not model
-SCORE_BYTES = 256 << 20  # attention scores of one prefill micro-batch (bounds its sequence count)
+PLAN_FORMAT = 1
 
 
 @dataclass
@@ -41,6 +38,10 @@ class Plan:
     decode_attention: str = "gpu"  # with host KV: "gpu" copies a micro-batch's KV over, "cpu" attends on the host
     budget_bytes: int | None = None
     memory: dict[str, int] = field(default_factory=dict)  # device bytes by use
+    host_memory: dict[str, int] = field(default_factory=dict)  # host bytes by use
+    predicted: dict = field(default_factory=dict)  # the cost model's figures (planner.solve.predict)
+    hardware: str = ""  # the hardware profile the plan was made for
+    chosen_by: str = "rules"  # "solver", "rules" or "file"
 
     def describe(self) -> dict:
         return {
@@ -49,25 +50,43 @@ class Plan:
             "attn_micro_batch": self.attn_micro_batch, "ffn_micro_tokens": self.ffn_micro_tokens,
             "slots": self.slots, "resident_modules": len(self.resident), "budget_bytes": self.budget_bytes,
             "memory": self.memory, "kv_placement": self.kv_placement, "decode_attention": self.decode_attention,
+            "host_memory": self.host_memory, "hardware": self.hardware, "chosen_by": self.chosen_by,
+            "predicted": self.predicted,
         }
 
+    # ---- a plan file (`offbatch plan --json` writes one; `--plan FILE` pins it) ----------------------
+    def to_dict(self) -> dict:
+        d = self.describe()
+        d["format"] = PLAN_FORMAT
+        d["score_bytes"] = self.score_bytes
+        d["resident"] = sorted([list(k) for k in self.resident])
+        return d
 
-def activation_bytes(spec: ModelSpec, tokens: int, ffn_tokens: int, attn_batch: int, max_len: int, dsize: int) -> int:
-    """Peak transient device memory of one step: hidden states and projections of all its tokens, one
-    FFN micro-batch's intermediates, one attention micro-batch's gathered K/V, mask and scores."""
-    H = spec.hidden_size
-    inter = max(spec.intermediate_size, spec.moe.expert_intermediate_size if spec.moe else 0,
-                spec.moe.shared_expert_intermediate_size if spec.moe else 0)
-    hidden = tokens * (4 * H + spec.q_size + 2 * spec.kv_size + spec.q_size) * dsize
-    if spec.moe:
-        hidden += tokens * spec.moe.top_k * (H * dsize + 16)  # routed copies, weights, indices
-    ffn = ffn_tokens * (3 * inter + H) * dsize
-    rep = spec.num_heads // spec.num_kv_heads
-    kv = 2 * attn_batch * spec.kv_size * max_len * dsize
-    # Scores (float32) and the mask of one attention call; prefill calls are cut to SCORE_BYTES.
-    scores = min(SCORE_BYTES, attn_batch * spec.num_heads * max_len * max_len * 4)
-    mask = scores // 4 // max(1, spec.num_kv_heads)
-    return hidden + ffn + kv + 2 * scores + mask
+    @staticmethod
+    def from_dict(d: dict) -> "Plan":
+        if isinstance(d, dict) and "plan" in d and isinstance(d["plan"], dict):
+            d = d["plan"]  # a whole `offbatch plan --json` report
+        try:
+            dtype = getattr(torch, d["dtype"])
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"dtype {d['dtype']!r}")
+            plan = Plan(
+                device=str(d["device"]), dtype=dtype, wave_size=int(d["wave_size"]), max_len=int(d["max_len"]),
+                prefill_tokens=int(d["prefill_tokens"]), attn_micro_batch=int(d["attn_micro_batch"]),
+                ffn_micro_tokens=int(d["ffn_micro_tokens"]), slots={str(k): int(v) for k, v in d["slots"].items()},
+                resident={(int(k[0]), str(k[1])) for k in d["resident"]},
+                score_bytes=int(d.get("score_bytes", SCORE_BYTES)), kv_placement=d.get("kv_placement", "gpu"),
+                decode_attention=d.get("decode_attention", "gpu"), budget_bytes=d.get("budget_bytes"),
+                memory=dict(d.get("memory", {})), host_memory=dict(d.get("host_memory", {})),
+                predicted=dict(d.get("predicted", {})), hardware=str(d.get("hardware", "")), chosen_by="file",
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise OffbatchError(f"not a plan file ({type(e).__name__}: {e}); write one with `offbatch plan ... --json`") from None
+        if plan.kv_placement not in ("gpu", "host") or plan.decode_attention not in ("gpu", "cpu"):
+            raise OffbatchError("a plan's kv_placement is gpu or host, its decode_attention gpu or cpu")
+        if min(plan.wave_size, plan.max_len, plan.prefill_tokens, plan.attn_micro_batch, plan.ffn_micro_tokens) < 1:
+            raise OffbatchError("a plan's wave, context and batch sizes must be at least 1")
+        return plan
 
 
 def rule_plan(spec: ModelSpec, store: WeightStore, device: str, budget: int | None, num_requests: int,

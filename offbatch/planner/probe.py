@@ -1,10 +1,21 @@
-"""Measure the machine: host-to-device copy rates and matrix-multiply rates, the ceilings of a step."""
+"""Measure the machine: copy rates, GEMM rates, CPU attention, disk reads, memory sizes. A few seconds;
+the result is cached per machine under the user cache directory, `--reprobe` measures again."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import torch
+
+from offbatch.planner.hardware import PROFILES, Hardware, Host
+
+CACHE_VERSION = 1
 
 
 def _timed(fn, device: torch.device, reps: int) -> float:
@@ -34,6 +45,12 @@ def copy_rate(device: torch.device, nbytes: int = 1 << 30, pinned: bool = True, 
     return nbytes / _timed(lambda: dst.copy_(src, non_blocking=True), device, reps)
 
 
+def d2h_rate(device: torch.device, nbytes: int = 1 << 28, reps: int = 3) -> float:
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    return nbytes / _timed(lambda: dst.copy_(src, non_blocking=True), device, reps)
+
+
 def gemm_rate(device: torch.device, m: int, k: int = 4096, n: int = 14336, dtype=torch.bfloat16, reps: int = 10) -> float:
     """FLOP/s of an [m, k] x [k, n] product (random data, not zeros)."""
     if device.type == "cpu" and dtype == torch.bfloat16:
@@ -41,3 +58,171 @@ def gemm_rate(device: torch.device, m: int, k: int = 4096, n: int = 14336, dtype
     a = torch.randn(m, k, device=device, dtype=dtype)
     b = torch.randn(n, k, device=device, dtype=dtype)
     return 2 * m * k * n / _timed(lambda: torch.nn.functional.linear(a, b), device, reps)
+
+
+def memory_bandwidth(device: torch.device, nbytes: int = 1 << 28, reps: int = 3) -> float:
+    """Device memory bytes/s of a large copy (read + write)."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _timed(lambda: dst.copy_(src), device, reps)
+
+
+def cpu_attention_rate(seqs: int = 8, kv_heads: int = 8, length: int = 512, head_dim: int = 128,
+                       dtype=torch.bfloat16, reps: int = 3, during=None) -> float:
+    """KV bytes/s that decode attention on the host threads reads (the engine's own attention code).
+    `during`: a callable started first (e.g. issuing GPU copies) to measure the contended rate."""
+    from offbatch.attention.dense import grouped_attention
+
+    q = torch.randn(seqs, kv_heads * 4, 1, head_dim, dtype=dtype)
+    k = torch.randn(seqs, kv_heads, length, head_dim, dtype=dtype)
+    v = torch.randn_like(k)
+    q_pos = torch.full((seqs, 1), length - 1)
+    k_len = torch.full((seqs,), length)
+    grouped_attention(q, k, v, q_pos, k_len)  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        if during is not None:
+            during()
+        t = time.perf_counter()
+        grouped_attention(q, k, v, q_pos, k_len)
+        best = min(best, time.perf_counter() - t)
+    return 2 * k.numel() * k.element_size() / best
+
+
+def disk_read_rate(folder: str | Path, limit_bytes: int = 256 << 20, limit_s: float = 1.5) -> float | None:
+    """Bytes/s reading the largest weight file of a model folder, with its pages dropped from the page
+    cache first (so it is the disk, not memory, that is measured). None when there is nothing to read."""
+    files = sorted(Path(folder).glob("*.safetensors"), key=lambda p: (-p.stat().st_size, p.name))
+    if not files:
+        return None
+    path = files[0]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        buf = bytearray(16 << 20)
+        view = memoryview(buf)
+        done, t0 = 0, time.perf_counter()
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            while done < limit_bytes and time.perf_counter() - t0 < limit_s:
+                n = f.readinto(view)
+                if not n:
+                    break
+                done += n
+        elapsed = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    return done / elapsed if done and elapsed > 0 else None
+
+
+def host_memory_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:  # no psutil: the POSIX way
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# ---- the whole probe ----------------------------------------------------------------------------
+def measure(device: str | None = None) -> Hardware:
+    """Probe this machine with `device` as the compute device (cuda when present)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads = torch.get_num_threads()
+    host_mem = host_memory_bytes()
+    if dev.type == "cuda":
+        base = Host(threads=threads, memory_bytes=host_mem, cpu_attn_bytes_s=0.0, cpu_attn_contended_bytes_s=0.0,
+                    disk_read_bytes_s=PROFILES["h200"].host.disk_read_bytes_s)  # the calibrated host constants
+        props = torch.cuda.get_device_properties(dev)
+        pinned = copy_rate(dev, 1 << 28, pinned=True, reps=3)
+        pageable = copy_rate(dev, 1 << 27, pinned=False, reps=2)
+        d2h = d2h_rate(dev)
+        gemm = {m: gemm_rate(dev, m, k=4096, n=8192, reps=5) for m in (16, 64, 256, 1024, 4096)}
+        membw = memory_bandwidth(dev)
+        alone = cpu_attention_rate()
+        src = torch.empty(1 << 28, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
+        stream = torch.cuda.Stream(dev)
+
+        def copies():  # keep PCIe busy (and the host's DRAM) while the host attends
+            torch.cuda.synchronize(dev)
+            with torch.cuda.stream(stream):
+                for _ in range(4):
+                    dst.copy_(src, non_blocking=True)
+
+        contended = cpu_attention_rate(during=copies)
+        torch.cuda.synchronize(dev)
+        del src, dst
+        torch.cuda.empty_cache()  # the probe's buffers must not sit in the allocator under the engine's cap
+        hw = Hardware(
+            name=f"probed:{props.name}", device="cuda", gpu_name=props.name, gpu_memory_bytes=props.total_memory,
+            pcie="", h2d_pinned_bytes_s=pinned, h2d_pageable_bytes_s=pageable, d2h_bytes_s=d2h, gemm_flop_s=gemm,
+            mem_bytes_s=0.75 * membw,
+            host=replace(base, threads=threads, memory_bytes=host_mem, cpu_attn_bytes_s=alone,
+                         cpu_attn_contended_bytes_s=min(alone, contended)),
+        )
+    else:
+        base = PROFILES["cpu"].host
+        # The CPU as compute device: a "copy" into a device slot is a host memcpy.
+        memcpy = copy_rate(dev, 1 << 26, pinned=False, reps=3)
+        gemm = {m: gemm_rate(dev, m, k=1024, n=1024, reps=3) for m in (16, 64, 256, 1024)}
+        attn = cpu_attention_rate(seqs=4, length=256)
+        hw = Hardware(
+            name="probed:cpu", device="cpu", gpu_name=platform.processor() or "cpu", gpu_memory_bytes=host_mem,
+            pcie="", h2d_pinned_bytes_s=memcpy, h2d_pageable_bytes_s=memcpy, d2h_bytes_s=memcpy, gemm_flop_s=gemm,
+            mem_bytes_s=memcpy,
+            host=replace(base, threads=threads, memory_bytes=host_mem, cpu_attn_bytes_s=attn,
+                         cpu_attn_contended_bytes_s=attn),
+        )
+    return replace(hw, source=f"probed {time.strftime('%Y-%m-%d %H:%M')}")
+
+
+def machine_key(device: str) -> str:
+    """Names this machine and compute device: a cache entry is reused only where it was measured."""
+    parts = [platform.node(), platform.machine(), str(os.cpu_count()), str(host_memory_bytes() >> 30), device,
+             torch.__version__]
+    if device.startswith("cuda") and torch.cuda.is_available():
+        parts += [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def cache_file(device: str) -> Path:
+    from offbatch.models.default_model import cache_root
+
+    return cache_root() / "hardware" / f"{machine_key(device)}.json"
+
+
+def probe_hardware(device: str | None = None, model_dir: str | Path | None = None, reprobe: bool = False) -> Hardware:
+    """This machine's Hardware, from the cache when it was measured before. With a model folder, the
+    disk read rate of the file system it is on is measured too (once per file system)."""
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = cache_file(dev)
+    data: dict = {}
+    if path.is_file() and not reprobe:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("version") != CACHE_VERSION:
+                data = {}
+        except (OSError, json.JSONDecodeError):
+            data = {}
+    base = Hardware.from_dict(data["hardware"]) if "hardware" in data else measure(dev)
+    hw = base
+    disks = data.get("disk_read_bytes_s", {})
+    if model_dir is not None and Path(model_dir).is_dir():
+        fs = str(os.stat(model_dir).st_dev)
+        if fs not in disks:
+            rate = disk_read_rate(model_dir)
+            if rate:
+                disks[fs] = rate
+        if fs in disks:
+            hw = replace(hw, host=replace(hw.host, disk_read_bytes_s=disks[fs]))
+    new = {"version": CACHE_VERSION, "hardware": base.to_dict(), "disk_read_bytes_s": disks}
+    if new != data:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(new, indent=2))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only cache only costs a probe next time
+    return hw

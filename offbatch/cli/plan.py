@@ -1,0 +1,189 @@
+"""`offbatch plan MODEL_DIR --gpu-memory 8GiB`: choose placement and batch sizes for a job, predict its
+speed and say what bounds it; `--json` writes a plan file that `bench --plan FILE` pins."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from offbatch.cli.options import CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt
+from offbatch.errors import InputFileError, OffbatchError
+from offbatch.units import format_bytes, parse_bytes
+
+HardwareOpt = Annotated[Optional[str], typer.Option(
+    "--hardware", help="Plan for this machine instead of probing this one: rtx3060-12g, rtx4060ti-16g, rtx4090, l4, "
+                       "a10, h200, cpu, or a JSON file (the \"hardware\" object of `plan --json`).")]
+
+
+def _bytes(value: str | None, flag: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_bytes(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=flag) from None
+
+
+def load_spec_for(model_dir: Optional[Path], synth: Optional[str], layers: Optional[int]):
+    from offbatch.models.spec import load_spec, spec_from_config
+
+    if (model_dir is None) == (synth is None):
+        raise OffbatchError("give either MODEL_DIR or --synth PRESET")
+    if synth:
+        from offbatch.models.synth import synth_config
+
+        return spec_from_config(synth_config(synth, layers=layers))
+    return load_spec(model_dir)
+
+
+def workload_from_file(model_dir: Path, prompts: Path, gen_len: Optional[int], context: int, vocab: int):
+    """Token lengths of the runnable lines of a prompts file, as `run` would see them."""
+    from offbatch.jobs.params import resolve_defaults
+    from offbatch.jobs.requests import Request, parse_line, prepare, read_input
+    from offbatch.models.tokenizer import load_tokenizer
+    from offbatch.planner.workload import Workload
+
+    tokenizer = load_tokenizer(model_dir)
+    defaults = resolve_defaults(tokenizer.generation_defaults, {"max_tokens": gen_len})
+    prompt_lens, gen_lens = [], []
+    for number, raw in read_input(prompts):
+        req = parse_line(number, raw)
+        if isinstance(req, Request) and prepare(req, tokenizer, defaults, context, vocab) is None:
+            prompt_lens.append(len(req.prompt_ids))
+            gen_lens.append(req.params.max_tokens)
+    if not prompt_lens:
+        raise InputFileError(f"{prompts}: no runnable request to plan for")
+    return Workload.from_lengths(prompt_lens, gen_lens)
+
+
+def command(
+    model_dir: Annotated[Optional[Path], typer.Argument(help="Model folder (or use --synth).")] = None,
+    synth: Annotated[Optional[str], typer.Option("--synth", help="Plan for a synth preset's shape, e.g. mixtral-8x7b.")] = None,
+    layers: Annotated[Optional[int], typer.Option("--layers", help="With --synth: number of layers.")] = None,
+    gpu_memory: GpuMemoryOpt = None,
+    cpu_memory: CpuMemoryOpt = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Plan for this JSONL prompts file (needs MODEL_DIR "
+                                                    "for its tokenizer).")] = None,
+    prompt_len: Annotated[int, typer.Option("--prompt-len", min=1, help="Tokens per prompt.")] = 256,
+    gen_len: Annotated[Optional[int], typer.Option("--gen-len", min=1, help="Tokens generated per prompt (with "
+                                                   "--prompts: for lines that set no max_tokens).")] = None,
+    num_prompts: Annotated[int, typer.Option("--num-prompts", min=1, help="Number of prompts.")] = 1024,
+    hardware: HardwareOpt = None,
+    reprobe: Annotated[bool, typer.Option("--reprobe", help="Measure this machine again (else the cached probe).")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    as_json: JsonOpt = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON report (a plan file) here.")] = None,
+):
+    """Choose placement and batch sizes for a job, predict its speed, and say what bounds it."""
+    import torch
+
+    from offbatch.models.reference import resolve_dtype
+    from offbatch.planner.probe import probe_hardware
+    from offbatch.planner.solve import make_plan, resolve_hardware
+    from offbatch.planner.workload import Workload
+
+    spec = load_spec_for(model_dir, synth, layers)
+    if hardware:
+        hw = resolve_hardware(hardware, "cuda")
+    elif reprobe or (device or "").startswith("cuda") or (device is None and torch.cuda.is_available()):
+        hw = probe_hardware(device, model_dir, reprobe=reprobe)
+    else:
+        hw = resolve_hardware(None, "cpu")
+    device = device or hw.device
+    cdtype = resolve_dtype(dtype, getattr(torch, spec.torch_dtype))
+    if prompts is not None:
+        if model_dir is None:
+            raise OffbatchError("--prompts needs MODEL_DIR: its tokenizer counts the prompt tokens")
+        workload = workload_from_file(model_dir, prompts, gen_len, spec.max_position, spec.vocab_size)
+    else:
+        workload = Workload.uniform(num_prompts, prompt_len, gen_len or 256)
+    gpu_cap = _bytes(gpu_memory, "--gpu-memory")
+    plan = make_plan(spec, cdtype, device, gpu_cap, workload, hardware=hw, cpu_memory=_bytes(cpu_memory, "--cpu-memory"))
+    report = {
+        "model": {"family": spec.family, "layers": spec.num_layers, "hidden_size": spec.hidden_size,
+                  "source": str(model_dir) if model_dir else f"synth:{synth}"},
+        "hardware": hw.to_dict(),
+        "workload": workload.describe(),
+        "plan": plan.to_dict(),
+        "predicted": {k: v for k, v in plan.predicted.items() if k not in ("bottleneck", "bottleneck_kind")},
+        "bottleneck": plan.predicted["bottleneck"],
+        "bottleneck_kind": plan.predicted["bottleneck_kind"],
+    }
+    text = json.dumps(report, indent=2)
+    if out:
+        out.write_text(text + "\n")
+    if as_json:
+        typer.echo(text)
+        return
+    print_plan(report)
+
+
+def _rate(x: float) -> str:
+    return f"{x:,.1f}" if x < 1000 else f"{x:,.0f}"
+
+
+def print_plan(report: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    plan, pred, hw, wl = report["plan"], report["predicted"], report["hardware"], report["workload"]
+    m = report["model"]
+    console.print(f"[bold]offbatch plan[/]: {m['family']} x{m['layers']} layers ({m['source']}) on {hw['name']} "
+                  f"({hw['gpu_name']}, {hw['source']})")
+    console.print(f"job: {wl['num_requests']} prompts of {wl['prompt_len']:.0f} tokens, {wl['gen_len']:.0f} generated "
+                  f"each (context {wl['max_len']})")
+    t = Table(title="plan", show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    attention = "on the GPU" if plan["kv_placement"] == "gpu" else (
+        "on the GPU, KV copied over per micro-batch" if plan["decode_attention"] == "gpu" else "on the CPU threads")
+    rows = [
+        ("KV cache", "GPU" if plan["kv_placement"] == "gpu" else "pinned host memory"),
+        ("decode attention", attention),
+        ("wave (sequences decoded together)", str(plan["wave_size"])),
+        ("prompt tokens admitted per step", str(plan["prefill_tokens"])),
+        ("attention micro-batch (sequences)", str(plan["attn_micro_batch"])),
+        ("FFN micro-batch (tokens)", str(plan["ffn_micro_tokens"])),
+        ("resident modules", f"{plan['resident_modules']} ({format_bytes(plan['memory']['resident_weights'])})"),
+        ("streamed kinds (slots)", ", ".join(f"{k} x{v}" for k, v in plan["slots"].items()) or "none: all resident"),
+    ]
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+    mem = Table(title="memory per tier")
+    mem.add_column("tier")
+    mem.add_column("use")
+    mem.add_column("bytes", justify="right")
+    for k, v in plan["memory"].items():
+        mem.add_row("GPU", k, format_bytes(v))
+    cap = plan["budget_bytes"]
+    mem.add_row("GPU", "total (cap)", f"{format_bytes(sum(plan['memory'].values()))} ({format_bytes(cap) if cap else 'none'})")
+    for k, v in plan["host_memory"].items():
+        mem.add_row("host", k, format_bytes(v))
+    mem.add_row("host", "total", format_bytes(sum(plan["host_memory"].values())))
+    console.print(mem)
+    p = Table(title="predicted")
+    p.add_column("metric")
+    p.add_column("value", justify="right")
+    dstep = pred["decode_step"]
+    for k, v in [
+        ("prefill tok/s", _rate(pred["prefill_tok_s"])),
+        ("decode tok/s", _rate(pred["decode_tok_s"])),
+        ("end-to-end tok/s (generated)", _rate(pred["e2e_tok_s"])),
+        ("decode floor tok/s", _rate(pred["decode_floor_tok_s"])),
+        ("job time", f"{pred['total_s']:.1f} s (prefill steps {pred['prefill_s']:.1f} s, decode {pred['decode_s']:.1f} s)"),
+        ("loading the weights", f"{pred['load_s']:.1f} s"),
+        ("decode step", f"{dstep['total_s'] * 1000:.1f} ms for {dstep['sequences']} sequences"),
+        ("  link busy (weights + KV)", f"{dstep['copy_s'] * 1000:.1f} ms ({format_bytes(dstep['weight_bytes'])} + "
+                                       f"{format_bytes(dstep['kv_bytes'])})"),
+        ("  GPU compute", f"{dstep['gpu_s'] * 1000:.1f} ms"),
+        ("  CPU attention", f"{dstep['cpu_attention_s'] * 1000:.1f} ms"),
+        ("  host work", f"{dstep['host_s'] * 1000:.1f} ms"),
+    ]:
+        p.add_row(k, v)
+    console.print(p)
+    console.print(f"bottleneck: {report['bottleneck']}")

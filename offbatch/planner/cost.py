@@ -1,0 +1,309 @@
+"""The cost model: the time of one engine step from bytes, FLOPs and host work, and a whole job from
+its steps.
+
+One step runs every layer once over the step's tokens (the wave's decode tokens plus newly admitted
+prompts). What overlaps, as the engine does it:
+  - the copy stream moves streamed weights (and, with host KV and GPU attention, the wave's KV, which
+    shares the link) while the compute stream works: a step takes at least copy + the head's compute
+    (the head runs after the last copy), and at least the compute chain;
+  - the compute chain: GPU kernels (GEMMs at the efficiency of their M, attention and elementwise
+    traffic at device-memory rate; or the time to launch them, if Python is slower), plus what runs
+    serially beside it: KV copies issued on the compute stream, blocking copies back to host KV,
+    CPU attention, one host sync per MoE layer;
+  - then serial host work: embedding the step's tokens on the host, sampling and bookkeeping per
+    sequence (the copy stream is idle then: the next step's copies are issued when it starts).
+On the CPU as compute device nothing overlaps: copy + chain + host.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from offbatch.planner.hardware import Hardware
+from offbatch.planner.memory import Knobs
+from offbatch.planner.residency import Residency
+from offbatch.planner.shape import ModelShape, work_of
+from offbatch.planner.workload import Workload
+
+
+@dataclass
+class StepTime:
+    total_s: float
+    copy_s: float  # host-to-device link busy: streamed weights and KV
+    gpu_s: float  # device kernels (or launching them, when that is slower)
+    cpu_attn_s: float
+    kv_copy_s: float  # host KV brought over on the compute stream (in the chain, sharing the link)
+    serial_s: float  # other serial parts of the chain: blocking copies back to host KV, syncs
+    host_s: float  # serial host work after the chain
+    weight_bytes: float
+    kv_bytes: float
+    flops: float
+    tokens: int
+    sequences: int
+
+    def bottleneck(self) -> str:
+        """The term that sets the step's length: pcie, gpu, cpu-attention or host."""
+        chain = self.gpu_s + self.cpu_attn_s + self.kv_copy_s + self.serial_s
+        if self.host_s > max(self.copy_s, chain):
+            return "host"
+        if self.copy_s >= chain:
+            return "pcie"
+        parts = {"gpu": self.gpu_s + self.serial_s, "cpu-attention": self.cpu_attn_s, "pcie": self.kv_copy_s}
+        return max(parts, key=parts.get)
+
+    def describe(self) -> dict:
+        return {"total_s": self.total_s, "copy_s": self.copy_s, "gpu_s": self.gpu_s, "cpu_attention_s": self.cpu_attn_s,
+                "kv_copy_s": self.kv_copy_s, "serial_s": self.serial_s, "host_s": self.host_s, "weight_bytes": self.weight_bytes,
+                "kv_bytes": self.kv_bytes, "flops": self.flops, "tokens": self.tokens, "sequences": self.sequences,
+                "bottleneck": self.bottleneck()}
+
+
+class StepModel:
+    """Step times of one plan (knobs + residency) on one machine."""
+
+    def __init__(self, shape: ModelShape, hw: Hardware, knobs: Knobs, res: Residency, max_len: int):
+        self.shape, self.hw, self.knobs, self.res = shape, hw, knobs, res
+        spec = shape.spec
+        self.work = work_of(spec)
+        self.L = spec.num_layers
+        self.max_len = max_len
+        self.kv_row = 2 * spec.kv_size * shape.dsize  # K+V bytes of one position in one layer
+        self.host_kv = knobs.kv_placement == "host" and hw.device == "cuda"
+        self.cpu_attn = self.host_kv and knobs.decode_attention == "cpu"
+        self.overlap = hw.device == "cuda"
+        self.embed_row = (spec.embed_proj_dim or spec.hidden_size) * shape.dsize
+        # Streaming at all decides whether CPU attention shares host DRAM with copies.
+        self.streams = res.streamed_dense_bytes + res.streamed_experts > 0
+
+    def times(self, decode, admitted, prompt_len: float, ctx_mean, ctx_max) -> dict[str, np.ndarray]:
+        """Vectorised over steps: every argument but prompt_len an array (or scalar) of the same shape."""
+        hw, w, k, L = self.hw, self.work, self.knobs, self.L
+        spec = self.shape.spec
+        dsize = self.shape.dsize
+        decode = np.asarray(decode, dtype=np.float64)
+        admitted = np.asarray(admitted, dtype=np.float64)
+        ctx_mean = np.asarray(ctx_mean, dtype=np.float64)
+        T = decode + admitted * prompt_len  # tokens through every layer
+        S = decode + admitted  # sequences sampled
+        g = hw.gemm_rates
+        zero = np.zeros_like(T)
+
+        # ---- bytes over the link --------------------------------------------------------------
+        if w.num_experts:
+            use = 1.0 - (1.0 - w.top_k / w.num_experts) ** T  # chance an expert gets a token of the step
+            n_used = w.num_experts * use
+            weight_bytes = self.res.streamed_dense_bytes + self.res.streamed_experts * self.res.expert_bytes * use
+        else:
+            n_used = zero
+            weight_bytes = zero + self.res.streamed_dense_bytes
+        mb = max(1, min(k.attn_micro_batch, k.wave))
+        covered = np.minimum(k.wave, np.ceil(decode / mb) * mb)  # slots of micro-batches with a live seq
+        kv_h2d = covered * (self.max_len * self.kv_row * L) if (self.host_kv and not self.cpu_attn) else zero
+        d2h = T * (self.kv_row * L) if self.host_kv else zero  # new K/V stored to host KV (blocking)
+
+        # ---- device compute ---------------------------------------------------------------------
+        flops = 2 * T * (w.attn_proj * L)
+        gpu = flops / g(T)
+        launches = L * (30 + 20 * np.ceil(covered / mb)) + 12 * w.dense_layers + 8 * admitted * L
+        if w.dense_layers:
+            f = 2 * T * (w.ffn * w.dense_layers)
+            gpu = gpu + f / g(np.minimum(T, k.ffn_micro_tokens))
+            flops = flops + f
+        if w.moe_layers:
+            f = 2 * T * (w.router * w.moe_layers)
+            per_expert = T * w.top_k / np.maximum(n_used, 1e-9)
+            f2 = 2 * T * (w.top_k * w.expert * w.moe_layers)
+            gpu = gpu + f / g(T) + f2 / g(np.minimum(per_expert, k.ffn_micro_tokens))
+            flops = flops + f + f2
+            if w.shared:
+                f3 = 2 * T * (w.shared * w.moe_layers)
+                gpu = gpu + f3 / g(np.minimum(T, k.ffn_micro_tokens))
+                flops = flops + f3
+            launches = launches + w.moe_layers * (12 + 9 * n_used)
+            # Gathering each expert's rows and adding its output back (index_add_, atomic in bf16).
+            gpu = gpu + T * (w.top_k * spec.hidden_size * w.moe_layers) * (4 * dsize / hw.mem_bytes_s + 1 / hw.scatter_elems_s)
+        head_flops = 2 * S * w.head
+        head_s = head_flops / g(np.maximum(S, 1))
+        flops = flops + head_flops
+        # Attention: decode reads each covered slot's KV up to the longest live context of its
+        # micro-batch (sequences admitted together share a micro-batch: about the mean); prefill is a
+        # padded square per prompt (the masked product computes all of it).
+        attn_bytes = covered * ctx_mean * (self.kv_row * L)
+        if self.cpu_attn:
+            rate = hw.host.cpu_attn_contended_bytes_s if self.streams else hw.host.cpu_attn_bytes_s
+            cpu_attn = attn_bytes / rate
+        else:
+            cpu_attn = zero
+            gpu = gpu + attn_bytes / hw.mem_bytes_s
+        sq = admitted * prompt_len * prompt_len
+        f = 4 * spec.q_size * sq * L
+        gpu = gpu + f / hw.gemm_rate(prompt_len) + 2 * 4 * spec.num_heads * sq * L / hw.mem_bytes_s
+        flops = flops + f
+        gpu = gpu + T * (spec.hidden_size * dsize * 24 * L) / hw.mem_bytes_s  # norms, rope, residuals
+        gpu = np.maximum(gpu, launches * hw.host.launch_s)
+
+        # ---- serial parts of the chain ---------------------------------------------------------------
+        serial = zero + w.moe_layers * hw.host.sync_s
+        kv_copy = zero
+        if self.host_kv:  # new K/V go back into host KV from pageable buffers: blocking
+            serial = serial + d2h / hw.h2d_pageable_bytes_s + L * hw.host.sync_s
+            if self.cpu_attn:
+                serial = serial + (decode > 0) * (L * 2 * hw.host.sync_s) + decode * (spec.q_size * dsize * 2 * L) / hw.h2d_pageable_bytes_s
+            else:  # on the compute stream, sharing the link with the weight copies when there are any
+                kv_copy = kv_h2d / hw.h2d_pinned_bytes_s * np.where(weight_bytes > 0, 2.0, 1.0)
+        copy = (weight_bytes + kv_h2d) / hw.h2d_pinned_bytes_s
+        chain = gpu + cpu_attn + kv_copy + serial
+        host = (hw.host.step_s + hw.host.seq_s * S + admitted * (prompt_len * hw.host.prefill_token_s)
+                + T * self.embed_row * (1 / hw.h2d_pageable_bytes_s + 1 / hw.host.cpu_attn_bytes_s))
+        total = (np.maximum(copy + head_s, chain) if self.overlap else copy + chain) + host
+        return {"total": total, "copy": copy, "gpu": gpu, "cpu_attn": cpu_attn, "kv_copy": kv_copy, "serial": serial,
+                "host": host, "weight_bytes": weight_bytes, "kv_bytes": kv_h2d, "flops": flops, "T": T, "S": S}
+
+    def step(self, decode: float, admitted: float, prompt_len: float, ctx_mean: float, ctx_max: float) -> StepTime:
+        t = {k: float(v) for k, v in self.times(decode, admitted, prompt_len, ctx_mean, ctx_max).items()}
+        return StepTime(t["total"], t["copy"], t["gpu"], t["cpu_attn"], t["kv_copy"], t["serial"], t["host"],
+                        t["weight_bytes"], t["kv_bytes"], t["flops"], int(t["T"]), int(t["S"]))
+
+    def floor_s(self, st: StepTime) -> float:
+        """The physical floor of a step, as `bench` computes it: streamed bytes over the pinned copy
+        rate, or FLOPs over the GEMM rate at the step's M, whichever is larger."""
+        return max(st.weight_bytes / self.hw.h2d_pinned_bytes_s, st.flops / self.hw.gemm_rate(max(st.tokens, 1)))
+
+
+# ---- the whole job ----------------------------------------------------------------------------------
+@dataclass
+class JobTime:
+    total_s: float
+    prefill_s: float  # steps that admitted prompts
+    decode_s: float  # steps that only decoded
+    prompt_tokens: float
+    generated_tokens: float
+    decode_tokens: float  # generated in decode-only steps
+    steps: int
+    prefill_steps: int
+
+    @property
+    def e2e_tok_s(self) -> float:
+        return self.generated_tokens / self.total_s if self.total_s else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+
+def admits_per_step(prefill_tokens: int, prompt_len: float) -> int:
+    """Prompts the engine admits per step: the first always, then while they fit the token budget."""
+    return max(1, int(prefill_tokens // max(prompt_len, 1)))
+
+
+MAX_COHORTS = 16
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The engine's admission loop for one job shape, wave and admission rate, in runs of identical
+    steps: what each run decodes and admits, and how often it repeats. Prices follow from a StepModel."""
+
+    decode: np.ndarray
+    admitted: np.ndarray
+    ctx_mean: np.ndarray
+    ctx_max: np.ndarray
+    mult: np.ndarray
+    steps: int
+    prefill_steps: int
+    decode_tokens: float  # generated in decode-only steps
+
+
+@lru_cache(maxsize=4096)
+def schedule(n: int, prompt_len: float, gen: int, wave: int, per_step: int) -> Schedule:
+    """Steps of the engine's admission loop, in runs: consecutive steps of the same kind (admitting the
+    same number, or only decoding) until a cohort finishes are priced once at their middle. Sequences
+    admitted together form a cohort; at most MAX_COHORTS live at once (the closest in age merge and
+    finish together at their mean age), so a long job costs a bounded number of runs per wave cycle."""
+    per_step = min(per_step, wave)
+    cohorts: list[list[float]] = []  # [count, age] oldest first; age = tokens generated
+    pending, live, age_sum = n, 0, 0.0  # age_sum: sum of count * age over live cohorts
+    rows = []
+    steps = pre_steps = 0
+    dec_tokens = 0.0
+    while pending or live:
+        free = wave - live
+        a = min(per_step, free, pending)
+        oldest = cohorts[0][1] if live else 0.0
+        room = max(1, math.ceil(gen - oldest)) if live else 1 << 30
+        ages = age_sum / live if live else 0.0
+        if a == 0:
+            m = room
+            mid = (m - 1) / 2
+            rows.append((live, 0, prompt_len + ages + mid, prompt_len + oldest + mid, m))
+            dec_tokens += live * m
+        else:
+            m = max(1, min(free // a, pending // a, room))
+            mid = (m - 1) / 2
+            rows.append((live + a * mid, a, prompt_len + ages + mid, prompt_len + oldest + mid, m))
+            pre_steps += m
+        steps += m
+        for c in cohorts:  # every live cohort ages by m
+            c[1] += m
+        age_sum += live * m
+        if a:
+            # Cohorts of one run finish one after another, as they were admitted: keep up to 8 of them.
+            parts = min(m, 8)
+            for j in range(parts):
+                lo, hi = m * j // parts, m * (j + 1) // parts  # steps [lo, hi) of the run
+                count, age = a * (hi - lo), m - (lo + hi - 1) / 2
+                cohorts.append([count, age])
+                age_sum += count * age
+            pending -= a * m
+            live += a * m
+        while cohorts and cohorts[0][1] >= gen - 1e-9:
+            count, age = cohorts.pop(0)
+            live -= count
+            age_sum -= count * age
+        while len(cohorts) > MAX_COHORTS:  # merge the two closest in age (count-weighted mean)
+            gaps = [x[1] - y[1] for x, y in zip(cohorts, cohorts[1:])]
+            j = gaps.index(min(gaps))
+            (c1, g1), (c2, g2) = cohorts[j], cohorts[j + 1]
+            cohorts[j:j + 2] = [[c1 + c2, (c1 * g1 + c2 * g2) / (c1 + c2)]]
+    cols = np.array(rows, dtype=np.float64).T
+    return Schedule(cols[0], cols[1], cols[2], cols[3], cols[4], steps, pre_steps, dec_tokens)
+
+
+def _price(model: StepModel, sched: Schedule, prompt_len: float) -> tuple[float, float]:
+    """(seconds of admitting steps, seconds of decode-only steps)."""
+    t = model.times(sched.decode, sched.admitted, prompt_len, sched.ctx_mean, sched.ctx_max)["total"] * sched.mult
+    pre = sched.admitted > 0
+    return float(t[pre].sum()), float(t[~pre].sum())
+
+
+def job_time(model: StepModel, workload: Workload) -> JobTime:
+    """The whole job. Long jobs are simulated in part and extended at their steady-state rate."""
+    gen = max(1, round(workload.gen_len))
+    p = workload.prompt_len
+    n = workload.num_requests
+    per_step = admits_per_step(model.knobs.prefill_tokens, p)
+    # Enough requests to reach the steady state twice over: four times the concurrency the engine keeps
+    # (the wave, or fewer when admission at `per_step` cannot keep it full).
+    chunk = max(4 * min(model.knobs.wave, per_step * gen), 4 * per_step, 32)
+    if n <= 2 * chunk:
+        s = schedule(n, p, gen, model.knobs.wave, per_step)
+        pre, dec = _price(model, s, p)
+        return JobTime(pre + dec, pre, dec, n * p, n * gen, s.decode_tokens, s.steps, s.prefill_steps)
+    a, b = schedule(chunk, p, gen, model.knobs.wave, per_step), schedule(2 * chunk, p, gen, model.knobs.wave, per_step)
+    (pa, da), (pb, db) = _price(model, a, p), _price(model, b, p)
+    scale = (n - 2 * chunk) / chunk
+
+    def ext(x, y):
+        return y + (y - x) * scale
+
+    pre, dec = ext(pa, pb), ext(da, db)
+    return JobTime(pre + dec, pre, dec, n * p, n * gen, ext(a.decode_tokens, b.decode_tokens),
+                   round(ext(a.steps, b.steps)), round(ext(a.prefill_steps, b.prefill_steps)))

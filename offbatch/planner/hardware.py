@@ -1,0 +1,189 @@
+"""What a machine can do, as the cost model needs it: memory sizes and the rates of copies, GEMMs,
+CPU attention and disk reads. A `Hardware` comes from the probe (this machine, cached), from a
+built-in profile (`--hardware rtx4090`: plan for a machine you do not have), or from a JSON file.
+
+Built-in figures: `h200` is what offbatch measured on that machine (2026-11-28 bench runs); the
+others are public specifications turned into achievable rates (pinned PCIe copies reach ~80% of the
+link; bf16 GEMMs with fp32 accumulation reach ~90% of the dense tensor-core peak at large M, and at
+small M are bound by reading the weight, M x memory bandwidth). The host-side constants (per-sequence
+host work of a step) were calibrated on the H200 runs and are used for every profile.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from offbatch.errors import OffbatchError
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Host:
+    threads: int
+    memory_bytes: int
+    cpu_attn_bytes_s: float  # KV bytes/s read by torch attention on the host threads, alone
+    cpu_attn_contended_bytes_s: float  # the same while pinned copies to the GPU run (they share DRAM)
+    disk_read_bytes_s: float  # model folder, cold cache
+    # Serial host work of a step, calibrated on the H200 runs: sampling, bookkeeping, tensor set-up
+    # per sampled sequence, and a fixed part per step.
+    seq_s: float = 1.0e-4
+    step_s: float = 2.0e-3
+    # Per prompt token of a prefill step: what the H200 runs showed beyond copies and compute
+    # (embedding on the host, per-token Python work); fitted, not explained.
+    prefill_token_s: float = 7.7e-6
+    launch_s: float = 6e-6  # issuing one kernel from Python (bounds steps made of many tiny ops)
+    sync_s: float = 3e-5  # one host <-> device synchronisation
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    device: str  # "cuda" or "cpu": where the engine computes
+    gpu_name: str
+    gpu_memory_bytes: int
+    pcie: str  # e.g. "5.0 x16"; "" on the CPU
+    h2d_pinned_bytes_s: float
+    h2d_pageable_bytes_s: float
+    d2h_bytes_s: float
+    gemm_flop_s: dict[int, float]  # bf16 GEMM rate by M (tokens), K and N ~ 4096..14336
+    mem_bytes_s: float  # device memory bandwidth as attention / elementwise kernels reach it
+    host: Host
+    # Elements/s of the MoE output scatter (index_add_ of bf16 rows, atomic); fitted on the H200 runs,
+    # where it made prefill steps compute-bound, and scaled by memory bandwidth elsewhere.
+    scatter_elems_s: float = 1.5e9
+    source: str = "built-in"
+
+    # ---- rates -------------------------------------------------------------------------------------
+    def gemm_rate(self, m: float) -> float:
+        """FLOP/s of a GEMM with m rows: log-log interpolation between the measured points; below the
+        smallest, proportional to m (bound by reading the weight); above the largest, flat."""
+        cache = self.__dict__.get("_gemm_cache")
+        if cache is None:  # frozen dataclass: set the memo table once, behind its back
+            cache = {}
+            object.__setattr__(self, "_gemm_cache", cache)
+            object.__setattr__(self, "_gemm_pts", sorted(self.gemm_flop_s.items()))
+        key = round(max(1.0, float(m)), 1)
+        rate = cache.get(key)
+        if rate is None:
+            rate = cache[key] = self._interpolate(key)
+        return rate
+
+    def gemm_rates(self, m):
+        """gemm_rate over an array of M (the same interpolation, vectorised)."""
+        import numpy as np
+
+        tab = self.__dict__.get("_gemm_logs")
+        if tab is None:
+            pts = sorted(self.gemm_flop_s.items())
+            tab = (np.log([p[0] for p in pts]), np.log([p[1] for p in pts]), pts[0])
+            object.__setattr__(self, "_gemm_logs", tab)
+        lm, lr, (m0, r0) = tab
+        m = np.maximum(np.asarray(m, dtype=np.float64), 1.0)
+        inside = np.exp(np.interp(np.log(m), lm, lr))  # flat beyond the last point
+        return np.where(m < m0, r0 * m / m0, inside)
+
+    def _interpolate(self, m: float) -> float:
+        pts = self._gemm_pts
+        if m in self.gemm_flop_s:
+            return self.gemm_flop_s[m]
+        if m <= pts[0][0]:
+            return pts[0][1] * m / pts[0][0]
+        for (m0, r0), (m1, r1) in zip(pts, pts[1:]):
+            if m <= m1:
+                f = math.log(m / m0) / math.log(m1 / m0)
+                return math.exp(math.log(r0) + f * (math.log(r1) - math.log(r0)))
+        return pts[-1][1]
+
+    # ---- serialisation -----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["gemm_flop_s"] = {str(k): v for k, v in sorted(self.gemm_flop_s.items())}
+        return d
+
+    @staticmethod
+    def from_dict(d: dict, source: str | None = None) -> "Hardware":
+        try:
+            host = Host(**d["host"])
+            fields = {k: v for k, v in d.items() if k != "host"}
+            fields["gemm_flop_s"] = {int(k): float(v) for k, v in d["gemm_flop_s"].items()}
+            hw = Hardware(host=host, **fields)
+        except (KeyError, TypeError, ValueError) as e:
+            raise OffbatchError(f"not a hardware profile ({type(e).__name__}: {e}); write one with "
+                                "`offbatch plan --hardware h200 --json` as an example") from None
+        if not hw.gemm_flop_s or hw.h2d_pinned_bytes_s <= 0 or hw.gpu_memory_bytes <= 0:
+            raise OffbatchError("a hardware profile needs gemm_flop_s points, h2d_pinned_bytes_s > 0 and gpu_memory_bytes > 0")
+        return replace(hw, source=source) if source else hw
+
+
+def _gemm_curve(peak: float, mem_bytes_s: float) -> dict[int, float]:
+    """GEMM rate by M from a peak and a memory bandwidth: a bf16 weight of K x N is 2KN bytes and
+    2MKN FLOPs, so at small M the product is bound by reading it (M x bandwidth FLOP/s)."""
+    return {m: 1.0 / (1.0 / (0.9 * peak) + 1.0 / (m * 0.8 * mem_bytes_s)) for m in (16, 64, 256, 1024, 4096)}
+
+
+def _consumer(name, gpu, mem_gib, pcie, link_gb_s, peak_tflops, mem_gb_s, host: Host) -> Hardware:
+    return Hardware(
+        name=name, device="cuda", gpu_name=gpu, gpu_memory_bytes=int(mem_gib * GiB), pcie=pcie,
+        h2d_pinned_bytes_s=0.8 * link_gb_s * 1e9, h2d_pageable_bytes_s=0.45 * link_gb_s * 1e9,
+        d2h_bytes_s=0.8 * link_gb_s * 1e9, gemm_flop_s=_gemm_curve(peak_tflops * 1e12, mem_gb_s * 1e9),
+        mem_bytes_s=0.75 * mem_gb_s * 1e9, host=host, scatter_elems_s=1.3e9 * mem_gb_s / 4800,
+    )
+
+
+DESKTOP_8C = Host(threads=16, memory_bytes=32 * GiB, cpu_attn_bytes_s=14e9, cpu_attn_contended_bytes_s=7e9,
+                  disk_read_bytes_s=3e9)
+DESKTOP_16C = Host(threads=32, memory_bytes=64 * GiB, cpu_attn_bytes_s=25e9, cpu_attn_contended_bytes_s=12e9,
+                   disk_read_bytes_s=5e9)
+CLOUD_16V = Host(threads=16, memory_bytes=64 * GiB, cpu_attn_bytes_s=14e9, cpu_attn_contended_bytes_s=7e9,
+                 disk_read_bytes_s=1e9)
+
+PROFILES: dict[str, Hardware] = {
+    # GeForce bf16 tensor rates are with fp32 accumulation (half the fp16-accumulate figure).
+    "rtx3060-12g": _consumer("rtx3060-12g", "NVIDIA GeForce RTX 3060", 12, "4.0 x16", 31.5, 25.6, 360, DESKTOP_8C),
+    "rtx4060ti-16g": _consumer("rtx4060ti-16g", "NVIDIA GeForce RTX 4060 Ti 16GB", 16, "4.0 x8", 15.75, 44.0, 288,
+                               DESKTOP_8C),
+    "rtx4090": _consumer("rtx4090", "NVIDIA GeForce RTX 4090", 24, "4.0 x16", 31.5, 165.0, 1008, DESKTOP_16C),
+    "l4": _consumer("l4", "NVIDIA L4", 22.5, "4.0 x16", 31.5, 121.0, 300, CLOUD_16V),
+    "a10": _consumer("a10", "NVIDIA A10", 22.5, "4.0 x16", 31.5, 125.0, 600, CLOUD_16V),
+    # Measured (benchmarks/2026-11-28): pinned copy 54.7 GB/s; GEMM [M x 4096] x [4096 x 14336] bf16,
+    # the mean of the two runs; CPU attention 25 GB/s alone (16 threads); beside the copies the engine's
+    # host-KV run implies ~20 GB/s (a bare prototype saw 11).
+    "h200": Hardware(
+        name="h200", device="cuda", gpu_name="NVIDIA H200", gpu_memory_bytes=139 * GiB, pcie="5.0 x16",
+        h2d_pinned_bytes_s=54.7e9, h2d_pageable_bytes_s=20e9, d2h_bytes_s=54.0e9,
+        gemm_flop_s={16: 33.7e12, 64: 127.9e12, 256: 435.5e12, 1024: 664.0e12},
+        mem_bytes_s=3.6e12,
+        host=Host(threads=16, memory_bytes=128 * GiB, cpu_attn_bytes_s=25e9, cpu_attn_contended_bytes_s=20e9,
+                  disk_read_bytes_s=2e9),
+    ),
+    # The engine with the CPU as compute device (CI): "copies" are host memcpys, GEMMs on the cores.
+    "cpu": Hardware(
+        name="cpu", device="cpu", gpu_name="cpu", gpu_memory_bytes=16 * GiB, pcie="",
+        h2d_pinned_bytes_s=8e9, h2d_pageable_bytes_s=8e9, d2h_bytes_s=8e9,
+        gemm_flop_s={16: 20e9, 64: 50e9, 256: 80e9, 1024: 100e9}, mem_bytes_s=10e9, scatter_elems_s=0.5e9,
+        # Python and per-op costs of torch on the CPU: rough (the CPU engine is the correctness path).
+        host=Host(threads=2, memory_bytes=16 * GiB, cpu_attn_bytes_s=5e9, cpu_attn_contended_bytes_s=5e9,
+                  disk_read_bytes_s=1e9, seq_s=2e-4, step_s=5e-3, launch_s=3e-5, sync_s=0.0),
+    ),
+}
+
+
+def load_hardware(name_or_file: str) -> Hardware:
+    """A built-in profile by name, or a JSON file (as `offbatch plan --json` prints under "hardware")."""
+    if name_or_file in PROFILES:
+        return PROFILES[name_or_file]
+    path = Path(name_or_file).expanduser()
+    if not path.is_file():
+        raise OffbatchError(f"unknown hardware {name_or_file!r}: give a profile name ({', '.join(PROFILES)}) "
+                            "or a JSON file")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise OffbatchError(f"cannot read the hardware file {path}: {e}") from None
+    if isinstance(data, dict) and "hardware" in data and isinstance(data["hardware"], dict):
+        data = data["hardware"]  # a whole `plan --json` report
+    return Hardware.from_dict(data, source=str(path))

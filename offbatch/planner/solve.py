@@ -1,0 +1,341 @@
+"""The solver: the plan that the cost model predicts finishes the job soonest, under the GPU and host
+budgets.
+
+Decisions: where the wave's KV lives and where decode attention runs (the placement), the wave size,
+the prefill token budget per step, the FFN and attention micro-batch sizes; residency follows from
+what memory is left (planner.residency). Search, per placement: the wave and the prefill budget
+jointly over fixed candidate lists (the wave also over the largest that fits and the sizes that split
+the requests into equal waves), then each micro-batch size, repeated until nothing improves; every
+candidate is priced by the whole job's schedule (planner.cost). The lists do not depend on the
+budget, so more memory never removes a candidate. Deterministic: fixed candidate orders, ties kept
+by the earlier (smaller) candidate and placement. Nothing here allocates weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from offbatch.errors import BudgetError, OffbatchError
+from offbatch.models.spec import ModelSpec
+from offbatch.planner.cost import JobTime, StepModel, StepTime, admits_per_step, job_time
+from offbatch.planner.hardware import Hardware
+from offbatch.planner.memory import (SAFETY, Knobs, device_transient_bytes, host_bytes, host_weight_bytes,
+                                     kv_slot_bytes)
+from offbatch.planner.plan import Plan
+from offbatch.planner.residency import Residency, ResidencyChooser, residency_of
+from offbatch.planner.shape import ModelShape, shape_from_spec
+from offbatch.planner.workload import Workload
+from offbatch.units import format_bytes
+
+PLACEMENTS = (("gpu", "gpu"), ("host", "gpu"), ("host", "cpu"))
+MAX_WAVE = 4096
+HOST_SHARE = 0.8  # of the host's memory, when no --cpu-memory is given
+PREFILL_MULTIPLES = (1, 4, 16, 64)  # prompts per step (with 8192 tokens, the rules' budget)
+# GEMM efficiency is flat beyond ~1024 rows, memory is not; the smallest sizes are for tight budgets.
+FFN_CANDIDATES = (64, 1024, 2048, 4096)
+ATTN_CANDIDATES = (1, 16, 64, 256)
+PIN_NAMES = ("wave_size", "prefill_tokens", "ffn_micro_tokens", "attn_micro_batch", "kv_placement", "decode_attention")
+
+
+@dataclass
+class Evaluation:
+    knobs: Knobs
+    residency: Residency
+    model: StepModel
+    job: JobTime
+    transient: dict[str, int]
+    host: dict[str, int]
+
+    @property
+    def total_s(self) -> float:
+        return self.job.total_s
+
+
+class Solver:
+    def __init__(self, shape: ModelShape, hw: Hardware, workload: Workload, device: str,
+                 gpu_budget: int | None, host_budget: int | None, max_wave: int = MAX_WAVE,
+                 max_resident_bytes: int | None = None, pins: dict | None = None):
+        self.shape, self.hw, self.wl, self.device = shape, hw, workload, device
+        self.cuda = torch.device(device).type == "cuda"
+        self.gpu_budget = gpu_budget
+        self.usable = int(gpu_budget * SAFETY) if gpu_budget is not None else None
+        self.host_budget = host_budget if self.cuda else None  # on the CPU the "device" is the host
+        self.max_len = workload.max_len
+        self.max_wave = max(1, min(max_wave, workload.num_requests))
+        self.max_resident = max_resident_bytes
+        self.pins = {k: v for k, v in (pins or {}).items() if v is not None}
+        unknown = set(self.pins) - set(PIN_NAMES)
+        if unknown:
+            raise TypeError(f"unknown plan option(s): {', '.join(sorted(unknown))}")
+        self.chooser = ResidencyChooser(shape)
+        self.host_weights = host_weight_bytes(shape, self.cuda)
+        self.cache: dict[Knobs, Evaluation | None] = {}
+
+    # ---- candidates --------------------------------------------------------------------------------
+    def placements(self) -> list[tuple[str, str]]:
+        options = list(PLACEMENTS) if self.cuda else [("gpu", "gpu")]
+        kv, attn = self.pins.get("kv_placement"), self.pins.get("decode_attention")
+        if kv is not None:
+            options = [o for o in options if o[0] == kv] or [(kv, "gpu")]
+        if attn is not None and (kv or "host") == "host":
+            options = [o for o in options if o[0] == "gpu" or o[1] == attn] or options
+        return options
+
+    def prefill_candidates(self) -> list[int]:
+        if "prefill_tokens" in self.pins:
+            return [int(self.pins["prefill_tokens"])]
+        p, pmax = max(1, round(self.wl.prompt_len)), self.wl.max_prompt_len
+        top = max(pmax, self.wl.num_requests * p)
+        return sorted({min(top, max(pmax, p * a)) for a in PREFILL_MULTIPLES} | {min(top, max(pmax, 8192))})
+
+    def ffn_candidates(self) -> list[int]:
+        if "ffn_micro_tokens" in self.pins:
+            return [int(self.pins["ffn_micro_tokens"])]
+        return list(FFN_CANDIDATES)
+
+    def attn_candidates(self) -> list[int]:
+        if "attn_micro_batch" in self.pins:
+            return [int(self.pins["attn_micro_batch"])]
+        return list(ATTN_CANDIDATES)
+
+    def wave_candidates(self, knobs: Knobs) -> list[int]:
+        if "wave_size" in self.pins:
+            return [int(self.pins["wave_size"])]
+        top = self.wave_max(knobs)
+        if top < 1:
+            return []
+        n = self.wl.num_requests
+        # A fixed grid (the same for every budget, so more memory never loses a candidate), the
+        # largest wave that fits, and equal waves just within it (no last wave decoding alone).
+        grid = {max(1, round(2 ** (i / 2))) for i in range(0, 2 * int(math.log2(MAX_WAVE)) + 1)}
+        grid |= {math.ceil(n / j) for j in range(1, 9)}
+        waves = math.ceil(n / top)
+        grid |= {math.ceil(n / j) for j in range(waves, waves + 3)} | {top}
+        # Waves under 16 only when nothing larger fits: every step streams the same weights for them.
+        low = min(16, top)
+        return sorted(w for w in grid if low <= w <= top)
+
+    # ---- feasibility ---------------------------------------------------------------------------------
+    def device_need(self, knobs: Knobs) -> int:
+        t = device_transient_bytes(self.shape, knobs, self.wl.max_prompt_len, self.max_len)
+        return sum(t.values()) + self.chooser.weights_minimum()
+
+    def host_need(self, knobs: Knobs) -> int:
+        return sum(host_bytes(self.shape, knobs, self.max_len, self.cuda, self.host_weights).values())
+
+    def fits(self, knobs: Knobs) -> bool:
+        if self.usable is not None and self.device_need(knobs) > self.usable:
+            return False
+        return self.host_budget is None or self.host_need(knobs) <= self.host_budget
+
+    def wave_max(self, knobs: Knobs) -> int:
+        """The largest wave that fits beside these knobs (0: not even one sequence)."""
+        lo, hi = 0, self.max_wave
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.fits(replace(knobs, wave=mid)):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    # ---- pricing --------------------------------------------------------------------------------------
+    def evaluate(self, knobs: Knobs) -> Evaluation | None:
+        if knobs in self.cache:
+            return self.cache[knobs]
+        result = None
+        if self.fits(knobs):
+            trans = device_transient_bytes(self.shape, knobs, self.wl.max_prompt_len, self.max_len)
+            left = (self.usable - sum(trans.values())) if self.usable is not None else 1 << 62
+            res = self.chooser.choose(left, knobs.wave, self.max_resident, with_keys=False)
+            if res is not None:
+                model = StepModel(self.shape, self.hw, knobs, res, self.max_len)
+                result = Evaluation(knobs, res, model, job_time(model, self.wl), trans,
+                                    host_bytes(self.shape, knobs, self.max_len, self.cuda, self.host_weights))
+        self.cache[knobs] = result
+        return result
+
+    def _best(self, options: list[Knobs]) -> Evaluation | None:
+        best = None
+        for k in options:  # in candidate order: on a tie the earlier (smaller) one stays
+            e = self.evaluate(k)
+            if e is not None and (best is None or e.total_s < best.total_s * (1 - 1e-9)):
+                best = e
+        return best
+
+    def solve_placement(self, kv: str, attn: str) -> Evaluation | None:
+        """The wave and the prefill budget interact (admissions per step x generation length bound the
+        wave that can be kept full), so they are searched jointly; then each micro-batch size; again
+        until nothing improves."""
+        pre = self.prefill_candidates()
+        ffn = self.ffn_candidates()
+        attn_mb = self.attn_candidates()
+        knobs = Knobs(1, pre[0], 4096 if 4096 in ffn else ffn[0], 64 if 64 in attn_mb else attn_mb[0], kv, attn)
+        if not self.fits(knobs):  # start from the smallest transients instead
+            knobs = replace(knobs, ffn_micro_tokens=min(ffn), attn_micro_batch=min(attn_mb))
+        best = None
+        for _ in range(3):
+            before = best
+            for step in ("joint", "ffn", "attn"):
+                if step == "joint":
+                    options = [replace(knobs, prefill_tokens=b, wave=w) for b in pre
+                               for w in self.wave_candidates(replace(knobs, prefill_tokens=b))]
+                elif step == "ffn":
+                    options = [replace(knobs, ffn_micro_tokens=v) for v in ffn]
+                else:
+                    options = [replace(knobs, attn_micro_batch=v) for v in attn_mb]
+                e = self._best(options)
+                if e is not None and (best is None or e.total_s < best.total_s * (1 - 1e-9)):
+                    best = e
+                if best is not None:
+                    knobs = best.knobs
+            if best is before:
+                break
+        return best
+
+    def solve(self) -> Evaluation:
+        best = None
+        for kv, attn in self.placements():
+            e = self.solve_placement(kv, attn)
+            if e is not None and (best is None or e.total_s < best.total_s * (1 - 1e-9)):
+                best = e
+        if best is None:
+            raise self.budget_error()
+        return best
+
+    # ---- the clear minimum --------------------------------------------------------------------------
+    def minimum_knobs(self, kv: str, attn: str) -> Knobs:
+        return Knobs(int(self.pins.get("wave_size", 1)), min(self.prefill_candidates()), min(self.ffn_candidates()),
+                     min(self.attn_candidates()), kv, attn)
+
+    def budget_error(self) -> BudgetError:
+        options = [self.minimum_knobs(kv, attn) for kv, attn in self.placements()]
+        if self.host_budget is not None and all(self.host_need(k) > self.host_budget for k in options):
+            k = min(options, key=self.host_need)
+            need = self.host_need(k)
+            return BudgetError(
+                f"host memory {format_bytes(self.host_budget)} is too small for this model: its weights need "
+                f"{format_bytes(host_bytes(self.shape, k, self.max_len, pinned=self.cuda)['weights'])} of pinned host "
+                f"memory, {format_bytes(need)} in all; give more --cpu-memory (a disk tier is not built yet)")
+        k = min(options, key=self.device_need)
+        need = self.device_need(k)
+        t = device_transient_bytes(self.shape, k, self.wl.max_prompt_len, self.max_len)
+        budget = self.gpu_budget if self.gpu_budget is not None else 0
+        kv_note = (f"one sequence's KV {format_bytes(kv_slot_bytes(self.shape, self.max_len))}" if k.kv_placement == "gpu"
+                   else "KV in host memory")
+        return BudgetError(
+            f"--gpu-memory {format_bytes(budget)} is too small for this model: streaming needs at least "
+            f"{format_bytes(math.ceil(need / SAFETY))} (weight buffers {format_bytes(self.chooser.weights_minimum())}, "
+            f"{kv_note}, activations {format_bytes(t['activations'])}); give more GPU memory or shorter --max-tokens")
+
+
+# ---- reports ----------------------------------------------------------------------------------------
+def typical_steps(model: StepModel, wl: Workload, job: JobTime) -> tuple[StepTime, StepTime]:
+    """A representative decode-only step and admitting step of the job."""
+    k = model.knobs
+    live = min(k.wave, wl.num_requests)
+    dec_steps = job.steps - job.prefill_steps
+    d = round(job.decode_tokens / dec_steps) if dec_steps > 0 else live
+    gen = max(1, round(wl.gen_len))
+    ctx_mean, ctx_max = wl.prompt_len + gen / 2, wl.prompt_len + gen - 1
+    decode = model.step(max(d, 1), 0, wl.prompt_len, ctx_mean, ctx_max)
+    a = min(admits_per_step(k.prefill_tokens, wl.prompt_len), live)
+    prefill = model.step(max(0, live - a) // 2, a, wl.prompt_len, ctx_mean, ctx_max)
+    return decode, prefill
+
+
+BOTTLENECK_WORDS = {
+    "pcie": "PCIe: {weights} of weights{kv} cross the link every decode step at {rate:.1f} GB/s ({share:.0%} of the "
+            "step); more GPU memory (more resident weights, a larger wave) or a faster link helps",
+    "gpu": "GPU compute: {gflop:.0f} GFLOP per decode step at the GEMM efficiency of {tokens} tokens per module "
+           "({share:.0%} of the step); a larger wave raises the efficiency",
+    "cpu-attention": "CPU attention: the host threads read {kvread} of KV per decode step ({share:.0%} of the "
+                     "step); attention on the GPU or a smaller wave helps",
+    "host": "host work: sampling and bookkeeping of {seqs} sequences per decode step ({share:.0%} of the step)",
+}
+
+
+def bottleneck_words(st: StepTime, model: StepModel) -> str:
+    kind = st.bottleneck()
+    share = {"pcie": max(st.copy_s, st.kv_copy_s), "gpu": st.gpu_s + st.serial_s, "cpu-attention": st.cpu_attn_s,
+             "host": st.host_s}[kind] / st.total_s
+    kv = f" and {format_bytes(st.kv_bytes)} of KV" if st.kv_bytes else ""
+    kvread = format_bytes(st.cpu_attn_s * (model.hw.host.cpu_attn_contended_bytes_s if model.streams
+                                           else model.hw.host.cpu_attn_bytes_s))
+    return BOTTLENECK_WORDS[kind].format(weights=format_bytes(st.weight_bytes), kv=kv,
+                                         rate=model.hw.h2d_pinned_bytes_s / 1e9, share=share, gflop=st.flops / 1e9,
+                                         tokens=st.tokens, kvread=kvread, seqs=st.sequences)
+
+
+def prediction(model: StepModel, wl: Workload, job: JobTime) -> dict:
+    decode, prefill = typical_steps(model, wl, job)
+    floor = model.floor_s(decode)
+    return {
+        "prefill_tok_s": job.prefill_tok_s, "decode_tok_s": job.decode_tok_s, "e2e_tok_s": job.e2e_tok_s,
+        "total_s": job.total_s, "prefill_s": job.prefill_s, "decode_s": job.decode_s, "steps": job.steps,
+        "prefill_steps": job.prefill_steps,
+        "decode_floor_tok_s": decode.sequences / floor if floor else 0.0,
+        "load_s": model.shape.total_bytes / model.hw.host.disk_read_bytes_s,
+        "decode_step": decode.describe(), "prefill_step": prefill.describe(),
+        "bottleneck": bottleneck_words(decode, model), "bottleneck_kind": decode.bottleneck(),
+    }
+
+
+def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
+    k = e.knobs
+    left = (solver.usable - sum(e.transient.values())) if solver.usable is not None else 1 << 62
+    res = solver.chooser.choose(left, k.wave, solver.max_resident, with_keys=True)  # now with its modules
+    return Plan(
+        device=solver.device, dtype=solver.shape.dtype, wave_size=k.wave, max_len=solver.max_len,
+        prefill_tokens=k.prefill_tokens, attn_micro_batch=min(k.attn_micro_batch, k.wave),
+        ffn_micro_tokens=k.ffn_micro_tokens, slots=dict(res.slots), resident=set(res.resident),
+        kv_placement=k.kv_placement, decode_attention=k.decode_attention, budget_bytes=solver.gpu_budget,
+        memory={"kv": e.transient["kv"], "weight_slots": res.slot_bytes, "resident_weights": res.resident_bytes,
+                "activations": e.transient["activations"]},
+        host_memory=e.host, predicted=prediction(e.model, solver.wl, e.job), hardware=solver.hw.name,
+        chosen_by=chosen_by,
+    )
+
+
+# ---- entry points -------------------------------------------------------------------------------------
+def resolve_hardware(hardware: Hardware | str | None, device: str, model_dir=None) -> Hardware:
+    """A Hardware object, a profile name or file, or None: this machine (probed once, cached); the
+    engine on the CPU uses the fixed `cpu` profile so CPU runs plan the same everywhere."""
+    from offbatch.planner.hardware import PROFILES, load_hardware
+
+    if isinstance(hardware, Hardware):
+        return hardware
+    if hardware:
+        return load_hardware(hardware)
+    if torch.device(device).type != "cuda":
+        return PROFILES["cpu"]
+    from offbatch.planner.probe import probe_hardware
+
+    return probe_hardware(device, model_dir)
+
+
+def make_plan(spec: ModelSpec, dtype: torch.dtype, device: str, gpu_memory: int | None, workload: Workload,
+              hardware: Hardware | str | None = None, cpu_memory: int | None = None, max_wave: int = MAX_WAVE,
+              max_resident_bytes: int | None = None, shape: ModelShape | None = None, **pins) -> Plan:
+    """The solver's plan for a job. `pins` fix knobs (wave_size, prefill_tokens, ffn_micro_tokens,
+    attn_micro_batch, kv_placement, decode_attention); the rest is chosen."""
+    hw = resolve_hardware(hardware, device)
+    shape = shape or shape_from_spec(spec, dtype)
+    if workload.max_len > spec.max_position:
+        raise OffbatchError(f"the job needs a context of {workload.max_len} tokens; the model's is {spec.max_position}")
+    if torch.device(device).type == "cuda" and gpu_memory is None:
+        gpu_memory = hw.gpu_memory_bytes
+    host = cpu_memory if cpu_memory is not None else int(HOST_SHARE * hw.host.memory_bytes)
+    solver = Solver(shape, hw, workload, device, gpu_memory, host, max_wave, max_resident_bytes, pins)
+    return to_plan(solver.solve(), solver)
+
+
+def predict(plan: Plan, shape: ModelShape, hw: Hardware, workload: Workload) -> dict:
+    """The cost model's figures for any plan (a pinned one, the rules' one)."""
+    knobs = Knobs(plan.wave_size, plan.prefill_tokens, plan.ffn_micro_tokens, plan.attn_micro_batch,
+                  plan.kv_placement, plan.decode_attention)
+    model = StepModel(shape, hw, knobs, residency_of(shape, plan.resident, plan.slots), plan.max_len)
+    return prediction(model, workload, job_time(model, workload))

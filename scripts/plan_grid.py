@@ -1,0 +1,180 @@
+"""Is the planner's choice the best one? Measure it and a grid of alternatives (wave size x attention
+micro-batch x KV / attention placement) on this GPU with `run_bench`, all in one process over the same
+packed weights, and report the chosen plan's end-to-end tok/s against the best measured, with the
+cost model's prediction beside every point.
+
+    python scripts/plan_grid.py --synth mixtral-8x7b --layers 8 --gpu-memory 8GiB --prompts 1024 \\
+        --prompt-len 256 --gen-len 64 --out grid.json [--budget-s 540]
+
+Every alternative is itself planned by the solver with the grid's knobs pinned (the others chosen as
+usual), so each point is a sensible plan, not a strawman. Runs go in order: the chosen plan first,
+then one point per placement, then the rest; `--budget-s` stops starting new runs after that many
+seconds, and each result is printed (as a JSON line) as soon as it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from offbatch.engine.benchmark import run_bench  # noqa: E402
+from offbatch.errors import BudgetError  # noqa: E402
+from offbatch.models.spec import spec_from_config  # noqa: E402
+from offbatch.offload.weights import CheckpointSource, SynthSource, WeightStore  # noqa: E402
+from offbatch.planner.shape import shape_from_store  # noqa: E402
+from offbatch.planner.solve import make_plan, resolve_hardware  # noqa: E402
+from offbatch.planner.workload import Workload  # noqa: E402
+from offbatch.units import parse_bytes  # noqa: E402
+
+PLACEMENTS = {"gpu": ("gpu", "gpu"), "host-gpu": ("host", "gpu"), "host-cpu": ("host", "cpu")}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", nargs="?", help="model folder (or --synth)")
+    p.add_argument("--synth", help="synth preset, benched without writing it to disk")
+    p.add_argument("--layers", type=int)
+    p.add_argument("--gpu-memory", default="8GiB")
+    p.add_argument("--cpu-memory", default=None)
+    p.add_argument("--prompts", type=int, default=1024)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--gen-len", type=int, default=64)
+    p.add_argument("--hardware", default=None, help="profile the planner uses (default: probe this machine)")
+    p.add_argument("--placements", default="gpu,host-gpu,host-cpu")
+    p.add_argument("--waves", default="auto", help="comma list, or auto: 1/4, 1/2 and all of the largest that fits")
+    p.add_argument("--micro-batches", default="16,64,256", help="attention micro-batch sizes")
+    p.add_argument("--budget-s", type=float, default=540.0, help="start no new run after this many seconds")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=None)
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    t_start = time.perf_counter()
+    if args.synth:
+        from offbatch.models.synth import synth_config
+
+        source = SynthSource(spec_from_config(synth_config(args.synth, layers=args.layers)))
+    else:
+        from offbatch.models.loader import open_checkpoint
+
+        source = CheckpointSource(open_checkpoint(args.model_dir))
+    spec = source.spec
+    dtype = getattr(torch, spec.torch_dtype)
+    cap = parse_bytes(args.gpu_memory)
+    cpu_cap = parse_bytes(args.cpu_memory) if args.cpu_memory else None
+    hw = resolve_hardware(args.hardware, args.device, args.model_dir)
+    workload = Workload.uniform(args.prompts, args.prompt_len, args.gen_len)
+    store = WeightStore(source, dtype, pin=args.device.startswith("cuda"))
+    shape = shape_from_store(store)
+    print(f"packed {store.total_bytes / 2**30:.1f} GiB in {time.perf_counter() - t_start:.0f} s; planning for "
+          f"{hw.name}", flush=True)
+
+    def plan_for(**pins):
+        return make_plan(spec, dtype, args.device, cap, workload, hardware=hw, cpu_memory=cpu_cap, shape=shape, **pins)
+
+    chosen = plan_for()
+    points = [("chosen", chosen)]
+    seen = {(chosen.kv_placement, chosen.decode_attention, chosen.wave_size, chosen.attn_micro_batch)}
+    mbs = [int(x) for x in args.micro_batches.split(",")]
+    grid = []
+    for name in args.placements.split(","):
+        kv, attn = PLACEMENTS[name]
+        try:
+            top = plan_for(kv_placement=kv, decode_attention=attn)
+        except BudgetError as e:
+            print(f"{name}: infeasible ({e})", flush=True)
+            continue
+        if args.waves == "auto":
+            waves = sorted({max(1, top.wave_size // 4), max(1, top.wave_size // 2), top.wave_size})
+        else:
+            waves = [int(x) for x in args.waves.split(",")]
+        for w in reversed(waves):
+            for mb in mbs:
+                grid.append((name, kv, attn, w, mb))
+    # One point per placement first (its largest wave, middle micro-batch), then the rest.
+    first: dict[str, tuple] = {}
+    for g in grid:
+        if g[0] not in first and g[4] == mbs[len(mbs) // 2]:
+            first[g[0]] = g
+    order = list(first.values()) + [g for g in grid if g not in first.values()]
+    for name, kv, attn, w, mb in order:
+        if (kv, attn, w, mb) in seen:
+            continue
+        seen.add((kv, attn, w, mb))
+        try:
+            points.append((f"{name} wave {w} mb {mb}", plan_for(kv_placement=kv, decode_attention=attn,
+                                                                  wave_size=w, attn_micro_batch=mb)))
+        except BudgetError:
+            continue
+
+    # Warm-up (not recorded): the first run in a process pays one-time costs (kernel selection, caches).
+    warm = min(args.prompts, max(1, chosen.wave_size // 4), 16)
+    run_bench(source, args.device, cap, warm, args.prompt_len, 2, default_dtype=dtype, plan=chosen, store=store,
+              hardware=hw)
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+    results = []
+    for label, plan in points:
+        if time.perf_counter() - t_start > args.budget_s:
+            print(f"time budget spent: {len(points) - len(results)} point(s) not measured", flush=True)
+            break
+        try:
+            r = run_bench(source, args.device, cap, args.prompts, args.prompt_len, args.gen_len,
+                          default_dtype=dtype, plan=plan, store=store, hardware=hw)
+        except Exception as e:  # one failing point (out of memory) must not lose the others
+            r = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+                torch.cuda.set_per_process_memory_fraction(1.0)
+        pred = plan.predicted
+        row = {"label": label, "kv_placement": plan.kv_placement, "decode_attention": plan.decode_attention,
+               "wave_size": plan.wave_size, "attn_micro_batch": plan.attn_micro_batch,
+               "prefill_tokens": plan.prefill_tokens, "ffn_micro_tokens": plan.ffn_micro_tokens,
+               "predicted": {k: pred[k] for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s")},
+               "measured": {k: r.get(k) for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s",
+                                                  "peak_gpu_reserved_bytes", "wall_s")},
+               "error": r.get("error")}
+        results.append(row)
+        print("RESULT " + json.dumps(row), flush=True)
+
+    ok = [r for r in results if r["measured"]["e2e_tok_s"]]
+    summary = {"hardware": hw.name, "gpu_memory": args.gpu_memory, "workload": workload.describe(), "points": results}
+    if ok:
+        best = max(ok, key=lambda r: r["measured"]["e2e_tok_s"])
+        mine = next((r for r in ok if r["label"] == "chosen"), None)
+        print(f"\n{'point':34s} {'e2e meas':>9s} {'e2e pred':>9s} {'err':>6s} {'decode meas':>11s} {'pred':>8s}")
+        for r in sorted(ok, key=lambda r: -r["measured"]["e2e_tok_s"]):
+            m, p = r["measured"], r["predicted"]
+            print(f"{r['label']:34s} {m['e2e_tok_s']:9.1f} {p['e2e_tok_s']:9.1f} {p['e2e_tok_s'] / m['e2e_tok_s'] - 1:+6.0%} "
+                  f"{m['decode_tok_s']:11.1f} {p['decode_tok_s']:8.1f}")
+        summary["best"] = best["label"]
+        if mine:
+            ratio = mine["measured"]["e2e_tok_s"] / best["measured"]["e2e_tok_s"]
+            summary["chosen_over_best"] = ratio
+            print(f"\nchosen plan: {mine['measured']['e2e_tok_s']:.1f} tok/s end to end; best measured "
+                  f"({best['label']}): {best['measured']['e2e_tok_s']:.1f}; chosen/best = {ratio:.2f} "
+                  f"({'within' if ratio >= 0.9 else 'NOT within'} 10%)")
+        errs = [abs(r["predicted"]["decode_tok_s"] / r["measured"]["decode_tok_s"] - 1) for r in ok
+                if r["measured"]["decode_tok_s"]]
+        if errs:
+            summary["max_decode_prediction_error"] = max(errs)
+            print(f"decode prediction error: max {max(errs):.0%}, median {sorted(errs)[len(errs) // 2]:.0%} "
+                  f"over {len(errs)} points")
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

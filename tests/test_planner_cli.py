@@ -1,0 +1,83 @@
+"""`offbatch plan` and `offbatch bench --plan FILE` through the CLI."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from offbatch.cli.main import app
+
+runner = CliRunner()
+
+
+def plan_json(*args):
+    r = runner.invoke(app, ["plan", *args, "--json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output)
+
+
+def test_plan_json_for_another_machine():
+    rep = plan_json("--synth", "mixtral-8x7b", "--layers", "8", "--gpu-memory", "8GiB", "--hardware", "h200",
+                    "--num-prompts", "1024", "--prompt-len", "256", "--gen-len", "64")
+    pred = rep["predicted"]
+    assert pred["prefill_tok_s"] > 0 and pred["decode_tok_s"] > 0 and pred["e2e_tok_s"] > 0
+    assert pred["decode_tok_s"] >= 0.8 * 688.8  # at least the rules' measured plan, give or take the model
+    assert rep["bottleneck"] and rep["bottleneck_kind"] in ("pcie", "gpu", "cpu-attention", "host")
+    plan = rep["plan"]
+    assert plan["budget_bytes"] == 8 << 30 and sum(plan["memory"].values()) <= 0.9 * (8 << 30)
+    assert plan["kv_placement"] in ("gpu", "host") and plan["decode_attention"] in ("gpu", "cpu")
+    assert rep["hardware"]["name"] == "h200" and rep["workload"]["num_requests"] == 1024
+
+
+def test_plan_table_says_the_bottleneck_in_words():
+    r = runner.invoke(app, ["plan", "--synth", "llama-3-8b", "--gpu-memory", "12GiB", "--hardware", "rtx3060-12g",
+                            "--num-prompts", "200", "--gen-len", "128", "--cpu-memory", "64GiB"])
+    assert r.exit_code == 0, r.output
+    for words in ("decode tok/s", "memory per tier", "bottleneck:", "wave"):
+        assert words in r.output
+
+
+def test_plan_reads_a_prompts_file(tmp_path):
+    from offbatch.models.synth import synth_model
+
+    synth_model("llama", tmp_path / "m")
+    prompts = tmp_path / "p.jsonl"
+    lines = [{"id": i, "prompt": "hello world " * (i + 1)} for i in range(5)] + [{"id": 9, "prompt": "x", "max_tokens": 40}]
+    prompts.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+    rep = plan_json(str(tmp_path / "m"), "--prompts", str(prompts), "--gen-len", "8", "--hardware", "cpu")
+    wl = rep["workload"]
+    assert wl["num_requests"] == 6  # the bad line is not planned for
+    assert wl["max_len"] >= 40 and wl["gen_len"] == pytest.approx((5 * 8 + 40) / 6)
+    assert rep["plan"]["device"] == "cpu" and rep["plan"]["max_len"] == wl["max_len"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--synth", "llama-3-8b", "--gpu-memory", "64MiB", "--hardware", "rtx4090"], "at least"),
+    (["--synth", "llama-3-8b", "--gpu-memory", "8GiB", "--hardware", "gtx-none"], "unknown hardware"),
+    (["--gpu-memory", "8GiB"], "MODEL_DIR or --synth"),
+    (["--synth", "llama", "--prompts", "x.jsonl"], "needs MODEL_DIR"),
+])
+def test_plan_errors_are_one_clear_line(args, words):
+    r = runner.invoke(app, ["plan", *args])
+    assert r.exit_code == 3
+    assert words in r.output and "Traceback" not in r.output
+
+
+def test_bench_pins_a_saved_plan(tmp_path):
+    out = tmp_path / "plan.json"
+    common = ["--synth", "llama", "--gen-len", "3"]
+    r = runner.invoke(app, ["plan", *common, "--num-prompts", "5", "--prompt-len", "6", "--gpu-memory", "3MiB",
+                            "--hardware", "cpu", "--json", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    saved = json.loads(out.read_text())["plan"]
+    r = runner.invoke(app, ["bench", *common, "--prompts", "5", "--prompt-len", "6", "--device", "cpu",
+                            "--plan", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["plan"]["wave_size"] == saved["wave_size"] and rep["plan"]["chosen_by"] == "file"
+    assert rep["predicted"]["decode_tok_s"] > 0 and set(rep["prediction_error"]) == {"prefill_tok_s", "decode_tok_s",
+                                                                                        "e2e_tok_s"}
+    # The saved plan's context is 9 tokens: a longer job cannot run on it.
+    r = runner.invoke(app, ["bench", *common, "--prompts", "5", "--prompt-len", "20", "--device", "cpu",
+                            "--plan", str(out)])
+    assert r.exit_code == 3 and "context" in r.output
