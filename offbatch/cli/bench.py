@@ -9,10 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from offbatch.cli.options import DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt
+from offbatch.cli.options import DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, byte_size
 from offbatch.cli.plan import HardwareOpt
 from offbatch.errors import OffbatchError
-from offbatch.units import format_bytes, parse_bytes
+from offbatch.units import format_bytes
 
 
 def _source(model_dir: Optional[Path], synth: Optional[str], layers: Optional[int]):
@@ -69,7 +69,7 @@ def command(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     source = _source(model_dir, synth, layers)
     spec = source.spec
-    cap = parse_bytes(gpu_memory) if gpu_memory else None
+    cap = byte_size(gpu_memory, "--gpu-memory")
     default_dtype = getattr(torch, spec.torch_dtype)
     hw = resolve_hardware(hardware, device, model_dir)
     workload = Workload.uniform(prompts, prompt_len, gen_len)

@@ -5,6 +5,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from offbatch.units import parse_bytes
+
 ModelDirArg = Annotated[Path, typer.Argument(help="Hugging Face model folder (config.json + safetensors).")]
 OptionalModelDirArg = Annotated[
     Optional[Path], typer.Argument(help="Hugging Face model folder; default: the embedded SmolLM2-135M-Instruct.")
@@ -23,3 +25,13 @@ DeviceOpt = Annotated[
 DtypeOpt = Annotated[
     Optional[str], typer.Option("--dtype", help="Compute dtype: bfloat16, float16, float32 (default: the checkpoint's).")
 ]
+
+
+def byte_size(value: str | None, flag: str) -> int | None:
+    """A byte-size option's value ('8GiB'), or a usage error naming the flag."""
+    if value is None:
+        return None
+    try:
+        return parse_bytes(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=flag) from None

@@ -11,22 +11,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from offbatch.cli.options import CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt
+from offbatch.cli.options import CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, byte_size
 from offbatch.errors import InputFileError, OffbatchError
-from offbatch.units import format_bytes, parse_bytes
+from offbatch.units import format_bytes
 
 HardwareOpt = Annotated[Optional[str], typer.Option(
     "--hardware", help="Plan for this machine instead of probing this one: rtx3060-12g, rtx4060ti-16g, rtx4090, l4, "
                        "a10, h200, cpu, or a JSON file (the \"hardware\" object of `plan --json`).")]
-
-
-def _bytes(value: str | None, flag: str) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_bytes(value)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint=flag) from None
 
 
 def load_spec_for(model_dir: Optional[Path], synth: Optional[str], layers: Optional[int]):
@@ -103,8 +94,8 @@ def command(
         workload = workload_from_file(model_dir, prompts, gen_len, spec.max_position, spec.vocab_size)
     else:
         workload = Workload.uniform(num_prompts, prompt_len, gen_len or 256)
-    gpu_cap = _bytes(gpu_memory, "--gpu-memory")
-    plan = make_plan(spec, cdtype, device, gpu_cap, workload, hardware=hw, cpu_memory=_bytes(cpu_memory, "--cpu-memory"))
+    gpu_cap = byte_size(gpu_memory, "--gpu-memory")
+    plan = make_plan(spec, cdtype, device, gpu_cap, workload, hardware=hw, cpu_memory=byte_size(cpu_memory, "--cpu-memory"))
     report = {
         "model": {"family": spec.family, "layers": spec.num_layers, "hidden_size": spec.hidden_size,
                   "source": str(model_dir) if model_dir else f"synth:{synth}"},

@@ -8,10 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from offbatch.cli.options import CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, QuietOpt
+from offbatch.cli.options import CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, QuietOpt, byte_size
 from offbatch.errors import ModelFolderError
 from offbatch.jobs.params import ParamError, validate
-from offbatch.units import parse_bytes
 
 
 class LogFormat(str, Enum):
@@ -27,15 +26,6 @@ def _default_model_dir() -> Path:
         raise ModelFolderError(f"no model given and the embedded default model is unavailable ({e}); "
                                "give a model folder: offbatch run MODEL_DIR PROMPTS.jsonl -o OUT") from None
     return Path(default_model_dir())
-
-
-def _bytes_opt(value: str | None, flag: str) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_bytes(value)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint=flag) from None
 
 
 def command(
@@ -128,8 +118,8 @@ def command(
             except ParamError as e:
                 raise typer.BadParameter(str(e), param_hint="--" + name.replace("_", "-")) from None
 
-    engine = EngineOptions(device=device, dtype=dtype, gpu_memory=_bytes_opt(gpu_memory, "--gpu-memory"),
-                           cpu_memory=_bytes_opt(cpu_memory, "--cpu-memory"), max_batch=max_batch,
+    engine = EngineOptions(device=device, dtype=dtype, gpu_memory=byte_size(gpu_memory, "--gpu-memory"),
+                           cpu_memory=byte_size(cpu_memory, "--cpu-memory"), max_batch=max_batch,
                            engine=engine_kind)
     progress = Progress(pick_mode(log_format.value, quiet), interval=log_interval)
     try:
