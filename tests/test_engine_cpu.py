@@ -68,3 +68,26 @@ def test_too_small_budget_is_one_clear_error(model):
     path, _ = model
     err = minimum_budget(path)
     assert "too small" in str(err) and "at least" in str(err)
+
+
+def test_streamed_logits_equal_reference_logits(model):
+    """Tokens alone are a weak check on tiny models (a wrong expert can still pick the same argmax):
+    the prefill and one decode step's logits must match the reference's."""
+    from offbatch.engine.streaming import LiveSeq
+
+    path, _ = model
+    ref = ReferenceModel.load(path, dtype="float32")
+    caches = [ref.new_cache() for _ in PROMPTS]
+    expected = ref.forward(caches, PROMPTS)
+    eng = engine_for_folder(path, device="cpu", dtype="float32", num_requests=len(PROMPTS), max_len=32,
+                            max_resident_bytes=0, attn_micro_batch=2, ffn_micro_tokens=8)
+    seqs = [LiveSeq(GenRequest(i, p, SamplingParams()), None, slot=eng.kv.allocate()) for i, p in enumerate(PROMPTS)]
+    got = eng.step([], [(s, len(s.req.prompt_ids)) for s in seqs])
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+    nxt = expected.argmax(-1).tolist()
+    for s, t in zip(seqs, nxt):
+        s.generated.append(t)
+    got = eng.step(seqs, [])
+    expected = ref.forward(caches, [[t] for t in nxt])
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+    assert eng.pf.stats.bytes_copied > 0
