@@ -91,3 +91,14 @@ def test_streamed_logits_equal_reference_logits(model):
     expected = ref.forward(caches, [[t] for t in nxt])
     assert ((got - expected).norm() / expected.norm()).item() < 1e-5
     assert eng.pf.stats.bytes_copied > 0
+
+
+@pytest.mark.parametrize("overrides", [{"post_norm": True}, {"embed_proj_dim": 16}])
+def test_opt_variants_stream_like_the_reference(overrides, tmp_path):
+    """OPT-350m-style post-norm (norms read after their module was released) and project_in/out."""
+    from offbatch.models.synth import synth_model
+
+    synth_model("opt", tmp_path, seed=2, **overrides)
+    expected = ReferenceModel.load(tmp_path, dtype="float32").greedy(PROMPTS, NEW)
+    eng, got = run(tmp_path, max_resident_bytes=0, attn_micro_batch=2, ffn_micro_tokens=8)
+    assert got == expected and eng.pf.stats.bytes_copied > 0

@@ -35,3 +35,15 @@ def test_synth_family_matches_transformers(family, sharded, tmp_path):
                                    pad_token_id=3)[0, len(p):].tolist()
             assert len(expected) == 32
             assert g == expected
+
+
+@pytest.mark.parametrize("overrides", [{"post_norm": True}, {"embed_proj_dim": 16}])
+def test_opt_variants_match_transformers(overrides, tmp_path):
+    synth_model("opt", tmp_path, seed=2, **overrides)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = ReferenceModel.load(tmp_path, dtype="float32")
+    p = [5, 9, 13, 2, 7, 11]
+    with torch.no_grad():
+        expected = hf(torch.tensor([p])).logits[0]
+    got = ours.forward([ours.new_cache()], [p], all_logits=True)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-4

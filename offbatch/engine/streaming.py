@@ -72,6 +72,7 @@ class StreamingEngine:
         self.step_kinds: list[str] = []  # "prefill" or "decode", one per step, beside pf.stats.per_step_bytes
         self.timing = timing and self.device.type == "cuda"
         self._wait_events: list = []
+        self._post_norms: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
 
     # ---- one step over the wave ------------------------------------------
     def _schedule_step(self) -> None:
@@ -204,7 +205,7 @@ class StreamingEngine:
     def _norm_weights(self, i: int, module: str) -> dict[str, torch.Tensor]:
         # Post-norm needs a module's norm after the module was released: keep a device copy of the
         # (tiny) norm tensors per layer.
-        cache = self.__dict__.setdefault("_post_norms", {})
+        cache = self._post_norms
         if (i, module) not in cache:
             host = self.store.host_views((i, module))
             cache[(i, module)] = {k: t.to(self.device) for k, t in host.items() if "norm" in k}
