@@ -279,3 +279,15 @@ def test_streaming_engine_behind_run_gives_the_reference_results(model, tmp_path
     assert set(a) == set(b) == {row["id"] for row in rows}
     for key in a:
         assert (a[key]["text"], a[key]["finish_reason"]) == (b[key]["text"], b[key]["finish_reason"]), key
+
+
+def test_unusable_device_or_engine_is_one_clear_error(model, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the sun is"}])
+    out = tmp_path / "out.jsonl"
+    for flags, message in ((["--engine", "bogus"], "--engine 'bogus'"), (["--device", "tpu"], "--device 'tpu'")):
+        r = run(model, prompts, "-o", out, *flags)
+        assert r.exit_code == 3 and message in r.output and "Traceback" not in r.output
+        assert not out.exists()  # nothing written, nothing lost
+    if not torch.cuda.is_available():
+        r = run(model, prompts, "-o", out, "--device", "cuda")
+        assert r.exit_code == 3 and "no CUDA GPU" in r.output

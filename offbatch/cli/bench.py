@@ -66,7 +66,9 @@ def command(
     from offbatch.planner.solve import predict, resolve_hardware
     from offbatch.planner.workload import Workload
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from offbatch.engine.select import resolve_device
+
+    device = resolve_device(device)
     source = _source(model_dir, synth, layers)
     spec = source.spec
     cap = byte_size(gpu_memory, "--gpu-memory")

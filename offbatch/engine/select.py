@@ -25,8 +25,14 @@ class EngineOptions:
 def resolve_device(device: str | None) -> str:
     import torch
 
+    from offbatch.errors import OffbatchError
+
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise OffbatchError(f"--device {device!r}: use cpu or cuda (cuda:N for one of several GPUs)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OffbatchError(f"--device {device}: no CUDA GPU is visible to torch {torch.__version__}")
     return device
 
 
@@ -50,7 +56,9 @@ def make_generator(model_dir: str | Path, tokenizer, options: EngineOptions | No
                                  max_len=workload.max_len if workload else 2048,
                                  eos_token_ids=tokenizer.eos_token_ids)
     if kind != "reference":
-        raise ValueError(f"unknown engine {kind!r}: streaming or reference")
+        from offbatch.errors import OffbatchError
+
+        raise OffbatchError(f"--engine {kind!r}: use streaming or reference")
     from offbatch.engine.reference_generator import ReferenceGenerator
     from offbatch.models.reference import ReferenceModel
 
