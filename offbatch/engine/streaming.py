@@ -26,6 +26,7 @@ from offbatch.offload.kv import WaveKV
 from offbatch.offload.prefetch import Prefetcher
 from offbatch.offload.weights import ModuleKey, WeightStore
 from offbatch.planner.plan import Plan
+from offbatch.planner.shape import use_order
 
 
 @dataclass
@@ -76,17 +77,8 @@ class StreamingEngine:
 
     # ---- one step over the wave ------------------------------------------
     def _schedule_step(self) -> None:
-        spec, keys = self.spec, []
-        for i in range(spec.num_layers):
-            keys.append((i, "attn"))
-            if spec.is_moe_layer(i):
-                if spec.moe.shared_expert_intermediate_size:
-                    keys.append((i, "shared"))
-                keys += [(i, f"expert.{e}") for e in range(spec.moe.num_experts)]
-            else:
-                keys.append((i, "ffn"))
-        keys.append((-1, "head"))
-        self.pf.schedule(keys)
+        # One definition of the step's module order, shared with the planner's cost model.
+        self.pf.schedule(use_order(self.spec, self.store.keys()))
 
     def _acquire(self, key: ModuleKey) -> dict[str, torch.Tensor]:
         if not self.timing or self.pf.is_resident(key):
