@@ -8,11 +8,11 @@ python -c "import torch, triton, transformers, accelerate; print('torch', torch.
 for part in "$@"; do
   echo "=== $part $(date +%T)"
   case $part in
-    tests) timeout 100 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py 2>&1 | tail -25 ;;
+    tests) timeout 130 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_engine_experts.py 2>&1 | tail -25 ;;
     kernels) timeout 120 python scripts/bench_kernels.py 2>&1 | tail -20 ;;
     quick) timeout 150 python -m offbatch.cli.main bench --synth mixtral-8x7b --layers 2 --gpu-memory 8GiB \
              --prompts 256 --prompt-len 256 --gen-len 16 --out "$OUT/quick.json" 2>&1 | tail -22 ;;
-    mixtral) timeout 560 python scripts/bench_vs_accelerate.py --preset mixtral-8x7b --layers 8 --gpu-memory 8GiB \
+    mixtral) timeout 440 python scripts/bench_vs_accelerate.py --preset mixtral-8x7b --layers 8 --gpu-memory 8GiB \
              --prompts 1024 --prompt-len 256 --gen-len 64 --out "$OUT/mixtral.json" 2>&1 | tail -30 ;;
     mixtral-synth) timeout 260 python -m offbatch.cli.main bench --synth mixtral-8x7b --layers 8 --gpu-memory 8GiB \
              --prompts 1024 --prompt-len 256 --gen-len 64 --out "$OUT/mixtral-offbatch.json" 2>&1 | tail -22 ;;
