@@ -8,7 +8,7 @@ python -c "import torch, triton, transformers, accelerate; print('torch', torch.
 for part in "$@"; do
   echo "=== $part $(date +%T)"
   case $part in
-    tests) timeout 130 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_engine_experts.py 2>&1 | tail -25 ;;
+    tests) timeout 130 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_engine_experts.py -rf --tb=short 2>&1 | tail -60 ;;
     kernels) timeout 120 python scripts/bench_kernels.py 2>&1 | tail -20 ;;
     quick) timeout 150 python -m offbatch.cli.main bench --synth mixtral-8x7b --layers 2 --gpu-memory 8GiB \
              --prompts 256 --prompt-len 256 --gen-len 16 --out "$OUT/quick.json" 2>&1 | tail -22 ;;

@@ -283,3 +283,16 @@ def test_engine_keeps_within_its_plan_and_pins_a_saved_plan(tmp_path):
     other = SynthSource(spec_of("llama"))
     with pytest.raises(OffbatchError, match="does not have|gives them no device slots"):
         build_engine(other, device="cpu", dtype="float32", plan=saved)
+
+
+def test_planning_and_benching_need_no_gguf_package():
+    # The GPU machine's image has no `gguf`: only importing the default model may need it.
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['gguf'] = None\n"
+            "import offbatch.cli.main, offbatch.engine.benchmark\n"
+            "from offbatch.planner.probe import cache_file\n"
+            "print(cache_file('cpu'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

