@@ -65,3 +65,26 @@ def test_gpu_bf16_streamed_matches_reference_logits(family, tmp_path):
     rel = ((got - expected).norm() / expected.norm()).item()
     assert rel < 2e-2
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_gpu_weights_on_disk_give_the_reference_tokens(family, tmp_path):
+    """The disk tier on the GPU: every layer module read from the checkpoint at each use into pinned
+    staging buffers, copied from there on the copy stream; the reader reuses a buffer only after its
+    copy's event."""
+    save_hf_model(family, tmp_path)
+    ref = ReferenceModel.load(tmp_path, device="cuda", dtype="float32")
+    expected = ref.greedy(PROMPTS, NEW)
+    del ref
+    options = dict(device="cuda", dtype="float32", gpu_memory=64 << 20, num_requests=len(PROMPTS), max_len=40,
+                   prefill_tokens=16, attn_micro_batch=2, ffn_micro_tokens=8, max_resident_bytes=0, max_wave=3)
+    probe = engine_for_folder(tmp_path, **options)
+    disk = {k for k in probe.store.keys() if k[1] != "embed"}
+    del probe
+    for staging in (1, 2):
+        eng = engine_for_folder(tmp_path, plan_overrides=dict(disk=disk, staging_buffers=staging), **options)
+        reqs = [GenRequest(i, p, SamplingParams(max_tokens=NEW, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+        outs = {o.key: o.token_ids for o in eng.generate(reqs)}
+        assert [outs[i] for i in range(len(PROMPTS))] == expected, staging
+        assert eng.pf.reader.bytes_read > 0 and all(b.is_pinned() for b in eng.pf.reader.buffers)
+        eng.pf.close()

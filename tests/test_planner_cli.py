@@ -81,3 +81,16 @@ def test_bench_pins_a_saved_plan(tmp_path):
     r = runner.invoke(app, ["bench", *common, "--prompts", "5", "--prompt-len", "20", "--device", "cpu",
                             "--plan", str(out)])
     assert r.exit_code == 3 and "context" in r.output
+
+
+def test_plan_with_little_host_memory_shows_the_disk_tier():
+    args = ["plan", "--synth", "mixtral-8x7b", "--layers", "8", "--gpu-memory", "8GiB", "--hardware", "h200",
+            "--num-prompts", "256", "--gen-len", "32", "--cpu-memory", "12GiB"]
+    r = runner.invoke(app, args, terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "disk tier" in r.output and "staging" in r.output and "disk reads" in r.output
+    rep = plan_json(*args[1:])
+    assert rep["plan"]["disk_modules"] > 0 and sum(rep["plan"]["host_memory"].values()) <= 12 << 30
+    assert rep["bottleneck_kind"] == "disk"
+    r = runner.invoke(app, [*args[:-1], "2GiB"])
+    assert r.exit_code != 0 and "even with its weights read from disk" in r.output

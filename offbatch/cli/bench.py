@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from offbatch.cli.options import DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, byte_size
+from offbatch.cli.options import CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, byte_size
 from offbatch.cli.plan import HardwareOpt
 from offbatch.errors import OffbatchError
 from offbatch.units import format_bytes
@@ -46,6 +46,7 @@ def command(
     synth: Annotated[Optional[str], typer.Option("--synth", help="Bench a synth preset in memory, e.g. mixtral-8x7b.")] = None,
     layers: Annotated[Optional[int], typer.Option("--layers", help="With --synth: number of layers.")] = None,
     gpu_memory: GpuMemoryOpt = None,
+    cpu_memory: CpuMemoryOpt = None,
     prompts: Annotated[int, typer.Option("--prompts", help="Number of prompts.")] = 64,
     prompt_len: Annotated[int, typer.Option("--prompt-len", help="Tokens per prompt.")] = 256,
     gen_len: Annotated[int, typer.Option("--gen-len", help="Tokens generated per prompt.")] = 16,
@@ -76,10 +77,14 @@ def command(
     hw = resolve_hardware(hardware, device, model_dir)
     workload = Workload.uniform(prompts, prompt_len, gen_len)
     pinned = load_plan_file(plan_file) if plan_file else None
+    host_cap = byte_size(cpu_memory, "--cpu-memory")
+    if pinned is not None and host_cap is not None:
+        raise OffbatchError("--cpu-memory plans the host side; a pinned --plan already has its own")
     if pinned is not None and pinned.max_len < prompt_len + gen_len:
         raise OffbatchError(f"the plan's context is {pinned.max_len} tokens; this job needs {prompt_len + gen_len}")
     report = run_bench(source, device, cap, prompts, prompt_len, gen_len, dtype=dtype, default_dtype=default_dtype,
-                       plan=pinned, workload=workload, hardware=hw)
+                       plan=pinned, workload=workload, hardware=hw,
+                       **({"cpu_memory": host_cap} if host_cap is not None else {}))
     # What the cost model expected of the plan that ran (the solver's own figures, or for a pinned plan,
     # the model applied to it), on the hardware profile used for planning.
     plan_pred = report["plan"].get("predicted") or {}
@@ -122,6 +127,9 @@ def command(
         ("GEMM rate (measured)", f"{report['measured_gemm_flop_s'] / 1e12:.1f} TFLOP/s", ""),
         ("waiting for weights", f"{report['time_split_s']['weight_wait']:.2f} s", ""),
         ("compute + host", f"{report['time_split_s']['other (compute, host)']:.2f} s", ""),
+        ("read from disk per step", format_bytes(report.get("disk_bytes_per_step", 0)) + (
+            f" at {report['disk_read_bytes_s'] / 1e9:.2f} GB/s" if report.get("disk_read_bytes_s") else ""),
+         f"{plan['disk_modules']} disk modules" if plan.get("disk_modules") else "no disk tier"),
         ("peak GPU reserved", format_bytes(report["peak_gpu_reserved_bytes"]),
          format_bytes(sum(plan["memory"].values())) if plan.get("memory") else ""),
         ("peak host RSS", format_bytes(report["peak_host_bytes"]),

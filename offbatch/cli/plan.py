@@ -141,6 +141,9 @@ def print_plan(report: dict, console: Console | None = None) -> None:
         ("FFN micro-batch (tokens)", str(plan["ffn_micro_tokens"])),
         ("resident modules", f"{plan['resident_modules']} ({format_bytes(plan['memory']['resident_weights'])})"),
         ("streamed kinds (slots)", ", ".join(f"{k} x{v}" for k, v in plan["slots"].items()) or "none: all resident"),
+        ("disk tier (read from the model folder)",
+         f"{plan['disk_modules']} modules, {plan['staging_buffers']} staging buffers" if plan.get("disk_modules")
+         else "none: the weights fit in host memory"),
     ]
     for row in rows:
         t.add_row(*row)
@@ -174,6 +177,7 @@ def print_plan(report: dict, console: Console | None = None) -> None:
         ("  GPU compute", f"{dstep['gpu_s'] * 1000:.1f} ms"),
         ("  CPU attention", f"{dstep['cpu_attention_s'] * 1000:.1f} ms"),
         ("  host work", f"{dstep['host_s'] * 1000:.1f} ms"),
+        ("  disk reads", f"{dstep.get('disk_s', 0.0) * 1000:.1f} ms"),
     ]:
         p.add_row(k, v)
     console.print(p)

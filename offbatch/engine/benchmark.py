@@ -42,6 +42,18 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return torch.randint(3, max(4, vocab - 1), (n, length), generator=g).tolist()
 
 
+def disk_report(engine) -> dict:
+    """What the disk tier did: modules, bytes read and the reader's own rate (reading time only)."""
+    reader = engine.pf.reader
+    if reader is None:
+        return {"disk_modules": len(engine.store.disk), "disk_bytes_read": 0}
+    steps = max(1, len(engine.step_kinds))
+    return {"disk_modules": len(engine.store.disk), "disk_bytes_read": reader.bytes_read,
+            "disk_bytes_per_step": reader.bytes_read / steps, "disk_read_s": reader.read_s,
+            "disk_read_bytes_s": reader.bytes_read / reader.read_s if reader.read_s else 0.0,
+            "staging_bytes": reader.staging_bytes}
+
+
 def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts: int, prompt_len: int,
               gen_len: int, dtype=None, default_dtype=torch.bfloat16, **plan_options) -> dict:
     spec = source.spec
@@ -96,6 +108,7 @@ def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts
         "time_split_s": {"weight_wait": t.weight_wait_s, "other (compute, host)": max(0.0, t.wall_s - t.weight_wait_s),
                          "cpu_attention": 0.0},
         "wasted_fetch_bytes": stats.wasted_bytes,
+        **disk_report(engine),
         "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else 0,
         "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }

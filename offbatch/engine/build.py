@@ -77,13 +77,15 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
                          shape=shape, **plan_options)
     elif plan_options:
         raise TypeError(f"options {sorted(plan_options)} cannot be combined with a pinned plan")
-    if store is None:
-        store = WeightStore(source, dtype, pin=dev.type == "cuda")
-    elif store.dtype != dtype or store.spec != spec:
-        raise OffbatchError("the packed weights given are of another model or dtype")
-    check_plan(plan, store, dev)
     if plan_overrides:  # experiments and tests: pin fields of the chosen plan
         plan = dataclasses.replace(plan, **plan_overrides)
+    if store is None:
+        store = WeightStore(source, dtype, pin=dev.type == "cuda", disk=plan.disk)
+    elif store.dtype != dtype or store.spec != spec:
+        raise OffbatchError("the packed weights given are of another model or dtype")
+    elif set(store.disk) != set(plan.disk):
+        raise OffbatchError("the packed weights given were packed for another disk tier than the plan's")
+    check_plan(plan, store, dev)
     cap_gpu_memory(dev, gpu_memory)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

@@ -56,7 +56,7 @@ class StreamingEngine:
         self.dtype = store.dtype
         self.store = store
         self.eos_ids = tuple(eos_token_ids)
-        self.pf = Prefetcher(store, self.device, plan.slots, plan.resident)
+        self.pf = Prefetcher(store, self.device, plan.slots, plan.resident, plan.staging_buffers)
         # Routed experts through the grouped kernels when they are gated SiLU (None: per-expert loop).
         # OFFBATCH_GROUPED_EXPERTS=0 falls back to one launch per expert (an escape hatch, and a baseline).
         items = expert_items(self.spec, store) if os.environ.get("OFFBATCH_GROUPED_EXPERTS", "1") != "0" else None

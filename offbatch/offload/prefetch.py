@@ -11,6 +11,11 @@ of one kind in one layer share one buffer the same way (a "bank"). Modules of a 
 to their names, so a bank seen through that layout is a strided stack of each weight over its rows:
 the grouped expert kernels take a chunk of experts as one [rows, N, K] tensor and a row per group.
 
+Modules of the disk tier (offload/disk.py) are read ahead by a reader thread into pinned staging
+buffers and copied from there. Their copies are issued in the same order as the others; when the one at
+the head of the queue is not read yet, issuing stops there, and only `acquire` of a module behind it
+waits (on the host) for the read: then the disk is the bottleneck and there is nothing better to do.
+
 On the CPU (compute device "cpu") the same code runs with plain synchronous copies, so CI exercises
 the scheduling, slot reuse and views.
 """
@@ -45,7 +50,7 @@ class PrefetchStats:
 
 class Prefetcher:
     def __init__(self, store: WeightStore, device: torch.device, slots_per_kind: dict[str, int],
-                 resident: set[ModuleKey]):
+                 resident: set[ModuleKey], staging: int = 2):
         self.store = store
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -59,12 +64,12 @@ class Prefetcher:
             groups.setdefault((key[0], module_kind(key[1])), []).append(key)
         for members in groups.values():
             if len(members) == 1:
-                bank = store.host[members[0]].to(self.device).unsqueeze(0)  # on the CPU: the host buffer itself
+                bank = self._host_bytes(members[0]).to(self.device).unsqueeze(0)  # on the CPU: the host buffer itself
             else:
                 bank = torch.empty(len(members), max(store.nbytes(k) for k in members), dtype=torch.uint8,
                                    device=self.device)
                 for row, key in enumerate(members):
-                    bank[row, : store.nbytes(key)].copy_(store.host[key])
+                    bank[row, : store.nbytes(key)].copy_(self._host_bytes(key))
             for row, key in enumerate(members):
                 self.resident[key] = store.layouts[key].views(bank[row])
                 self.resident_rows[key] = (bank, row)
@@ -84,6 +89,25 @@ class Prefetcher:
         self.in_slot: dict[ModuleKey, Slot] = {}
         self.stats = PrefetchStats()
         self._step_bytes = 0
+        # Disk-tier modules that stream (resident ones were read once, above).
+        self.disk = {k for k in getattr(store, "disk", {}) if k not in self.resident}
+        self.reader = None
+        if self.disk:
+            from offbatch.offload.disk import DiskReader
+
+            self.reader = DiskReader(store, staging, pin=self.cuda)
+
+    def _host_bytes(self, key: ModuleKey) -> torch.Tensor:
+        if key in getattr(self.store, "disk", {}):
+            from offbatch.offload.disk import read_module_now
+
+            return read_module_now(self.store, key)
+        return self.store.host[key]
+
+    def close(self) -> None:
+        """Stop the disk reader (if any); the engine calls this when it is done."""
+        if self.reader is not None:
+            self.reader.close()
 
     # ---- planning --------------------------------------------------------
     def is_resident(self, key: ModuleKey) -> bool:
@@ -91,12 +115,19 @@ class Prefetcher:
 
     def schedule(self, keys: list[ModuleKey]) -> None:
         """Append modules in the order they will be acquired; resident ones are skipped."""
-        self.queue.extend(k for k in keys if k not in self.resident)
+        keys = [k for k in keys if k not in self.resident]
+        self.queue.extend(keys)
+        if self.reader is not None:
+            self.reader.request([k for k in keys if k in self.disk])
         self.pump()
 
     def unschedule(self, keys: set[ModuleKey]) -> None:
         """Drop modules that turned out not to be needed (experts no token was routed to). Ones already
         copied stay in their slot until acquired-and-released or evicted."""
+        if self.reader is not None:
+            for k in self.queue:
+                if k in keys and k in self.disk:
+                    self.reader.cancel(k)
         self.queue = deque(k for k in self.queue if k not in keys)
         for k in keys:
             slot = self.in_slot.get(k)
@@ -104,13 +135,16 @@ class Prefetcher:
                 self.stats.wasted_bytes += self.store.nbytes(k)
                 self._release_slot(slot)
 
-    def pump(self) -> None:
+    def pump(self, until: ModuleKey | None = None) -> None:
         """Issue copies for queued modules while the head's ring has a free slot (in order: the copy
-        stream executes in issue order, so issuing out of order could stall a needed copy)."""
+        stream executes in issue order, so issuing out of order could stall a needed copy). A disk
+        module not read yet stops the issuing, unless `until` is behind it: then wait for the read."""
         while self.queue:
             key = self.queue[0]
             if key in self.in_slot and self.in_slot[key].busy:
                 self.queue.popleft()  # already there (scheduled twice)
+                if key in self.disk:
+                    self.reader.cancel(key)
                 continue
             kind = module_kind(key[1])
             ring, start = self.rings[kind], self.next_slot[kind]
@@ -120,15 +154,24 @@ class Prefetcher:
             idx = next((j % len(ring) for j in range(start, start + len(ring)) if not ring[j % len(ring)].busy), None)
             if idx is None:
                 return
+            staged = None
+            if key in self.disk:
+                wait = until is not None and until not in self._issued()
+                staged = self.reader.take(key, block=wait)
+                if staged is None:
+                    return
             self.queue.popleft()
             self.next_slot[kind] = (idx + 1) % len(ring)
-            self._copy_into(ring[idx], key)
+            self._copy_into(ring[idx], key, staged)
 
-    def _copy_into(self, slot: Slot, key: ModuleKey) -> None:
+    def _issued(self) -> set[ModuleKey]:
+        return {k for k, slot in self.in_slot.items() if slot.busy}
+
+    def _copy_into(self, slot: Slot, key: ModuleKey, staged: tuple[int, torch.Tensor] | None = None) -> None:
         if slot.key is not None and self.in_slot.get(slot.key) is slot:
             del self.in_slot[slot.key]  # (a later copy of the same module may sit in another slot)
         n = self.store.nbytes(key)
-        src = self.store.host[key]
+        src = self.store.host[key] if staged is None else staged[1][:n]
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
                 if slot.free is not None:
@@ -138,6 +181,8 @@ class Prefetcher:
                 slot.ready.record(self.copy_stream)
         else:
             slot.buf[:n].copy_(src)
+        if staged is not None:  # the staging buffer may be refilled once this copy has run
+            self.reader.give_back(staged[0], slot.ready if self.cuda else None)
         slot.key, slot.busy = key, True
         self.in_slot[key] = slot
         self.stats.bytes_copied += n
@@ -149,7 +194,7 @@ class Prefetcher:
         """Device tensors of a module; the current stream waits for its copy."""
         if key in self.resident:
             return self.resident[key]
-        self.pump()
+        self.pump(until=key if self.reader is not None else None)
         slot = self.in_slot.get(key)
         if slot is None or not slot.busy:
             raise RuntimeError(f"module {key} acquired before it was scheduled (or its ring is too small)")

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from offbatch.errors import OffbatchError
 from offbatch.models.inventory import module_of
 from offbatch.models.spec import ModelSpec
 
@@ -90,10 +91,12 @@ ModuleKey = tuple[int, str]  # (layer, module); layer -1 for embed/head
 
 
 class WeightStore:
-    """All weights of the model, module by module, in host memory (pinned when the device is CUDA)."""
+    """All weights of the model, module by module, in host memory (pinned when the device is CUDA), except
+    the modules of the disk tier (`disk`), which stay in the checkpoint and are read at each use."""
 
-    def __init__(self, source: WeightSource, dtype: torch.dtype, pin: bool):
+    def __init__(self, source: WeightSource, dtype: torch.dtype, pin: bool, disk: set[ModuleKey] = frozenset()):
         self.spec = source.spec
+        self.source = source
         self.dtype = dtype
         groups: dict[ModuleKey, list[tuple[str, str]]] = {}
         for canonical in source.tensor_names():
@@ -104,8 +107,20 @@ class WeightStore:
             groups.setdefault((layer, module), []).append((local, canonical))
         self.layouts: dict[ModuleKey, Layout] = {}
         self.host: dict[ModuleKey, torch.Tensor] = {}
+        self.disk: dict[ModuleKey, list] = {}  # module -> its TensorReads (offload/disk.py)
+        unknown = set(disk) - set(groups)
+        if unknown:
+            raise OffbatchError(f"the disk tier names modules this model does not have, e.g. {sorted(unknown)[0]}")
         for key, members in groups.items():
             layout = make_layout([(local, source.tensor_shape(c)) for local, c in members], dtype)
+            if key in disk:
+                if key[1] == "embed":
+                    raise OffbatchError("the embedding is looked up on the host: it cannot be in the disk tier")
+                from offbatch.offload.disk import module_reads
+
+                self.layouts[key] = layout
+                self.disk[key] = module_reads(source, layout, members, dtype)
+                continue
             flat = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=pin)
             views = layout.views(flat)
             for local, canonical in members:
@@ -117,7 +132,16 @@ class WeightStore:
         return self.layouts[key].nbytes
 
     def host_views(self, key: ModuleKey) -> dict[str, torch.Tensor]:
+        """Host tensors of a module (a disk-tier module is read into a fresh buffer)."""
+        if key in self.disk:
+            from offbatch.offload.disk import read_module_now
+
+            return self.layouts[key].views(read_module_now(self, key))
         return self.layouts[key].views(self.host[key])
+
+    def host_bytes(self) -> int:
+        """Bytes of the host tier (what the disk tier saves is the rest of total_bytes)."""
+        return sum(flat.numel() for flat in self.host.values())
 
     def keys(self) -> list[ModuleKey]:
         return list(self.layouts)

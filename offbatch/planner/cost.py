@@ -44,12 +44,15 @@ class StepTime:
     flops: float
     tokens: int
     sequences: int
+    disk_s: float = 0.0  # reading the step's disk-tier modules (beside the copies, on the reader thread)
 
     def bottleneck(self) -> str:
-        """The term that sets the step's length: pcie, gpu, cpu-attention or host."""
+        """The term that sets the step's length: disk, pcie, gpu, cpu-attention or host."""
         chain = self.gpu_s + self.cpu_attn_s + self.kv_copy_s + self.serial_s
-        if self.host_s > max(self.copy_s, chain):
+        if self.host_s > max(self.copy_s, chain, self.disk_s):
             return "host"
+        if self.disk_s > max(self.copy_s, chain):
+            return "disk"
         if self.copy_s >= chain:
             return "pcie"
         parts = {"gpu": self.gpu_s + self.serial_s, "cpu-attention": self.cpu_attn_s, "pcie": self.kv_copy_s}
@@ -57,7 +60,8 @@ class StepTime:
 
     def describe(self) -> dict:
         return {"total_s": self.total_s, "copy_s": self.copy_s, "gpu_s": self.gpu_s, "cpu_attention_s": self.cpu_attn_s,
-                "kv_copy_s": self.kv_copy_s, "serial_s": self.serial_s, "host_s": self.host_s, "weight_bytes": self.weight_bytes,
+                "kv_copy_s": self.kv_copy_s, "serial_s": self.serial_s, "host_s": self.host_s, "disk_s": self.disk_s,
+                "weight_bytes": self.weight_bytes,
                 "kv_bytes": self.kv_bytes, "flops": self.flops, "tokens": self.tokens, "sequences": self.sequences,
                 "bottleneck": self.bottleneck()}
 
@@ -65,8 +69,10 @@ class StepTime:
 class StepModel:
     """Step times of one plan (knobs + residency) on one machine."""
 
-    def __init__(self, shape: ModelShape, hw: Hardware, knobs: Knobs, res: Residency, max_len: int):
+    def __init__(self, shape: ModelShape, hw: Hardware, knobs: Knobs, res: Residency, max_len: int,
+                 disk_fraction: float = 0.0):
         self.shape, self.hw, self.knobs, self.res = shape, hw, knobs, res
+        self.disk_fraction = disk_fraction  # share of the streamed weight bytes read from disk
         spec = shape.spec
         self.work = work_of(spec)
         self.L = spec.num_layers
@@ -159,14 +165,17 @@ class StepModel:
         chain = gpu + cpu_attn + kv_copy + serial
         host = (hw.host.step_s + hw.host.seq_s * S + admitted * (prompt_len * hw.host.prefill_token_s)
                 + T * self.embed_row * (1 / hw.h2d_pageable_bytes_s + 1 / hw.host.cpu_attn_bytes_s))
-        total = (np.maximum(copy + head_s, chain) if self.overlap else copy + chain) + host
-        return {"total": total, "copy": copy, "gpu": gpu, "cpu_attn": cpu_attn, "kv_copy": kv_copy, "serial": serial,
+        # The disk tier's reads run on the reader thread, ahead of the copies, as far as the staging
+        # buffers allow: in a steady state the slower of disk and link sets the pace.
+        disk = weight_bytes * self.disk_fraction / hw.host.disk_read_bytes_s
+        total = (np.maximum(np.maximum(copy + head_s, chain), disk) if self.overlap else copy + chain + disk) + host
+        return {"total": total, "copy": copy, "disk": disk, "gpu": gpu, "cpu_attn": cpu_attn, "kv_copy": kv_copy, "serial": serial,
                 "host": host, "weight_bytes": weight_bytes, "kv_bytes": kv_h2d, "flops": flops, "T": T, "S": S}
 
     def step(self, decode: float, admitted: float, prompt_len: float, ctx_mean: float, ctx_max: float) -> StepTime:
         t = {k: float(v) for k, v in self.times(decode, admitted, prompt_len, ctx_mean, ctx_max).items()}
         return StepTime(t["total"], t["copy"], t["gpu"], t["cpu_attn"], t["kv_copy"], t["serial"], t["host"],
-                        t["weight_bytes"], t["kv_bytes"], t["flops"], int(t["T"]), int(t["S"]))
+                        t["weight_bytes"], t["kv_bytes"], t["flops"], int(t["T"]), int(t["S"]), t["disk"])
 
     def floor_s(self, st: StepTime) -> float:
         """The physical floor of a step, as `bench` computes it: streamed bytes over the pinned copy

@@ -4,6 +4,7 @@ here is an upper bound of what the engine allocates for that use."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from offbatch.models.spec import ModelSpec
@@ -94,3 +95,122 @@ def host_bytes(shape: ModelShape, knobs: Knobs, max_len: int, pinned: bool, weig
             mb = min(knobs.attn_micro_batch, knobs.wave)
             kv += 3 * mb * spec.num_heads * max_len * 4
     return {"weights": weights, "kv": kv, "runtime": HOST_RUNTIME}
+
+
+# ---- the disk tier --------------------------------------------------------------------------------------
+STAGING_BUFFERS = 2  # pinned buffers a disk module is read into: one being read while one is copied
+
+
+@dataclass(frozen=True)
+class HostTier:
+    """How the weights split between pinned host memory and the checkpoint on disk."""
+
+    host: dict[str, int]  # host bytes by use: weights (pinned tier), staging, kv, runtime
+    disk_resident_bytes: int  # device-resident modules left on disk (read once, at start)
+    disk_streamed_bytes: int  # streamed modules left on disk (read at every use)
+    streamed_bytes: int  # all streamed weight bytes (dense + every streamed expert)
+
+    @property
+    def disk_fraction(self) -> float:
+        """Share of each step's streamed weight bytes that come from disk (disk modules are spread
+        evenly over the step's use order, so the share holds for any step)."""
+        return self.disk_streamed_bytes / self.streamed_bytes if self.streamed_bytes else 0.0
+
+
+def host_floor(shape: ModelShape, knobs: Knobs, max_len: int, pinned: bool) -> int:
+    """The least host memory a run needs with every weight it can spare on disk: KV, runtime, the
+    embedding (looked up on the host) and the staging buffers."""
+    size = _pinned if pinned else (lambda n: n)
+    base = host_bytes(shape, knobs, max_len, pinned, weights=0)
+    embed = sum(size(n) for k, n in shape.nbytes.items() if k[1] == "embed")
+    largest = max((n for k, n in shape.nbytes.items() if k[1] != "embed"), default=0)
+    return sum(base.values()) + embed + STAGING_BUFFERS * size(largest)
+
+
+def host_tier(shape: ModelShape, knobs: Knobs, max_len: int, pinned: bool, budget: int | None,
+              resident: dict[str, tuple[int, int]], streamed: dict[str, tuple[int, int]]) -> HostTier | None:
+    """Split the weights between pinned host memory and disk under `budget` (None: no limit): first
+    the modules resident on the device (no host copy needed after start-up, so no cost per step),
+    largest first, then streamed ones. resident / streamed: kind -> (module count, module bytes).
+    None when even that does not fit."""
+    size = _pinned if pinned else (lambda n: n)
+    base = host_bytes(shape, knobs, max_len, pinned, weights=0)
+    all_weights = host_weight_bytes(shape, pinned)
+    streamed_bytes = sum(n * b for n, b in streamed.values())
+    if budget is None or all_weights + sum(base.values()) <= budget:
+        return HostTier(dict(base, weights=all_weights, staging=0), 0, 0, streamed_bytes)
+    excess = all_weights + sum(base.values()) - budget
+    moved = freed = 0
+    for n, b in sorted(resident.values(), key=lambda nb: -nb[1]):
+        take = min(n, -(-excess // size(b))) if excess > 0 else 0
+        excess -= take * size(b)
+        freed += take * size(b)
+        moved += take * b
+    if excess <= 0:
+        return HostTier(dict(base, weights=all_weights - freed, staging=0), moved, 0, streamed_bytes)
+    largest = max((b for n, b in streamed.values() if n), default=0)
+    staging = STAGING_BUFFERS * size(largest)
+    excess += staging
+    pinned_streamed = sum(n * size(b) for n, b in streamed.values())
+    if excess > pinned_streamed:
+        return None
+    # Streamed disk modules are spread evenly over the step, so they save pinned bytes at the
+    # streamed modules' average rounding.
+    from_streamed = math.ceil(excess * streamed_bytes / pinned_streamed)
+    weights = budget - sum(base.values()) - staging
+    return HostTier(dict(base, weights=weights, staging=staging), moved, from_streamed, streamed_bytes)
+
+
+def choose_disk(shape: ModelShape, resident: set, host_tier_: HostTier, budget: int, knobs: Knobs, max_len: int,
+                pinned: bool) -> tuple[set, dict[str, int]] | None:
+    """The modules of the disk tier, as the byte summary `host_tier` priced: resident modules first
+    (largest first), then streamed ones spread evenly over the step's use order, until the pinned host
+    tier plus KV, runtime and staging fit the budget exactly. Returns (modules, host bytes by use)."""
+    size = _pinned if pinned else (lambda n: n)
+    base = sum(host_bytes(shape, knobs, max_len, pinned, weights=0).values())
+    keys = [k for k in shape.nbytes if k[1] != "embed"]
+    streamed = [k for k in shape.order if k not in resident and k[1] != "embed"]
+    largest = max((shape.nbytes[k] for k in streamed), default=0)
+    weights = host_weight_bytes(shape, pinned)
+    disk: set = set()
+    staging = 0
+
+    def over() -> int:
+        return weights + base + staging - budget
+
+    for k in sorted((k for k in keys if k in resident), key=lambda k: (-shape.nbytes[k], k)):
+        if over() <= 0:
+            break
+        disk.add(k)
+        weights -= size(shape.nbytes[k])
+    if over() > 0 and streamed:
+        staging = STAGING_BUFFERS * size(largest)
+        target = host_tier_.disk_fraction or (over() / max(1, sum(size(shape.nbytes[k]) for k in streamed)))
+        # Spread: take a module whenever the bytes taken so far fall behind the target share of the
+        # bytes walked so far; a second pass takes more if pinned rounding left the tier still over.
+        for _ in range(2):
+            walked = taken = 0
+            for k in streamed:
+                walked += shape.nbytes[k]
+                if k in disk:
+                    taken += shape.nbytes[k]
+                    continue
+                if over() <= 0:
+                    break
+                if taken < target * walked:
+                    disk.add(k)
+                    taken += shape.nbytes[k]
+                    weights -= size(shape.nbytes[k])
+            target = min(1.0, target * 1.05 + 1.0 / max(1, len(streamed)))
+            if over() <= 0:
+                break
+        for k in streamed:  # whatever is still needed, in order
+            if over() <= 0:
+                break
+            if k not in disk:
+                disk.add(k)
+                weights -= size(shape.nbytes[k])
+    if over() > 0:
+        return None
+    host = host_bytes(shape, knobs, max_len, pinned, weights=weights)
+    return disk, dict(host, staging=staging)

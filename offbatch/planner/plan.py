@@ -42,6 +42,10 @@ class Plan:
     predicted: dict = field(default_factory=dict)  # the cost model's figures (planner.solve.predict)
     hardware: str = ""  # the hardware profile the plan was made for
     chosen_by: str = "rules"  # "solver", "rules" or "file"
+    # The disk tier: modules left in the checkpoint (not in pinned host memory), read at each use through
+    # `staging_buffers` pinned buffers; empty when the weights fit the host budget.
+    disk: set[ModuleKey] = field(default_factory=set)
+    staging_buffers: int = 2
 
     def describe(self) -> dict:
         return {
@@ -51,7 +55,7 @@ class Plan:
             "slots": self.slots, "resident_modules": len(self.resident), "budget_bytes": self.budget_bytes,
             "memory": self.memory, "kv_placement": self.kv_placement, "decode_attention": self.decode_attention,
             "host_memory": self.host_memory, "hardware": self.hardware, "chosen_by": self.chosen_by,
-            "predicted": self.predicted,
+            "disk_modules": len(self.disk), "staging_buffers": self.staging_buffers, "predicted": self.predicted,
         }
 
     # ---- a plan file (`offbatch plan --json` writes one; `--plan FILE` pins it) ----------------------
@@ -60,6 +64,7 @@ class Plan:
         d["format"] = PLAN_FORMAT
         d["score_bytes"] = self.score_bytes
         d["resident"] = sorted([list(k) for k in self.resident])
+        d["disk"] = sorted([list(k) for k in self.disk])
         return d
 
     @staticmethod
@@ -79,6 +84,8 @@ class Plan:
                 decode_attention=d.get("decode_attention", "gpu"), budget_bytes=d.get("budget_bytes"),
                 memory=dict(d.get("memory", {})), host_memory=dict(d.get("host_memory", {})),
                 predicted=dict(d.get("predicted", {})), hardware=str(d.get("hardware", "")), chosen_by="file",
+                disk={(int(k[0]), str(k[1])) for k in d.get("disk", [])},
+                staging_buffers=int(d.get("staging_buffers", 2)),
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             raise OffbatchError(f"not a plan file ({type(e).__name__}: {e}); write one with `offbatch plan ... --json`") from None

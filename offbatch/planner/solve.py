@@ -13,6 +13,8 @@ by the earlier (smaller) candidate and placement. Nothing here allocates weights
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass, replace
 
@@ -22,7 +24,8 @@ from offbatch.errors import BudgetError, OffbatchError
 from offbatch.models.spec import ModelSpec
 from offbatch.planner.cost import JobTime, StepModel, StepTime, admits_per_step, job_time
 from offbatch.planner.hardware import Hardware
-from offbatch.planner.memory import (SAFETY, Knobs, device_transient_bytes, host_bytes, host_weight_bytes,
+from offbatch.planner.memory import (SAFETY, STAGING_BUFFERS, HostTier, Knobs, choose_disk, device_transient_bytes,
+                                     host_bytes, host_floor, host_tier, host_weight_bytes,
                                      kv_slot_bytes)
 from offbatch.planner.plan import Plan
 from offbatch.planner.residency import Residency, ResidencyChooser, residency_of
@@ -48,6 +51,7 @@ class Evaluation:
     job: JobTime
     transient: dict[str, int]
     host: dict[str, int]
+    tier: HostTier | None = None
 
     @property
     def total_s(self) -> float:
@@ -72,6 +76,7 @@ class Solver:
             raise TypeError(f"unknown plan option(s): {', '.join(sorted(unknown))}")
         self.chooser = ResidencyChooser(shape)
         self.host_weights = host_weight_bytes(shape, self.cuda)
+        self.kind_max = {kind: max(shape.nbytes[k] for k in keys) for kind, keys in shape.kinds().items()}
         self.cache: dict[Knobs, Evaluation | None] = {}
 
     # ---- candidates --------------------------------------------------------------------------------
@@ -124,12 +129,27 @@ class Solver:
         return sum(t.values()) + self.chooser.weights_minimum()
 
     def host_need(self, knobs: Knobs) -> int:
+        """Host bytes with every weight pinned (no disk tier)."""
         return sum(host_bytes(self.shape, knobs, self.max_len, self.cuda, self.host_weights).values())
 
     def fits(self, knobs: Knobs) -> bool:
         if self.usable is not None and self.device_need(knobs) > self.usable:
             return False
-        return self.host_budget is None or self.host_need(knobs) <= self.host_budget
+        # The host side fits when KV, runtime, embedding and staging do: weights can stay on disk.
+        return self.host_budget is None or host_floor(self.shape, knobs, self.max_len, self.cuda) <= self.host_budget
+
+    def host_split(self, knobs: Knobs, res: Residency) -> HostTier | None:
+        if self.host_budget is None:
+            return host_tier(self.shape, knobs, self.max_len, self.cuda, None, {}, {})
+        resident, streamed = {}, {}
+        for kind, total in self.chooser.totals.items():
+            b = self.kind_max[kind]
+            out = res.streamed_by_kind.get(kind, 0) if res.streamed_by_kind or res.slots else 0
+            if out:
+                streamed[kind] = (round(out / b), b)
+            if total - out:
+                resident[kind] = (round((total - out) / b), b)
+        return host_tier(self.shape, knobs, self.max_len, self.cuda, self.host_budget, resident, streamed)
 
     def wave_max(self, knobs: Knobs) -> int:
         """The largest wave that fits beside these knobs (0: not even one sequence)."""
@@ -151,10 +171,10 @@ class Solver:
             trans = device_transient_bytes(self.shape, knobs, self.wl.max_prompt_len, self.max_len)
             left = (self.usable - sum(trans.values())) if self.usable is not None else 1 << 62
             res = self.chooser.choose(left, knobs.wave, self.max_resident, with_keys=False)
-            if res is not None:
-                model = StepModel(self.shape, self.hw, knobs, res, self.max_len)
-                result = Evaluation(knobs, res, model, job_time(model, self.wl), trans,
-                                    host_bytes(self.shape, knobs, self.max_len, self.cuda, self.host_weights))
+            tier = self.host_split(knobs, res) if res is not None else None
+            if tier is not None:
+                model = StepModel(self.shape, self.hw, knobs, res, self.max_len, tier.disk_fraction)
+                result = Evaluation(knobs, res, model, job_time(model, self.wl), trans, tier.host, tier)
         self.cache[knobs] = result
         return result
 
@@ -213,13 +233,13 @@ class Solver:
 
     def budget_error(self) -> BudgetError:
         options = [self.minimum_knobs(kv, attn) for kv, attn in self.placements()]
-        if self.host_budget is not None and all(self.host_need(k) > self.host_budget for k in options):
-            k = min(options, key=self.host_need)
-            need = self.host_need(k)
+        floor = lambda k: host_floor(self.shape, k, self.max_len, self.cuda)  # noqa: E731
+        if self.host_budget is not None and all(floor(k) > self.host_budget for k in options):
+            k = min(options, key=floor)
             return BudgetError(
-                f"host memory {format_bytes(self.host_budget)} is too small for this model: its weights need "
-                f"{format_bytes(host_bytes(self.shape, k, self.max_len, pinned=self.cuda)['weights'])} of pinned host "
-                f"memory, {format_bytes(need)} in all; give more --cpu-memory (a disk tier is not built yet)")
+                f"--cpu-memory {format_bytes(self.host_budget)} is too small for this model: even with its weights "
+                f"read from disk it needs {format_bytes(floor(k))} of host memory (the embedding table, "
+                f"{STAGING_BUFFERS} staging buffers, KV and the runtime); give more --cpu-memory")
         k = min(options, key=self.device_need)
         need = self.device_need(k)
         t = device_transient_bytes(self.shape, k, self.wl.max_prompt_len, self.max_len)
@@ -255,19 +275,23 @@ BOTTLENECK_WORDS = {
     "cpu-attention": "CPU attention: the host threads read {kvread} of KV per decode step ({share:.0%} of the "
                      "step); attention on the GPU or a smaller wave helps",
     "host": "host work: sampling and bookkeeping of {seqs} sequences per decode step ({share:.0%} of the step)",
+    "disk": "disk: {diskb} of weights that do not fit the host memory budget are read from the model folder "
+            "every decode step at {diskrate:.2f} GB/s ({share:.0%} of the step); more --cpu-memory helps",
 }
 
 
 def bottleneck_words(st: StepTime, model: StepModel) -> str:
     kind = st.bottleneck()
     share = {"pcie": max(st.copy_s, st.kv_copy_s), "gpu": st.gpu_s + st.serial_s, "cpu-attention": st.cpu_attn_s,
-             "host": st.host_s}[kind] / st.total_s
+             "host": st.host_s, "disk": st.disk_s}[kind] / st.total_s
     kv = f" and {format_bytes(st.kv_bytes)} of KV" if st.kv_bytes else ""
     kvread = format_bytes(st.cpu_attn_s * (model.hw.host.cpu_attn_contended_bytes_s if model.streams
                                            else model.hw.host.cpu_attn_bytes_s))
     return BOTTLENECK_WORDS[kind].format(weights=format_bytes(st.weight_bytes), kv=kv,
                                          rate=model.hw.h2d_pinned_bytes_s / 1e9, share=share, gflop=st.flops / 1e9,
-                                         tokens=st.tokens, kvread=kvread, seqs=st.sequences)
+                                         tokens=st.tokens, kvread=kvread, seqs=st.sequences,
+                                         diskb=format_bytes(st.weight_bytes * model.disk_fraction),
+                                         diskrate=model.hw.host.disk_read_bytes_s / 1e9)
 
 
 def prediction(model: StepModel, wl: Workload, job: JobTime) -> dict:
@@ -288,6 +312,18 @@ def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
     k = e.knobs
     left = (solver.usable - sum(e.transient.values())) if solver.usable is not None else 1 << 62
     res = solver.chooser.choose(left, k.wave, solver.max_resident, with_keys=True)  # now with its modules
+    disk, host = set(), e.host
+    if e.tier is not None and (e.tier.disk_resident_bytes or e.tier.disk_streamed_bytes):
+        chosen = choose_disk(solver.shape, res.resident, e.tier, solver.host_budget, k, solver.max_len, solver.cuda)
+        if chosen is None:
+            raise BudgetError(f"--cpu-memory {format_bytes(solver.host_budget)} is too small: the weights do not "
+                              "split between host memory and disk under it; give more --cpu-memory")
+        disk, host = chosen
+    model = e.model
+    if disk:  # price the modules chosen (the search priced a byte estimate of them)
+        model = StepModel(solver.shape, solver.hw, k, e.residency, solver.max_len,
+                          disk_fraction(solver.shape, res.resident, disk))
+        e = dataclasses.replace(e, model=model, job=job_time(model, solver.wl))
     return Plan(
         device=solver.device, dtype=solver.shape.dtype, wave_size=k.wave, max_len=solver.max_len,
         prefill_tokens=k.prefill_tokens, attn_micro_batch=min(k.attn_micro_batch, k.wave),
@@ -295,9 +331,16 @@ def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
         kv_placement=k.kv_placement, decode_attention=k.decode_attention, budget_bytes=solver.gpu_budget,
         memory={"kv": e.transient["kv"], "weight_slots": res.slot_bytes, "resident_weights": res.resident_bytes,
                 "activations": e.transient["activations"]},
-        host_memory=e.host, predicted=prediction(e.model, solver.wl, e.job), hardware=solver.hw.name,
-        chosen_by=chosen_by,
+        host_memory=host, predicted=prediction(e.model, solver.wl, e.job), hardware=solver.hw.name,
+        chosen_by=chosen_by, disk=disk, staging_buffers=STAGING_BUFFERS,
     )
+
+
+def disk_fraction(shape: ModelShape, resident: set, disk: set) -> float:
+    """Share of the streamed weight bytes that the disk tier holds."""
+    streamed = [k for k in shape.nbytes if k[1] not in ("embed", "router") and k not in resident]
+    total = sum(shape.nbytes[k] for k in streamed)
+    return sum(shape.nbytes[k] for k in streamed if k in disk) / total if total else 0.0
 
 
 # ---- entry points -------------------------------------------------------------------------------------
@@ -337,5 +380,6 @@ def predict(plan: Plan, shape: ModelShape, hw: Hardware, workload: Workload) -> 
     """The cost model's figures for any plan (a pinned one, the rules' one)."""
     knobs = Knobs(plan.wave_size, plan.prefill_tokens, plan.ffn_micro_tokens, plan.attn_micro_batch,
                   plan.kv_placement, plan.decode_attention)
-    model = StepModel(shape, hw, knobs, residency_of(shape, plan.resident, plan.slots), plan.max_len)
+    res = residency_of(shape, plan.resident, plan.slots)
+    model = StepModel(shape, hw, knobs, res, plan.max_len, disk_fraction(shape, res.resident, plan.disk))
     return prediction(model, workload, job_time(model, workload))

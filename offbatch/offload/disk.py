@@ -1,0 +1,226 @@
+"""The disk tier: modules that do not fit in pinned host memory stay in the checkpoint's files and are
+read, every time they are used, straight into a small ring of pinned staging buffers, from which the
+copy stream takes them to the device.
+
+A module's tensors are read with positioned reads (`os.preadv`) of whole tensors, so a module is a few
+large reads that land directly in pinned memory: no page mapping, no pageable bounce, no Python loop
+over bytes. A tensor stored in another dtype than the engine computes in is read through the
+checkpoint's memory map and converted instead (slower; the planner prices disk reads at the probed rate
+either way).
+
+One reader thread works through the modules in the order the engine will use them, as far ahead as
+there are free staging buffers. A buffer is reused only after the copy out of it has finished on the
+device (its CUDA event); on the CPU the copy is synchronous and the buffer is free at once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from offbatch.errors import OffbatchError
+
+CHUNK = 64 << 20  # bytes per read call: large enough for the disk, small enough to stay responsive
+
+
+@dataclass(frozen=True)
+class TensorRead:
+    """One tensor of a module: where it lies in the file and where it goes in the module's buffer."""
+
+    canonical: str
+    file: str
+    file_offset: int
+    nbytes: int
+    buf_offset: int
+    direct: bool  # stored in the compute dtype: read the bytes as they are
+
+
+def module_reads(source, layout, members: list[tuple[str, str]], dtype: torch.dtype) -> list[TensorRead]:
+    """How to fill a module's flat buffer from the checkpoint (members: (local, canonical) names)."""
+    from offbatch.models.loader import SAFETENSORS_DTYPES
+
+    ckpt = getattr(source, "ckpt", None)
+    if ckpt is None:
+        raise OffbatchError("the disk tier reads modules from a model folder; synthetic weights have none "
+                            "(give more --cpu-memory, or write the model with `offbatch synth` first)")
+    offsets = {name: off for name, _, off in layout.items}
+    reads = []
+    for local, canonical in members:
+        e = ckpt.entry(canonical)
+        reads.append(TensorRead(canonical, str(e.file), e.offset, e.nbytes, offsets[local],
+                                SAFETENSORS_DTYPES[e.dtype] == dtype))
+    return sorted(reads, key=lambda r: (r.file, r.file_offset))
+
+
+class ModuleFiles:
+    """Open file descriptors of the checkpoint, shared by the reads (positioned reads need no seek)."""
+
+    def __init__(self):
+        self.fds: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def fd(self, path: str) -> int:
+        with self.lock:
+            if path not in self.fds:
+                self.fds[path] = os.open(path, os.O_RDONLY)
+            return self.fds[path]
+
+    def close(self) -> None:
+        with self.lock:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
+
+
+def read_module(store, key, out: torch.Tensor, files: ModuleFiles) -> None:
+    """Fill `out` (uint8, at least the module's size, on the host) with the module's packed bytes."""
+    reads = store.disk[key]
+    layout = store.layouts[key]
+    arr = out.numpy()
+    views = None
+    for r in reads:
+        if r.direct:
+            fd, done = files.fd(r.file), 0
+            while done < r.nbytes:
+                n = min(CHUNK, r.nbytes - done)
+                got = os.preadv(fd, [memoryview(arr[r.buf_offset + done : r.buf_offset + done + n])],
+                                r.file_offset + done)
+                if got <= 0:
+                    raise OffbatchError(f"{r.file} ended while reading tensor {r.canonical!r} (was the file "
+                                        "changed or truncated after the run started?)")
+                done += got
+        else:
+            if views is None:
+                views = layout.views(out)
+            local = next(name for name, _, off in layout.items if off == r.buf_offset)
+            views[local].copy_(store.source.get(r.canonical))
+
+
+class DiskReader:
+    """Reads disk-tier modules ahead, in use order, into a ring of pinned staging buffers."""
+
+    def __init__(self, store, buffers: int, pin: bool):
+        self.store = store
+        size = max(store.nbytes(k) for k in store.disk)
+        self.buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(max(1, buffers))]
+        self.files = ModuleFiles()
+        self.free: deque[int] = deque(range(len(self.buffers)))
+        self.reuse_after: list = [None] * len(self.buffers)  # event of the last copy out of a buffer
+        self.pending: deque = deque()  # modules to read, in use order
+        self.ready: dict = {}  # module -> deque of buffer indices holding it, oldest first
+        self.reading = None  # the module being read now
+        self.cancel_reading = 0  # reads in flight whose result is not wanted any more
+        self.error: BaseException | None = None
+        self.closed = False
+        self.bytes_read = 0
+        self.read_s = 0.0
+        self.cv = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="offbatch-disk-reader", daemon=True)
+        self.thread.start()
+
+    @property
+    def staging_bytes(self) -> int:
+        return sum(b.numel() for b in self.buffers)
+
+    # ---- the engine's side ---------------------------------------------------------------------------
+    def request(self, keys) -> None:
+        with self.cv:
+            self.pending.extend(keys)
+            self.cv.notify_all()
+
+    def cancel(self, key) -> None:
+        """One earlier request of this module is not needed: drop it, or free the buffer it landed in."""
+        with self.cv:
+            if key in self.pending:
+                self.pending.remove(key)
+            elif self.ready.get(key):
+                self._give_back(self.ready[key].popleft(), None)
+                if not self.ready[key]:
+                    del self.ready[key]
+            elif self.reading == key:
+                self.cancel_reading += 1
+            self.cv.notify_all()
+
+    def take(self, key, block: bool) -> tuple[int, torch.Tensor] | None:
+        """(index, buffer) holding the module, or None when it is not read yet and block is False."""
+        with self.cv:
+            while True:
+                if self.error is not None:
+                    raise OffbatchError(f"reading weights from disk failed: {self.error}") from self.error
+                q = self.ready.get(key)
+                if q:
+                    idx = q.popleft()
+                    if not q:
+                        del self.ready[key]
+                    return idx, self.buffers[idx]
+                if not block:
+                    return None
+                if key not in self.pending and self.reading != key:
+                    raise RuntimeError(f"module {key} was taken from the disk reader without being requested")
+                self.cv.wait()
+
+    def give_back(self, idx: int, event=None) -> None:
+        """The copy out of buffer idx was issued; it may be refilled once `event` (if any) completes."""
+        with self.cv:
+            self._give_back(idx, event)
+            self.cv.notify_all()
+
+    def _give_back(self, idx: int, event) -> None:
+        self.reuse_after[idx] = event
+        self.free.append(idx)
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            self.cv.notify_all()
+        self.thread.join(timeout=10)
+        self.files.close()
+
+    # ---- the reader thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        import time
+
+        while True:
+            with self.cv:
+                while not self.closed and not (self.pending and self.free):
+                    self.cv.wait()
+                if self.closed:
+                    return
+                key, idx = self.pending.popleft(), self.free.popleft()
+                self.reading, event = key, self.reuse_after[idx]
+            try:
+                if event is not None:
+                    event.synchronize()  # the last copy out of this buffer has finished
+                t = time.perf_counter()
+                read_module(self.store, key, self.buffers[idx], self.files)
+                self.read_s += time.perf_counter() - t
+                self.bytes_read += self.store.nbytes(key)
+            except BaseException as exc:  # surfaced to the engine at its next take()
+                with self.cv:
+                    self.error, self.reading = exc, None
+                    self.cv.notify_all()
+                return
+            with self.cv:
+                self.reading = None
+                if self.cancel_reading:
+                    self.cancel_reading -= 1
+                    self._give_back(idx, None)
+                else:
+                    self.ready.setdefault(key, deque()).append(idx)
+                self.cv.notify_all()
+
+
+def read_module_now(store, key) -> torch.Tensor:
+    """A module's packed bytes in a fresh host buffer (resident modules at start-up, post-norm weights)."""
+    out = torch.empty(store.nbytes(key), dtype=torch.uint8)
+    files = ModuleFiles()
+    try:
+        read_module(store, key, out, files)
+    finally:
+        files.close()
+    return out
+
