@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, kernel timings, then the engine-vs-accelerate comparison.
-# Usage (on the GPU machine, repo root): bash scripts/gpu_session.sh PART...  (PART: tests kernels quick mixtral llama)
+# Usage (on the GPU machine, repo root): bash scripts/gpu_session.sh PART...  (PART: tests kernels quick mixtral mixtral-synth llama-synth grid8 llama)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -18,6 +18,8 @@ for part in "$@"; do
              --prompts 1024 --prompt-len 256 --gen-len 64 --out "$OUT/mixtral-offbatch.json" 2>&1 | tail -22 ;;
     llama-synth) timeout 230 python -m offbatch.cli.main bench --synth llama-3-8b --gpu-memory 8GiB \
              --prompts 512 --prompt-len 256 --gen-len 64 --out "$OUT/llama-offbatch.json" 2>&1 | tail -22 ;;
+    grid8) timeout 420 python scripts/plan_grid.py --synth mixtral-8x7b --layers 8 --gpu-memory 8GiB --prompts 1024 \
+             --prompt-len 256 --gen-len 64 --budget-s 330 --out "$OUT/grid-mixtral-8g.json" 2>&1 | tail -30 ;;
     llama) timeout 560 python scripts/bench_vs_accelerate.py --preset llama-3-8b --gpu-memory 8GiB \
              --prompts 1024 --prompt-len 256 --gen-len 64 --out "$OUT/llama.json" 2>&1 | tail -30 ;;
   esac
