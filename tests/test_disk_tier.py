@@ -213,3 +213,37 @@ def test_plan_files_keep_the_disk_tier(tmp_path):
     assert plan.disk
     again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert again.disk == plan.disk and again.staging_buffers == plan.staging_buffers
+
+
+# ---- pinned packing ----------------------------------------------------------------------------------------
+def test_pinned_chunks_are_powers_of_two_hold_every_module_once_and_waste_little():
+    from offbatch.offload.weights import pack_pinned
+
+    mixtral_layer = [84 << 20] + [352 << 20] * 8 + [1 << 16]  # attention, eight experts, router
+    for sizes in ([352 << 20] * 64, mixtral_layer * 8, [5, 700, 3, 1 << 20, 9 << 20], [1 << 33, 17]):
+        chunks, place = pack_pinned(sizes)
+        assert all(c & (c - 1) == 0 for c in chunks)
+        spans = {}
+        for n, (c, off) in zip(sizes, place):
+            assert off + n <= chunks[c]
+            spans.setdefault(c, []).append((off, off + n))
+        for c, s in spans.items():
+            s.sort()
+            assert all(a[1] <= b[0] for a, b in zip(s, s[1:]))  # no overlap
+        if sum(sizes) > 1 << 30:
+            # One module per power-of-two allocation would take up to 2x; packed, a few percent.
+            assert sum(chunks) <= 1.1 * sum(sizes), sum(chunks) / sum(sizes)
+
+
+def test_planner_counts_host_weights_as_the_store_packs_them(tmp_path):
+    from offbatch.offload.weights import pinned_bytes
+    from offbatch.planner.memory import host_weight_bytes
+    from offbatch.planner.shape import shape_from_store
+
+    save_hf_model("mixtral", tmp_path)
+    store = WeightStore(CheckpointSource(open_checkpoint(tmp_path)), torch.float32, pin=False)
+    shape = shape_from_store(store)
+    keys = sorted(k for k in store.keys() if k[1] != "embed")
+    embed = store.nbytes((-1, "embed"))
+    assert host_weight_bytes(shape, pinned=True) == embed + pinned_bytes([store.nbytes(k) for k in keys])
+    assert host_weight_bytes(shape, pinned=False) == store.host_bytes()

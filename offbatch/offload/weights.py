@@ -82,6 +82,38 @@ def make_layout(named_shapes: list[tuple[str, tuple[int, ...]]], dtype: torch.dt
     return Layout(tuple(items), dtype, off)
 
 
+# torch's pinned-memory allocator rounds every allocation up to a power of two: a 352 MB expert pinned on
+# its own holds 512 MiB. So pinned modules are packed, in key order, into chunks whose sizes are powers
+# of two (at most PINNED_CHUNK; smaller ones for what is left over), and the waste is a chunk's tail.
+PINNED_CHUNK = 1 << 32
+
+
+def pack_pinned(sizes: list[int]) -> tuple[list[int], list[tuple[int, int] | None]]:
+    """(chunk sizes, (chunk, byte offset) per module) for modules of these sizes, first fit in order."""
+    place: list[tuple[int, int] | None] = [None] * len(sizes)
+    chunks: list[int] = []
+    rest = [i for i, n in enumerate(sizes) if n > 0]
+    while rest:
+        remaining = sum(sizes[i] for i in rest)
+        chunk = min(PINNED_CHUNK, 1 << (remaining.bit_length() - 1))  # the largest power of two it fills
+        chunk = max(chunk, 1 << (sizes[rest[0]] - 1).bit_length())  # one that holds the next module
+        off, left = 0, []
+        for i in rest:
+            if off + sizes[i] <= chunk:
+                place[i] = (len(chunks), off)
+                off += sizes[i]
+            else:
+                left.append(i)
+        chunks.append(chunk)
+        rest = left
+    return chunks, place
+
+
+def pinned_bytes(sizes: list[int]) -> int:
+    """Host bytes that pinning modules of these sizes (in this order) takes."""
+    return sum(pack_pinned(sizes)[0])
+
+
 def module_kind(module: str) -> str:
     """Modules of one kind share a layout and so can share device slots."""
     return "expert" if module.startswith("expert.") else module
@@ -111,21 +143,30 @@ class WeightStore:
         unknown = set(disk) - set(groups)
         if unknown:
             raise OffbatchError(f"the disk tier names modules this model does not have, e.g. {sorted(unknown)[0]}")
-        for key, members in groups.items():
-            layout = make_layout([(local, source.tensor_shape(c)) for local, c in members], dtype)
+        for key, members in sorted(groups.items()):
+            self.layouts[key] = make_layout([(local, source.tensor_shape(c)) for local, c in members], dtype)
+        # The embedding is looked up on the host and never copied whole: it needs no pinning.
+        host_keys = [k for k in sorted(groups) if k not in disk]
+        pinned_keys = [k for k in host_keys if pin and k[1] != "embed"]
+        sizes, place = pack_pinned([self.layouts[k].nbytes for k in pinned_keys])
+        self.chunks = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for n in sizes]
+        flats = {k: self.chunks[c][off : off + self.layouts[k].nbytes] for k, (c, off) in zip(pinned_keys, place)}
+        for k in host_keys:
+            if k not in flats:
+                flats[k] = torch.empty(self.layouts[k].nbytes, dtype=torch.uint8)
+        for key, members in sorted(groups.items()):
+            layout = self.layouts[key]
             if key in disk:
                 if key[1] == "embed":
                     raise OffbatchError("the embedding is looked up on the host: it cannot be in the disk tier")
                 from offbatch.offload.disk import module_reads
 
-                self.layouts[key] = layout
                 self.disk[key] = module_reads(source, layout, members, dtype)
                 continue
-            flat = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=pin)
+            flat = flats[key]
             views = layout.views(flat)
             for local, canonical in members:
                 views[local].copy_(source.get(canonical))
-            self.layouts[key] = layout
             self.host[key] = flat
 
     def nbytes(self, key: ModuleKey) -> int:
@@ -140,8 +181,9 @@ class WeightStore:
         return self.layouts[key].views(self.host[key])
 
     def host_bytes(self) -> int:
-        """Bytes of the host tier (what the disk tier saves is the rest of total_bytes)."""
-        return sum(flat.numel() for flat in self.host.values())
+        """Bytes the host tier holds (pinned chunks, or the modules' own buffers)."""
+        unpinned = sum(f.numel() for k, f in self.host.items() if not (self.chunks and k[1] != "embed"))
+        return sum(c.numel() for c in self.chunks) + unpinned
 
     def keys(self) -> list[ModuleKey]:
         return list(self.layouts)

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 from offbatch.models.spec import ModelSpec
+from offbatch.offload.weights import pinned_bytes
 from offbatch.planner.shape import ModelShape
 
 SAFETY = 0.90  # of the GPU cap: allocator fragmentation and what we do not model
@@ -78,8 +79,14 @@ def _pinned(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
-def host_weight_bytes(shape: ModelShape, pinned: bool) -> int:
-    return sum(_pinned(n) if pinned else n for n in shape.nbytes.values())
+def host_weight_bytes(shape: ModelShape, pinned: bool, exclude=frozenset()) -> int:
+    """Host bytes of the weights (less `exclude`, the disk tier), packed as the WeightStore packs them."""
+    keys = [k for k in sorted(shape.nbytes) if k not in exclude]
+    if not pinned:
+        return sum(shape.nbytes[k] for k in keys)
+    # The embedding stays pageable (looked up on the host); the rest is packed into pinned chunks.
+    embed = sum(shape.nbytes[k] for k in keys if k[1] == "embed")
+    return embed + pinned_bytes([shape.nbytes[k] for k in keys if k[1] != "embed"])
 
 
 def host_bytes(shape: ModelShape, knobs: Knobs, max_len: int, pinned: bool, weights: int | None = None) -> dict[str, int]:
@@ -122,7 +129,7 @@ def host_floor(shape: ModelShape, knobs: Knobs, max_len: int, pinned: bool) -> i
     embedding (looked up on the host) and the staging buffers."""
     size = _pinned if pinned else (lambda n: n)
     base = host_bytes(shape, knobs, max_len, pinned, weights=0)
-    embed = sum(size(n) for k, n in shape.nbytes.items() if k[1] == "embed")
+    embed = sum(n for k, n in shape.nbytes.items() if k[1] == "embed")  # pageable
     largest = max((n for k, n in shape.nbytes.items() if k[1] != "embed"), default=0)
     return sum(base.values()) + embed + STAGING_BUFFERS * size(largest)
 
@@ -139,24 +146,29 @@ def host_tier(shape: ModelShape, knobs: Knobs, max_len: int, pinned: bool, budge
     streamed_bytes = sum(n * b for n, b in streamed.values())
     if budget is None or all_weights + sum(base.values()) <= budget:
         return HostTier(dict(base, weights=all_weights, staging=0), 0, 0, streamed_bytes)
-    excess = all_weights + sum(base.values()) - budget
+    # Packing what is left into pinned chunks leaves tails the byte count below does not see: keep two
+    # of the largest modules' worth of room for them (choose_disk then packs exactly).
+    margin = 2 * max((n for k, n in shape.nbytes.items() if k[1] != "embed"), default=0) if pinned else 0
+    excess = all_weights + sum(base.values()) + margin - budget
+    # Moving every module but the embedding frees all pinned bytes but the embedding's: spread that
+    # (the chunks' tails included) over the movable bytes.
+    movable = sum(n * b for n, b in resident.values()) + streamed_bytes
+    embed = host_weight_bytes(shape, pinned, exclude={k for k in shape.nbytes if k[1] != "embed"})
+    r = (all_weights - embed) / movable if movable else 1.0
     moved = freed = 0
     for n, b in sorted(resident.values(), key=lambda nb: -nb[1]):
-        take = min(n, -(-excess // size(b))) if excess > 0 else 0
-        excess -= take * size(b)
-        freed += take * size(b)
+        take = min(n, math.ceil(excess / (b * r))) if excess > 0 else 0
+        excess -= take * b * r
+        freed += take * b * r
         moved += take * b
     if excess <= 0:
-        return HostTier(dict(base, weights=all_weights - freed, staging=0), moved, 0, streamed_bytes)
+        return HostTier(dict(base, weights=all_weights - round(freed), staging=0), moved, 0, streamed_bytes)
     largest = max((b for n, b in streamed.values() if n), default=0)
     staging = STAGING_BUFFERS * size(largest)
     excess += staging
-    pinned_streamed = sum(n * size(b) for n, b in streamed.values())
-    if excess > pinned_streamed:
+    if excess > streamed_bytes * r:
         return None
-    # Streamed disk modules are spread evenly over the step, so they save pinned bytes at the
-    # streamed modules' average rounding.
-    from_streamed = math.ceil(excess * streamed_bytes / pinned_streamed)
+    from_streamed = math.ceil(excess / r)
     weights = budget - sum(base.values()) - staging
     return HostTier(dict(base, weights=weights, staging=staging), moved, from_streamed, streamed_bytes)
 
@@ -165,13 +177,13 @@ def choose_disk(shape: ModelShape, resident: set, host_tier_: HostTier, budget: 
                 pinned: bool) -> tuple[set, dict[str, int]] | None:
     """The modules of the disk tier, as the byte summary `host_tier` priced: resident modules first
     (largest first), then streamed ones spread evenly over the step's use order, until the pinned host
-    tier plus KV, runtime and staging fit the budget exactly. Returns (modules, host bytes by use)."""
-    size = _pinned if pinned else (lambda n: n)
+    tier plus KV, runtime and staging fit the budget. Returns (modules, host bytes by use)."""
+    staging_size = _pinned if pinned else (lambda n: n)  # each staging buffer is its own allocation
     base = sum(host_bytes(shape, knobs, max_len, pinned, weights=0).values())
     keys = [k for k in shape.nbytes if k[1] != "embed"]
     streamed = [k for k in shape.order if k not in resident and k[1] != "embed"]
     largest = max((shape.nbytes[k] for k in streamed), default=0)
-    weights = host_weight_bytes(shape, pinned)
+    weights = host_weight_bytes(shape, pinned)  # exact now; below, each module moved frees its size
     disk: set = set()
     staging = 0
 
@@ -182,34 +194,31 @@ def choose_disk(shape: ModelShape, resident: set, host_tier_: HostTier, budget: 
         if over() <= 0:
             break
         disk.add(k)
-        weights -= size(shape.nbytes[k])
+        weights -= shape.nbytes[k]
     if over() > 0 and streamed:
-        staging = STAGING_BUFFERS * size(largest)
-        target = host_tier_.disk_fraction or (over() / max(1, sum(size(shape.nbytes[k]) for k in streamed)))
+        staging = STAGING_BUFFERS * staging_size(largest)
+        target = host_tier_.disk_fraction or (over() / max(1, sum(shape.nbytes[k] for k in streamed)))
         # Spread: take a module whenever the bytes taken so far fall behind the target share of the
-        # bytes walked so far; a second pass takes more if pinned rounding left the tier still over.
-        for _ in range(2):
-            walked = taken = 0
-            for k in streamed:
-                walked += shape.nbytes[k]
-                if k in disk:
-                    taken += shape.nbytes[k]
-                    continue
-                if over() <= 0:
-                    break
-                if taken < target * walked:
-                    disk.add(k)
-                    taken += shape.nbytes[k]
-                    weights -= size(shape.nbytes[k])
-            target = min(1.0, target * 1.05 + 1.0 / max(1, len(streamed)))
+        # bytes walked so far.
+        walked = taken = 0
+        for k in streamed:
+            walked += shape.nbytes[k]
             if over() <= 0:
                 break
-        for k in streamed:  # whatever is still needed, in order
-            if over() <= 0:
-                break
-            if k not in disk:
+            if taken < target * walked:
                 disk.add(k)
-                weights -= size(shape.nbytes[k])
+                taken += shape.nbytes[k]
+                weights -= shape.nbytes[k]
+    # Exactly, as the store will pack what is left; chunk tails may ask for a few modules more.
+    weights = host_weight_bytes(shape, pinned, exclude=disk)
+    extra = [k for k in sorted((k for k in keys if k in resident), key=lambda k: (-shape.nbytes[k], k))
+             if k not in disk] + [k for k in streamed if k not in disk]
+    while over() > 0 and extra:
+        k = extra.pop(0)
+        if k in streamed and not staging:
+            staging = STAGING_BUFFERS * staging_size(largest)
+        disk.add(k)
+        weights = host_weight_bytes(shape, pinned, exclude=disk)
     if over() > 0:
         return None
     host = host_bytes(shape, knobs, max_len, pinned, weights=weights)
