@@ -20,7 +20,7 @@ for part in "$@"; do
              --prompts 512 --prompt-len 256 --gen-len 64 --out "$OUT/llama-offbatch.json" 2>&1 | tail -22 ;;
     grid8) timeout 420 python scripts/plan_grid.py --synth mixtral-8x7b --layers 8 --gpu-memory 8GiB --prompts 1024 \
              --prompt-len 256 --gen-len 64 --budget-s 330 --out "$OUT/grid-mixtral-8g.json" 2>&1 | tail -30 ;;
-    llama) timeout 560 python scripts/bench_vs_accelerate.py --preset llama-3-8b --gpu-memory 8GiB \
+    llama) timeout 480 python scripts/bench_vs_accelerate.py --preset llama-3-8b --gpu-memory 8GiB \
              --prompts 1024 --prompt-len 256 --gen-len 64 --out "$OUT/llama.json" 2>&1 | tail -30 ;;
   esac
 done
