@@ -144,7 +144,8 @@ def main():
                "prefill_tokens": plan.prefill_tokens, "ffn_micro_tokens": plan.ffn_micro_tokens,
                "predicted": {k: pred[k] for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s")},
                "measured": {k: r.get(k) for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s",
-                                                  "peak_gpu_reserved_bytes", "wall_s")},
+                                                  "peak_gpu_reserved_bytes", "wall_s", "decode_floor_tok_s",
+                                                  "decode_achieved_over_floor", "decode_bytes_per_step")},
                "error": r.get("error")}
         results.append(row)
         print("RESULT " + json.dumps(row), flush=True)
