@@ -181,6 +181,10 @@ def print_table(r):
         print(f"offbatch decode floor {ob['decode_floor_tok_s']:.1f} tok/s, achieved/floor "
               f"{ob['decode_achieved_over_floor']:.2f}; weight wait {ob['time_split_s']['weight_wait']:.1f} s of "
               f"{ob['wall_s']:.1f} s; streamed {ob['decode_bytes_per_step'] / GiB:.2f} GiB/decode step")
+        if ob.get("decode_kv_copied_bytes_per_step"):
+            print(f"with the {ob['decode_kv_copied_bytes_per_step'] / GiB:.2f} GiB of host KV copied per decode step: "
+                  f"floor {ob['decode_floor_with_kv_copies_tok_s']:.1f} tok/s, achieved/floor "
+                  f"{ob['decode_achieved_over_floor_with_kv_copies']:.2f}")
     for side in ("accelerate", "offbatch"):
         if "error" in r[side]:
             print(f"{side} ERROR: {r[side]['error']}\n{r[side].get('stderr_tail', '')}")

@@ -46,3 +46,16 @@ def test_prefill_then_decode_matches_per_sequence_attention(window, micro_batch)
             expected = causal_attention(qd[j : j + 1], kk, vv, lengths[j], window)[0]
             torch.testing.assert_close(got[j], expected)
     assert torch.isfinite(kv.k[layer]).all()
+
+
+def test_decode_attention_counts_the_kv_it_reads():
+    # Slots 0..5, micro-batches of 4: [0..3] holds live slots 1 (length 5) and 3 (length 2), [4..5] slot 4
+    # (length 7). Each micro-batch reads K and V up to its longest live context (+1 for the new token).
+    sp = spec()
+    kv = WaveKV(sp, slots=6, max_len=16, device="cpu", dtype=torch.float32)
+    slots, lengths = [1, 3, 4], [5, 2, 7]
+    q, k, v = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    decode_attention(kv, 0, q, k, v, slots, lengths, 4, torch.device("cpu"))
+    row = 2 * 8 * 4  # kv heads x head dim x float32
+    assert kv.read_bytes == 2 * (4 * 6 + 2 * 8) * row
+    assert kv.copied_bytes == 0  # the KV is where the attention runs

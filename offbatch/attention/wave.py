@@ -46,11 +46,14 @@ def decode_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v
         L = max(live_len[a:b])
         if L == 0:
             continue
+        row = kv.k[layer][0, :, :1].numel() * kv.k[layer].element_size()  # one position of one slot
+        kv.read_bytes += 2 * (b - a) * L * row
         if store == where:
             kk, vv = kv.k[layer][a:b, :, :L], kv.v[layer][a:b, :, :L]
         else:  # host KV, device attention: copy the whole (contiguous) slot range, then narrow
             kk = kv.k[layer][a:b].to(where, non_blocking=True)[:, :, :L]
             vv = kv.v[layer][a:b].to(where, non_blocking=True)[:, :, :L]
+            kv.copied_bytes += 2 * (b - a) * kv.max_len * row
         o = grouped_attention(q_all[a:b, :, None, :], kk, vv, q_pos[a:b, None], k_len[a:b], window)
         out[a:b] = o[:, :, 0, :]
     return out[where_slots].to(compute, non_blocking=True)

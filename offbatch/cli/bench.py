@@ -117,6 +117,10 @@ def command(
         ("end-to-end tok/s (generated)", *both("e2e_tok_s")),
         ("decode floor tok/s", *both("decode_floor_tok_s")),
         ("decode achieved / floor", f"{report['decode_achieved_over_floor']:.2f}", ""),
+        ("KV per decode step: read / copied over", f"{format_bytes(report['decode_kv_read_bytes_per_step'])} / "
+                                                   f"{format_bytes(report['decode_kv_copied_bytes_per_step'])}", ""),
+        ("decode floor with KV copies, achieved", f"{report['decode_floor_with_kv_copies_tok_s']:.1f} tok/s, "
+                                                  f"{report['decode_achieved_over_floor_with_kv_copies']:.2f}", ""),
         ("plan", f"{plan['kv_placement']} KV, {plan['decode_attention']} attention, wave {plan['wave_size']}, "
                  f"prefill {plan['prefill_tokens']} tok, attn mb {plan['attn_micro_batch']}, ffn mb "
                  f"{plan['ffn_micro_tokens']} ({'pinned' if pinned else plan.get('chosen_by', 'solver')})", ""),

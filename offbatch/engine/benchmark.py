@@ -87,6 +87,13 @@ def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts
     # GEMM rate at the wave's M (interpolated on the measured points: small M runs far below peak).
     gemm = gemm_at[min(gemm_at, key=lambda m: abs(m - tokens_per_step))]
     floor_step = max(bytes_per_step / pinned, decode_flops(spec, tokens_per_step, mean_ctx) / gemm)
+    # The floor counts weights only. A plan with the KV in host memory also moves KV every decode
+    # step: over PCIe (GPU attention) or through the host threads (CPU attention). The floor with the KV
+    # copies adds those bytes to the link's; CPU attention's reads are reported beside it.
+    kv_decode = [kv for kv, p in zip(engine.kv_step_bytes, engine.step_kinds) if p == "decode"]
+    kv_read = sum(r for r, _ in kv_decode) / max(1, len(kv_decode))
+    kv_copied = sum(c for _, c in kv_decode) / max(1, len(kv_decode))
+    floor_kv_step = max((bytes_per_step + kv_copied) / pinned, decode_flops(spec, tokens_per_step, mean_ctx) / gemm)
     decode_tok_s = t.decode_tokens / t.decode_wall_s if t.decode_wall_s else 0.0
     floor_tok_s = tokens_per_step / floor_step if floor_step else 0.0
     return {
@@ -103,6 +110,10 @@ def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts
         "decode_bytes_per_step": bytes_per_step, "decode_tokens_per_step": tokens_per_step,
         "decode_floor_tok_s": floor_tok_s,
         "decode_achieved_over_floor": decode_tok_s / floor_tok_s if floor_tok_s else 0.0,
+        "decode_kv_read_bytes_per_step": kv_read, "decode_kv_copied_bytes_per_step": kv_copied,
+        "decode_floor_with_kv_copies_tok_s": tokens_per_step / floor_kv_step if floor_kv_step else 0.0,
+        "decode_achieved_over_floor_with_kv_copies":
+            decode_tok_s * floor_kv_step / tokens_per_step if floor_kv_step and tokens_per_step else 0.0,
         "measured_copy_bytes_s": pinned, "measured_gemm_flop_s": gemm,
         "measured_gemm_flop_s_by_m": gemm_at,
         "time_split_s": {"weight_wait": t.weight_wait_s, "other (compute, host)": max(0.0, t.wall_s - t.weight_wait_s),

@@ -70,6 +70,9 @@ class StreamingEngine:
         self.embed_host = store.host_views((-1, "embed"))
         self.stats = GenStats()
         self.times = StepTimes()
+        # Per step, beside pf.stats.per_step_bytes: (KV bytes decode attention read, of them copied to the device).
+        self.kv_step_bytes: list[tuple[int, int]] = []
+        self._kv_mark = (0, 0)
         self.step_kinds: list[str] = []  # "prefill" or "decode", one per step, beside pf.stats.per_step_bytes
         self.timing = timing and self.device.type == "cuda"
         self._wait_events: list = []
@@ -239,6 +242,8 @@ class StreamingEngine:
         logits = F.linear(xl, wh["lm_head"]).float()
         self.pf.release((-1, "head"))
         self.pf.end_step()
+        self.kv_step_bytes.append((self.kv.read_bytes - self._kv_mark[0], self.kv.copied_bytes - self._kv_mark[1]))
+        self._kv_mark = (self.kv.read_bytes, self.kv.copied_bytes)
         for s in dec:
             s.length += 1
         for s, n in pre:

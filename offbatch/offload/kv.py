@@ -19,6 +19,10 @@ class WaveKV:
         self.k = [torch.zeros(shape, device=device, dtype=dtype, pin_memory=pin) for _ in range(spec.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype, pin_memory=pin) for _ in range(spec.num_layers)]
         self.free = list(range(slots - 1, -1, -1))
+        # Decode attention's traffic (bench reports it per step): bytes of K/V it read, and of those the
+        # bytes copied from host KV to the device first.
+        self.read_bytes = 0
+        self.copied_bytes = 0
 
     @staticmethod
     def bytes_per_slot(spec: ModelSpec, max_len: int, dtype_bytes: int) -> int:
