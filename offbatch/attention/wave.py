@@ -48,7 +48,7 @@ def decode_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v
             continue
         row = kv.k[layer][0, :, :1].numel() * kv.k[layer].element_size()  # one position of one slot
         kv.read_bytes += 2 * (b - a) * L * row
-        if store == where:
+        if store.type == where.type:  # (one device per engine: "cuda" and "cuda:0" are the same here)
             kk, vv = kv.k[layer][a:b, :, :L], kv.v[layer][a:b, :, :L]
         else:  # host KV, device attention: copy the whole (contiguous) slot range, then narrow
             kk = kv.k[layer][a:b].to(where, non_blocking=True)[:, :, :L]
