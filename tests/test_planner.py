@@ -297,3 +297,31 @@ def test_planning_and_benching_need_no_gguf_package():
             "print(cache_file('cpu'))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+# ---- the solver's own plans, measured in the second session (benchmarks/2026-11-28b) -----------------------
+def solver_runs():
+    """(name, preset, layers, cap GiB, the plan's knobs, measured decode / e2e tok/s)."""
+    b = BENCH.parent / "2026-11-28b"
+    grid = json.loads((b / "grid-mixtral-8g.json").read_text())["points"]
+    runs = [(f"mixtral 8 GiB {g['label']}", "mixtral-8x7b", 8, 8, g, g["measured"]) for g in grid]
+    m24 = json.loads((b / "mixtral-24g.json").read_text())
+    runs.append(("mixtral 24 GiB chosen", "mixtral-8x7b", 8, 24, m24["plan"], m24))
+    llama = json.loads((b / "llama-vs-accelerate.json").read_text())["offbatch"]
+    runs.append(("llama 8 GiB chosen", "llama-3-8b", None, 8, llama["plan"], llama))
+    return runs
+
+
+@pytest.mark.parametrize("run", solver_runs(), ids=lambda r: r[0])
+def test_solver_plans_predicted_within_25_percent_of_their_h200_runs(run):
+    # The plans are re-made with their knobs pinned on the h200 profile (same budget, so the same
+    # residency); decode within 25% is issue 5's check. The 24 GiB run motivated one change of the model
+    # (the resident stretch of a step does not hide under copies), so that point is in-sample.
+    _, preset, layers, cap, knobs, measured = run
+    wl = Workload.uniform(1024, 256, 64)
+    plan = make_plan(spec_of(preset, layers), torch.bfloat16, "cuda", cap * GiB, wl, hardware="h200",
+                     cpu_memory=100 * GiB, kv_placement=knobs["kv_placement"],
+                     decode_attention=knobs["decode_attention"], wave_size=knobs["wave_size"],
+                     attn_micro_batch=knobs["attn_micro_batch"], prefill_tokens=knobs["prefill_tokens"],
+                     ffn_micro_tokens=knobs["ffn_micro_tokens"])
+    assert plan.predicted["decode_tok_s"] == pytest.approx(measured["decode_tok_s"], rel=0.25)

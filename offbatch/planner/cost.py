@@ -84,6 +84,8 @@ class StepModel:
         self.embed_row = (spec.embed_proj_dim or spec.hidden_size) * shape.dsize
         # Streaming at all decides whether CPU attention shares host DRAM with copies.
         self.streams = res.streamed_dense_bytes + res.streamed_experts > 0
+        streamed = res.streamed_dense_bytes + res.streamed_experts * res.expert_bytes
+        self.resident_share = res.resident_bytes / (res.resident_bytes + streamed) if res.resident_bytes + streamed else 0.0
 
     def times(self, decode, admitted, prompt_len: float, ctx_mean, ctx_max) -> dict[str, np.ndarray]:
         """Vectorised over steps: every argument but prompt_len an array (or scalar) of the same shape."""
@@ -168,7 +170,13 @@ class StepModel:
         # The disk tier's reads run on the reader thread, ahead of the copies, as far as the staging
         # buffers allow: in a steady state the slower of disk and link sets the pace.
         disk = weight_bytes * self.disk_fraction / hw.host.disk_read_bytes_s
-        total = (np.maximum(np.maximum(copy + head_s, chain), disk) if self.overlap else copy + chain + disk) + host
+        # The copy stream runs only as far ahead as the slot rings reach (a few modules), and residency
+        # fills the lower layers first: the compute of the resident stretch at the start of a step has
+        # almost no copies to hide behind (the first ring-fill aside). So that share of the chain adds to
+        # the overlapped part instead of hiding under the copies.
+        exposed = (gpu + cpu_attn + serial) * self.resident_share if self.overlap and self.streams else zero
+        total = (np.maximum(np.maximum(copy + head_s, chain - exposed), disk) + exposed if self.overlap
+                 else copy + chain + disk) + host
         return {"total": total, "copy": copy, "disk": disk, "gpu": gpu, "cpu_attn": cpu_attn, "kv_copy": kv_copy, "serial": serial,
                 "host": host, "weight_bytes": weight_bytes, "kv_bytes": kv_h2d, "flops": flops, "T": T, "S": S}
 
