@@ -78,8 +78,12 @@ class ModuleFiles:
 
 def read_module(store, key, out: torch.Tensor, files: ModuleFiles) -> None:
     """Fill `out` (uint8, at least the module's size, on the host) with the module's packed bytes."""
-    reads = store.disk[key]
-    layout = store.layouts[key]
+    read_into(store.disk[key], store.layouts[key], getattr(store, "source", None), out, files)
+
+
+def read_into(reads: list[TensorRead], layout, source, out: torch.Tensor, files: ModuleFiles) -> None:
+    """Fill a module's buffer from its TensorReads: positioned reads of the raw bytes where the dtype
+    matches, the memory-mapped tensor converted where it does not."""
     arr = out.numpy()
     views = None
     for r in reads:
@@ -97,7 +101,7 @@ def read_module(store, key, out: torch.Tensor, files: ModuleFiles) -> None:
             if views is None:
                 views = layout.views(out)
             local = next(name for name, _, off in layout.items if off == r.buf_offset)
-            views[local].copy_(store.source.get(r.canonical))
+            views[local].copy_(source.get(r.canonical))
 
 
 class DiskReader:

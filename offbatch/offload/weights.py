@@ -154,20 +154,31 @@ class WeightStore:
         for k in host_keys:
             if k not in flats:
                 flats[k] = torch.empty(self.layouts[k].nbytes, dtype=torch.uint8)
-        for key, members in sorted(groups.items()):
-            layout = self.layouts[key]
-            if key in disk:
-                if key[1] == "embed":
-                    raise OffbatchError("the embedding is looked up on the host: it cannot be in the disk tier")
-                from offbatch.offload.disk import module_reads
+        # From a model folder, modules are read with positioned reads straight into their buffers: the
+        # file's pages then sit in the page cache, not in this process's memory (a memory map would put
+        # every page of the checkpoint into its resident set, on top of the pinned copies).
+        from offbatch.offload.disk import ModuleFiles, module_reads, read_into
 
-                self.disk[key] = module_reads(source, layout, members, dtype)
-                continue
-            flat = flats[key]
-            views = layout.views(flat)
-            for local, canonical in members:
-                views[local].copy_(source.get(canonical))
-            self.host[key] = flat
+        files = ModuleFiles() if getattr(source, "ckpt", None) is not None else None
+        try:
+            for key, members in sorted(groups.items()):
+                layout = self.layouts[key]
+                if key in disk:
+                    if key[1] == "embed":
+                        raise OffbatchError("the embedding is looked up on the host: it cannot be in the disk tier")
+                    self.disk[key] = module_reads(source, layout, members, dtype)
+                    continue
+                flat = flats[key]
+                if files is not None:
+                    read_into(module_reads(source, layout, members, dtype), layout, source, flat, files)
+                else:
+                    views = layout.views(flat)
+                    for local, canonical in members:
+                        views[local].copy_(source.get(canonical))
+                self.host[key] = flat
+        finally:
+            if files is not None:
+                files.close()
 
     def nbytes(self, key: ModuleKey) -> int:
         return self.layouts[key].nbytes
