@@ -8,8 +8,9 @@ cost model's prediction beside every point.
 
 Every alternative is itself planned by the solver with the grid's knobs pinned (the others chosen as
 usual), so each point is a sensible plan, not a strawman. Runs go in order: the chosen plan first,
-then one point per placement, then the rest; `--budget-s` stops starting new runs after that many
-seconds, and each result is printed (as a JSON line) as soon as it is measured.
+then one point per placement, then the rest, most promising (predicted) first; `--budget-s` stops
+starting new runs after that many seconds, and each result is printed (as a JSON line) as soon as it
+is measured.
 """
 
 from __future__ import annotations
@@ -106,15 +107,20 @@ def main():
         if g[0] not in first and g[4] == mbs[len(mbs) // 2]:
             first[g[0]] = g
     order = list(first.values()) + [g for g in grid if g not in first.values()]
+    planned = []
     for name, kv, attn, w, mb in order:
         if (kv, attn, w, mb) in seen:
             continue
         seen.add((kv, attn, w, mb))
         try:
-            points.append((f"{name} wave {w} mb {mb}", plan_for(kv_placement=kv, decode_attention=attn,
-                                                                  wave_size=w, attn_micro_batch=mb)))
+            planned.append((f"{name} wave {w} mb {mb}", plan_for(kv_placement=kv, decode_attention=attn,
+                                                                   wave_size=w, attn_micro_batch=mb)))
         except BudgetError:
             continue
+    # After one point per placement, the rest from the most promising down (by the model): when the time
+    # budget cuts the grid short, the points most likely to beat the chosen plan have been measured.
+    n_first = len(first)
+    points += planned[:n_first] + sorted(planned[n_first:], key=lambda lp: -lp[1].predicted["e2e_tok_s"])
 
     # Warm-up (not recorded): the first run in a process pays one-time costs (kernel selection, caches).
     warm = min(args.prompts, max(1, chosen.wave_size // 4), 16)
