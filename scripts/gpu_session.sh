@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, kernel timings, then the engine-vs-accelerate comparison.
-# Usage (on the GPU machine, repo root): bash scripts/gpu_session.sh PART...  (PART: tests kernels quick mixtral mixtral-synth llama-synth grid8 llama)
+# Usage (on the GPU machine, repo root): bash scripts/gpu_session.sh PART...  (PART: tests kernels quick mixtral mixtral-synth llama-synth grid8 grid24 llama-grid8 disk llama)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,6 +20,16 @@ for part in "$@"; do
              --prompts 512 --prompt-len 256 --gen-len 64 --out "$OUT/llama-offbatch.json" 2>&1 | tail -22 ;;
     grid8) timeout 420 python scripts/plan_grid.py --synth mixtral-8x7b --layers 8 --gpu-memory 8GiB --prompts 1024 \
              --prompt-len 256 --gen-len 64 --budget-s 330 --out "$OUT/grid-mixtral-8g.json" 2>&1 | tail -30 ;;
+    grid24) timeout 560 python scripts/plan_grid.py --synth mixtral-8x7b --layers 8 --gpu-memory 24GiB --prompts 1024 \
+             --prompt-len 256 --gen-len 64 --budget-s 450 --out "$OUT/grid-mixtral-24g.json" 2>&1 | tail -30 ;;
+    llama-grid8) timeout 560 python scripts/plan_grid.py --synth llama-3-8b --gpu-memory 8GiB --prompts 1024 \
+             --prompt-len 256 --gen-len 64 --budget-s 450 --out "$OUT/grid-llama-8g.json" 2>&1 | tail -30 ;;
+    disk) # The disk tier from a cold page cache: Llama-3-8B with 12 GiB of host memory for 16 GB of weights.
+          [ -f /tmp/offbatch-bench/llama-3-8b-full/config.json ] || python -m offbatch.cli.main synth llama \
+             /tmp/offbatch-bench/llama-3-8b-full --preset llama-3-8b >/dev/null
+          sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || echo "(page cache not dropped)"
+          timeout 400 python -m offbatch.cli.main bench /tmp/offbatch-bench/llama-3-8b-full --gpu-memory 8GiB \
+             --cpu-memory 12GiB --prompts 256 --prompt-len 256 --gen-len 16 --out "$OUT/llama-disk.json" 2>&1 | tail -40 ;;
     llama) timeout 480 python scripts/bench_vs_accelerate.py --preset llama-3-8b --gpu-memory 8GiB \
              --prompts 1024 --prompt-len 256 --gen-len 64 --out "$OUT/llama.json" 2>&1 | tail -30 ;;
   esac
