@@ -53,13 +53,17 @@ def _rows_hint(T: int, G: int) -> int:
     return min(1024, max(16, triton.next_power_of_2(mean)))
 
 
+def _size_class(rows_hint: int, small, medium, large):
+    """The tiles for a mean group size: thin for few rows per expert, wide for many."""
+    return small if rows_hint <= 32 else medium if rows_hint <= 128 else large
+
+
 def _pick_configs(small, medium, large):
     def prune(configs, named_args, **kwargs):
-        hint = named_args["ROWS_HINT"]
         if named_args["x_ptr"].dtype == torch.float32:
             wanted = _FP32
         else:
-            wanted = small if hint <= 32 else medium if hint <= 128 else large
+            wanted = _size_class(named_args["ROWS_HINT"], small, medium, large)
         kept = [c for c in configs if c in wanted]
         return kept or configs
 
@@ -179,8 +183,8 @@ _fixed_kernel = _even_k(_grouped_gemm_kernel)
 def _fixed_config(gated: bool, rows_hint: int, dtype: torch.dtype) -> triton.Config:
     if dtype == torch.float32:
         return _FP32[0]
-    small, medium, large = (_SMALL_GATED, _MEDIUM_GATED, _LARGE_GATED) if gated else (_SMALL, _MEDIUM, _LARGE)
-    return (small if rows_hint <= 32 else medium if rows_hint <= 128 else large)[0]
+    classes = (_SMALL_GATED, _MEDIUM_GATED, _LARGE_GATED) if gated else (_SMALL, _MEDIUM, _LARGE)
+    return _size_class(rows_hint, *classes)[0]
 
 
 def _launch(x, w, w2, group_offsets, group_slots, out):

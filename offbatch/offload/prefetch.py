@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from offbatch.offload.disk import DiskReader, read_module_now
 from offbatch.offload.weights import ModuleKey, WeightStore, module_kind
 
 
@@ -93,14 +94,10 @@ class Prefetcher:
         self.disk = {k for k in getattr(store, "disk", {}) if k not in self.resident}
         self.reader = None
         if self.disk:
-            from offbatch.offload.disk import DiskReader
-
             self.reader = DiskReader(store, staging, pin=self.cuda)
 
     def _host_bytes(self, key: ModuleKey) -> torch.Tensor:
         if key in getattr(self.store, "disk", {}):
-            from offbatch.offload.disk import read_module_now
-
             return read_module_now(self.store, key)
         return self.store.host[key]
 
@@ -156,7 +153,7 @@ class Prefetcher:
                 return
             staged = None
             if key in self.disk:
-                wait = until is not None and until not in self._issued()
+                wait = until is not None and not self._issued(until)
                 staged = self.reader.take(key, block=wait)
                 if staged is None:
                     return
@@ -164,8 +161,9 @@ class Prefetcher:
             self.next_slot[kind] = (idx + 1) % len(ring)
             self._copy_into(ring[idx], key, staged)
 
-    def _issued(self) -> set[ModuleKey]:
-        return {k for k, slot in self.in_slot.items() if slot.busy}
+    def _issued(self, key: ModuleKey) -> bool:
+        slot = self.in_slot.get(key)
+        return slot is not None and slot.busy
 
     def _copy_into(self, slot: Slot, key: ModuleKey, staged: tuple[int, torch.Tensor] | None = None) -> None:
         if slot.key is not None and self.in_slot.get(slot.key) is slot:

@@ -17,6 +17,7 @@ import torch
 from offbatch.errors import OffbatchError
 from offbatch.models.inventory import module_of
 from offbatch.models.spec import ModelSpec
+from offbatch.offload.disk import ModuleFiles, module_reads, read_into, read_module_now
 
 ALIGN = 256  # bytes; keeps every view aligned for vectorised loads
 
@@ -157,8 +158,6 @@ class WeightStore:
         # From a model folder, modules are read with positioned reads straight into their buffers: the
         # file's pages then sit in the page cache, not in this process's memory (a memory map would put
         # every page of the checkpoint into its resident set, on top of the pinned copies).
-        from offbatch.offload.disk import ModuleFiles, module_reads, read_into
-
         files = ModuleFiles() if getattr(source, "ckpt", None) is not None else None
         try:
             for key, members in sorted(groups.items()):
@@ -186,8 +185,6 @@ class WeightStore:
     def host_views(self, key: ModuleKey) -> dict[str, torch.Tensor]:
         """Host tensors of a module (a disk-tier module is read into a fresh buffer)."""
         if key in self.disk:
-            from offbatch.offload.disk import read_module_now
-
             return self.layouts[key].views(read_module_now(self, key))
         return self.layouts[key].views(self.host[key])
 

@@ -124,37 +124,53 @@ class HostTier:
         return self.disk_streamed_bytes / self.streamed_bytes if self.streamed_bytes else 0.0
 
 
-def host_floor(shape: ModelShape, knobs: Knobs, max_len: int, pinned: bool) -> int:
+def staging_bytes(largest: int, pinned: bool) -> int:
+    """The disk tier's staging buffers, each its own (pinned: power-of-two rounded) allocation."""
+    return STAGING_BUFFERS * (_pinned(largest) if pinned else largest)
+
+
+@dataclass(frozen=True)
+class WeightTotals:
+    """What the host side of every plan of one model starts from (computed once per solver)."""
+
+    all_weights: int  # host bytes of every weight, packed as the WeightStore packs them
+    embed: int  # the embedding table (pageable, never on disk)
+    largest: int  # the largest module but the embedding (staging size, chunk-tail margin)
+
+    @staticmethod
+    def of(shape: ModelShape, pinned: bool) -> "WeightTotals":
+        return WeightTotals(host_weight_bytes(shape, pinned),
+                            sum(n for k, n in shape.nbytes.items() if k[1] == "embed"),
+                            max((n for k, n in shape.nbytes.items() if k[1] != "embed"), default=0))
+
+
+def host_floor(shape: ModelShape, knobs: Knobs, max_len: int, pinned: bool, totals: WeightTotals) -> int:
     """The least host memory a run needs with every weight it can spare on disk: KV, runtime, the
     embedding (looked up on the host) and the staging buffers."""
-    size = _pinned if pinned else (lambda n: n)
     base = host_bytes(shape, knobs, max_len, pinned, weights=0)
-    embed = sum(n for k, n in shape.nbytes.items() if k[1] == "embed")  # pageable
-    largest = max((n for k, n in shape.nbytes.items() if k[1] != "embed"), default=0)
-    return sum(base.values()) + embed + STAGING_BUFFERS * size(largest)
+    return sum(base.values()) + totals.embed + staging_bytes(totals.largest, pinned)
 
 
 def host_tier(shape: ModelShape, knobs: Knobs, max_len: int, pinned: bool, budget: int | None,
-              resident: dict[str, tuple[int, int]], streamed: dict[str, tuple[int, int]]) -> HostTier | None:
+              resident: dict[str, tuple[int, int]], streamed: dict[str, tuple[int, int]],
+              totals: WeightTotals) -> HostTier | None:
     """Split the weights between pinned host memory and disk under `budget` (None: no limit): first
     the modules resident on the device (no host copy needed after start-up, so no cost per step),
     largest first, then streamed ones. resident / streamed: kind -> (module count, module bytes).
     None when even that does not fit."""
-    size = _pinned if pinned else (lambda n: n)
     base = host_bytes(shape, knobs, max_len, pinned, weights=0)
-    all_weights = host_weight_bytes(shape, pinned)
+    all_weights = totals.all_weights
     streamed_bytes = sum(n * b for n, b in streamed.values())
     if budget is None or all_weights + sum(base.values()) <= budget:
         return HostTier(dict(base, weights=all_weights, staging=0), 0, 0, streamed_bytes)
     # Packing what is left into pinned chunks leaves tails the byte count below does not see: keep two
     # of the largest modules' worth of room for them (choose_disk then packs exactly).
-    margin = 2 * max((n for k, n in shape.nbytes.items() if k[1] != "embed"), default=0) if pinned else 0
+    margin = 2 * totals.largest if pinned else 0
     excess = all_weights + sum(base.values()) + margin - budget
     # Moving every module but the embedding frees all pinned bytes but the embedding's: spread that
     # (the chunks' tails included) over the movable bytes.
     movable = sum(n * b for n, b in resident.values()) + streamed_bytes
-    embed = host_weight_bytes(shape, pinned, exclude={k for k in shape.nbytes if k[1] != "embed"})
-    r = (all_weights - embed) / movable if movable else 1.0
+    r = (all_weights - totals.embed) / movable if movable else 1.0
     moved = freed = 0
     for n, b in sorted(resident.values(), key=lambda nb: -nb[1]):
         take = min(n, math.ceil(excess / (b * r))) if excess > 0 else 0
@@ -163,8 +179,7 @@ def host_tier(shape: ModelShape, knobs: Knobs, max_len: int, pinned: bool, budge
         moved += take * b
     if excess <= 0:
         return HostTier(dict(base, weights=all_weights - round(freed), staging=0), moved, 0, streamed_bytes)
-    largest = max((b for n, b in streamed.values() if n), default=0)
-    staging = STAGING_BUFFERS * size(largest)
+    staging = staging_bytes(max((b for n, b in streamed.values() if n), default=0), pinned)
     excess += staging
     if excess > streamed_bytes * r:
         return None
@@ -178,7 +193,6 @@ def choose_disk(shape: ModelShape, resident: set, host_tier_: HostTier, budget: 
     """The modules of the disk tier, as the byte summary `host_tier` priced: resident modules first
     (largest first), then streamed ones spread evenly over the step's use order, until the pinned host
     tier plus KV, runtime and staging fit the budget. Returns (modules, host bytes by use)."""
-    staging_size = _pinned if pinned else (lambda n: n)  # each staging buffer is its own allocation
     base = sum(host_bytes(shape, knobs, max_len, pinned, weights=0).values())
     keys = [k for k in shape.nbytes if k[1] != "embed"]
     streamed = [k for k in shape.order if k not in resident and k[1] != "embed"]
@@ -196,7 +210,7 @@ def choose_disk(shape: ModelShape, resident: set, host_tier_: HostTier, budget: 
         disk.add(k)
         weights -= shape.nbytes[k]
     if over() > 0 and streamed:
-        staging = STAGING_BUFFERS * staging_size(largest)
+        staging = staging_bytes(largest, pinned)
         target = host_tier_.disk_fraction or (over() / max(1, sum(shape.nbytes[k] for k in streamed)))
         # Spread: take a module whenever the bytes taken so far fall behind the target share of the
         # bytes walked so far.
@@ -216,7 +230,7 @@ def choose_disk(shape: ModelShape, resident: set, host_tier_: HostTier, budget: 
     while over() > 0 and extra:
         k = extra.pop(0)
         if k in streamed and not staging:
-            staging = STAGING_BUFFERS * staging_size(largest)
+            staging = staging_bytes(largest, pinned)
         disk.add(k)
         weights = host_weight_bytes(shape, pinned, exclude=disk)
     if over() > 0:

@@ -25,7 +25,7 @@ from offbatch.models.spec import ModelSpec
 from offbatch.planner.cost import JobTime, StepModel, StepTime, admits_per_step, job_time
 from offbatch.planner.hardware import Hardware
 from offbatch.planner.memory import (SAFETY, STAGING_BUFFERS, HostTier, Knobs, choose_disk, device_transient_bytes,
-                                     host_bytes, host_floor, host_tier, host_weight_bytes,
+                                     WeightTotals, host_bytes, host_floor, host_tier,
                                      kv_slot_bytes)
 from offbatch.planner.plan import Plan
 from offbatch.planner.residency import Residency, ResidencyChooser, residency_of
@@ -75,7 +75,7 @@ class Solver:
         if unknown:
             raise TypeError(f"unknown plan option(s): {', '.join(sorted(unknown))}")
         self.chooser = ResidencyChooser(shape)
-        self.host_weights = host_weight_bytes(shape, self.cuda)
+        self.totals = WeightTotals.of(shape, self.cuda)
         self.kind_max = {kind: max(shape.nbytes[k] for k in keys) for kind, keys in shape.kinds().items()}
         self.cache: dict[Knobs, Evaluation | None] = {}
 
@@ -130,26 +130,27 @@ class Solver:
 
     def host_need(self, knobs: Knobs) -> int:
         """Host bytes with every weight pinned (no disk tier)."""
-        return sum(host_bytes(self.shape, knobs, self.max_len, self.cuda, self.host_weights).values())
+        return sum(host_bytes(self.shape, knobs, self.max_len, self.cuda, self.totals.all_weights).values())
 
     def fits(self, knobs: Knobs) -> bool:
         if self.usable is not None and self.device_need(knobs) > self.usable:
             return False
         # The host side fits when KV, runtime, embedding and staging do: weights can stay on disk.
-        return self.host_budget is None or host_floor(self.shape, knobs, self.max_len, self.cuda) <= self.host_budget
+        floor = host_floor(self.shape, knobs, self.max_len, self.cuda, self.totals)
+        return self.host_budget is None or floor <= self.host_budget
 
     def host_split(self, knobs: Knobs, res: Residency) -> HostTier | None:
         if self.host_budget is None:
-            return host_tier(self.shape, knobs, self.max_len, self.cuda, None, {}, {})
+            return host_tier(self.shape, knobs, self.max_len, self.cuda, None, {}, {}, self.totals)
         resident, streamed = {}, {}
         for kind, total in self.chooser.totals.items():
             b = self.kind_max[kind]
-            out = res.streamed_by_kind.get(kind, 0) if res.streamed_by_kind or res.slots else 0
+            out = res.streamed_by_kind.get(kind, 0)
             if out:
                 streamed[kind] = (round(out / b), b)
             if total - out:
                 resident[kind] = (round((total - out) / b), b)
-        return host_tier(self.shape, knobs, self.max_len, self.cuda, self.host_budget, resident, streamed)
+        return host_tier(self.shape, knobs, self.max_len, self.cuda, self.host_budget, resident, streamed, self.totals)
 
     def wave_max(self, knobs: Knobs) -> int:
         """The largest wave that fits beside these knobs (0: not even one sequence)."""
@@ -233,7 +234,7 @@ class Solver:
 
     def budget_error(self) -> BudgetError:
         options = [self.minimum_knobs(kv, attn) for kv, attn in self.placements()]
-        floor = lambda k: host_floor(self.shape, k, self.max_len, self.cuda)  # noqa: E731
+        floor = lambda k: host_floor(self.shape, k, self.max_len, self.cuda, self.totals)  # noqa: E731
         if self.host_budget is not None and all(floor(k) > self.host_budget for k in options):
             k = min(options, key=floor)
             return BudgetError(
