@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, kernel timings, then the engine-vs-accelerate comparison.
-# Usage (on the GPU machine, repo root): bash scripts/gpu_session.sh PART...  (PART: tests kernels quick mixtral mixtral-synth llama-synth grid8 grid24 llama-grid8 disk llama)
+# Usage (on the GPU machine, repo root): bash scripts/gpu_session.sh PART...  (PART: tests kernels quick mixtral mixtral-synth llama-synth grid8 grid24 llama-grid8 llama-grid24 disk llama)
+# Grids print each point as it is measured and rewrite their JSON after each (a timeout loses no point).
+# GRID_TIMEOUT=S kills a grid after S seconds; GRID_BUDGET=S overrides a grid's time budget (seconds after which it starts no new point).
+# A failing `tests` part stops the session: timings of a broken engine are worth nothing.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -8,7 +11,10 @@ python -c "import torch, triton, transformers, accelerate; print('torch', torch.
 for part in "$@"; do
   echo "=== $part $(date +%T)"
   case $part in
-    tests) timeout 130 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_engine_experts.py -rf --tb=short 2>&1 | tail -60 ;;
+    tests) set -o pipefail
+           timeout 130 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_engine_experts.py \
+             tests/test_wave_attention.py -rf --tb=short 2>&1 | tail -60 || { echo "=== GPU tests failed: stopping"; exit 1; }
+           set +o pipefail ;;
     kernels) timeout 120 python scripts/bench_kernels.py 2>&1 | tail -20 ;;
     quick) timeout 150 python -m offbatch.cli.main bench --synth mixtral-8x7b --layers 2 --gpu-memory 8GiB \
              --prompts 256 --prompt-len 256 --gen-len 16 --out "$OUT/quick.json" 2>&1 | tail -22 ;;
@@ -18,12 +24,14 @@ for part in "$@"; do
              --prompts 1024 --prompt-len 256 --gen-len 64 --out "$OUT/mixtral-offbatch.json" 2>&1 | tail -22 ;;
     llama-synth) timeout 230 python -m offbatch.cli.main bench --synth llama-3-8b --gpu-memory 8GiB \
              --prompts 512 --prompt-len 256 --gen-len 64 --out "$OUT/llama-offbatch.json" 2>&1 | tail -22 ;;
-    grid8) timeout 420 python scripts/plan_grid.py --synth mixtral-8x7b --layers 8 --gpu-memory 8GiB --prompts 1024 \
-             --prompt-len 256 --gen-len 64 --budget-s 330 --out "$OUT/grid-mixtral-8g.json" 2>&1 | tail -30 ;;
-    grid24) timeout 560 python scripts/plan_grid.py --synth mixtral-8x7b --layers 8 --gpu-memory 24GiB --prompts 1024 \
-             --prompt-len 256 --gen-len 64 --budget-s 450 --out "$OUT/grid-mixtral-24g.json" 2>&1 | tail -30 ;;
-    llama-grid8) timeout 560 python scripts/plan_grid.py --synth llama-3-8b --gpu-memory 8GiB --prompts 1024 \
-             --prompt-len 256 --gen-len 64 --budget-s 450 --out "$OUT/grid-llama-8g.json" 2>&1 | tail -30 ;;
+    grid8) timeout ${GRID_TIMEOUT:-420} python scripts/plan_grid.py --synth mixtral-8x7b --layers 8 --gpu-memory 8GiB --prompts 1024 \
+             --prompt-len 256 --gen-len 64 --budget-s ${GRID_BUDGET:-330} --out "$OUT/grid-mixtral-8g.json" 2>&1 ;;
+    grid24) timeout ${GRID_TIMEOUT:-560} python scripts/plan_grid.py --synth mixtral-8x7b --layers 8 --gpu-memory 24GiB --prompts 1024 \
+             --prompt-len 256 --gen-len 64 --budget-s ${GRID_BUDGET:-450} --out "$OUT/grid-mixtral-24g.json" 2>&1 ;;
+    llama-grid8) timeout ${GRID_TIMEOUT:-560} python scripts/plan_grid.py --synth llama-3-8b --gpu-memory 8GiB --prompts 1024 \
+             --prompt-len 256 --gen-len 64 --budget-s ${GRID_BUDGET:-450} --out "$OUT/grid-llama-8g.json" 2>&1 ;;
+    llama-grid24) timeout ${GRID_TIMEOUT:-560} python scripts/plan_grid.py --synth llama-3-8b --gpu-memory 24GiB --prompts 1024 \
+             --prompt-len 256 --gen-len 64 --budget-s ${GRID_BUDGET:-300} --out "$OUT/grid-llama-24g.json" 2>&1 ;;
     disk) # The disk tier from a cold page cache: Llama-3-8B with 12 GiB of host memory for 16 GB of weights.
           [ -f /tmp/offbatch-bench/llama-3-8b-full/config.json ] || python -m offbatch.cli.main synth llama \
              /tmp/offbatch-bench/llama-3-8b-full --preset llama-3-8b >/dev/null

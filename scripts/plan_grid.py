@@ -131,6 +131,7 @@ def main():
         torch.cuda.set_per_process_memory_fraction(1.0)
 
     results = []
+    summary = {"hardware": hw.name, "gpu_memory": args.gpu_memory, "workload": workload.describe(), "points": results}
     for label, plan in points:
         if time.perf_counter() - t_start > args.budget_s:
             print(f"time budget spent: {len(points) - len(results)} point(s) not measured", flush=True)
@@ -155,32 +156,41 @@ def main():
                "error": r.get("error")}
         results.append(row)
         print("RESULT " + json.dumps(row), flush=True)
-
-    ok = [r for r in results if r["measured"]["e2e_tok_s"]]
-    summary = {"hardware": hw.name, "gpu_memory": args.gpu_memory, "workload": workload.describe(), "points": results}
-    if ok:
-        best = max(ok, key=lambda r: r["measured"]["e2e_tok_s"])
-        mine = next((r for r in ok if r["label"] == "chosen"), None)
-        print(f"\n{'point':34s} {'e2e meas':>9s} {'e2e pred':>9s} {'err':>6s} {'decode meas':>11s} {'pred':>8s}")
-        for r in sorted(ok, key=lambda r: -r["measured"]["e2e_tok_s"]):
-            m, p = r["measured"], r["predicted"]
-            print(f"{r['label']:34s} {m['e2e_tok_s']:9.1f} {p['e2e_tok_s']:9.1f} {p['e2e_tok_s'] / m['e2e_tok_s'] - 1:+6.0%} "
-                  f"{m['decode_tok_s']:11.1f} {p['decode_tok_s']:8.1f}")
-        summary["best"] = best["label"]
-        if mine:
-            ratio = mine["measured"]["e2e_tok_s"] / best["measured"]["e2e_tok_s"]
-            summary["chosen_over_best"] = ratio
-            print(f"\nchosen plan: {mine['measured']['e2e_tok_s']:.1f} tok/s end to end; best measured "
-                  f"({best['label']}): {best['measured']['e2e_tok_s']:.1f}; chosen/best = {ratio:.2f} "
-                  f"({'within' if ratio >= 0.9 else 'NOT within'} 10%)")
-        errs = [abs(r["predicted"]["decode_tok_s"] / r["measured"]["decode_tok_s"] - 1) for r in ok
-                if r["measured"]["decode_tok_s"]]
-        if errs:
-            summary["max_decode_prediction_error"] = max(errs)
-            print(f"decode prediction error: max {max(errs):.0%}, median {sorted(errs)[len(errs) // 2]:.0%} "
-                  f"over {len(errs)} points")
+        summarise(summary, quiet=True)
+        if args.out:  # after every point: a run cut short by a timeout keeps what it measured
+            Path(args.out).write_text(json.dumps(summary, indent=2))
+    summarise(summary, quiet=False)
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))
+
+
+def summarise(summary: dict, quiet: bool) -> None:
+    """Add the best point, chosen/best and the prediction errors to summary (and print them)."""
+    say = (lambda *a: None) if quiet else print
+    ok = [r for r in summary["points"] if r["measured"]["e2e_tok_s"]]
+    if not ok:
+        return
+    best = max(ok, key=lambda r: r["measured"]["e2e_tok_s"])
+    mine = next((r for r in ok if r["label"] == "chosen"), None)
+    say(f"\n{'point':34s} {'e2e meas':>9s} {'e2e pred':>9s} {'err':>6s} {'decode meas':>11s} {'pred':>8s} "
+        f"{'prefill meas':>12s} {'pred':>8s}")
+    for r in sorted(ok, key=lambda r: -r["measured"]["e2e_tok_s"]):
+        m, p = r["measured"], r["predicted"]
+        say(f"{r['label']:34s} {m['e2e_tok_s']:9.1f} {p['e2e_tok_s']:9.1f} {p['e2e_tok_s'] / m['e2e_tok_s'] - 1:+6.0%} "
+            f"{m['decode_tok_s']:11.1f} {p['decode_tok_s']:8.1f} {m['prefill_tok_s']:12.1f} {p['prefill_tok_s']:8.1f}")
+    summary["best"] = best["label"]
+    if mine:
+        ratio = mine["measured"]["e2e_tok_s"] / best["measured"]["e2e_tok_s"]
+        summary["chosen_over_best"] = ratio
+        say(f"\nchosen plan: {mine['measured']['e2e_tok_s']:.1f} tok/s end to end; best measured "
+            f"({best['label']}): {best['measured']['e2e_tok_s']:.1f}; chosen/best = {ratio:.2f} "
+            f"({'within' if ratio >= 0.9 else 'NOT within'} 10%)")
+    errs = [abs(r["predicted"]["decode_tok_s"] / r["measured"]["decode_tok_s"] - 1) for r in ok
+            if r["measured"]["decode_tok_s"]]
+    if errs:
+        summary["max_decode_prediction_error"] = max(errs)
+        say(f"decode prediction error: max {max(errs):.0%}, median {sorted(errs)[len(errs) // 2]:.0%} "
+            f"over {len(errs)} points")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from offbatch.attention.wave import decode_attention, prefill_attention
+from offbatch.attention.wave import decode_attention, decode_batch, prefill_attention
 from offbatch.models.layers import causal_attention
 from offbatch.models.spec import ModelSpec
 from offbatch.offload.kv import WaveKV
+from offbatch.offload.kv_writer import HostKVWriter
 
 
 def spec(nh=4, nkv=2, d=8):
@@ -16,10 +17,16 @@ def spec(nh=4, nkv=2, d=8):
 
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("micro_batch", [1, 3, 8])
-def test_prefill_then_decode_matches_per_sequence_attention(window, micro_batch):
+@pytest.mark.parametrize("writer_rows", [None, 4, 64])
+def test_prefill_then_decode_matches_per_sequence_attention(window, micro_batch, writer_rows):
+    # writer_rows: None stores K/V at once; otherwise through a HostKVWriter with that many rows per
+    # staging buffer (4: prompts split over buffers), and decode works on copied KV ranges with the new
+    # token patched in, as host KV with device attention does (here on one device).
     torch.manual_seed(micro_batch)
     sp = spec()
     kv = WaveKV(sp, slots=6, max_len=16, device="cpu", dtype=torch.float32)
+    if writer_rows:
+        kv.writer = HostKVWriter(kv, writer_rows, buffers=2)
     prompt_lens = {4: 5, 1: 2, 5: 7}  # slot -> prompt length; slots 0, 2, 3 stay dead
     layer = 1
     seqs = list(prompt_lens.items())
@@ -38,14 +45,22 @@ def test_prefill_then_decode_matches_per_sequence_attention(window, micro_batch)
     for step in range(3):
         qd, kd, vd = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)
         lengths = [prompt_lens[s] + step for s in order]
-        got = decode_attention(kv, layer, qd, kd, vd, order, lengths, micro_batch, torch.device("cpu"), window)
+        batch = decode_batch(kv, order, lengths, micro_batch, torch.device("cpu"), copy_kv=bool(writer_rows))
+        got = decode_attention(kv, layer, qd, kd, vd, batch, window)
         for j, s in enumerate(order):
             kk = torch.cat([keys[s][0], kd[j : j + 1]])
             vv = torch.cat([keys[s][1], vd[j : j + 1]])
             keys[s] = (kk, vv)
             expected = causal_attention(qd[j : j + 1], kk, vv, lengths[j], window)[0]
             torch.testing.assert_close(got[j], expected)
+    kv.drain()
+    for s, (kk, vv) in keys.items():  # every stored K/V is in place once the writer has drained
+        torch.testing.assert_close(kv.k[layer][s, :, : len(kk)], kk.transpose(0, 1))
+        torch.testing.assert_close(kv.v[layer][s, :, : len(vv)], vv.transpose(0, 1))
     assert torch.isfinite(kv.k[layer]).all()
+    if writer_rows:
+        assert kv.writer.rows_written == 14 + 3 * 3
+        kv.writer.close()
 
 
 def test_decode_attention_counts_the_kv_it_reads():
@@ -55,7 +70,71 @@ def test_decode_attention_counts_the_kv_it_reads():
     kv = WaveKV(sp, slots=6, max_len=16, device="cpu", dtype=torch.float32)
     slots, lengths = [1, 3, 4], [5, 2, 7]
     q, k, v = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)
-    decode_attention(kv, 0, q, k, v, slots, lengths, 4, torch.device("cpu"))
+    decode_attention(kv, 0, q, k, v, decode_batch(kv, slots, lengths, 4, torch.device("cpu")))
     row = 2 * 8 * 4  # kv heads x head dim x float32
     assert kv.read_bytes == 2 * (4 * 6 + 2 * 8) * row
     assert kv.copied_bytes == 0  # the KV is where the attention runs
+
+
+def test_host_kv_writer_stores_ragged_spans_and_tokens_like_direct_writes():
+    # Fresh random spans of ragged lengths over buffers smaller than a step: the asynchronous store
+    # must leave host KV exactly as synchronous writes do, across layers, in submission order.
+    torch.manual_seed(7)
+    sp = spec()
+    direct = WaveKV(sp, slots=5, max_len=24, device="cpu", dtype=torch.float16)
+    kv = WaveKV(sp, slots=5, max_len=24, device="cpu", dtype=torch.float16)
+    writer = kv.writer = HostKVWriter(kv, rows=7, buffers=1)
+    for layer in (0, 1, 0):
+        lens = torch.randint(1, 20, (4,)).tolist()
+        slots = torch.randperm(5)[:4].tolist()
+        T = sum(lens)
+        k, v = torch.randn(T, 2, 8).half(), torch.randn(T, 2, 8).half()
+        writer.store_spans(layer, k, v, [(s, 0, n) for s, n in zip(slots, lens)])
+        row = 0
+        for s, n in zip(slots, lens):
+            direct.write_span(layer, s, 0, k[row : row + n], v[row : row + n])
+            row += n
+        pos = [n for n in lens]
+        kt, vt = torch.randn(4, 2, 8).half(), torch.randn(4, 2, 8).half()
+        writer.store_tokens(layer, kt, vt, slots, pos)
+        direct.write_decode(layer, torch.tensor(slots), torch.tensor(pos), kt, vt)
+    kv.drain()
+    for layer in range(2):
+        assert torch.equal(kv.k[layer], direct.k[layer]) and torch.equal(kv.v[layer], direct.v[layer])
+    writer.close()
+
+
+def test_host_kv_writer_reports_a_failed_store_at_the_next_wait():
+    sp = spec()
+    kv = WaveKV(sp, slots=2, max_len=8, device="cpu", dtype=torch.float32)
+    writer = HostKVWriter(kv, rows=4)
+    writer.store_tokens(0, torch.zeros(1, 2, 8), torch.zeros(1, 2, 8), [5], [0])  # slot 5 of 2
+    with pytest.raises(RuntimeError, match="storing K/V into host memory failed"):
+        writer.settle(0)
+    with pytest.raises(RuntimeError, match="storing K/V into host memory failed"):
+        writer.store_tokens(1, torch.zeros(1, 2, 8), torch.zeros(1, 2, 8), [0], [0])
+    with pytest.raises(ValueError, match="spans cover 3 rows"):
+        HostKVWriter(kv, rows=4).store_spans(0, torch.zeros(2, 2, 8), torch.zeros(2, 2, 8), [(0, 0, 3)])
+    writer.close()
+
+
+def test_copied_ranges_use_this_steps_token_before_host_kv_has_it():
+    # Host KV with device attention: the new token's K/V are patched into the copied range, so the
+    # product must not depend on the (asynchronous) host store having landed. Here it never lands.
+    torch.manual_seed(3)
+    sp = spec()
+    kv = WaveKV(sp, slots=4, max_len=8, device="cpu", dtype=torch.float32)
+    kv.writer = HostKVWriter(kv, rows=8)
+    held = []
+    kv.writer.store_tokens = lambda *a: held.append(a)  # the store never reaches host KV
+    slots, lengths = [2, 0], [3, 5]
+    for s, n in zip(slots, lengths):
+        kv.k[0][s, :, :n], kv.v[0][s, :, :n] = torch.randn(2, n, 8), torch.randn(2, n, 8)
+    q, k, v = torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    got = decode_attention(kv, 0, q, k, v, decode_batch(kv, slots, lengths, 3, torch.device("cpu"), copy_kv=True))
+    assert len(held) == 1 and torch.count_nonzero(kv.k[0][2, :, 3]) == 0  # host KV still lacks the token
+    for j, (s, n) in enumerate(zip(slots, lengths)):
+        kk = torch.cat([kv.k[0][s, :, :n].transpose(0, 1), k[j : j + 1]])
+        vv = torch.cat([kv.v[0][s, :, :n].transpose(0, 1), v[j : j + 1]])
+        torch.testing.assert_close(got[j], causal_attention(q[j : j + 1], kk, vv, n)[0])
+    kv.writer.close()

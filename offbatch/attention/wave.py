@@ -12,51 +12,103 @@ Prefill: a fresh prompt attends only to itself, so it uses the step's own K/V; t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from offbatch.attention.dense import grouped_attention
 from offbatch.offload.kv import WaveKV
 
 
-def decode_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     slots: list[int], lengths: list[int], micro_batch: int, where: torch.device,
-                     window: int | None = None) -> torch.Tensor:
-    """q: [b, nh, d]; k, v: [b, nkv, d] of the new token of each sequence, at position lengths[j] of
-    slot slots[j]. Stores k/v, returns attention output [b, nh, d] on q's device."""
-    compute = q.device
-    store = kv.k[layer].device
-    slot_t = torch.tensor(slots, device=store)
-    pos_t = torch.tensor(lengths, device=store)
-    kv.write_decode(layer, slot_t, pos_t, k.to(store), v.to(store))
+@dataclass
+class DecodeBatch:
+    """What decode attention needs of one step's decoding sequences: the same for every layer, so it
+    is built (and its index tensors copied to the devices) once per step, not once per layer."""
 
-    W, (nh, d) = kv.slots, q.shape[1:]
-    q_all = torch.zeros(W, nh, d, device=where, dtype=q.dtype)
-    where_slots = slot_t.to(where)
-    q_all[where_slots] = q.to(where)
-    k_len = torch.ones(W, device=where, dtype=torch.long)  # dead slots: one (finite) key, output dropped
-    k_len[where_slots] = pos_t.to(where) + 1
-    q_pos = torch.zeros(W, device=where, dtype=torch.long)
-    q_pos[where_slots] = pos_t.to(where)
+    slots: list[int]
+    lengths: list[int]  # each sequence's KV length before this token = the new token's position
+    where: torch.device  # where the attention product runs
+    copy_kv: bool  # each micro-batch's KV range is copied to `where` first (host KV, device attention)
+    store_slots: torch.Tensor  # slots / positions on the KV's device (synchronous stores)
+    store_pos: torch.Tensor
+    where_slots: torch.Tensor  # on `where`
+    k_len: torch.Tensor  # [W] keys per slot (dead slots: one finite key, output dropped)
+    q_pos: torch.Tensor  # [W]
+    ranges: list[tuple[int, int, int]]  # micro-batches (a, b, longest live length) with a live sequence
+    patches: list  # per range, with copy_kv: (rows in the range, positions, rows of q/k/v) on `where`
+
+
+def _index(values, device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":  # pinned + non_blocking: no wait for the device's queue
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def decode_batch(kv: WaveKV, slots: list[int], lengths: list[int], micro_batch: int, where: torch.device,
+                 copy_kv: bool | None = None) -> DecodeBatch:
+    """copy_kv: None decides by the devices (KV on another device type than `where`); True forces
+    the copy-then-patch path (tests run it on one device)."""
+    store = kv.k[0].device
+    if copy_kv is None:
+        copy_kv = store.type != where.type  # (one device per engine: "cuda" and "cuda:0" are the same here)
+    W = kv.slots
     live_len = [0] * W
+    k_len, q_pos = [1] * W, [0] * W
     for s, n in zip(slots, lengths):
         live_len[s] = n + 1
-    out = torch.empty_like(q_all)
+        k_len[s], q_pos[s] = n + 1, n
+    ranges, patches = [], []
     for a in range(0, W, micro_batch):
         b = min(W, a + micro_batch)
         L = max(live_len[a:b])
         if L == 0:
             continue
-        row = kv.k[layer][0, :, :1].numel() * kv.k[layer].element_size()  # one position of one slot
+        ranges.append((a, b, L))
+        if copy_kv:
+            sel = [j for j, s in enumerate(slots) if a <= s < b]
+            patches.append((_index([slots[j] - a for j in sel], where), _index([lengths[j] for j in sel], where),
+                            _index(sel, where)))
+        else:
+            patches.append(None)
+    return DecodeBatch(slots, lengths, where, copy_kv, _index(slots, store), _index(lengths, store),
+                       _index(slots, where), _index(k_len, where), _index(q_pos, where), ranges, patches)
+
+
+def decode_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     batch: DecodeBatch, window: int | None = None) -> torch.Tensor:
+    """q: [b, nh, d]; k, v: [b, nkv, d] of the new token of each of batch's sequences. Stores k/v,
+    returns attention output [b, nh, d] on q's device."""
+    compute, where = q.device, batch.where
+    store = kv.k[layer].device
+    kv.settle(layer)  # earlier asynchronous writes of this layer (last step's) are in place
+    if batch.copy_kv and kv.writer is not None:
+        # The device works on a copy of each range with the new tokens patched in: the host copy of
+        # this step's tokens can land later (the next step settles it first).
+        kv.writer.store_tokens(layer, k, v, batch.slots, batch.lengths)
+    else:
+        kv.write_decode(layer, batch.store_slots, batch.store_pos, k.to(store), v.to(store))
+    kw, vw = (k.to(where), v.to(where)) if batch.copy_kv else (None, None)
+
+    W, (nh, d) = kv.slots, q.shape[1:]
+    q_all = torch.zeros(W, nh, d, device=where, dtype=q.dtype)
+    q_all[batch.where_slots] = q.to(where)
+    out = torch.empty_like(q_all)
+    row = kv.k[layer][0, :, :1].numel() * kv.k[layer].element_size()  # one position of one slot
+    for (a, b, L), patch in zip(batch.ranges, batch.patches):
         kv.read_bytes += 2 * (b - a) * L * row
-        if store.type == where.type:  # (one device per engine: "cuda" and "cuda:0" are the same here)
+        if not batch.copy_kv:
             kk, vv = kv.k[layer][a:b, :, :L], kv.v[layer][a:b, :, :L]
-        else:  # host KV, device attention: copy the whole (contiguous) slot range, then narrow
-            kk = kv.k[layer][a:b].to(where, non_blocking=True)[:, :, :L]
-            vv = kv.v[layer][a:b].to(where, non_blocking=True)[:, :, :L]
+        else:  # copy the whole (contiguous) slot range, then narrow
+            kk = kv.k[layer][a:b].to(where, non_blocking=True, copy=True)[:, :, :L]
+            vv = kv.v[layer][a:b].to(where, non_blocking=True, copy=True)[:, :, :L]
             kv.copied_bytes += 2 * (b - a) * kv.max_len * row
-        o = grouped_attention(q_all[a:b, :, None, :], kk, vv, q_pos[a:b, None], k_len[a:b], window)
+            rows, pos, sel = patch
+            kk[rows, :, pos] = kw[sel]
+            vv[rows, :, pos] = vw[sel]
+        o = grouped_attention(q_all[a:b, :, None, :], kk, vv, batch.q_pos[a:b, None], batch.k_len[a:b], window)
         out[a:b] = o[:, :, 0, :]
-    return out[where_slots].to(compute, non_blocking=True)
+    return out[batch.where_slots].to(compute, non_blocking=True)
 
 
 def prefill_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -64,10 +116,16 @@ def prefill_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, 
     """Fresh prompts. q: [T, nh, d], k/v: [T, nkv, d], rows of sequence j consecutive; seqs[j] = (slot,
     n). groups: lists of sequence indices attended together. Stores k/v at positions 0..n-1."""
     store = kv.k[layer].device
-    k_store, v_store = (k, v) if store == k.device else (k.to(store), v.to(store))
+    if kv.writer is not None:  # host KV filled from the device: stored off the compute stream's path
+        kv.writer.store_spans(layer, k, v, [(slot, 0, n) for slot, n in seqs])
+    else:
+        k_store, v_store = (k, v) if store == k.device else (k.to(store), v.to(store))
+        row = 0
+        for slot, n in seqs:
+            kv.write_span(layer, slot, 0, k_store[row : row + n], v_store[row : row + n])
+            row += n
     starts, row = [], 0
-    for slot, n in seqs:
-        kv.write_span(layer, slot, 0, k_store[row : row + n], v_store[row : row + n])
+    for _, n in seqs:
         starts.append(row)
         row += n
     out = torch.empty_like(q)

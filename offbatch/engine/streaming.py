@@ -3,7 +3,8 @@
 Every step runs one token for each running sequence plus the prompts of newly admitted ones, layer
 by layer; each module (attention, dense FFN, each expert) runs once over all of the step's tokens,
 while the next modules' weights stream into spare device slots on a copy stream. KV of the wave
-stays on the compute device. Finished sequences leave at once and waiting ones take their KV slots.
+stays on the compute device or, when the plan says so, in pinned host memory (new K/V go there through
+a writer thread). Finished sequences leave at once and waiting ones take their KV slots.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from offbatch.attention.wave import decode_attention, prefill_attention
+from offbatch.attention.wave import DecodeBatch, decode_attention, decode_batch, prefill_attention
 from offbatch.engine import sampler
 from offbatch.engine.api import GenOutput, GenRequest, GenStats
 from offbatch.engine.experts import GroupedExperts, expert_items
 from offbatch.engine.sequence import SeqState, suppress_stop_tokens
 from offbatch.models import layers as L
 from offbatch.offload.kv import WaveKV
+from offbatch.offload.kv_writer import KV_STAGING_BUFFERS, HostKVWriter
 from offbatch.offload.prefetch import Prefetcher
 from offbatch.offload.weights import ModuleKey, WeightStore
 from offbatch.planner.plan import Plan
@@ -66,6 +68,9 @@ class StreamingEngine:
         kv_device = torch.device("cpu") if host_kv else self.device
         self.kv = WaveKV(self.spec, plan.wave_size, plan.max_len, kv_device, self.dtype, pin=host_kv)
         self.attn_device = kv_device if host_kv and plan.decode_attention == "cpu" else self.device
+        if host_kv:  # new K/V reach host KV through a copy stream and a writer thread
+            rows = max(plan.prefill_tokens, plan.max_len) + plan.wave_size  # a step's tokens at most (memory.step_tokens)
+            self.kv.writer = HostKVWriter(self.kv, rows, KV_STAGING_BUFFERS)
         self.inv_freq = L.rope_inv_freq(self.spec).to(self.device) if self.spec.positions == "rope" else None
         self.embed_host = store.host_views((-1, "embed"))
         self.stats = GenStats()
@@ -103,18 +108,16 @@ class StreamingEngine:
             x = x + F.embedding(positions.cpu() + 2, g["pos_embed"])
         return x.to(self.device, non_blocking=True)
 
-    def _attention(self, i: int, x: torch.Tensor, dec: list[LiveSeq], pre: list[tuple[LiveSeq, int]],
+    def _attention(self, i: int, x: torch.Tensor, dec: DecodeBatch | None, pre: list[tuple[LiveSeq, int]],
                    cos, sin) -> torch.Tensor:
         spec, plan = self.spec, self.plan
         w = self._acquire((i, "attn"))
         h = L.norm(x, w, "attn_norm", spec) if spec.pre_norm else x
         q, k, v = L.attention_qkv(h, w, spec, cos, sin)
         out = torch.empty_like(q)
-        nd = len(dec)
+        nd = len(dec.slots) if dec else 0
         if nd:
-            out[:nd] = decode_attention(self.kv, i, q[:nd], k[:nd], v[:nd], [s.slot for s in dec],
-                                        [s.length for s in dec], plan.attn_micro_batch, self.attn_device,
-                                        spec.sliding_window)
+            out[:nd] = decode_attention(self.kv, i, q[:nd], k[:nd], v[:nd], dec, spec.sliding_window)
         if pre:
             seqs = [(s.slot, n) for s, n in pre]
             out[nd:] = prefill_attention(self.kv, i, q[nd:], k[nd:], v[nd:], seqs, list(self._prefill_groups(pre)),
@@ -226,8 +229,10 @@ class StreamingEngine:
         if self.inv_freq is not None:
             cos, sin = L.rope_cos_sin(self.inv_freq, positions, self.dtype)
         self._schedule_step()
+        batch = decode_batch(self.kv, [s.slot for s in dec], [s.length for s in dec], self.plan.attn_micro_batch,
+                             self.attn_device) if dec else None
         for i in range(self.spec.num_layers):
-            x = self._layer(i, x, dec, pre, cos, sin)
+            x = self._layer(i, x, batch, pre, cos, sin)
         last = list(range(len(dec)))
         row = len(dec)
         for _, n in pre:
@@ -271,6 +276,12 @@ class StreamingEngine:
         return new
 
     def generate(self, requests: Iterable[GenRequest]) -> Iterator[GenOutput]:
+        try:
+            yield from self._generate(requests)
+        finally:
+            self.kv.drain()  # host KV writes of the last step (and any writer error) before returning
+
+    def _generate(self, requests: Iterable[GenRequest]) -> Iterator[GenOutput]:
         pending = iter(requests)
         waiting: list[GenRequest] = []
         live: list[LiveSeq] = []

@@ -23,6 +23,17 @@ class WaveKV:
         # bytes copied from host KV to the device first.
         self.read_bytes = 0
         self.copied_bytes = 0
+        # Host KV filled from the device: a HostKVWriter (set by the engine) stores new K/V asynchronously.
+        self.writer = None
+
+    def drain(self) -> None:
+        if self.writer is not None:
+            self.writer.drain()
+
+    def settle(self, layer: int) -> None:
+        """Wait until every asynchronous write of `layer` is in place (call before reading it)."""
+        if self.writer is not None:
+            self.writer.settle(layer)
 
     @staticmethod
     def bytes_per_slot(spec: ModelSpec, max_len: int, dtype_bytes: int) -> int:

@@ -8,8 +8,9 @@ prompts). What overlaps, as the engine does it:
     (the head runs after the last copy), and at least the compute chain;
   - the compute chain: GPU kernels (GEMMs at the efficiency of their M, attention and elementwise
     traffic at device-memory rate; or the time to launch them, if Python is slower), plus what runs
-    serially beside it: KV copies issued on the compute stream, blocking copies back to host KV,
-    CPU attention, one host sync per MoE layer;
+    serially beside it: KV copies issued on the compute stream, CPU attention (q over, output back),
+    one host sync per MoE layer;
+  - new K/V going back to host KV (a device-to-host copy stream and a writer thread) run beside it;
   - then serial host work: embedding the step's tokens on the host, sampling and bookkeeping per
     sequence (the copy stream is idle then: the next step's copies are issued when it starts).
 On the CPU as compute device nothing overlaps: copy + chain + host.
@@ -111,7 +112,7 @@ class StepModel:
         mb = max(1, min(k.attn_micro_batch, k.wave))
         covered = np.minimum(k.wave, np.ceil(decode / mb) * mb)  # slots of micro-batches with a live seq
         kv_h2d = covered * (self.max_len * self.kv_row * L) if (self.host_kv and not self.cpu_attn) else zero
-        d2h = T * (self.kv_row * L) if self.host_kv else zero  # new K/V stored to host KV (blocking)
+        d2h = T * (self.kv_row * L) if self.host_kv else zero  # new K/V stored to host KV
 
         # ---- device compute ---------------------------------------------------------------------
         flops = 2 * T * (w.attn_proj * L)
@@ -157,10 +158,14 @@ class StepModel:
         # ---- serial parts of the chain ---------------------------------------------------------------
         serial = zero + w.moe_layers * hw.host.sync_s
         kv_copy = zero
-        if self.host_kv:  # new K/V go back into host KV from pageable buffers: blocking
-            serial = serial + d2h / hw.h2d_pageable_bytes_s + L * hw.host.sync_s
-            if self.cpu_attn:
-                serial = serial + (decode > 0) * (L * 2 * hw.host.sync_s) + decode * (spec.q_size * dsize * 2 * L) / hw.h2d_pageable_bytes_s
+        kv_store = zero
+        if self.host_kv:
+            # New K/V reach host KV through a pinned staging ring (device-to-host, the link's other
+            # direction) and a writer thread's scatter on the host: beside the chain, not in it.
+            kv_store = d2h / min(hw.d2h_bytes_s, hw.host.cpu_attn_contended_bytes_s)
+            if self.cpu_attn:  # q over and the output back every layer (waits), the new K/V stored at once
+                serial = serial + (decode > 0) * (L * 2 * hw.host.sync_s) + decode * (
+                    (spec.q_size * 2 + self.kv_row // dsize) * dsize * L) / hw.h2d_pageable_bytes_s
             else:  # on the compute stream, sharing the link with the weight copies when there are any
                 kv_copy = kv_h2d / hw.h2d_pinned_bytes_s * np.where(weight_bytes > 0, 2.0, 1.0)
         copy = (weight_bytes + kv_h2d) / hw.h2d_pinned_bytes_s
@@ -175,8 +180,8 @@ class StepModel:
         # almost no copies to hide behind (the first ring-fill aside). So that share of the chain adds to
         # the overlapped part instead of hiding under the copies.
         exposed = (gpu + cpu_attn + serial) * self.resident_share if self.overlap and self.streams else zero
-        total = (np.maximum(np.maximum(copy + head_s, chain - exposed), disk) + exposed if self.overlap
-                 else copy + chain + disk) + host
+        total = (np.maximum(np.maximum(copy + head_s, chain - exposed), np.maximum(disk, kv_store)) + exposed
+                 if self.overlap else copy + chain + disk) + host
         return {"total": total, "copy": copy, "disk": disk, "gpu": gpu, "cpu_attn": cpu_attn, "kv_copy": kv_copy, "serial": serial,
                 "host": host, "weight_bytes": weight_bytes, "kv_bytes": kv_h2d, "flops": flops, "T": T, "S": S}
 

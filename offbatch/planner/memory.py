@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 from offbatch.models.spec import ModelSpec
+from offbatch.offload.kv_writer import KV_STAGING_BUFFERS
 from offbatch.offload.weights import pinned_bytes
 from offbatch.planner.shape import ModelShape
 
@@ -101,6 +102,8 @@ def host_bytes(shape: ModelShape, knobs: Knobs, max_len: int, pinned: bool, weig
         if knobs.decode_attention == "cpu":  # float32 scores of one host micro-batch, and its output
             mb = min(knobs.attn_micro_batch, knobs.wave)
             kv += 3 * mb * spec.num_heads * max_len * 4
+        # The host KV writer's staging ring (one pinned allocation): K and V of a step's tokens per buffer.
+        kv += size(2 * KV_STAGING_BUFFERS * step_tokens(knobs, max_len) * spec.kv_size * shape.dsize)
     return {"weights": weights, "kv": kv, "runtime": HOST_RUNTIME}
 
 
