@@ -131,7 +131,8 @@ def main():
         torch.cuda.set_per_process_memory_fraction(1.0)
 
     results = []
-    summary = {"hardware": hw.name, "gpu_memory": args.gpu_memory, "workload": workload.describe(), "points": results}
+    summary = {"hardware": hw.name, "gpu_memory": args.gpu_memory, "workload": workload.describe(),
+               "hardware_profile": hw.to_dict(), "points": results}
     for label, plan in points:
         if time.perf_counter() - t_start > args.budget_s:
             print(f"time budget spent: {len(points) - len(results)} point(s) not measured", flush=True)
@@ -153,7 +154,7 @@ def main():
                "measured": {k: r.get(k) for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s",
                                                   "peak_gpu_reserved_bytes", "wall_s", "decode_floor_tok_s",
                                                   "decode_achieved_over_floor", "decode_bytes_per_step")},
-               "error": r.get("error")}
+               "error": r.get("error"), "plan": plan.to_dict()}
         results.append(row)
         print("RESULT " + json.dumps(row), flush=True)
         summarise(summary, quiet=True)

@@ -142,7 +142,7 @@ def prefill_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, 
             kp[g, :, :n] = k[r : r + n].transpose(0, 1)
             vp[g, :, :n] = v[r : r + n].transpose(0, 1)
         q_pos = torch.arange(tmax, device=q.device)[None, :].expand(b, tmax)
-        k_len = torch.tensor([seqs[j][1] for j in group], device=q.device)
+        k_len = _index([seqs[j][1] for j in group], q.device)  # no wait for the device's queue
         o = grouped_attention(qp, kp, vp, q_pos, k_len, window)
         for g, j in enumerate(group):
             r, n = starts[j], seqs[j][1]

@@ -110,7 +110,9 @@ class StepModel:
             n_used = zero
             weight_bytes = zero + self.res.streamed_dense_bytes
         mb = max(1, min(k.attn_micro_batch, k.wave))
-        covered = np.minimum(k.wave, np.ceil(decode / mb) * mb)  # slots of micro-batches with a live seq
+        # Slots of the micro-batches that hold a live sequence. Sequences admitted together take adjacent
+        # slots and finish together, freeing them together, so live slots stay packed: ceil(decode / mb).
+        covered = np.minimum(k.wave, np.ceil(decode / mb) * mb)
         kv_h2d = covered * (self.max_len * self.kv_row * L) if (self.host_kv and not self.cpu_attn) else zero
         d2h = T * (self.kv_row * L) if self.host_kv else zero  # new K/V stored to host KV
 
@@ -167,10 +169,11 @@ class StepModel:
                 serial = serial + (decode > 0) * (L * 2 * hw.host.sync_s) + decode * (
                     (spec.q_size * 2 + self.kv_row // dsize) * dsize * L) / hw.h2d_pageable_bytes_s
             else:  # on the compute stream, sharing the link with the weight copies when there are any
-                kv_copy = kv_h2d / hw.h2d_pinned_bytes_s * np.where(weight_bytes > 0, 2.0, 1.0)
+                kv_copy = kv_h2d / hw.h2d_pinned_bytes_s
         copy = (weight_bytes + kv_h2d) / hw.h2d_pinned_bytes_s
         chain = gpu + cpu_attn + kv_copy + serial
         host = (hw.host.step_s + hw.host.seq_s * S + admitted * (prompt_len * hw.host.prefill_token_s)
+                + L * np.ceil(covered / mb) * hw.host.attn_call_s
                 + T * self.embed_row * (1 / hw.h2d_pageable_bytes_s + 1 / hw.host.cpu_attn_bytes_s))
         # The disk tier's reads run on the reader thread, ahead of the copies, as far as the staging
         # buffers allow: in a steady state the slower of disk and link sets the pace.

@@ -28,15 +28,22 @@ class Host:
     cpu_attn_bytes_s: float  # KV bytes/s read by torch attention on the host threads, alone
     cpu_attn_contended_bytes_s: float  # the same while pinned copies to the GPU run (they share DRAM)
     disk_read_bytes_s: float  # model folder, cold cache
-    # Serial host work of a step, calibrated on the H200 runs: sampling, bookkeeping, tensor set-up
-    # per sampled sequence, and a fixed part per step.
-    seq_s: float = 1.0e-4
+    # Serial host work of a step: sampling, bookkeeping, tensor set-up per sampled sequence, and a
+    # fixed part per step. Fitted (with prefill_token_s, launch_s, attn_call_s) to the 20 grid points
+    # measured on the H200 at 71f97a5 (benchmarks/2026-11-28c), the first engine without a wait per layer;
+    # the earlier, larger values had absorbed those waits.
+    seq_s: float = 1.0e-5
     step_s: float = 2.0e-3
-    # Per prompt token of a prefill step: what the H200 runs showed beyond copies and compute
-    # (embedding on the host, per-token Python work); fitted, not explained.
-    prefill_token_s: float = 7.7e-6
-    launch_s: float = 6e-6  # issuing one kernel from Python (bounds steps made of many tiny ops)
+    # Per prompt token of a prefill step, beyond copies and compute (building the step's ids and
+    # positions, embedding on the host).
+    prefill_token_s: float = 3.0e-6
+    # Issuing one kernel from Python, the module code around it included: with every weight resident
+    # nothing else bounds a small step (Llama-3-8B, wave 147: 45 ms a decode step, 10 of them GEMMs).
+    launch_s: float = 2e-5
     sync_s: float = 3e-5  # one host <-> device synchronisation
+    # One decode attention micro-batch call: its Python and launches are not hidden (the router's
+    # sync in every MoE layer, and the copies issued from the same thread, tie the host to the device).
+    attn_call_s: float = 5e-5
 
 
 @dataclass(frozen=True)
@@ -52,9 +59,10 @@ class Hardware:
     gemm_flop_s: dict[int, float]  # bf16 GEMM rate by M (tokens), K and N ~ 4096..14336
     mem_bytes_s: float  # device memory bandwidth as attention / elementwise kernels reach it
     host: Host
-    # Elements/s of the MoE output scatter (index_add_ of bf16 rows, atomic); fitted on the H200 runs,
-    # where it made prefill steps compute-bound, and scaled by memory bandwidth elsewhere.
-    scatter_elems_s: float = 1.5e9
+    # Elements/s of the MoE output scatter (index_add_ of bf16 rows): about memory-bound on the H200
+    # (the 71f97a5 runs; the earlier 1.5e9 had absorbed the per-layer waits of older engines), scaled by
+    # memory bandwidth elsewhere.
+    scatter_elems_s: float = 4.5e11
     source: str = "built-in"
 
     # ---- rates -------------------------------------------------------------------------------------
@@ -130,7 +138,7 @@ def _consumer(name, gpu, mem_gib, pcie, link_gb_s, peak_tflops, mem_gb_s, host: 
         name=name, device="cuda", gpu_name=gpu, gpu_memory_bytes=int(mem_gib * GiB), pcie=pcie,
         h2d_pinned_bytes_s=0.8 * link_gb_s * 1e9, h2d_pageable_bytes_s=0.45 * link_gb_s * 1e9,
         d2h_bytes_s=0.8 * link_gb_s * 1e9, gemm_flop_s=_gemm_curve(peak_tflops * 1e12, mem_gb_s * 1e9),
-        mem_bytes_s=0.75 * mem_gb_s * 1e9, host=host, scatter_elems_s=1.3e9 * mem_gb_s / 4800,
+        mem_bytes_s=0.75 * mem_gb_s * 1e9, host=host, scatter_elems_s=4.5e11 * mem_gb_s / 4800,
     )
 
 
@@ -150,14 +158,14 @@ PROFILES: dict[str, Hardware] = {
     "l4": _consumer("l4", "NVIDIA L4", 22.5, "4.0 x16", 31.5, 121.0, 300, CLOUD_16V),
     "a10": _consumer("a10", "NVIDIA A10", 22.5, "4.0 x16", 31.5, 125.0, 600, CLOUD_16V),
     # Measured (benchmarks/2026-11-28): pinned copy 54.7 GB/s; GEMM [M x 4096] x [4096 x 14336] bf16,
-    # the mean of the two runs; CPU attention 25 GB/s alone (16 threads); beside the copies the engine's
-    # host-KV run implies ~20 GB/s (a bare prototype saw 11).
+    # the mean of the two runs. CPU attention (16 threads): the engine's host-KV decode steps at 71f97a5
+    # imply ~24 GB/s beside the copies (the probe there measured ~26; a bare prototype saw 11).
     "h200": Hardware(
         name="h200", device="cuda", gpu_name="NVIDIA H200", gpu_memory_bytes=139 * GiB, pcie="5.0 x16",
         h2d_pinned_bytes_s=54.7e9, h2d_pageable_bytes_s=20e9, d2h_bytes_s=54.0e9,
         gemm_flop_s={16: 33.7e12, 64: 127.9e12, 256: 435.5e12, 1024: 664.0e12},
         mem_bytes_s=3.6e12,
-        host=Host(threads=16, memory_bytes=128 * GiB, cpu_attn_bytes_s=25e9, cpu_attn_contended_bytes_s=20e9,
+        host=Host(threads=16, memory_bytes=128 * GiB, cpu_attn_bytes_s=28e9, cpu_attn_contended_bytes_s=24e9,
                   disk_read_bytes_s=2e9),
     ),
     # The engine with the CPU as compute device (CI): "copies" are host memcpys, GEMMs on the cores.

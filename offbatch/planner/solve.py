@@ -52,6 +52,7 @@ class Evaluation:
     transient: dict[str, int]
     host: dict[str, int]
     tier: HostTier | None = None
+    resident_cap: int | None = None  # the cap on resident bytes this residency was chosen under
 
     @property
     def total_s(self) -> float:
@@ -171,13 +172,27 @@ class Solver:
         if self.fits(knobs):
             trans = device_transient_bytes(self.shape, knobs, self.wl.max_prompt_len, self.max_len)
             left = (self.usable - sum(trans.values())) if self.usable is not None else 1 << 62
-            res = self.chooser.choose(left, knobs.wave, self.max_resident, with_keys=False)
-            tier = self.host_split(knobs, res) if res is not None else None
-            if tier is not None:
-                model = StepModel(self.shape, self.hw, knobs, res, self.max_len, tier.disk_fraction)
-                result = Evaluation(knobs, res, model, job_time(model, self.wl), trans, tier.host, tier)
+            result = self._with_residency(knobs, trans, left, self.max_resident)
+            # Residency fills the lowest layers first, and the copies cannot hide their compute (the
+            # model's exposed share): where that outweighs the copies a resident module saves, holding
+            # less is faster. So a fuller GPU is never predicted slower, try holding half, and none.
+            if result is not None and result.model.resident_share > 0 and result.model.streams:
+                for cap in (result.residency.resident_bytes // 2, 0):
+                    if self.max_resident is not None:
+                        cap = min(cap, self.max_resident)
+                    e = self._with_residency(knobs, trans, left, cap)
+                    if e is not None and e.total_s < result.total_s * (1 - 1e-9):
+                        result = e
         self.cache[knobs] = result
         return result
+
+    def _with_residency(self, knobs: Knobs, trans: dict[str, int], left: int, cap: int | None) -> Evaluation | None:
+        res = self.chooser.choose(left, knobs.wave, cap, with_keys=False)
+        tier = self.host_split(knobs, res) if res is not None else None
+        if tier is None:
+            return None
+        model = StepModel(self.shape, self.hw, knobs, res, self.max_len, tier.disk_fraction)
+        return Evaluation(knobs, res, model, job_time(model, self.wl), trans, tier.host, tier, cap)
 
     def _best(self, options: list[Knobs]) -> Evaluation | None:
         best = None
@@ -312,7 +327,7 @@ def prediction(model: StepModel, wl: Workload, job: JobTime) -> dict:
 def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
     k = e.knobs
     left = (solver.usable - sum(e.transient.values())) if solver.usable is not None else 1 << 62
-    res = solver.chooser.choose(left, k.wave, solver.max_resident, with_keys=True)  # now with its modules
+    res = solver.chooser.choose(left, k.wave, e.resident_cap, with_keys=True)  # now with its modules
     disk, host = set(), e.host
     if e.tier is not None and (e.tier.disk_resident_bytes or e.tier.disk_streamed_bytes):
         chosen = choose_disk(solver.shape, res.resident, e.tier, solver.host_budget, k, solver.max_len, solver.cuda)
