@@ -94,3 +94,21 @@ def test_plan_with_little_host_memory_shows_the_disk_tier():
     assert rep["bottleneck_kind"] == "disk"
     r = runner.invoke(app, [*args[:-1], "2GiB"])
     assert r.exit_code != 0 and "even with its weights read from disk" in r.output
+
+
+def test_plan_says_why_it_holds_less_than_fits():
+    # Qwen1.5-MoE on a 12 GiB card budgeted 16 GiB, KV in host memory: the link is busy with KV copies
+    # all step, so resident modules' compute would be exposed rather than saving copy time; the solver
+    # holds (almost) nothing, and the plan must say so rather than look like wasted memory.
+    args = ["plan", "--synth", "qwen1.5-moe-a2.7b", "--gpu-memory", "16GiB", "--hardware", "rtx3060-12g",
+            "--num-prompts", "5000", "--prompt-len", "64", "--gen-len", "512", "--cpu-memory", "512GiB"]
+    rep = plan_json(*args[1:])
+    note = rep["predicted"]["residency_note"]
+    assert note.startswith("holds ") and "would fit" in note
+    assert rep["plan"]["memory"]["resident_weights"] < 1 << 30
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "residency: holds" in r.output
+    # With the GPU filled as usual, no note.
+    assert plan_json("--synth", "mixtral-8x7b", "--layers", "8", "--gpu-memory", "8GiB", "--hardware", "h200",
+                     "--num-prompts", "1024", "--prompt-len", "256", "--gen-len", "64")["predicted"]["residency_note"] == ""

@@ -182,13 +182,14 @@ class StepModel:
         # fills the lower layers first: the compute of the resident stretch at the start of a step has
         # almost no copies to hide behind (the first ring-fill aside). So that share of the chain adds to
         # the overlapped part instead of hiding under the copies.
-        exposed = (gpu + cpu_attn + serial) * self.resident_share if self.overlap and self.streams else zero
+        exposed = (gpu + serial) * self.resident_share if self.overlap and self.streams else zero
         # Copies are issued from the host thread, at most a set of slot rings ahead of the compute: while
         # that thread computes a layer's attention on the CPU, the copy stream stops once the rings are
-        # full. What CPU attention of a streamed layer takes beyond a ring fill holds the copies back.
+        # full. What CPU attention of a layer takes beyond a ring fill holds the copies back, resident
+        # layer or streamed.
         if self.cpu_attn and self.overlap and self.streams:
             ring_fill = self.res.slot_bytes / hw.h2d_pinned_bytes_s
-            exposed = exposed + L * (1 - self.resident_share) * np.maximum(0.0, cpu_attn / L - ring_fill)
+            exposed = exposed + L * np.maximum(0.0, cpu_attn / L - ring_fill)
         total = (np.maximum(np.maximum(copy + head_s, chain - exposed), np.maximum(disk, kv_store)) + exposed
                  if self.overlap else copy + chain + disk) + host
         return {"total": total, "copy": copy, "disk": disk, "gpu": gpu, "cpu_attn": cpu_attn, "kv_copy": kv_copy, "serial": serial,
