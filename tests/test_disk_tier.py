@@ -13,7 +13,7 @@ import torch
 from hf_factory import save_hf_model
 from offbatch.engine.api import GenRequest, SamplingParams
 from offbatch.engine.build import engine_for_folder
-from offbatch.errors import BudgetError, OffbatchError
+from offbatch.errors import OffbatchError
 from offbatch.models.loader import open_checkpoint
 from offbatch.models.reference import ReferenceModel
 from offbatch.models.spec import spec_from_config

@@ -279,6 +279,35 @@ def test_streaming_engine_behind_run_gives_the_reference_results(model, tmp_path
     assert set(a) == set(b) == {row["id"] for row in rows}
     for key in a:
         assert (a[key]["text"], a[key]["finish_reason"]) == (b[key]["text"], b[key]["finish_reason"]), key
+    # The job's log says the plan it runs: placement, batch sizes, the prediction and the bottleneck.
+    assert "plan (solver): KV on the GPU, wave " in r.output and "bottleneck:" in r.output
+
+
+def test_run_pins_a_saved_plan(model, tmp_path):
+    rows = [{"id": f"p{i}", "prompt": " ".join(WORDS[i:i + 2 + i % 3]), "max_tokens": 5} for i in range(6)]
+    prompts = write_jsonl(tmp_path / "p.jsonl", rows)
+    plan = tmp_path / "plan.json"
+    r = CliRunner().invoke(app, ["plan", str(model), "--prompts", str(prompts), "--gpu-memory", "1.2MiB",
+                                 "--hardware", "cpu", "--json", "--out", str(plan)])
+    assert r.exit_code == 0, r.output
+    saved = json.loads(plan.read_text())["plan"]
+    ref, pinned = tmp_path / "ref.jsonl", tmp_path / "pinned.jsonl"
+    assert run(model, prompts, "-o", ref, "--engine", "reference").exit_code == 0
+    r = run(model, prompts, "-o", pinned, "--engine", "streaming", "--device", "cpu", "--plan", plan)
+    assert r.exit_code == 0, r.output
+    assert f"plan (from file): KV on the GPU, wave {saved['wave_size']}," in r.output
+    a, b = texts(ref), texts(pinned)
+    assert {k: v["text"] for k, v in a.items()} == {k: v["text"] for k, v in b.items()}
+    # Bad uses are one clear error each, and the results file is left as it was.
+    before = pinned.read_text()
+    longer = write_jsonl(tmp_path / "long.jsonl", [{"id": "x", "prompt": "the sun is", "max_tokens": 400}])
+    for args, words in (([prompts, "--engine", "reference", "--plan", plan], "--plan pins the streaming engine"),
+                        ([longer, "--engine", "streaming", "--device", "cpu", "--plan", plan], "the plan's context is"),
+                        ([prompts, "--engine", "streaming", "--device", "cpu", "--plan", tmp_path / "none.json",
+                          "--overwrite"], "cannot read the plan file")):
+        r = run(model, args[0], "-o", pinned, *args[1:])
+        assert r.exit_code == 3 and words in r.output and "Traceback" not in r.output, r.output
+        assert pinned.read_text() == before
 
 
 def test_unusable_device_or_engine_is_one_clear_error(model, tmp_path):

@@ -13,13 +13,11 @@ from offbatch.errors import BudgetError, OffbatchError
 from offbatch.models.spec import spec_from_config
 from offbatch.models.synth import synth_config
 from offbatch.offload.weights import SynthSource, WeightStore
-from offbatch.planner.cost import StepModel, job_time
 from offbatch.planner.hardware import PROFILES, Hardware, load_hardware
-from offbatch.planner.memory import SAFETY, Knobs
+from offbatch.planner.memory import SAFETY
 from offbatch.planner.plan import Plan
-from offbatch.planner.residency import residency_of
 from offbatch.planner.shape import shape_from_spec, shape_from_store
-from offbatch.planner.solve import make_plan, predict
+from offbatch.planner.solve import make_plan
 from offbatch.planner.workload import Workload
 
 GiB = 1 << 30

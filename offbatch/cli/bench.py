@@ -29,18 +29,6 @@ def _source(model_dir: Optional[Path], synth: Optional[str], layers: Optional[in
     return CheckpointSource(open_checkpoint(model_dir))
 
 
-def load_plan_file(path: Path):
-    from offbatch.planner.plan import Plan
-
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise OffbatchError(f"cannot read the plan file {path}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise OffbatchError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
-    return Plan.from_dict(data)
-
-
 def command(
     model_dir: Annotated[Optional[Path], typer.Argument(help="Model folder (or use --synth).")] = None,
     synth: Annotated[Optional[str], typer.Option("--synth", help="Bench a synth preset in memory, e.g. mixtral-8x7b.")] = None,
@@ -63,11 +51,11 @@ def command(
 
     from offbatch.engine.benchmark import run_bench
     from offbatch.models.reference import resolve_dtype
+    from offbatch.engine.select import resolve_device
+    from offbatch.planner.plan import load_plan_file
     from offbatch.planner.shape import shape_from_spec
     from offbatch.planner.solve import predict, resolve_hardware
     from offbatch.planner.workload import Workload
-
-    from offbatch.engine.select import resolve_device
 
     device = resolve_device(device)
     source = _source(model_dir, synth, layers)

@@ -60,6 +60,8 @@ def command(
     engine_kind: Annotated[Optional[str], typer.Option("--engine", help="streaming (module-based batching under "
                                                        "the GPU cap) or reference; default: streaming on a GPU, "
                                                        "reference on the CPU.")] = None,
+    plan_file: Annotated[Optional[Path], typer.Option("--plan", help="Pin this plan (a `plan --json` file) instead "
+                                                      "of planning (streaming engine).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check every line and count tokens; generate nothing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the results file afresh instead of resuming.")] = False,
     log_format: Annotated[LogFormat, typer.Option("--log-format", help="auto: a progress bar on a terminal, else "
@@ -90,7 +92,7 @@ def command(
     records); 3 fatal error; 130 / 143 stopped by Ctrl-C / SIGTERM (finished
     results are kept: rerun to resume).
     """
-    from offbatch.engine.select import EngineOptions, make_generator
+    from offbatch.engine.select import EngineOptions, check_options, make_generator
     from offbatch.jobs.progress import Progress, pick_mode
     from offbatch.jobs.runner import RunConfig, run_job
     from offbatch.models.spec import load_spec
@@ -120,9 +122,10 @@ def command(
 
     engine = EngineOptions(device=device, dtype=dtype, gpu_memory=byte_size(gpu_memory, "--gpu-memory"),
                            cpu_memory=byte_size(cpu_memory, "--cpu-memory"), max_batch=max_batch,
-                           engine=engine_kind)
+                           engine=engine_kind, plan_file=plan_file)
     progress = Progress(pick_mode(log_format.value, quiet), interval=log_interval)
     try:
+        check_options(engine)
         spec = load_spec(model_dir)
         tokenizer = load_tokenizer(model_dir)
         cfg = RunConfig(model_dir=Path(model_dir), prompts=str(prompts), output=output, errors=errors, flags=flags,

@@ -20,6 +20,7 @@ class EngineOptions:
     # The job, for the streaming engine's planner: each request's prompt length and max_tokens.
     prompt_lens: list[int] | None = None
     gen_lens: list[int] | None = None
+    plan_file: Path | None = None  # pin this plan (streaming engine) instead of planning
 
 
 def resolve_device(device: str | None) -> str:
@@ -36,13 +37,32 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def check_options(options: EngineOptions) -> tuple[str, str]:
+    """(device, engine kind), or one clear error for options that cannot work, before a job touches anything."""
+    from offbatch.errors import OffbatchError
+
+    device = resolve_device(options.device)
+    kind = options.engine or ("streaming" if device.startswith("cuda") else "reference")
+    if kind not in ("streaming", "reference"):
+        raise OffbatchError(f"--engine {kind!r}: use streaming or reference")
+    if options.plan_file is not None:
+        if kind != "streaming":
+            raise OffbatchError("--plan pins the streaming engine's plan; this run uses the reference engine "
+                                "(the CPU default): add --engine streaming")
+        if options.cpu_memory is not None:
+            raise OffbatchError("--cpu-memory plans the host side; a pinned --plan already has its own")
+        from offbatch.planner.plan import load_plan_file
+
+        load_plan_file(options.plan_file)  # readable and a plan
+    return device, kind
+
+
 def make_generator(model_dir: str | Path, tokenizer, options: EngineOptions | None = None) -> Generator:
     """A Generator for the model folder: the streaming engine (module-based batching under the GPU cap)
     when the device is a GPU, else the reference forward's continuous batching on the CPU. Both give the
     same greedy tokens; `engine="streaming"` on the CPU runs the streaming engine's scheduling there."""
     options = options or EngineOptions()
-    device = resolve_device(options.device)
-    kind = options.engine or ("streaming" if device.startswith("cuda") else "reference")
+    device, kind = check_options(options)
     if kind == "streaming":
         from offbatch.engine.build import engine_for_folder
         from offbatch.planner.workload import Workload
@@ -50,15 +70,21 @@ def make_generator(model_dir: str | Path, tokenizer, options: EngineOptions | No
         workload = None
         if options.prompt_lens:
             workload = Workload.from_lengths(options.prompt_lens, options.gen_lens)
+        pinned = {}
+        if options.plan_file is not None:
+            from offbatch.errors import OffbatchError
+            from offbatch.planner.plan import load_plan_file
+
+            plan = load_plan_file(options.plan_file)
+            if workload is not None and workload.max_len > plan.max_len:
+                raise OffbatchError(f"the plan's context is {plan.max_len} tokens; this job needs {workload.max_len} "
+                                    "(its longest prompt plus max_tokens): plan for this job's prompts")
+            pinned = {"plan": plan}
         return engine_for_folder(model_dir, device=device, dtype=options.dtype, gpu_memory=options.gpu_memory,
                                  cpu_memory=options.cpu_memory, workload=workload,
                                  num_requests=workload.num_requests if workload else 64,
                                  max_len=workload.max_len if workload else 2048,
-                                 eos_token_ids=tokenizer.eos_token_ids)
-    if kind != "reference":
-        from offbatch.errors import OffbatchError
-
-        raise OffbatchError(f"--engine {kind!r}: use streaming or reference")
+                                 eos_token_ids=tokenizer.eos_token_ids, **pinned)
     from offbatch.engine.reference_generator import ReferenceGenerator
     from offbatch.models.reference import ReferenceModel
 

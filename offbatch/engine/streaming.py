@@ -110,7 +110,7 @@ class StreamingEngine:
 
     def _attention(self, i: int, x: torch.Tensor, dec: DecodeBatch | None, pre: list[tuple[LiveSeq, int]],
                    cos, sin) -> torch.Tensor:
-        spec, plan = self.spec, self.plan
+        spec = self.spec
         w = self._acquire((i, "attn"))
         h = L.norm(x, w, "attn_norm", spec) if spec.pre_norm else x
         q, k, v = L.attention_qkv(h, w, spec, cos, sin)

@@ -142,6 +142,9 @@ def run_job(cfg: RunConfig, progress: Progress, make_generator: Callable, tokeni
         cfg.engine.prompt_lens = [len(r.prompt_ids) for r in todo]
         cfg.engine.gen_lens = [r.params.max_tokens for r in todo]
     generator = make_generator(cfg.model_dir, tokenizer, cfg.engine) if todo else None
+    engine_plan = getattr(generator, "plan", None)  # the streaming engine's: where everything is, and why
+    if engine_plan is not None:
+        progress.info(engine_plan.summary(), plan=engine_plan.describe())
 
     if plan is not None and plan.changed_any:
         apply_resume(cfg.output, plan)

@@ -58,6 +58,26 @@ class Plan:
             "disk_modules": len(self.disk), "staging_buffers": self.staging_buffers, "predicted": self.predicted,
         }
 
+    def summary(self) -> str:
+        """One line for a job's log: where things are, the batch sizes, what the model expects, and why."""
+        kv = "KV on the GPU" if self.kv_placement == "gpu" else f"KV in host memory, decode attention on the {self.decode_attention.upper()}"
+        mem = self.memory or {}
+        parts = [f"plan ({'from file' if self.chosen_by == 'file' else self.chosen_by}): {kv}, wave {self.wave_size}, "
+                 f"prefill {self.prefill_tokens} tok/step, attention mb {self.attn_micro_batch}, FFN mb {self.ffn_micro_tokens}"]
+        if mem:
+            parts.append(f"GPU {format_bytes(sum(mem.values()))} ({format_bytes(mem.get('resident_weights', 0))} "
+                         f"resident weights{f', {len(self.disk)} modules on disk' if self.disk else ''})")
+        pred = self.predicted or {}
+        if pred.get("e2e_tok_s"):
+            parts.append(f"predicted {pred['e2e_tok_s']:,.0f} tok/s end to end (decode {pred['decode_tok_s']:,.0f}, "
+                         f"prefill {pred['prefill_tok_s']:,.0f})")
+        line = "; ".join(parts)
+        if pred.get("bottleneck"):
+            line += f"\n  bottleneck: {pred['bottleneck']}"
+        if pred.get("residency_note"):
+            line += f"\n  residency: {pred['residency_note']}"
+        return line
+
     # ---- a plan file (`offbatch plan --json` writes one; `--plan FILE` pins it) ----------------------
     def to_dict(self) -> dict:
         d = self.describe()
@@ -165,3 +185,18 @@ def rule_plan(spec: ModelSpec, store: WeightStore, device: str, budget: int | No
     return Plan(device=device, dtype=store.dtype, wave_size=wave, max_len=max_len, prefill_tokens=prefill_tokens,
                 attn_micro_batch=min(attn_micro_batch, wave), ffn_micro_tokens=ffn_micro_tokens, slots=slots,
                 resident=resident, budget_bytes=budget, memory=memory)
+
+
+def load_plan_file(path) -> Plan:
+    """A plan saved by `offbatch plan --json` (the whole report or its "plan"), as one clear error if not."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise OffbatchError(f"cannot read the plan file {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise OffbatchError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
+    return Plan.from_dict(data)
