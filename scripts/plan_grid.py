@@ -42,7 +42,7 @@ def parse_args():
     p.add_argument("model_dir", nargs="?", help="model folder (or --synth)")
     p.add_argument("--synth", help="synth preset, benched without writing it to disk")
     p.add_argument("--layers", type=int)
-    p.add_argument("--gpu-memory", default="8GiB")
+    p.add_argument("--gpu-memory", default="8GiB", help="a cap, or several (8GiB,24GiB): one grid each, weights packed once")
     p.add_argument("--cpu-memory", default=None)
     p.add_argument("--prompts", type=int, default=1024)
     p.add_argument("--prompt-len", type=int, default=256)
@@ -51,7 +51,7 @@ def parse_args():
     p.add_argument("--placements", default="gpu,host-gpu,host-cpu")
     p.add_argument("--waves", default="auto", help="comma list, or auto: 1/4, 1/2 and all of the largest that fits")
     p.add_argument("--micro-batches", default="16,64,256", help="attention micro-batch sizes")
-    p.add_argument("--budget-s", type=float, default=540.0, help="start no new run after this many seconds")
+    p.add_argument("--budget-s", type=float, default=540.0, help="start no new run after this many seconds (per cap)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     return p.parse_args()
@@ -70,7 +70,7 @@ def main():
         source = CheckpointSource(open_checkpoint(args.model_dir))
     spec = source.spec
     dtype = getattr(torch, spec.torch_dtype)
-    cap = parse_bytes(args.gpu_memory)
+    caps = [c.strip() for c in args.gpu_memory.split(",") if c.strip()]
     cpu_cap = parse_bytes(args.cpu_memory) if args.cpu_memory else None
     hw = resolve_hardware(args.hardware, args.device, args.model_dir)
     workload = Workload.uniform(args.prompts, args.prompt_len, args.gen_len)
@@ -78,6 +78,21 @@ def main():
     shape = shape_from_store(store)
     print(f"packed {store.total_bytes / 2**30:.1f} GiB in {time.perf_counter() - t_start:.0f} s; planning for "
           f"{hw.name}", flush=True)
+    for i, cap_text in enumerate(caps):
+        out = args.out
+        if out and len(caps) > 1:  # grid.json -> grid-8GiB.json, one file per cap
+            path = Path(out)
+            out = str(path.with_name(f"{path.stem}-{cap_text}{path.suffix}"))
+        # Each cap gets the whole --budget-s, counted from its start (the first one's includes packing).
+        measure(args, source, store, shape, hw, workload, cap_text, cpu_cap, out, warm_up=i == 0,
+                t_start=t_start if i == 0 else time.perf_counter())
+
+
+def measure(args, source, store, shape, hw, workload, cap_text, cpu_cap, out, warm_up, t_start):
+    """The grid at one GPU cap: plan the points, measure them in order until the budget is spent."""
+    spec, dtype = source.spec, store.dtype
+    cap = parse_bytes(cap_text)
+    print(f"=== --gpu-memory {cap_text}", flush=True)
 
     def plan_for(**pins):
         return make_plan(spec, dtype, args.device, cap, workload, hardware=hw, cpu_memory=cpu_cap, shape=shape, **pins)
@@ -123,15 +138,16 @@ def main():
     points += planned[:n_first] + sorted(planned[n_first:], key=lambda lp: -lp[1].predicted["e2e_tok_s"])
 
     # Warm-up (not recorded): the first run in a process pays one-time costs (kernel selection, caches).
-    warm = min(args.prompts, max(1, chosen.wave_size // 4), 16)
-    run_bench(source, args.device, cap, warm, args.prompt_len, 2, default_dtype=dtype, plan=chosen, store=store,
-              hardware=hw)
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(1.0)
+    if warm_up:
+        warm = min(args.prompts, max(1, chosen.wave_size // 4), 16)
+        run_bench(source, args.device, cap, warm, args.prompt_len, 2, default_dtype=dtype, plan=chosen, store=store,
+                  hardware=hw)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction(1.0)
 
     results = []
-    summary = {"hardware": hw.name, "gpu_memory": args.gpu_memory, "workload": workload.describe(),
+    summary = {"hardware": hw.name, "gpu_memory": cap_text, "workload": workload.describe(),
                "hardware_profile": hw.to_dict(), "points": results}
     for label, plan in points:
         if time.perf_counter() - t_start > args.budget_s:
@@ -158,11 +174,11 @@ def main():
         results.append(row)
         print("RESULT " + json.dumps(row), flush=True)
         summarise(summary, quiet=True)
-        if args.out:  # after every point: a run cut short by a timeout keeps what it measured
-            Path(args.out).write_text(json.dumps(summary, indent=2))
+        if out:  # after every point: a run cut short by a timeout keeps what it measured
+            Path(out).write_text(json.dumps(summary, indent=2))
     summarise(summary, quiet=False)
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=2))
+    if out:
+        Path(out).write_text(json.dumps(summary, indent=2))
 
 
 def summarise(summary: dict, quiet: bool) -> None:

@@ -19,6 +19,7 @@ from offbatch.planner.plan import Plan
 from offbatch.planner.shape import shape_from_spec, shape_from_store
 from offbatch.planner.solve import make_plan
 from offbatch.planner.workload import Workload
+from offbatch.units import parse_bytes
 
 GiB = 1 << 30
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "2026-11-28"
@@ -322,16 +323,19 @@ def test_plan_grid_script_measures_points_and_saves_them(tmp_path):
 
     out = tmp_path / "grid.json"
     script = Path(__file__).resolve().parent.parent / "scripts" / "plan_grid.py"
-    r = subprocess.run([sys.executable, str(script), "--synth", "llama", "--device", "cpu", "--gpu-memory", "1GiB",
+    r = subprocess.run([sys.executable, str(script), "--synth", "llama", "--device", "cpu", "--gpu-memory", "1GiB,2MiB",
                         "--prompts", "4", "--prompt-len", "6", "--gen-len", "3", "--placements", "gpu",
                         "--waves", "2,4", "--micro-batches", "2", "--out", str(out)], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    data = json.loads(out.read_text())
-    labels = [p["label"] for p in data["points"]]
-    assert labels[0] == "chosen" and len(labels) >= 2
-    assert all(p["measured"]["e2e_tok_s"] > 0 and p["error"] is None for p in data["points"])
-    assert data["hardware_profile"]["name"] == data["hardware"]
-    assert 0 < data["chosen_over_best"] <= 1.0
-    assert Plan.from_dict(data["points"][0]["plan"]).wave_size == data["points"][0]["wave_size"]
-    assert "chosen plan:" in r.stdout
+    assert r.stdout.count("chosen plan:") == 2  # one grid per cap, the weights packed once
+    for cap in ("1GiB", "2MiB"):
+        data = json.loads((tmp_path / f"grid-{cap}.json").read_text())
+        assert data["gpu_memory"] == cap
+        labels = [p["label"] for p in data["points"]]
+        assert labels[0] == "chosen" and len(labels) >= 2
+        assert all(p["measured"]["e2e_tok_s"] > 0 and p["error"] is None for p in data["points"])
+        assert data["hardware_profile"]["name"] == data["hardware"]
+        assert 0 < data["chosen_over_best"] <= 1.0
+        plan = Plan.from_dict(data["points"][0]["plan"])
+        assert plan.wave_size == data["points"][0]["wave_size"] and plan.budget_bytes == parse_bytes(cap)
