@@ -138,3 +138,26 @@ def test_copied_ranges_use_this_steps_token_before_host_kv_has_it():
         vv = torch.cat([kv.v[0][s, :, :n].transpose(0, 1), v[j : j + 1]])
         torch.testing.assert_close(got[j], causal_attention(q[j : j + 1], kk, vv, n)[0])
     kv.writer.close()
+
+
+def test_a_closed_host_kv_writer_lets_the_kv_go_and_restarts_on_use():
+    # The writer's thread holds the host KV: once an engine is done it closes the writer, and nothing may
+    # keep the KV (tens of GiB on a real run) alive after that. A later store starts a new thread.
+    import gc
+    import weakref
+
+    sp = spec()
+    kv = WaveKV(sp, slots=2, max_len=8, device="cpu", dtype=torch.float32)
+    writer = kv.writer = HostKVWriter(kv, rows=4)
+    k = torch.randn(1, 2, 8)
+    writer.store_tokens(0, k, k, [1], [3])
+    writer.close()
+    assert torch.equal(kv.k[0][1, :, 3], k[0]) and writer._thread is None
+    writer.store_tokens(1, k, k, [0], [2])  # restarts
+    writer.settle(1)
+    assert torch.equal(kv.v[1][0, :, 2], k[0])
+    writer.close()
+    gone = weakref.ref(kv.k[0])
+    del kv, writer
+    gc.collect()
+    assert gone() is None

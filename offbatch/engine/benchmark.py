@@ -72,9 +72,12 @@ def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts
     reqs = [GenRequest(i, p, SamplingParams(max_tokens=gen_len, ignore_eos=True))
             for i, p in enumerate(random_prompts(prompts, prompt_len, spec.vocab_size))]
     t0 = time.perf_counter()
-    done = sum(1 for _ in engine.generate(reqs))
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    try:
+        done = sum(1 for _ in engine.generate(reqs))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    finally:
+        engine.close()  # its threads would keep staging buffers and host KV alive (a grid runs many engines)
     wall = time.perf_counter() - t0
     assert done == prompts
     t = engine.times

@@ -279,7 +279,17 @@ class StreamingEngine:
         try:
             yield from self._generate(requests)
         finally:
-            self.kv.drain()  # host KV writes of the last step (and any writer error) before returning
+            try:
+                self.kv.drain()  # host KV writes of the last step (and any writer error) before returning
+            finally:
+                if self.kv.writer is not None:
+                    self.kv.writer.close()  # its thread would keep the host KV alive after the engine
+
+    def close(self) -> None:
+        """End the engine's threads (disk reader, host KV writer): call once done with it."""
+        self.pf.close()
+        if self.kv.writer is not None:
+            self.kv.writer.close()
 
     def _generate(self, requests: Iterable[GenRequest]) -> Iterator[GenOutput]:
         pending = iter(requests)

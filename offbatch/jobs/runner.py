@@ -163,7 +163,11 @@ def run_job(cfg: RunConfig, progress: Progress, make_generator: Callable, tokeni
             progress.line_error(e.line, e.id, e.message)
             progress.add(ok=False)
         if todo:
-            interrupted = _generate(cfg, progress, generator, tokenizer, todo, writer)
+            try:
+                interrupted = _generate(cfg, progress, generator, tokenizer, todo, writer)
+            finally:
+                if hasattr(generator, "close"):
+                    generator.close()
     except BaseException:
         progress.stop()  # no live bar or log ticker left behind on the way to the error message
         raise

@@ -50,8 +50,7 @@ class HostKVWriter:
         self._error: BaseException | None = None
         self._streams: dict = {}
         self.rows_written = 0
-        self._thread = threading.Thread(target=self._work, name="offbatch-kv-writer", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # started by the first store, ended by close()
 
     # ---- submitting (compute thread) -----------------------------------------------------------
     def store_spans(self, layer: int, k: torch.Tensor, v: torch.Tensor, spans: list[tuple[int, int, int]]) -> None:
@@ -85,6 +84,9 @@ class HostKVWriter:
 
     def _submit(self, layer, k, v, r0, r1, dest) -> None:
         self._raise()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="offbatch-kv-writer", daemon=True)
+            self._thread.start()
         idx = self._free.get()  # waits while every buffer is still being scattered
         self._raise()
         bk, bv = self._bufs[idx]
@@ -122,9 +124,12 @@ class HostKVWriter:
             self.settle(layer)
 
     def close(self) -> None:
-        if self._thread.is_alive():
+        """Finish the queued writes and end the thread (a later store starts a new one). The thread holds
+        the writer and so the whole host KV: an engine that is done must close it, or its memory stays."""
+        if self._thread is not None:
             self._jobs.put(None)
             self._thread.join()
+            self._thread = None
 
     def _raise(self) -> None:
         if self._error is not None:
