@@ -280,7 +280,7 @@ def test_streaming_engine_behind_run_gives_the_reference_results(model, tmp_path
     for key in a:
         assert (a[key]["text"], a[key]["finish_reason"]) == (b[key]["text"], b[key]["finish_reason"]), key
     # The job's log says the plan it runs: placement, batch sizes, the prediction and the bottleneck.
-    assert "plan (solver): KV on the GPU, wave " in r.output and "bottleneck:" in r.output
+    assert "plan (solver): KV on the compute device (CPU), wave " in r.output and "bottleneck:" in r.output
 
 
 def test_run_pins_a_saved_plan(model, tmp_path):
@@ -295,7 +295,7 @@ def test_run_pins_a_saved_plan(model, tmp_path):
     assert run(model, prompts, "-o", ref, "--engine", "reference").exit_code == 0
     r = run(model, prompts, "-o", pinned, "--engine", "streaming", "--device", "cpu", "--plan", plan)
     assert r.exit_code == 0, r.output
-    assert f"plan (from file): KV on the GPU, wave {saved['wave_size']}," in r.output
+    assert f"plan (from file): KV on the compute device (CPU), wave {saved['wave_size']}," in r.output
     a, b = texts(ref), texts(pinned)
     assert {k: v["text"] for k, v in a.items()} == {k: v["text"] for k, v in b.items()}
     # Bad uses are one clear error each, and the results file is left as it was.

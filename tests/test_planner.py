@@ -339,3 +339,15 @@ def test_plan_grid_script_measures_points_and_saves_them(tmp_path):
         assert 0 < data["chosen_over_best"] <= 1.0
         plan = Plan.from_dict(data["points"][0]["plan"])
         assert plan.wave_size == data["points"][0]["wave_size"] and plan.budget_bytes == parse_bytes(cap)
+
+
+def test_plan_summary_line_says_placement_sizes_prediction_and_why():
+    wl = Workload.uniform(1024, 256, 64)
+    plan = make_plan(spec_of("mixtral-8x7b", 8), torch.bfloat16, "cuda", 8 * GiB, wl, hardware="h200",
+                     cpu_memory=100 * GiB)
+    line = plan.summary()
+    assert line.startswith("plan (solver): ")
+    assert f"wave {plan.wave_size}," in line and f"attention mb {plan.attn_micro_batch}" in line
+    assert f"{plan.predicted['e2e_tok_s']:,.0f} tok/s end to end" in line
+    assert ("KV on the GPU" in line) == (plan.kv_placement == "gpu")
+    assert "\n  bottleneck: " in line

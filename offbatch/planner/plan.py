@@ -60,12 +60,13 @@ class Plan:
 
     def summary(self) -> str:
         """One line for a job's log: where things are, the batch sizes, what the model expects, and why."""
-        kv = "KV on the GPU" if self.kv_placement == "gpu" else f"KV in host memory, decode attention on the {self.decode_attention.upper()}"
+        gpu = "GPU" if self.device.startswith("cuda") else "compute device (CPU)"
+        kv = f"KV on the {gpu}" if self.kv_placement == "gpu" else f"KV in host memory, decode attention on the {self.decode_attention.upper()}"
         mem = self.memory or {}
         parts = [f"plan ({'from file' if self.chosen_by == 'file' else self.chosen_by}): {kv}, wave {self.wave_size}, "
                  f"prefill {self.prefill_tokens} tok/step, attention mb {self.attn_micro_batch}, FFN mb {self.ffn_micro_tokens}"]
         if mem:
-            parts.append(f"GPU {format_bytes(sum(mem.values()))} ({format_bytes(mem.get('resident_weights', 0))} "
+            parts.append(f"{gpu.split()[0]} {format_bytes(sum(mem.values()))} ({format_bytes(mem.get('resident_weights', 0))} "
                          f"resident weights{f', {len(self.disk)} modules on disk' if self.disk else ''})")
         pred = self.predicted or {}
         if pred.get("e2e_tok_s"):
