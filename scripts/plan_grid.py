@@ -52,6 +52,8 @@ def parse_args():
     p.add_argument("--waves", default="auto", help="comma list, or auto: 1/4, 1/2 and all of the largest that fits")
     p.add_argument("--micro-batches", default="16,64,256", help="attention micro-batch sizes")
     p.add_argument("--budget-s", type=float, default=540.0, help="start no new run after this many seconds (per cap)")
+    p.add_argument("--spread-point", action="store_true", help="measure the chosen plan's knobs with residency "
+                   "spread over the step too, right after it (an experiment: see planner/residency.py)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     return p.parse_args()
@@ -99,6 +101,11 @@ def measure(args, source, store, shape, hw, workload, cap_text, cpu_cap, out, wa
 
     chosen = plan_for()
     points = [("chosen", chosen)]
+    if args.spread_point:
+        points.append(("chosen, residency spread", plan_for(
+            residency_order="spread", kv_placement=chosen.kv_placement, decode_attention=chosen.decode_attention,
+            wave_size=chosen.wave_size, attn_micro_batch=chosen.attn_micro_batch,
+            prefill_tokens=chosen.prefill_tokens, ffn_micro_tokens=chosen.ffn_micro_tokens)))
     seen = {(chosen.kv_placement, chosen.decode_attention, chosen.wave_size, chosen.attn_micro_batch)}
     mbs = [int(x) for x in args.micro_batches.split(",")]
     grid = []
@@ -163,7 +170,8 @@ def measure(args, source, store, shape, hw, workload, cap_text, cpu_cap, out, wa
                 torch.cuda.empty_cache()
                 torch.cuda.set_per_process_memory_fraction(1.0)
         pred = plan.predicted
-        row = {"label": label, "kv_placement": plan.kv_placement, "decode_attention": plan.decode_attention,
+        row = {"label": label, "residency_order": plan.residency_order,
+               "kv_placement": plan.kv_placement, "decode_attention": plan.decode_attention,
                "wave_size": plan.wave_size, "attn_micro_batch": plan.attn_micro_batch,
                "prefill_tokens": plan.prefill_tokens, "ffn_micro_tokens": plan.ffn_micro_tokens,
                "predicted": {k: pred[k] for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s")},

@@ -87,6 +87,9 @@ class StepModel:
         self.streams = res.streamed_dense_bytes + res.streamed_experts > 0
         streamed = res.streamed_dense_bytes + res.streamed_experts * res.expert_bytes
         self.resident_share = res.resident_bytes / (res.resident_bytes + streamed) if res.resident_bytes + streamed else 0.0
+        # Exposed at the start of a step: the resident stretch of "layer" order. Spread out, each resident
+        # module computes while the copies of the streamed ones after it run (a prediction, unmeasured).
+        self.exposed_share = self.resident_share if res.order == "layer" else 0.0
 
     def times(self, decode, admitted, prompt_len: float, ctx_mean, ctx_max) -> dict[str, np.ndarray]:
         """Vectorised over steps: every argument but prompt_len an array (or scalar) of the same shape."""
@@ -182,7 +185,7 @@ class StepModel:
         # fills the lower layers first: the compute of the resident stretch at the start of a step has
         # almost no copies to hide behind (the first ring-fill aside). So that share of the chain adds to
         # the overlapped part instead of hiding under the copies.
-        exposed = (gpu + serial) * self.resident_share if self.overlap and self.streams else zero
+        exposed = (gpu + serial) * self.exposed_share if self.overlap and self.streams else zero
         # Copies are issued from the host thread, at most a set of slot rings ahead of the compute: while
         # that thread computes a layer's attention on the CPU, the copy stream stops once the rings are
         # full. What CPU attention of a layer takes beyond a ring fill holds the copies back, resident

@@ -46,6 +46,7 @@ class Plan:
     # `staging_buffers` pinned buffers; empty when the weights fit the host budget.
     disk: set[ModuleKey] = field(default_factory=set)
     staging_buffers: int = 2
+    residency_order: str = "layer"  # how `resident` was picked (planner.residency.RESIDENCY_ORDERS)
 
     def describe(self) -> dict:
         return {
@@ -56,6 +57,7 @@ class Plan:
             "memory": self.memory, "kv_placement": self.kv_placement, "decode_attention": self.decode_attention,
             "host_memory": self.host_memory, "hardware": self.hardware, "chosen_by": self.chosen_by,
             "disk_modules": len(self.disk), "staging_buffers": self.staging_buffers, "predicted": self.predicted,
+            "residency_order": self.residency_order,
         }
 
     def summary(self) -> str:
@@ -66,8 +68,9 @@ class Plan:
         parts = [f"plan ({'from file' if self.chosen_by == 'file' else self.chosen_by}): {kv}, wave {self.wave_size}, "
                  f"prefill {self.prefill_tokens} tok/step, attention mb {self.attn_micro_batch}, FFN mb {self.ffn_micro_tokens}"]
         if mem:
+            spread = ", spread over the step" if self.residency_order == "spread" else ""
             parts.append(f"{gpu.split()[0]} {format_bytes(sum(mem.values()))} ({format_bytes(mem.get('resident_weights', 0))} "
-                         f"resident weights{f', {len(self.disk)} modules on disk' if self.disk else ''})")
+                         f"resident weights{spread}{f', {len(self.disk)} modules on disk' if self.disk else ''})")
         pred = self.predicted or {}
         if pred.get("e2e_tok_s"):
             parts.append(f"predicted {pred['e2e_tok_s']:,.0f} tok/s end to end (decode {pred['decode_tok_s']:,.0f}, "
@@ -107,9 +110,12 @@ class Plan:
                 predicted=dict(d.get("predicted", {})), hardware=str(d.get("hardware", "")), chosen_by="file",
                 disk={(int(k[0]), str(k[1])) for k in d.get("disk", [])},
                 staging_buffers=int(d.get("staging_buffers", 2)),
+                residency_order=str(d.get("residency_order", "layer")),
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             raise OffbatchError(f"not a plan file ({type(e).__name__}: {e}); write one with `offbatch plan ... --json`") from None
+        if plan.residency_order not in ("layer", "spread"):
+            raise OffbatchError(f"a plan's residency_order is layer or spread, not {plan.residency_order!r}")
         if plan.kv_placement not in ("gpu", "host") or plan.decode_attention not in ("gpu", "cpu"):
             raise OffbatchError("a plan's kv_placement is gpu or host, its decode_attention gpu or cpu")
         if min(plan.wave_size, plan.max_len, plan.prefill_tokens, plan.attn_micro_batch, plan.ffn_micro_tokens) < 1:

@@ -1,8 +1,13 @@
 """Which modules stay on the device. Every streamed byte crosses PCIe once per step, whatever the
 wave, so a resident byte saves the same copy time wherever it sits; a dense module is used every step,
 an expert only when a token of the step is routed to it. So: most valuable bytes first (dense before
-experts when steps are small), large modules before small ones (less left over), lower layers first.
-A kind whose every module becomes resident gives its device slots back."""
+experts when steps are small), large modules before small ones (less left over). A kind whose every
+module becomes resident gives its device slots back.
+
+Within a kind, the order: "layer" (the default, the one measured) takes the lowest layers first, which
+makes the start of every step one resident stretch whose compute the copies cannot hide (they run only
+a slot ring ahead); "spread" takes modules evenly over the step, so each resident module computes while
+the copy stream loads the streamed ones after it. "spread" is an experiment until measured on a GPU."""
 
 from __future__ import annotations
 
@@ -11,6 +16,33 @@ from dataclasses import dataclass, field
 from offbatch.offload.weights import ModuleKey
 from offbatch.planner.memory import DEFAULT_SLOTS
 from offbatch.planner.shape import ModelShape
+
+
+RESIDENCY_ORDERS = ("layer", "spread")
+
+
+def spread_pick(keys: list, n: int) -> list:
+    """n of keys, evenly spaced over them (deterministic; keys in use order)."""
+    if n <= 0:
+        return []
+    if n >= len(keys):
+        return list(keys)
+    return [keys[(2 * i + 1) * len(keys) // (2 * n)] for i in range(n)]
+
+
+def spread_order(n: int) -> list[int]:
+    """0..n-1 in van der Corput order: every prefix of it is spread evenly over the range."""
+    out, seen, i = [], set(), 0
+    while len(out) < n and i < 4 * n + 8:
+        x, f, k = 0.0, 0.5, i
+        while k:
+            x, k, f = x + f * (k & 1), k >> 1, f / 2
+        j = int(x * n)
+        if j not in seen:
+            seen.add(j)
+            out.append(j)
+        i += 1
+    return out + [j for j in range(n) if j not in seen]
 
 
 def expert_use(tokens: float, top_k: int, num_experts: int) -> float:
@@ -32,6 +64,7 @@ class Residency:
     expert_bytes: int  # one expert
     head_streamed: bool
     streamed_by_kind: dict[str, int] = field(default_factory=dict)
+    order: str = "layer"  # how a partly resident kind picks its modules (RESIDENCY_ORDERS)
 
 
 class ResidencyChooser:
@@ -69,7 +102,7 @@ class ResidencyChooser:
         return min(self.device_bytes, self.fixed_bytes + self.all_slot_bytes)
 
     def choose(self, left: int, step_tokens: float, max_resident_bytes: int | None = None,
-               with_keys: bool = True) -> Residency | None:
+               with_keys: bool = True, order: str = "layer") -> Residency | None:
         """Residency for `left` device bytes beyond the transients; None when they do not hold even
         the routers and one set of slots. Without keys, only the byte summary (the search's need)."""
         cap = max_resident_bytes if max_resident_bytes is not None else 1 << 62
@@ -101,11 +134,14 @@ class ResidencyChooser:
                 continue
             if uniform is not None:
                 n = max(0, min(len(keys), min(left, cap) // uniform))
-                taken = keys[:n] if with_keys else ()
+                taken = (keys[:n] if order == "layer" else spread_pick(keys, n)) if with_keys else ()
                 taken_bytes = n * uniform
             else:
                 taken, taken_bytes = [], 0
-                for k, size in zip(keys, sizes):
+                pairs = list(zip(keys, sizes))
+                if order == "spread":  # greedily, in an order whose every prefix is spread out
+                    pairs = [pairs[j] for j in spread_order(len(pairs))]
+                for k, size in pairs:
                     if size <= left - taken_bytes and size <= cap - taken_bytes:
                         taken.append(k)
                         taken_bytes += size
@@ -122,11 +158,12 @@ class ResidencyChooser:
             fixed_bytes=self.fixed_bytes,
             streamed_dense_bytes=sum(v for k, v in streamed.items() if k != "expert"),
             streamed_experts=n_experts, expert_bytes=self.expert_bytes, head_streamed=streamed.get("head", 0) > 0,
-            streamed_by_kind=streamed,
+            streamed_by_kind=streamed, order=order,
         )
 
 
-def residency_of(shape: ModelShape, resident: set[ModuleKey], slots_per_kind: dict[str, int] | None = None) -> Residency:
+def residency_of(shape: ModelShape, resident: set[ModuleKey], slots_per_kind: dict[str, int] | None = None,
+                 order: str = "layer") -> Residency:
     """The Residency summary of a given resident set (a pinned plan, a recorded run)."""
     policy = dict(DEFAULT_SLOTS, **(slots_per_kind or {}))
     kinds = shape.kinds()
@@ -148,4 +185,4 @@ def residency_of(shape: ModelShape, resident: set[ModuleKey], slots_per_kind: di
         resident_bytes=sum(shape.nbytes[k] for k in resident if k in shape.nbytes),
         fixed_bytes=sum(shape.nbytes[k] for k in fixed),
         streamed_dense_bytes=sum(v for k, v in streamed.items() if k != "expert"), streamed_experts=n_experts,
-        expert_bytes=expert_bytes, head_streamed="head" in streamed, streamed_by_kind=streamed)
+        expert_bytes=expert_bytes, head_streamed="head" in streamed, streamed_by_kind=streamed, order=order)

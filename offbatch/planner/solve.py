@@ -28,7 +28,7 @@ from offbatch.planner.memory import (SAFETY, STAGING_BUFFERS, HostTier, Knobs, c
                                      WeightTotals, host_bytes, host_floor, host_tier,
                                      kv_slot_bytes)
 from offbatch.planner.plan import Plan
-from offbatch.planner.residency import Residency, ResidencyChooser, residency_of
+from offbatch.planner.residency import RESIDENCY_ORDERS, Residency, ResidencyChooser, residency_of
 from offbatch.planner.shape import ModelShape, shape_from_spec
 from offbatch.planner.workload import Workload
 from offbatch.units import format_bytes
@@ -40,7 +40,8 @@ PREFILL_MULTIPLES = (1, 4, 16, 64)  # prompts per step (with 8192 tokens, the ru
 # GEMM efficiency is flat beyond ~1024 rows, memory is not; the smallest sizes are for tight budgets.
 FFN_CANDIDATES = (64, 1024, 2048, 4096)
 ATTN_CANDIDATES = (1, 16, 64, 256)
-PIN_NAMES = ("wave_size", "prefill_tokens", "ffn_micro_tokens", "attn_micro_batch", "kv_placement", "decode_attention")
+PIN_NAMES = ("wave_size", "prefill_tokens", "ffn_micro_tokens", "attn_micro_batch", "kv_placement", "decode_attention",
+             "residency_order")
 
 
 RESIDENCY_MARGIN = 1e-3  # holding less than fits must be predicted at least this much faster
@@ -78,6 +79,9 @@ class Solver:
         unknown = set(self.pins) - set(PIN_NAMES)
         if unknown:
             raise TypeError(f"unknown plan option(s): {', '.join(sorted(unknown))}")
+        self.order = self.pins.get("residency_order", "layer")
+        if self.order not in RESIDENCY_ORDERS:
+            raise OffbatchError(f"residency order {self.order!r}: use {' or '.join(RESIDENCY_ORDERS)}")
         self.chooser = ResidencyChooser(shape)
         self.totals = WeightTotals.of(shape, self.cuda)
         self.kind_max = {kind: max(shape.nbytes[k] for k in keys) for kind, keys in shape.kinds().items()}
@@ -181,7 +185,7 @@ class Solver:
             # less is faster. So a fuller GPU is never predicted slower, try holding half, and none; but
             # keep the full GPU unless holding less is clearly faster (by RESIDENCY_MARGIN): the model's
             # exposed share is an estimate, and an idle GPU on a near tie would only puzzle.
-            if result is not None and result.model.resident_share > 0 and result.model.streams:
+            if result is not None and result.model.exposed_share > 0 and result.model.streams:
                 full = result
                 for cap in (result.residency.resident_bytes // 2, 0):
                     if self.max_resident is not None:
@@ -193,7 +197,7 @@ class Solver:
         return result
 
     def _with_residency(self, knobs: Knobs, trans: dict[str, int], left: int, cap: int | None) -> Evaluation | None:
-        res = self.chooser.choose(left, knobs.wave, cap, with_keys=False)
+        res = self.chooser.choose(left, knobs.wave, cap, with_keys=False, order=self.order)
         tier = self.host_split(knobs, res) if res is not None else None
         if tier is None:
             return None
@@ -333,7 +337,7 @@ def prediction(model: StepModel, wl: Workload, job: JobTime) -> dict:
 def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
     k = e.knobs
     left = (solver.usable - sum(e.transient.values())) if solver.usable is not None else 1 << 62
-    res = solver.chooser.choose(left, k.wave, e.resident_cap, with_keys=True)  # now with its modules
+    res = solver.chooser.choose(left, k.wave, e.resident_cap, with_keys=True, order=solver.order)  # with its modules
     disk, host = set(), e.host
     if e.tier is not None and (e.tier.disk_resident_bytes or e.tier.disk_streamed_bytes):
         chosen = choose_disk(solver.shape, res.resident, e.tier, solver.host_budget, k, solver.max_len, solver.cuda)
@@ -343,7 +347,7 @@ def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
         disk, host = chosen
     note = ""
     if e.resident_cap != solver.max_resident:  # the solver held less than fits: say why, or it looks like waste
-        full = solver.chooser.choose(left, k.wave, solver.max_resident, with_keys=False)
+        full = solver.chooser.choose(left, k.wave, solver.max_resident, with_keys=False, order=solver.order)
         note = (f"holds {format_bytes(res.resident_bytes)} of weights on the GPU although "
                 f"{format_bytes(full.resident_bytes)} would fit: the copies cannot hide the compute of resident "
                 "modules (they run a few modules ahead at most), and here that costs more than streaming them")
@@ -361,7 +365,7 @@ def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
                 "activations": e.transient["activations"]},
         host_memory=host, predicted=dict(prediction(e.model, solver.wl, e.job), residency_note=note),
         hardware=solver.hw.name,
-        chosen_by=chosen_by, disk=disk, staging_buffers=STAGING_BUFFERS,
+        chosen_by=chosen_by, disk=disk, staging_buffers=STAGING_BUFFERS, residency_order=solver.order,
     )
 
 
@@ -409,6 +413,6 @@ def predict(plan: Plan, shape: ModelShape, hw: Hardware, workload: Workload) -> 
     """The cost model's figures for any plan (a pinned one, the rules' one)."""
     knobs = Knobs(plan.wave_size, plan.prefill_tokens, plan.ffn_micro_tokens, plan.attn_micro_batch,
                   plan.kv_placement, plan.decode_attention)
-    res = residency_of(shape, plan.resident, plan.slots)
+    res = residency_of(shape, plan.resident, plan.slots, plan.residency_order)
     model = StepModel(shape, hw, knobs, res, plan.max_len, disk_fraction(shape, res.resident, plan.disk))
     return prediction(model, workload, job_time(model, workload))
