@@ -177,7 +177,8 @@ def measure(args, source, store, shape, hw, workload, cap_text, cpu_cap, out, wa
                "predicted": {k: pred[k] for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s")},
                "measured": {k: r.get(k) for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s",
                                                   "peak_gpu_reserved_bytes", "wall_s", "decode_floor_tok_s",
-                                                  "decode_achieved_over_floor", "decode_bytes_per_step")},
+                                                  "decode_achieved_over_floor", "decode_bytes_per_step",
+                                                  "time_split_s")},
                "error": r.get("error"), "plan": plan.to_dict()}
         results.append(row)
         print("RESULT " + json.dumps(row), flush=True)

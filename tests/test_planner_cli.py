@@ -112,3 +112,14 @@ def test_plan_says_why_it_holds_less_than_fits():
     # With the GPU filled as usual, no note.
     assert plan_json("--synth", "mixtral-8x7b", "--layers", "8", "--gpu-memory", "8GiB", "--hardware", "h200",
                      "--num-prompts", "1024", "--prompt-len", "256", "--gen-len", "64")["predicted"]["residency_note"] == ""
+
+
+def test_bench_reports_where_the_host_was_blocked():
+    r = runner.invoke(app, ["bench", "--synth", "mixtral", "--device", "cpu", "--prompts", "4", "--prompt-len", "6",
+                            "--gen-len", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    split = json.loads(r.output)["time_split_s"]
+    # A MoE model syncs once per layer and step for its routing; the CPU engine has no CPU attention
+    # beside a device and no host KV writer.
+    assert split["host_router_sync"] > 0 and split["host_cpu_attention"] == 0 == split["host_kv_store_wait"]
+    assert split["host_router_sync"] < split["other (compute, host)"] + split["weight_wait"]

@@ -119,6 +119,9 @@ def command(
         ("GEMM rate (measured)", f"{report['measured_gemm_flop_s'] / 1e12:.1f} TFLOP/s", ""),
         ("waiting for weights", f"{report['time_split_s']['weight_wait']:.2f} s", ""),
         ("compute + host", f"{report['time_split_s']['other (compute, host)']:.2f} s", ""),
+        ("host blocked: routing sync / CPU attention / KV store",
+         " / ".join(f"{report['time_split_s'].get(k, 0.0):.2f}" for k in
+                    ("host_router_sync", "host_cpu_attention", "host_kv_store_wait")) + " s", ""),
         ("read from disk per step", format_bytes(report.get("disk_bytes_per_step", 0)) + (
             f" at {report['disk_read_bytes_s'] / 1e9:.2f} GB/s" if report.get("disk_read_bytes_s") else ""),
          f"{plan['disk_modules']} disk modules" if plan.get("disk_modules") else "no disk tier"),

@@ -119,8 +119,11 @@ def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts
             decode_tok_s * floor_kv_step / tokens_per_step if floor_kv_step and tokens_per_step else 0.0,
         "measured_copy_bytes_s": pinned, "measured_gemm_flop_s": gemm,
         "measured_gemm_flop_s_by_m": gemm_at,
+        # Device-side weight waits, and (beside them, wall clock on the host thread, overlapping the rest)
+        # where the host was blocked: the routing sync of MoE layers, CPU attention, host KV store waits.
         "time_split_s": {"weight_wait": t.weight_wait_s, "other (compute, host)": max(0.0, t.wall_s - t.weight_wait_s),
-                         "cpu_attention": 0.0},
+                         "host_router_sync": t.router_sync_s, "host_cpu_attention": t.cpu_attention_s,
+                         "host_kv_store_wait": engine.kv.writer.wait_s if engine.kv.writer is not None else 0.0},
         "wasted_fetch_bytes": stats.wasted_bytes,
         **disk_report(engine),
         "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else 0,

@@ -48,6 +48,10 @@ class StepTimes:
     decode_tokens: int = 0
     prefill_wall_s: float = 0.0
     prefill_tokens: int = 0
+    # Host time blocked (wall clock, both step kinds): where the host thread, which also issues the copies,
+    # could not run ahead of the device.
+    router_sync_s: float = 0.0  # waiting for each MoE layer's routing counts
+    cpu_attention_s: float = 0.0  # decode attention on the host threads (q over, output back included)
 
 
 class StreamingEngine:
@@ -117,7 +121,10 @@ class StreamingEngine:
         out = torch.empty_like(q)
         nd = len(dec.slots) if dec else 0
         if nd:
+            t0 = time.perf_counter()
             out[:nd] = decode_attention(self.kv, i, q[:nd], k[:nd], v[:nd], dec, spec.sliding_window)
+            if self.attn_device.type == "cpu" and self.device.type != "cpu":
+                self.times.cpu_attention_s += time.perf_counter() - t0
         if pre:
             seqs = [(s.slot, n) for s, n in pre]
             out[nd:] = prefill_attention(self.kv, i, q[nd:], k[nd:], v[nd:], seqs, list(self._prefill_groups(pre)),
@@ -161,7 +168,9 @@ class StreamingEngine:
         h = L.norm(x, wr, "ffn_norm", spec)
         top_w, top_i = L.route(h, wr, spec)
         order, counts = L.group_by_expert(top_i, spec.moe.num_experts)
+        t0 = time.perf_counter()
         counts = counts.tolist()  # the one host sync of a MoE layer: which experts to fetch
+        self.times.router_sync_s += time.perf_counter() - t0
         self.pf.unschedule({(i, f"expert.{e}") for e, n in enumerate(counts) if n == 0})
         y = torch.zeros_like(h)
         if spec.moe.shared_expert_intermediate_size:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import torch
 
@@ -50,6 +51,7 @@ class HostKVWriter:
         self._error: BaseException | None = None
         self._streams: dict = {}
         self.rows_written = 0
+        self.wait_s = 0.0  # compute thread blocked: for a free staging buffer, or in settle
         self._thread: threading.Thread | None = None  # started by the first store, ended by close()
 
     # ---- submitting (compute thread) -----------------------------------------------------------
@@ -87,7 +89,9 @@ class HostKVWriter:
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="offbatch-kv-writer", daemon=True)
             self._thread.start()
+        t0 = time.perf_counter()
         idx = self._free.get()  # waits while every buffer is still being scattered
+        self.wait_s += time.perf_counter() - t0
         self._raise()
         bk, bv = self._bufs[idx]
         n = r1 - r0
@@ -114,9 +118,11 @@ class HostKVWriter:
     # ---- waiting ---------------------------------------------------------------------------------
     def settle(self, layer: int) -> None:
         """Return once every write of `layer` submitted so far is in host KV."""
+        t0 = time.perf_counter()
         with self._cond:
             while self._done[layer] < self._submitted[layer] and self._error is None:
                 self._cond.wait()
+        self.wait_s += time.perf_counter() - t0
         self._raise()
 
     def drain(self) -> None:
