@@ -123,3 +123,4 @@ def test_bench_reports_where_the_host_was_blocked():
     # beside a device and no host KV writer.
     assert split["host_router_sync"] > 0 and split["host_cpu_attention"] == 0 == split["host_kv_store_wait"]
     assert split["host_router_sync"] < split["other (compute, host)"] + split["weight_wait"]
+    assert 0 < split["host_router_sync_in_prefill_steps"] < split["host_router_sync"]

@@ -123,6 +123,8 @@ def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts
         # where the host was blocked: the routing sync of MoE layers, CPU attention, host KV store waits.
         "time_split_s": {"weight_wait": t.weight_wait_s, "other (compute, host)": max(0.0, t.wall_s - t.weight_wait_s),
                          "host_router_sync": t.router_sync_s, "host_cpu_attention": t.cpu_attention_s,
+                         "host_router_sync_in_prefill_steps": t.prefill_router_sync_s,
+                         "host_cpu_attention_in_prefill_steps": t.prefill_cpu_attention_s,
                          "host_kv_store_wait": engine.kv.writer.wait_s if engine.kv.writer is not None else 0.0},
         "wasted_fetch_bytes": stats.wasted_bytes,
         **disk_report(engine),

@@ -52,6 +52,8 @@ class StepTimes:
     # could not run ahead of the device.
     router_sync_s: float = 0.0  # waiting for each MoE layer's routing counts
     cpu_attention_s: float = 0.0  # decode attention on the host threads (q over, output back included)
+    prefill_router_sync_s: float = 0.0  # of them, in steps that admitted prompts
+    prefill_cpu_attention_s: float = 0.0
 
 
 class StreamingEngine:
@@ -85,6 +87,7 @@ class StreamingEngine:
         self.step_kinds: list[str] = []  # "prefill" or "decode", one per step, beside pf.stats.per_step_bytes
         self.timing = timing and self.device.type == "cuda"
         self._wait_events: list = []
+        self._blocked_mark = (0.0, 0.0)  # host-blocked totals at the start of the step (prefill share)
         self._post_norms: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
 
     # ---- one step over the wave ------------------------------------------
@@ -310,6 +313,7 @@ class StreamingEngine:
                 return
             t0 = time.perf_counter()
             self._wait_events.clear()
+            self._blocked_mark = (self.times.router_sync_s, self.times.cpu_attention_s)
             logits = self.step(live, [(s, len(s.req.prompt_ids)) for s in new])
             step = live + new
             suppress_stop_tokens(logits, step, self.eos_ids)
@@ -335,6 +339,9 @@ class StreamingEngine:
             t.weight_wait_s += sum(a.elapsed_time(b) for a, b in self._wait_events) / 1000
         self.step_kinds.append("prefill" if n_prompt else "decode")
         if n_prompt:
+            sync0, attn0 = self._blocked_mark
+            t.prefill_router_sync_s += t.router_sync_s - sync0
+            t.prefill_cpu_attention_s += t.cpu_attention_s - attn0
             t.prefill_steps += 1
             t.prefill_wall_s += wall
             t.prefill_tokens += n_prompt
