@@ -85,7 +85,7 @@ def decode_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v
     if batch.copy_kv and kv.writer is not None:
         # The device works on a copy of each range with the new tokens patched in: the host copy of
         # this step's tokens can land later (the next step settles it first).
-        kv.writer.store_tokens(layer, k, v, batch.slots, batch.lengths)
+        kv.writer.store_tokens(layer, k, v, batch.store_slots, batch.store_pos)  # host tensors, built per step
     else:
         kv.write_decode(layer, batch.store_slots, batch.store_pos, k.to(store), v.to(store))
     kw, vw = (k.to(where), v.to(where)) if batch.copy_kv else (None, None)

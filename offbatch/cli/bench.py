@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from offbatch.cli.options import CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, byte_size
+from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, ModelOrSynthArg,
+                                  SynthLayersOpt, SynthOpt, byte_size)
 from offbatch.cli.plan import HardwareOpt
 from offbatch.errors import OffbatchError
 from offbatch.units import format_bytes
@@ -30,9 +31,9 @@ def _source(model_dir: Optional[Path], synth: Optional[str], layers: Optional[in
 
 
 def command(
-    model_dir: Annotated[Optional[Path], typer.Argument(help="Model folder (or use --synth).")] = None,
-    synth: Annotated[Optional[str], typer.Option("--synth", help="Bench a synth preset in memory, e.g. mixtral-8x7b.")] = None,
-    layers: Annotated[Optional[int], typer.Option("--layers", help="With --synth: number of layers.")] = None,
+    model_dir: ModelOrSynthArg = None,
+    synth: SynthOpt = None,
+    layers: SynthLayersOpt = None,
     gpu_memory: GpuMemoryOpt = None,
     cpu_memory: CpuMemoryOpt = None,
     prompts: Annotated[int, typer.Option("--prompts", help="Number of prompts.")] = 64,

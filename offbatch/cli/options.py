@@ -22,6 +22,13 @@ CpuMemoryOpt = Annotated[
 DeviceOpt = Annotated[
     Optional[str], typer.Option("--device", help="Compute device: cuda, cpu (default: cuda when present).")
 ]
+# A model folder or a synth preset (bench, plan): a real shape with random weights, built in memory.
+ModelOrSynthArg = Annotated[Optional[Path], typer.Argument(help="Model folder (or use --synth).")]
+SynthOpt = Annotated[
+    Optional[str], typer.Option("--synth", help="A synth preset instead of a folder (its real shape, random weights, "
+                                "in memory), e.g. mixtral-8x7b.")
+]
+SynthLayersOpt = Annotated[Optional[int], typer.Option("--layers", help="With --synth: number of layers.")]
 DtypeOpt = Annotated[
     Optional[str], typer.Option("--dtype", help="Compute dtype: bfloat16, float16, float32 (default: the checkpoint's).")
 ]

@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from offbatch.cli.options import CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, byte_size
+from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, ModelOrSynthArg,
+                                  SynthLayersOpt, SynthOpt, byte_size)
 from offbatch.errors import InputFileError, OffbatchError
 from offbatch.units import format_bytes
 
@@ -53,9 +54,9 @@ def workload_from_file(model_dir: Path, prompts: Path, gen_len: Optional[int], c
 
 
 def command(
-    model_dir: Annotated[Optional[Path], typer.Argument(help="Model folder (or use --synth).")] = None,
-    synth: Annotated[Optional[str], typer.Option("--synth", help="Plan for a synth preset's shape, e.g. mixtral-8x7b.")] = None,
-    layers: Annotated[Optional[int], typer.Option("--layers", help="With --synth: number of layers.")] = None,
+    model_dir: ModelOrSynthArg = None,
+    synth: SynthOpt = None,
+    layers: SynthLayersOpt = None,
     gpu_memory: GpuMemoryOpt = None,
     cpu_memory: CpuMemoryOpt = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Plan for this JSONL prompts file (needs MODEL_DIR "

@@ -37,8 +37,9 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def check_options(options: EngineOptions) -> tuple[str, str]:
-    """(device, engine kind), or one clear error for options that cannot work, before a job touches anything."""
+def check_options(options: EngineOptions) -> tuple[str, str, object]:
+    """(device, engine kind, pinned plan or None), or one clear error for options that cannot work, before a
+    job touches anything."""
     from offbatch.errors import OffbatchError
 
     device = resolve_device(options.device)
@@ -53,8 +54,8 @@ def check_options(options: EngineOptions) -> tuple[str, str]:
             raise OffbatchError("--cpu-memory plans the host side; a pinned --plan already has its own")
         from offbatch.planner.plan import load_plan_file
 
-        load_plan_file(options.plan_file)  # readable and a plan
-    return device, kind
+        return device, kind, load_plan_file(options.plan_file)
+    return device, kind, None
 
 
 def make_generator(model_dir: str | Path, tokenizer, options: EngineOptions | None = None) -> Generator:
@@ -62,7 +63,7 @@ def make_generator(model_dir: str | Path, tokenizer, options: EngineOptions | No
     when the device is a GPU, else the reference forward's continuous batching on the CPU. Both give the
     same greedy tokens; `engine="streaming"` on the CPU runs the streaming engine's scheduling there."""
     options = options or EngineOptions()
-    device, kind = check_options(options)
+    device, kind, plan = check_options(options)
     if kind == "streaming":
         from offbatch.engine.build import engine_for_folder
         from offbatch.planner.workload import Workload
@@ -71,11 +72,9 @@ def make_generator(model_dir: str | Path, tokenizer, options: EngineOptions | No
         if options.prompt_lens:
             workload = Workload.from_lengths(options.prompt_lens, options.gen_lens)
         pinned = {}
-        if options.plan_file is not None:
+        if plan is not None:
             from offbatch.errors import OffbatchError
-            from offbatch.planner.plan import load_plan_file
 
-            plan = load_plan_file(options.plan_file)
             if workload is not None and workload.max_len > plan.max_len:
                 raise OffbatchError(f"the plan's context is {plan.max_len} tokens; this job needs {workload.max_len} "
                                     "(its longest prompt plus max_tokens): plan for this job's prompts")

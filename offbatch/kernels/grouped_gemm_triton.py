@@ -165,18 +165,17 @@ def _bench_in_place(fn, quantiles=None, reps: int = 5):
 AUTOTUNE = os.environ.get("OFFBATCH_AUTOTUNE", "0") == "1"
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 _AUTOTUNE_KEY = ["N", "K", "ROWS_HINT", "G_POW2"]
-_plain_kernel = triton.autotune(
-    configs=_SMALL + _MEDIUM + _LARGE + _FP32,
-    key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _pick_configs(_SMALL, _MEDIUM, _LARGE)},
-    do_bench=_bench_in_place,
-)(_even_k(_grouped_gemm_kernel))
-_gated_kernel = triton.autotune(
-    configs=_SMALL_GATED + _MEDIUM_GATED + _LARGE_GATED + _FP32,
-    key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _pick_configs(_SMALL_GATED, _MEDIUM_GATED, _LARGE_GATED)},
-    do_bench=_bench_in_place,
-)(_even_k(_grouped_gemm_kernel))
+
+
+def _tuned(small, medium, large):
+    """The kernel autotuned among one size-class table's tiles (and the fp32 ones)."""
+    return triton.autotune(configs=small + medium + large + _FP32, key=_AUTOTUNE_KEY,
+                           prune_configs_by={"early_config_prune": _pick_configs(small, medium, large)},
+                           do_bench=_bench_in_place)(_even_k(_grouped_gemm_kernel))
+
+
+_plain_kernel = _tuned(_SMALL, _MEDIUM, _LARGE)
+_gated_kernel = _tuned(_SMALL_GATED, _MEDIUM_GATED, _LARGE_GATED)
 _fixed_kernel = _even_k(_grouped_gemm_kernel)
 
 

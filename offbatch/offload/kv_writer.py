@@ -78,11 +78,13 @@ class HostKVWriter:
             self._submit(layer, k, v, r0, r1, ("spans", chunk))
             i = j
 
-    def store_tokens(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: list[int], positions: list[int]) -> None:
-        """One token per row: row j of k/v [b, nkv, d] goes to position positions[j] of slot slots[j]."""
+    def store_tokens(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots, positions) -> None:
+        """One token per row: row j of k/v [b, nkv, d] goes to position positions[j] of slot slots[j]
+        (host index tensors, or lists)."""
+        slots, positions = torch.as_tensor(slots), torch.as_tensor(positions)
         for r0 in range(0, len(slots), self.rows):
             r1 = min(len(slots), r0 + self.rows)
-            self._submit(layer, k, v, r0, r1, ("tokens", torch.tensor(slots[r0:r1]), torch.tensor(positions[r0:r1])))
+            self._submit(layer, k, v, r0, r1, ("tokens", slots[r0:r1], positions[r0:r1]))
 
     def _submit(self, layer, k, v, r0, r1, dest) -> None:
         self._raise()
