@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from offbatch.engine.benchmark import run_bench  # noqa: E402
 from offbatch.errors import BudgetError  # noqa: E402
 from offbatch.models.spec import spec_from_config  # noqa: E402
-from offbatch.offload.weights import CheckpointSource, SynthSource, WeightStore  # noqa: E402
+from offbatch.offload.weights import CheckpointSource, SynthSource, WeightStore, release_pinned_cache  # noqa: E402
 from offbatch.planner.shape import shape_from_store  # noqa: E402
 from offbatch.planner.solve import make_plan, resolve_hardware  # noqa: E402
 from offbatch.planner.workload import Workload  # noqa: E402
@@ -52,8 +52,8 @@ def parse_args():
     p.add_argument("--waves", default="auto", help="comma list, or auto: 1/4, 1/2 and all of the largest that fits")
     p.add_argument("--micro-batches", default="16,64,256", help="attention micro-batch sizes")
     p.add_argument("--budget-s", type=float, default=540.0, help="start no new run after this many seconds (per cap)")
-    p.add_argument("--spread-point", action="store_true", help="measure the chosen plan's knobs with residency "
-                   "spread over the step too, right after it (an experiment: see planner/residency.py)")
+    p.add_argument("--order-point", action="store_true", help="measure the chosen plan's knobs with the other "
+                   "residency order too (layer for spread, spread for layer), right after it: see planner/residency.py")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     return p.parse_args()
@@ -101,9 +101,10 @@ def measure(args, source, store, shape, hw, workload, cap_text, cpu_cap, out, wa
 
     chosen = plan_for()
     points = [("chosen", chosen)]
-    if args.spread_point:
-        points.append(("chosen, residency spread", plan_for(
-            residency_order="spread", kv_placement=chosen.kv_placement, decode_attention=chosen.decode_attention,
+    if args.order_point:
+        other = "layer" if chosen.residency_order == "spread" else "spread"
+        points.append((f"chosen, residency {other}", plan_for(
+            residency_order=other, kv_placement=chosen.kv_placement, decode_attention=chosen.decode_attention,
             wave_size=chosen.wave_size, attn_micro_batch=chosen.attn_micro_batch,
             prefill_tokens=chosen.prefill_tokens, ffn_micro_tokens=chosen.ffn_micro_tokens)))
     seen = {(chosen.kv_placement, chosen.decode_attention, chosen.wave_size, chosen.attn_micro_batch)}
@@ -151,6 +152,7 @@ def measure(args, source, store, shape, hw, workload, cap_text, cpu_cap, out, wa
                   hardware=hw)
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
+            release_pinned_cache()
             torch.cuda.set_per_process_memory_fraction(1.0)
 
     results = []
@@ -168,6 +170,7 @@ def measure(args, source, store, shape, hw, workload, cap_text, cpu_cap, out, wa
         finally:
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
+                release_pinned_cache()  # the point's host KV, before the next point pins its own
                 torch.cuda.set_per_process_memory_fraction(1.0)
         pred = plan.predicted
         row = {"label": label, "residency_order": plan.residency_order,
@@ -178,7 +181,7 @@ def measure(args, source, store, shape, hw, workload, cap_text, cpu_cap, out, wa
                "measured": {k: r.get(k) for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s",
                                                   "peak_gpu_reserved_bytes", "wall_s", "decode_floor_tok_s",
                                                   "decode_achieved_over_floor", "decode_bytes_per_step",
-                                                  "time_split_s")},
+                                                  "time_split_s", "gpu_alloc_retries")},
                "error": r.get("error"), "plan": plan.to_dict()}
         results.append(row)
         print("RESULT " + json.dumps(row), flush=True)

@@ -126,7 +126,8 @@ def pinned_plan(preset, layers, cap, g):
     return make_plan(spec_of(preset, layers), torch.bfloat16, "cuda", cap * GiB, WORKLOAD, hardware="h200",
                      cpu_memory=100 * GiB, kv_placement=g["kv_placement"], decode_attention=g["decode_attention"],
                      wave_size=g["wave_size"], attn_micro_batch=g["attn_micro_batch"],
-                     prefill_tokens=g["prefill_tokens"], ffn_micro_tokens=g["ffn_micro_tokens"])
+                     prefill_tokens=g["prefill_tokens"], ffn_micro_tokens=g["ffn_micro_tokens"],
+                     residency_order=g.get("residency_order", "layer"))  # the first grids had only "layer"
 
 
 @pytest.mark.parametrize("point", grid_points(), ids=lambda p: p[0])
@@ -325,7 +326,7 @@ def test_plan_grid_script_measures_points_and_saves_them(tmp_path):
     script = Path(__file__).resolve().parent.parent / "scripts" / "plan_grid.py"
     r = subprocess.run([sys.executable, str(script), "--synth", "llama", "--device", "cpu", "--gpu-memory", "1GiB,2MiB",
                         "--prompts", "4", "--prompt-len", "6", "--gen-len", "3", "--placements", "gpu",
-                        "--waves", "2,4", "--micro-batches", "2", "--spread-point", "--out", str(out)],
+                        "--waves", "2,4", "--micro-batches", "2", "--order-point", "--out", str(out)],
                        capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -334,8 +335,8 @@ def test_plan_grid_script_measures_points_and_saves_them(tmp_path):
         data = json.loads((tmp_path / f"grid-{cap}.json").read_text())
         assert data["gpu_memory"] == cap
         labels = [p["label"] for p in data["points"]]
-        assert labels[:2] == ["chosen", "chosen, residency spread"] and len(labels) >= 3
-        assert [p["residency_order"] for p in data["points"][:2]] == ["layer", "spread"]
+        assert labels[:2] == ["chosen", "chosen, residency layer"] and len(labels) >= 3
+        assert [p["residency_order"] for p in data["points"][:2]] == ["spread", "layer"]
         assert all(p["measured"]["e2e_tok_s"] > 0 and p["error"] is None for p in data["points"])
         assert data["hardware_profile"]["name"] == data["hardware"]
         assert 0 < data["chosen_over_best"] <= 1.0

@@ -96,22 +96,31 @@ def test_plan_with_little_host_memory_shows_the_disk_tier():
     assert r.exit_code != 0 and "even with its weights read from disk" in r.output
 
 
-def test_plan_says_why_it_holds_less_than_fits():
+def test_layer_order_plans_say_why_they_hold_less_than_fits():
     # Qwen1.5-MoE on a 12 GiB card budgeted 16 GiB, KV in host memory: the link is busy with KV copies
-    # all step, so resident modules' compute would be exposed rather than saving copy time; the solver
-    # holds (almost) nothing, and the plan must say so rather than look like wasted memory.
-    args = ["plan", "--synth", "qwen1.5-moe-a2.7b", "--gpu-memory", "16GiB", "--hardware", "rtx3060-12g",
-            "--num-prompts", "5000", "--prompt-len", "64", "--gen-len", "512", "--cpu-memory", "512GiB"]
-    rep = plan_json(*args[1:])
-    note = rep["predicted"]["residency_note"]
+    # all step. With residency in layer order (a pinned option now) the resident stretch's compute would
+    # be exposed rather than saving copy time, so the solver holds (almost) nothing and the plan says so
+    # rather than look like wasted memory. Spread over the step (the default), residency hides under the
+    # copies: the GPU is filled and there is nothing to explain.
+    import torch
+
+    from offbatch.models.synth import synth_config
+    from offbatch.models.spec import spec_from_config
+    from offbatch.planner.solve import make_plan
+    from offbatch.planner.workload import Workload
+
+    spec = spec_from_config(synth_config("qwen1.5-moe-a2.7b"))
+    wl = Workload.uniform(5000, 64, 512)
+    plans = {o: make_plan(spec, torch.bfloat16, "cuda", 16 << 30, wl, hardware="rtx3060-12g", cpu_memory=512 << 30,
+                          residency_order=o) for o in ("layer", "spread")}
+    note = plans["layer"].predicted["residency_note"]
     assert note.startswith("holds ") and "would fit" in note
-    assert rep["plan"]["memory"]["resident_weights"] < 1 << 30
-    r = runner.invoke(app, args)
-    assert r.exit_code == 0, r.output
-    assert "residency: holds" in r.output
-    # With the GPU filled as usual, no note.
-    assert plan_json("--synth", "mixtral-8x7b", "--layers", "8", "--gpu-memory", "8GiB", "--hardware", "h200",
-                     "--num-prompts", "1024", "--prompt-len", "256", "--gen-len", "64")["predicted"]["residency_note"] == ""
+    assert plans["layer"].memory["resident_weights"] < 1 << 30
+    assert plans["spread"].predicted["residency_note"] == ""
+    assert plans["spread"].memory["resident_weights"] > 4 << 30
+    rep = plan_json("--synth", "qwen1.5-moe-a2.7b", "--gpu-memory", "16GiB", "--hardware", "rtx3060-12g",
+                    "--num-prompts", "5000", "--prompt-len", "64", "--gen-len", "512", "--cpu-memory", "512GiB")
+    assert rep["plan"]["residency_order"] == "spread" and rep["predicted"]["residency_note"] == ""
 
 
 def test_bench_reports_where_the_host_was_blocked():

@@ -161,3 +161,27 @@ def test_a_closed_host_kv_writer_lets_the_kv_go_and_restarts_on_use():
     del kv, writer
     gc.collect()
     assert gone() is None
+
+
+def test_packed_kv_tensors_are_zeroed_disjoint_and_waste_little():
+    # Host KV is packed into power-of-two chunks (the pinned allocator rounds each allocation up): every
+    # layer's K and V must still be its own zeroed memory, and the chunks little more than the tensors.
+    shape = (5, 3, 7, 4)  # 420 elements: not a power of two
+    ts = WaveKV._pinned_tensors(shape, 10, torch.float16, pin=False)
+    assert len(ts) == 10 and all(t.shape == shape and t.dtype == torch.float16 for t in ts)
+    assert all(t.count_nonzero() == 0 for t in ts)
+    for i, t in enumerate(ts):
+        t.fill_(i + 1)
+    assert [t.unique().tolist() for t in ts] == [[float(i + 1)] for i in range(10)]
+    from offbatch.offload.weights import pinned_bytes
+
+    raw = 10 * 420 * 2
+    assert raw <= pinned_bytes([420 * 2] * 10) <= 1.25 * raw
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_host_kv_is_pinned_and_packed():
+    kv = WaveKV(spec(), slots=3, max_len=10, device="cpu", dtype=torch.bfloat16, pin=True)
+    assert all(t.is_pinned() and t.count_nonzero() == 0 for t in kv.k + kv.v)
+    assert len({t.data_ptr() for t in kv.k + kv.v}) == 4

@@ -36,6 +36,10 @@ class DecodeBatch:
     q_pos: torch.Tensor  # [W]
     ranges: list[tuple[int, int, int]]  # micro-batches (a, b, longest live length) with a live sequence
     patches: list  # per range, with copy_kv: (rows in the range, positions, rows of q/k/v) on `where`
+    # With copy_kv: one K and one V buffer of a micro-batch's slots on `where`, reused by every range of
+    # every layer of the step (stream order keeps a range's copy behind the last one's attention). A
+    # fresh pair per range would hold two pairs at once under the cap and churn the allocator there.
+    kv_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _index(values, device: torch.device) -> torch.Tensor:
@@ -71,8 +75,13 @@ def decode_batch(kv: WaveKV, slots: list[int], lengths: list[int], micro_batch: 
                             _index(sel, where)))
         else:
             patches.append(None)
+    buffers = None
+    if copy_kv and ranges:
+        shape = (max(b - a for a, b, _ in ranges),) + tuple(kv.k[0].shape[1:])
+        buffers = (torch.empty(shape, dtype=kv.k[0].dtype, device=where),
+                   torch.empty(shape, dtype=kv.k[0].dtype, device=where))
     return DecodeBatch(slots, lengths, where, copy_kv, _index(slots, store), _index(lengths, store),
-                       _index(slots, where), _index(k_len, where), _index(q_pos, where), ranges, patches)
+                       _index(slots, where), _index(k_len, where), _index(q_pos, where), ranges, patches, buffers)
 
 
 def decode_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -100,8 +109,9 @@ def decode_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v
         if not batch.copy_kv:
             kk, vv = kv.k[layer][a:b, :, :L], kv.v[layer][a:b, :, :L]
         else:  # copy the whole (contiguous) slot range, then narrow
-            kk = kv.k[layer][a:b].to(where, non_blocking=True, copy=True)[:, :, :L]
-            vv = kv.v[layer][a:b].to(where, non_blocking=True, copy=True)[:, :, :L]
+            kbuf, vbuf = batch.kv_buffers
+            kk = kbuf[: b - a].copy_(kv.k[layer][a:b], non_blocking=True)[:, :, :L]
+            vv = vbuf[: b - a].copy_(kv.v[layer][a:b], non_blocking=True)[:, :, :L]
             kv.copied_bytes += 2 * (b - a) * kv.max_len * row
             rows, pos, sel = patch
             kk[rows, :, pos] = kw[sel]

@@ -129,5 +129,8 @@ def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts
         "wasted_fetch_bytes": stats.wasted_bytes,
         **disk_report(engine),
         "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else 0,
+        # Allocations that first failed under the cap: each frees the allocator's cache and waits for the
+        # device (a plan whose memory estimate is too tight runs slow without failing).
+        "gpu_alloc_retries": torch.cuda.memory_stats(dev).get("num_alloc_retries", 0) if dev.type == "cuda" else 0,
         "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }

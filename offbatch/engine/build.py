@@ -89,6 +89,7 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
     cap_gpu_memory(dev, gpu_memory)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+        torch.cuda.reset_accumulated_memory_stats(dev)  # bench reports this engine's allocator retries
     return StreamingEngine(store, plan, eos_token_ids, timing=timing)
 
 

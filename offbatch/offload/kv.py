@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from offbatch.models.spec import ModelSpec
+from offbatch.offload.weights import pack_pinned
 
 
 class WaveKV:
@@ -16,8 +17,12 @@ class WaveKV:
         self.spec, self.slots, self.max_len = spec, slots, max_len
         shape = (slots, spec.num_kv_heads, max_len, spec.head_dim)
         # Zeroed, not empty: masked-out positions still meet V in the product (0 * NaN is NaN).
-        self.k = [torch.zeros(shape, device=device, dtype=dtype, pin_memory=pin) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype, pin_memory=pin) for _ in range(spec.num_layers)]
+        if pin:
+            tensors = self._pinned_tensors(shape, 2 * spec.num_layers, dtype)
+            self.k, self.v = tensors[: spec.num_layers], tensors[spec.num_layers :]
+        else:
+            self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.num_layers)]
+            self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.num_layers)]
         self.free = list(range(slots - 1, -1, -1))
         # Decode attention's traffic (bench reports it per step): bytes of K/V it read, and of those the
         # bytes copied from host KV to the device first.
@@ -25,6 +30,16 @@ class WaveKV:
         self.copied_bytes = 0
         # Host KV filled from the device: a HostKVWriter (set by the engine) stores new K/V asynchronously.
         self.writer = None
+
+    @staticmethod
+    def _pinned_tensors(shape: tuple[int, ...], count: int, dtype, pin: bool = True) -> list[torch.Tensor]:
+        """`count` zeroed pinned tensors of `shape`, packed into power-of-two chunks: the pinned allocator
+        rounds each allocation up to a power of two, so a 671 MB layer of K alone would hold 1 GiB (a
+        1024-sequence Llama-3-8B wave's 40 GiB of host KV would take 64 GiB)."""
+        per = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        sizes, place = pack_pinned([per] * count)
+        chunks = [torch.zeros(n, dtype=torch.uint8, pin_memory=pin) for n in sizes]
+        return [chunks[c][off : off + per].view(dtype).view(shape) for c, off in place]
 
     def drain(self) -> None:
         if self.writer is not None:

@@ -110,6 +110,15 @@ def pack_pinned(sizes: list[int]) -> tuple[list[int], list[tuple[int, int] | Non
     return chunks, place
 
 
+def release_pinned_cache() -> None:
+    """Give freed pinned blocks back to the OS: torch's pinned allocator keeps them for reuse, so a process
+    that runs engines one after another (a grid of plans) would otherwise hold every size it ever pinned."""
+    release = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    release = release or getattr(torch._C, "_host_emptyCache", None)
+    if release is not None and torch.cuda.is_available():
+        release()
+
+
 def pinned_bytes(sizes: list[int]) -> int:
     """Host bytes that pinning modules of these sizes (in this order) takes."""
     return sum(pack_pinned(sizes)[0])

@@ -4,6 +4,7 @@ here is an upper bound of what the engine allocates for that use."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -75,6 +76,12 @@ def device_transient_bytes(shape: ModelShape, knobs: Knobs, max_prompt_len: int,
     return out
 
 
+@functools.lru_cache(maxsize=4096)
+def _packed_equal(size: int, count: int) -> int:
+    """pinned_bytes of `count` tensors of one size (the solver asks for the same few often)."""
+    return pinned_bytes([size] * count)
+
+
 def _pinned(n: int) -> int:
     """torch's pinned-memory allocator rounds every block up to a power of two."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
@@ -98,7 +105,8 @@ def host_bytes(shape: ModelShape, knobs: Knobs, max_len: int, pinned: bool, weig
     kv = 0
     if knobs.kv_placement == "host":
         per_tensor = knobs.wave * spec.num_kv_heads * max_len * spec.head_dim * shape.dsize
-        kv = 2 * spec.num_layers * size(per_tensor)
+        # Pinned host KV is packed into power-of-two chunks like the weights (offload/kv.py).
+        kv = _packed_equal(per_tensor, 2 * spec.num_layers) if pinned else 2 * spec.num_layers * per_tensor
         if knobs.decode_attention == "cpu":  # float32 scores of one host micro-batch, and its output
             mb = min(knobs.attn_micro_batch, knobs.wave)
             kv += 3 * mb * spec.num_heads * max_len * 4

@@ -40,6 +40,7 @@ PREFILL_MULTIPLES = (1, 4, 16, 64)  # prompts per step (with 8192 tokens, the ru
 # GEMM efficiency is flat beyond ~1024 rows, memory is not; the smallest sizes are for tight budgets.
 FFN_CANDIDATES = (64, 1024, 2048, 4096)
 ATTN_CANDIDATES = (1, 16, 64, 256)
+START_MICRO_BATCHES = ((4096, 64), (1024, 256))  # (FFN tokens, attention sequences) the descents start from
 PIN_NAMES = ("wave_size", "prefill_tokens", "ffn_micro_tokens", "attn_micro_batch", "kv_placement", "decode_attention",
              "residency_order")
 
@@ -79,7 +80,7 @@ class Solver:
         unknown = set(self.pins) - set(PIN_NAMES)
         if unknown:
             raise TypeError(f"unknown plan option(s): {', '.join(sorted(unknown))}")
-        self.order = self.pins.get("residency_order", "layer")
+        self.order = self.pins.get("residency_order", "spread")
         if self.order not in RESIDENCY_ORDERS:
             raise OffbatchError(f"residency order {self.order!r}: use {' or '.join(RESIDENCY_ORDERS)}")
         self.chooser = ResidencyChooser(shape)
@@ -191,8 +192,9 @@ class Solver:
                     if self.max_resident is not None:
                         cap = min(cap, self.max_resident)
                     e = self._with_residency(knobs, trans, left, cap)
-                    if e is not None and e.total_s < min(result.total_s, full.total_s * (1 - RESIDENCY_MARGIN)):
-                        result = e
+                    if e is None or e.total_s >= min(result.total_s, full.total_s * (1 - RESIDENCY_MARGIN)):
+                        break  # where half is no faster, none is not either (time is about linear in it)
+                    result = e
         self.cache[knobs] = result
         return result
 
@@ -214,25 +216,34 @@ class Solver:
 
     def solve_placement(self, kv: str, attn: str) -> Evaluation | None:
         """The wave and the prefill budget interact (admissions per step x generation length bound the
-        wave that can be kept full), so they are searched jointly; then each micro-batch size; again
-        until nothing improves."""
+        wave that can be kept full), so they are searched jointly; then the two micro-batch sizes, also
+        jointly (they share the activation memory); again until nothing improves. That descent can stall
+        where the wave that suits one attention micro-batch is not the one that suits another (and then a
+        larger budget could predict slower than a smaller one did), so it starts from small and from large
+        micro-batches, and the better end wins."""
         pre = self.prefill_candidates()
         ffn = self.ffn_candidates()
         attn_mb = self.attn_candidates()
-        knobs = Knobs(1, pre[0], 4096 if 4096 in ffn else ffn[0], 64 if 64 in attn_mb else attn_mb[0], kv, attn)
-        if not self.fits(knobs):  # start from the smallest transients instead
-            knobs = replace(knobs, ffn_micro_tokens=min(ffn), attn_micro_batch=min(attn_mb))
+        best = None
+        for f, a in START_MICRO_BATCHES:
+            start = Knobs(1, pre[0], f if f in ffn else ffn[0], a if a in attn_mb else attn_mb[0], kv, attn)
+            if not self.fits(start):  # start from the smallest transients instead
+                start = replace(start, ffn_micro_tokens=min(ffn), attn_micro_batch=min(attn_mb))
+            e = self._descend(start, pre, ffn, attn_mb)
+            if e is not None and (best is None or e.total_s < best.total_s * (1 - 1e-9)):
+                best = e
+        return best
+
+    def _descend(self, knobs: Knobs, pre: list[int], ffn: list[int], attn_mb: list[int]) -> Evaluation | None:
         best = None
         for _ in range(3):
             before = best
-            for step in ("joint", "ffn", "attn"):
-                if step == "joint":
+            for step in ("wave", "micro"):
+                if step == "wave":
                     options = [replace(knobs, prefill_tokens=b, wave=w) for b in pre
                                for w in self.wave_candidates(replace(knobs, prefill_tokens=b))]
-                elif step == "ffn":
-                    options = [replace(knobs, ffn_micro_tokens=v) for v in ffn]
                 else:
-                    options = [replace(knobs, attn_micro_batch=v) for v in attn_mb]
+                    options = [replace(knobs, ffn_micro_tokens=f, attn_micro_batch=a) for f in ffn for a in attn_mb]
                 e = self._best(options)
                 if e is not None and (best is None or e.total_s < best.total_s * (1 - 1e-9)):
                     best = e
