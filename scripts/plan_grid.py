@@ -16,6 +16,7 @@ is measured.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from offbatch.engine.benchmark import run_bench  # noqa: E402
 from offbatch.errors import BudgetError  # noqa: E402
+from offbatch.kernels import warm_up_grouped  # noqa: E402
 from offbatch.models.spec import spec_from_config  # noqa: E402
 from offbatch.offload.weights import CheckpointSource, SynthSource, WeightStore, release_pinned_cache  # noqa: E402
 from offbatch.planner.shape import shape_from_store  # noqa: E402
@@ -80,6 +82,12 @@ def main():
     shape = shape_from_store(store)
     print(f"packed {store.total_bytes / 2**30:.1f} GiB in {time.perf_counter() - t_start:.0f} s; planning for "
           f"{hw.name}", flush=True)
+    if spec.moe and args.device.startswith("cuda"):
+        # Triton compiles each tile class on first use: not inside the first point's timing.
+        t0 = time.perf_counter()
+        warm_up_grouped(spec.hidden_size, spec.moe.expert_intermediate_size, dtype, args.device)
+        torch.cuda.empty_cache()
+        print(f"grouped kernels compiled in {time.perf_counter() - t0:.1f} s", flush=True)
     for i, cap_text in enumerate(caps):
         out = args.out
         if out and len(caps) > 1:  # grid.json -> grid-8GiB.json, one file per cap
@@ -147,10 +155,13 @@ def measure(args, source, store, shape, hw, workload, cap_text, cpu_cap, out, wa
 
     # Warm-up (not recorded): the first run in a process pays one-time costs (kernel selection, caches).
     if warm_up:
-        warm = min(args.prompts, max(1, chosen.wave_size // 4), 16)
+        # One full admitting step (the prefill shapes) and a decode step: what runs first pays one-time
+        # costs (allocator growth, library heuristics), and the grid's first point would carry them.
+        warm = min(args.prompts, max(16, chosen.prefill_tokens // max(1, args.prompt_len)))
         run_bench(source, args.device, cap, warm, args.prompt_len, 2, default_dtype=dtype, plan=chosen, store=store,
                   hardware=hw)
         if args.device.startswith("cuda"):
+            gc.collect()
             torch.cuda.empty_cache()
             release_pinned_cache()
             torch.cuda.set_per_process_memory_fraction(1.0)
@@ -158,10 +169,18 @@ def measure(args, source, store, shape, hw, workload, cap_text, cpu_cap, out, wa
     results = []
     summary = {"hardware": hw.name, "gpu_memory": cap_text, "workload": workload.describe(),
                "hardware_profile": hw.to_dict(), "points": results}
-    for label, plan in points:
-        if time.perf_counter() - t_start > args.budget_s:
-            print(f"time budget spent: {len(points) - len(results)} point(s) not measured", flush=True)
-            break
+    # The chosen plan is measured first and, whatever the budget, once more at the end: a first point
+    # ran 10-40% slower than the same plan later in the process on the H200 (2026-11-28d), so chosen/best
+    # uses the second run, and both are kept.
+    todo = list(points)
+    while todo:
+        label, plan = todo.pop(0)
+        if label != "chosen, again" and time.perf_counter() - t_start > args.budget_s:
+            print(f"time budget spent: {len(todo) + 1} point(s) not measured", flush=True)
+            todo = [("chosen, again", chosen)]
+            continue
+        if not todo and label != "chosen, again":
+            todo = [("chosen, again", chosen)]
         try:
             r = run_bench(source, args.device, cap, args.prompts, args.prompt_len, args.gen_len,
                           default_dtype=dtype, plan=plan, store=store, hardware=hw)
@@ -169,8 +188,11 @@ def measure(args, source, store, shape, hw, workload, cap_text, cpu_cap, out, wa
             r = {"error": f"{type(e).__name__}: {e}"}
         finally:
             if args.device.startswith("cuda"):
+                # The point's host KV, before the next point pins its own: the engine, its KV and the KV's
+                # writer reference each other, so only a collection frees them (then the pinned cache).
+                gc.collect()
                 torch.cuda.empty_cache()
-                release_pinned_cache()  # the point's host KV, before the next point pins its own
+                release_pinned_cache()
                 torch.cuda.set_per_process_memory_fraction(1.0)
         pred = plan.predicted
         row = {"label": label, "residency_order": plan.residency_order,
@@ -200,7 +222,7 @@ def summarise(summary: dict, quiet: bool) -> None:
     if not ok:
         return
     best = max(ok, key=lambda r: r["measured"]["e2e_tok_s"])
-    mine = next((r for r in ok if r["label"] == "chosen"), None)
+    mine = next((r for r in ok if r["label"] == "chosen, again"), None) or next((r for r in ok if r["label"] == "chosen"), None)
     say(f"\n{'point':34s} {'e2e meas':>9s} {'e2e pred':>9s} {'err':>6s} {'decode meas':>11s} {'pred':>8s} "
         f"{'prefill meas':>12s} {'pred':>8s}")
     for r in sorted(ok, key=lambda r: -r["measured"]["e2e_tok_s"]):
@@ -211,7 +233,7 @@ def summarise(summary: dict, quiet: bool) -> None:
     if mine:
         ratio = mine["measured"]["e2e_tok_s"] / best["measured"]["e2e_tok_s"]
         summary["chosen_over_best"] = ratio
-        say(f"\nchosen plan: {mine['measured']['e2e_tok_s']:.1f} tok/s end to end; best measured "
+        say(f"\nchosen plan ({mine['label']}): {mine['measured']['e2e_tok_s']:.1f} tok/s end to end; best measured "
             f"({best['label']}): {best['measured']['e2e_tok_s']:.1f}; chosen/best = {ratio:.2f} "
             f"({'within' if ratio >= 0.9 else 'NOT within'} 10%)")
     errs = [abs(r["predicted"]["decode_tok_s"] / r["measured"]["decode_tok_s"] - 1) for r in ok

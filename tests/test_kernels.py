@@ -240,3 +240,9 @@ def test_gpu_matches_twin_and_float64(case, dtype, gated):
 @pytest.mark.gpu
 def test_gpu_fp32_is_true_fp32_not_tf32():
     _check(*GPU_CASES["ragged_large"], dtype=torch.float32, seed=12, device="cuda")
+
+
+def test_warm_up_runs_both_kernels_for_every_tile_class_and_parity():
+    # scripts/plan_grid.py compiles the kernels before timing anything; here (interpreted on the CPU)
+    # the launches it makes must be valid grouped calls: three tile classes x row parity x two kernels.
+    assert kernels.warm_up_grouped(16, 32, torch.float32, DEVICE) == 12

@@ -47,4 +47,29 @@ def grouped_swiglu(x, w_gate, w_up, group_offsets, group_slots, out=None):
     return _impl("grouped_gemm_triton", "grouped_swiglu", x)(x, w_gate, w_up, group_offsets, group_slots, out)
 
 
-__all__ = ["backend", "grouped_gemm", "grouped_swiglu"]
+def warm_up_grouped(hidden: int, inter: int, dtype: torch.dtype, device, groups: int = 2) -> int:
+    """Run both grouped kernels once per tile class (few, some and many rows per group) and row-count
+    parity (Triton specializes integer arguments that are multiples of 16), with an expert's shapes,
+    so that a timed run does not compile them in its first steps (seconds each on a fresh process).
+    Returns the number of launches."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    gate, up = (torch.randn(groups, inter, hidden, device=device, generator=g).to(dtype) / hidden ** 0.5 for _ in "gu")
+    down = torch.randn(groups, hidden, inter, device=device, generator=g).to(dtype) / inter ** 0.5
+    slots = torch.arange(groups, dtype=torch.int32, device=device)
+    launches = 0
+    for rows in (16, 64, 512):  # the small, medium and large tile classes (rows per group)
+        for extra in (0, 1):
+            sizes = [rows] * groups
+            sizes[-1] += extra
+            offsets = torch.tensor([0] + [sum(sizes[: i + 1]) for i in range(groups)], dtype=torch.int32, device=device)
+            x = torch.randn(sum(sizes), hidden, device=device, generator=g).to(dtype)
+            h = grouped_swiglu(x, gate, up, offsets, slots)
+            grouped_gemm(h, down, offsets, slots)
+            launches += 2
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return launches
+
+
+__all__ = ["backend", "grouped_gemm", "grouped_swiglu", "warm_up_grouped"]

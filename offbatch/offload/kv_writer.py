@@ -17,6 +17,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 
 import torch
 
@@ -29,7 +30,9 @@ class HostKVWriter:
         tokens; larger submissions are split)."""
         if rows < 1 or buffers < 1:
             raise ValueError("a host KV writer needs at least one row and one buffer")
-        self.kv = kv
+        # Weakly: the KV holds its writer, and a strong reference back would make a cycle that keeps the
+        # whole host KV alive after its engine until the garbage collector happens to run.
+        self._kv = weakref.ref(kv)
         self.rows = rows
         spec = kv.spec
         shape = (rows, spec.num_kv_heads, spec.head_dim)
@@ -149,7 +152,7 @@ class HostKVWriter:
             self._loop()
 
     def _loop(self) -> None:
-        kv = self.kv
+        kv = self._kv()  # alive while the thread runs: its owner is generating, or closing this writer
         while True:
             job = self._jobs.get()
             if job is None:
