@@ -36,6 +36,7 @@ for part in "$@"; do
     mixtral-grids) timeout ${GRID_TIMEOUT:-560} python scripts/plan_grid.py --synth mixtral-8x7b --layers 8 --gpu-memory 8GiB,24GiB \
              --order-point --prompts 1024 --prompt-len 256 --gen-len 64 --budget-s ${GRID_BUDGET:-220} --out "$OUT/grid-mixtral.json" 2>&1 ;;
     llama-grids) timeout ${GRID_TIMEOUT:-560} python scripts/plan_grid.py --synth llama-3-8b --gpu-memory 8GiB,24GiB \
+             --order-point --placements host-gpu,host-cpu,gpu \
              --prompts 1024 --prompt-len 256 --gen-len 64 --budget-s ${GRID_BUDGET:-220} --out "$OUT/grid-llama.json" 2>&1 ;;
     disk) # The disk tier from a cold page cache: Llama-3-8B with 12 GiB of host memory for 16 GB of weights.
           [ -f /tmp/offbatch-bench/llama-3-8b-full/config.json ] || python -m offbatch.cli.main synth llama \
