@@ -246,3 +246,10 @@ def test_warm_up_runs_both_kernels_for_every_tile_class_and_parity():
     # scripts/plan_grid.py compiles the kernels before timing anything; here (interpreted on the CPU)
     # the launches it makes must be valid grouped calls: three tile classes x row parity x two kernels.
     assert kernels.warm_up_grouped(16, 32, torch.float32, DEVICE) == 12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_warm_up_compiles_mixtral_expert_shapes_in_bf16():
+    # What plan_grid.py runs before timing a MoE grid: Mixtral's expert shapes, bf16, every tile class.
+    assert kernels.warm_up_grouped(4096, 14336, torch.bfloat16, "cuda") == 12
