@@ -172,15 +172,14 @@ def measure(args, source, store, shape, hw, workload, cap_text, cpu_cap, out, wa
     # The chosen plan is measured first and, whatever the budget, once more at the end: a first point
     # ran 10-40% slower than the same plan later in the process on the H200 (2026-11-28d), so chosen/best
     # uses the second run, and both are kept.
-    todo = list(points)
-    while todo:
-        label, plan = todo.pop(0)
+    points.append(("chosen, again", chosen))
+    skipped = 0
+    for label, plan in points:
         if label != "chosen, again" and time.perf_counter() - t_start > args.budget_s:
-            print(f"time budget spent: {len(todo) + 1} point(s) not measured", flush=True)
-            todo = [("chosen, again", chosen)]
+            skipped += 1
             continue
-        if not todo and label != "chosen, again":
-            todo = [("chosen, again", chosen)]
+        if label == "chosen, again" and skipped:
+            print(f"time budget spent: {skipped} point(s) not measured", flush=True)
         try:
             r = run_bench(source, args.device, cap, args.prompts, args.prompt_len, args.gen_len,
                           default_dtype=dtype, plan=plan, store=store, hardware=hw)
@@ -222,7 +221,7 @@ def summarise(summary: dict, quiet: bool) -> None:
     if not ok:
         return
     best = max(ok, key=lambda r: r["measured"]["e2e_tok_s"])
-    mine = next((r for r in ok if r["label"] == "chosen, again"), None) or next((r for r in ok if r["label"] == "chosen"), None)
+    mine = next((r for label in ("chosen, again", "chosen") for r in ok if r["label"] == label), None)
     say(f"\n{'point':34s} {'e2e meas':>9s} {'e2e pred':>9s} {'err':>6s} {'decode meas':>11s} {'pred':>8s} "
         f"{'prefill meas':>12s} {'pred':>8s}")
     for r in sorted(ok, key=lambda r: -r["measured"]["e2e_tok_s"]):

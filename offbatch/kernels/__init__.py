@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import os
 
 import torch
@@ -62,7 +63,7 @@ def warm_up_grouped(hidden: int, inter: int, dtype: torch.dtype, device, groups:
         for extra in (0, 1):
             sizes = [rows] * groups
             sizes[-1] += extra
-            offsets = torch.tensor([0] + [sum(sizes[: i + 1]) for i in range(groups)], dtype=torch.int32, device=device)
+            offsets = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int32, device=device)
             x = torch.randn(sum(sizes), hidden, device=device, generator=g).to(dtype)
             h = grouped_swiglu(x, gate, up, offsets, slots)
             grouped_gemm(h, down, offsets, slots)
