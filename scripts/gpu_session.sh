@@ -2,6 +2,7 @@
 # One device call: GPU tests, kernel timings, then the engine-vs-accelerate comparison.
 # Usage (on the GPU machine, repo root): bash scripts/gpu_session.sh PART...  (PART: tests kernels quick mixtral mixtral-synth llama-synth grid8 grid24 llama-grid8 llama-grid24 mixtral-grids llama-grids disk llama)
 # Grids print each point as it is measured and rewrite their JSON after each (a timeout loses no point).
+# GRID_CAPS=24GiB,8GiB picks the caps (and their order) of mixtral-grids and llama-grids.
 # GRID_TIMEOUT=S kills a grid after S seconds; GRID_BUDGET=S overrides a grid's time budget (seconds after which it starts no new point).
 # A failing `tests` part stops the session: timings of a broken engine are worth nothing.
 set -u
@@ -33,9 +34,9 @@ for part in "$@"; do
     llama-grid24) timeout ${GRID_TIMEOUT:-560} python scripts/plan_grid.py --synth llama-3-8b --gpu-memory 24GiB --prompts 1024 \
              --prompt-len 256 --gen-len 64 --budget-s ${GRID_BUDGET:-300} --out "$OUT/grid-llama-24g.json" 2>&1 ;;
     # Both caps in one process (weights packed once); GRID_BUDGET is per cap: mind the call's 600 s.
-    mixtral-grids) timeout ${GRID_TIMEOUT:-560} python scripts/plan_grid.py --synth mixtral-8x7b --layers 8 --gpu-memory 8GiB,24GiB \
+    mixtral-grids) timeout ${GRID_TIMEOUT:-560} python scripts/plan_grid.py --synth mixtral-8x7b --layers 8 --gpu-memory ${GRID_CAPS:-8GiB,24GiB} \
              --order-point --prompts 1024 --prompt-len 256 --gen-len 64 --budget-s ${GRID_BUDGET:-220} --out "$OUT/grid-mixtral.json" 2>&1 ;;
-    llama-grids) timeout ${GRID_TIMEOUT:-560} python scripts/plan_grid.py --synth llama-3-8b --gpu-memory 8GiB,24GiB \
+    llama-grids) timeout ${GRID_TIMEOUT:-560} python scripts/plan_grid.py --synth llama-3-8b --gpu-memory ${GRID_CAPS:-8GiB,24GiB} \
              --order-point --placements host-gpu,host-cpu,gpu \
              --prompts 1024 --prompt-len 256 --gen-len 64 --budget-s ${GRID_BUDGET:-220} --out "$OUT/grid-llama.json" 2>&1 ;;
     disk) # The disk tier from a cold page cache: Llama-3-8B with 12 GiB of host memory for 16 GB of weights.
