@@ -117,7 +117,8 @@ GRID_FILES = [("2026-11-28c/grid-mixtral-24g.json", "mixtral-8x7b", 8, 24, "mixt
               ("2026-11-28e/grid1-mixtral-24g.json", "mixtral-8x7b", 8, 24, "e1 mixtral-24g"),
               ("2026-11-28e/grid2-mixtral-8g.json", "mixtral-8x7b", 8, 8, "e2 mixtral-8g"),
               ("2026-11-28e/grid3-llama-8g.json", "llama-3-8b", None, 8, "e3 llama-8g"),
-              ("2026-11-28e/grid4-llama-24g.json", "llama-3-8b", None, 24, "e4 llama-24g")]
+              ("2026-11-28e/grid4-llama-24g.json", "llama-3-8b", None, 24, "e4 llama-24g"),
+              ("2026-11-28e/grid5-llama-8g.json", "llama-3-8b", None, 8, "e5 llama-8g")]
 # The refitted solver's own choice at 8 GiB, measured after the fit (out of sample then; one point).
 SINGLE_FILES = [("2026-11-28c/chosen-mixtral-8g.json", "mixtral-8x7b", 8, 8, "mixtral-8g")]
 WORKLOAD = Workload.uniform(1024, 256, 64)  # the engine issue's workload, as every grid ran it
@@ -147,8 +148,11 @@ def pinned_plan(preset, layers, cap, g):
 
 # Known decode misses: Llama-3-8B at 24 GiB, wave 205, where copies and GEMMs take about as long as each
 # other. Its plan (or one a module apart) ran 3 255, 4 100, 4 680, 3 632 and 3 390 decode tok/s in five
-# runs over three processes; the model says 4 455, inside 25% of three of them. The two slow runs:
-DECODE_MISSES = {"d3 llama-24g chosen", "e4 llama-24g chosen, again"}
+# runs over three processes; the model says 4 455, inside 25% of three of them. The two slow runs; and
+# CPU attention over Llama-3-8B's 32 layers at 8 GiB, which read host KV at about 30 GB/s (the h200
+# profile's rate while copies run is 24 GB/s; the probe on that machine said less): -25%. Mixtral's CPU
+# attention points fit the same rates within 15%.
+DECODE_MISSES = {"d3 llama-24g chosen", "e4 llama-24g chosen, again", "e5 llama-8g host-cpu wave 512 mb 64"}
 
 
 @pytest.mark.parametrize("point", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="known miss"))
@@ -240,10 +244,7 @@ def test_more_gpu_memory_never_predicts_slower_and_budgets_hold(preset, layers, 
                 assert prev == 0.0, "a budget that worked stopped working with more memory"
                 continue
             e2e = plan.predicted["e2e_tok_s"]
-            # Where residency costs more (exposed compute) than it saves, the solver holds less: a full
-            # fill, half of it, or none. Those fills differ between budgets by up to a module, so "never
-            # slower" holds to within 0.1%, not to the last digit.
-            assert e2e >= prev * (1 - 1e-3), (gib, wl)
+            assert e2e >= prev * (1 - 1e-9), (gib, wl)
             prev = e2e
             assert sum(plan.memory.values()) <= gib * GiB * SAFETY
             assert sum(plan.host_memory.values()) <= host

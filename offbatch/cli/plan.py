@@ -183,5 +183,3 @@ def print_plan(report: dict, console: Console | None = None) -> None:
         p.add_row(k, v)
     console.print(p)
     console.print(f"bottleneck: {report['bottleneck']}")
-    if pred.get("residency_note"):
-        console.print(f"residency: {pred['residency_note']}")

@@ -78,8 +78,6 @@ class Plan:
         line = "; ".join(parts)
         if pred.get("bottleneck"):
             line += f"\n  bottleneck: {pred['bottleneck']}"
-        if pred.get("residency_note"):
-            line += f"\n  residency: {pred['residency_note']}"
         return line
 
     # ---- a plan file (`offbatch plan --json` writes one; `--plan FILE` pins it) ----------------------

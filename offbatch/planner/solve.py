@@ -45,9 +45,6 @@ PIN_NAMES = ("wave_size", "prefill_tokens", "ffn_micro_tokens", "attn_micro_batc
              "residency_order")
 
 
-RESIDENCY_MARGIN = 1e-3  # holding less than fits must be predicted at least this much faster
-
-
 @dataclass
 class Evaluation:
     knobs: Knobs
@@ -181,20 +178,6 @@ class Solver:
             trans = device_transient_bytes(self.shape, knobs, self.wl.max_prompt_len, self.max_len)
             left = (self.usable - sum(trans.values())) if self.usable is not None else 1 << 62
             result = self._with_residency(knobs, trans, left, self.max_resident)
-            # Residency fills the lowest layers first, and the copies cannot hide their compute (the
-            # model's exposed share): where that outweighs the copies a resident module saves, holding
-            # less is faster. So a fuller GPU is never predicted slower, try holding half, and none; but
-            # keep the full GPU unless holding less is clearly faster (by RESIDENCY_MARGIN): the model's
-            # exposed share is an estimate, and an idle GPU on a near tie would only puzzle.
-            if result is not None and result.model.lead_share > 0 and result.model.streams:
-                full = result
-                for cap in (result.residency.resident_bytes // 2, 0):
-                    if self.max_resident is not None:
-                        cap = min(cap, self.max_resident)
-                    e = self._with_residency(knobs, trans, left, cap)
-                    if e is None or e.total_s >= min(result.total_s, full.total_s * (1 - RESIDENCY_MARGIN)):
-                        break  # where half is no faster, none is not either (time is about linear in it)
-                    result = e
         self.cache[knobs] = result
         return result
 
@@ -356,12 +339,6 @@ def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
             raise BudgetError(f"--cpu-memory {format_bytes(solver.host_budget)} is too small: the weights do not "
                               "split between host memory and disk under it; give more --cpu-memory")
         disk, host = chosen
-    note = ""
-    if e.resident_cap != solver.max_resident:  # the solver held less than fits: say why, or it looks like waste
-        full = solver.chooser.choose(left, k.wave, solver.max_resident, with_keys=False, order=solver.order)
-        note = (f"holds {format_bytes(res.resident_bytes)} of weights on the GPU although "
-                f"{format_bytes(full.resident_bytes)} would fit: the copies cannot hide the compute of resident "
-                "modules (they run a few modules ahead at most), and here that costs more than streaming them")
     model = e.model
     if disk:  # price the modules chosen (the search priced a byte estimate of them)
         model = StepModel(solver.shape, solver.hw, k, e.residency, solver.max_len,
@@ -374,7 +351,7 @@ def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
         kv_placement=k.kv_placement, decode_attention=k.decode_attention, budget_bytes=solver.gpu_budget,
         memory={"kv": e.transient["kv"], "weight_slots": res.slot_bytes, "resident_weights": res.resident_bytes,
                 "activations": e.transient["activations"]},
-        host_memory=host, predicted=dict(prediction(e.model, solver.wl, e.job), residency_note=note),
+        host_memory=host, predicted=prediction(e.model, solver.wl, e.job),
         hardware=solver.hw.name,
         chosen_by=chosen_by, disk=disk, staging_buffers=STAGING_BUFFERS, residency_order=solver.order,
     )
