@@ -7,8 +7,10 @@ module becomes resident gives its device slots back.
 Within a kind, the order: "spread" (the default) takes modules evenly over the step, so each resident
 module computes while the copy stream loads the streamed ones after it; "layer" takes the lowest layers
 first, which makes the start of every step one resident stretch whose compute the copies cannot hide
-(they run only a slot ring ahead). On the H200 (Mixtral, 8 layers, 1024 x 256 + 64) spread ran 9% (8 GiB,
-host KV + CPU attention) and 12% (24 GiB, host KV + GPU attention) faster end to end with the same knobs."""
+(they run only a slot ring ahead; the cost model charges that stretch's compute less one ring fill). On
+the H200 (1024 x 256 + 64, same knobs, each order measured after a warm-up) the two ran within 2% of each
+other for Mixtral (8 layers, host KV, 8 and 24 GiB), where the link is busy with KV all step; for
+Llama-3-8B at 24 GiB layer order ran 4-9% faster, inside that plan's run-to-run spread (2026-11-28e)."""
 
 from __future__ import annotations
 
