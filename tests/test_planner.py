@@ -467,7 +467,7 @@ def test_layer_order_exposes_only_the_resident_stretch_before_the_first_streamed
         res = chooser.choose(left, 205, order=order)
         summary = chooser.choose(left, 205, with_keys=False, order=order)
         assert res.streamed_by_kind == {"attn": 24 * attn}
-        assert summary.lead_layers == res.lead_layers == residency_of(shape, res.resident, order=order).lead_layers
+        assert summary.lead_layers == res.lead_layers == residency_of(shape, res.resident).lead_layers
         streamed = sorted(i for i in range(32) if (i, "attn") not in res.resident)
         assert res.lead_layers == streamed[0]
         steps[order] = StepModel(shape, hw, knobs, res, 320).step(202, 0, 256, 300, 320)

@@ -72,14 +72,13 @@ class Residency:
     expert_bytes: int  # one expert
     head_streamed: bool
     streamed_by_kind: dict[str, int] = field(default_factory=dict)
-    order: str = "layer"  # how a partly resident kind picks its modules (RESIDENCY_ORDERS)
     # Layers computed before the step's first streamed module (the head aside): the resident stretch at
     # the start of every step, during which the copies can only fill the slot rings.
     lead_layers: int = 0
 
 
-def first_gap(picked, n: int) -> int:
-    """The smallest index in range(n) that `picked` (ascending, distinct; any iterable) leaves out."""
+def first_gap(picked) -> int:
+    """The smallest index that `picked` (ascending, distinct, from 0; any iterable) leaves out."""
     i = 0
     for j in picked:
         if j != i:
@@ -158,7 +157,7 @@ class ResidencyChooser:
                 n = max(0, min(len(keys), min(left, cap) // uniform))
                 taken = (keys[:n] if order == "layer" else spread_pick(keys, n)) if with_keys else ()
                 taken_bytes = n * uniform
-                gap = n if order == "layer" else first_gap(spread_indices(len(keys), n), len(keys))
+                gap = n if order == "layer" else first_gap(spread_indices(len(keys), n))
             else:
                 taken, taken_bytes, picked = [], 0, []
                 pairs = list(enumerate(zip(keys, sizes)))
@@ -169,7 +168,7 @@ class ResidencyChooser:
                         taken.append(k)
                         picked.append(j)
                         taken_bytes += size
-                gap = first_gap(sorted(picked), len(keys))
+                gap = first_gap(sorted(picked))
             if kind != "head" and gap < len(keys):
                 lead = min(lead, keys[gap][0])
             resident.update(taken)
@@ -185,12 +184,11 @@ class ResidencyChooser:
             fixed_bytes=self.fixed_bytes,
             streamed_dense_bytes=sum(v for k, v in streamed.items() if k != "expert"),
             streamed_experts=n_experts, expert_bytes=self.expert_bytes, head_streamed=streamed.get("head", 0) > 0,
-            streamed_by_kind=streamed, order=order, lead_layers=lead,
+            streamed_by_kind=streamed, lead_layers=lead,
         )
 
 
-def residency_of(shape: ModelShape, resident: set[ModuleKey], slots_per_kind: dict[str, int] | None = None,
-                 order: str = "layer") -> Residency:
+def residency_of(shape: ModelShape, resident: set[ModuleKey], slots_per_kind: dict[str, int] | None = None) -> Residency:
     """The Residency summary of a given resident set (a pinned plan, a recorded run)."""
     policy = dict(DEFAULT_SLOTS, **(slots_per_kind or {}))
     kinds = shape.kinds()
@@ -215,5 +213,5 @@ def residency_of(shape: ModelShape, resident: set[ModuleKey], slots_per_kind: di
         resident_bytes=sum(shape.nbytes[k] for k in resident if k in shape.nbytes),
         fixed_bytes=sum(shape.nbytes[k] for k in fixed),
         streamed_dense_bytes=sum(v for k, v in streamed.items() if k != "expert"), streamed_experts=n_experts,
-        expert_bytes=expert_bytes, head_streamed="head" in streamed, streamed_by_kind=streamed, order=order,
+        expert_bytes=expert_bytes, head_streamed="head" in streamed, streamed_by_kind=streamed,
         lead_layers=lead)

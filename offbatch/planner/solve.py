@@ -54,7 +54,6 @@ class Evaluation:
     transient: dict[str, int]
     host: dict[str, int]
     tier: HostTier | None = None
-    resident_cap: int | None = None  # the cap on resident bytes this residency was chosen under
 
     @property
     def total_s(self) -> float:
@@ -177,17 +176,13 @@ class Solver:
         if self.fits(knobs):
             trans = device_transient_bytes(self.shape, knobs, self.wl.max_prompt_len, self.max_len)
             left = (self.usable - sum(trans.values())) if self.usable is not None else 1 << 62
-            result = self._with_residency(knobs, trans, left, self.max_resident)
+            res = self.chooser.choose(left, knobs.wave, self.max_resident, with_keys=False, order=self.order)
+            tier = self.host_split(knobs, res) if res is not None else None
+            if tier is not None:
+                model = StepModel(self.shape, self.hw, knobs, res, self.max_len, tier.disk_fraction)
+                result = Evaluation(knobs, res, model, job_time(model, self.wl), trans, tier.host, tier)
         self.cache[knobs] = result
         return result
-
-    def _with_residency(self, knobs: Knobs, trans: dict[str, int], left: int, cap: int | None) -> Evaluation | None:
-        res = self.chooser.choose(left, knobs.wave, cap, with_keys=False, order=self.order)
-        tier = self.host_split(knobs, res) if res is not None else None
-        if tier is None:
-            return None
-        model = StepModel(self.shape, self.hw, knobs, res, self.max_len, tier.disk_fraction)
-        return Evaluation(knobs, res, model, job_time(model, self.wl), trans, tier.host, tier, cap)
 
     def _best(self, options: list[Knobs]) -> Evaluation | None:
         best = None
@@ -331,7 +326,7 @@ def prediction(model: StepModel, wl: Workload, job: JobTime) -> dict:
 def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
     k = e.knobs
     left = (solver.usable - sum(e.transient.values())) if solver.usable is not None else 1 << 62
-    res = solver.chooser.choose(left, k.wave, e.resident_cap, with_keys=True, order=solver.order)  # with its modules
+    res = solver.chooser.choose(left, k.wave, solver.max_resident, with_keys=True, order=solver.order)  # with its modules
     disk, host = set(), e.host
     if e.tier is not None and (e.tier.disk_resident_bytes or e.tier.disk_streamed_bytes):
         chosen = choose_disk(solver.shape, res.resident, e.tier, solver.host_budget, k, solver.max_len, solver.cuda)
@@ -351,8 +346,7 @@ def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
         kv_placement=k.kv_placement, decode_attention=k.decode_attention, budget_bytes=solver.gpu_budget,
         memory={"kv": e.transient["kv"], "weight_slots": res.slot_bytes, "resident_weights": res.resident_bytes,
                 "activations": e.transient["activations"]},
-        host_memory=host, predicted=prediction(e.model, solver.wl, e.job),
-        hardware=solver.hw.name,
+        host_memory=host, predicted=prediction(e.model, solver.wl, e.job), hardware=solver.hw.name,
         chosen_by=chosen_by, disk=disk, staging_buffers=STAGING_BUFFERS, residency_order=solver.order,
     )
 
@@ -401,6 +395,6 @@ def predict(plan: Plan, shape: ModelShape, hw: Hardware, workload: Workload) -> 
     """The cost model's figures for any plan (a pinned one, the rules' one)."""
     knobs = Knobs(plan.wave_size, plan.prefill_tokens, plan.ffn_micro_tokens, plan.attn_micro_batch,
                   plan.kv_placement, plan.decode_attention)
-    res = residency_of(shape, plan.resident, plan.slots, plan.residency_order)
+    res = residency_of(shape, plan.resident, plan.slots)
     model = StepModel(shape, hw, knobs, res, plan.max_len, disk_fraction(shape, res.resident, plan.disk))
     return prediction(model, workload, job_time(model, workload))
