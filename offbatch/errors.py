@@ -1,10 +1,26 @@
-"""User-facing errors: one clear message, no traceback, a distinct exit status."""
+"""User-facing errors: one clear message, no traceback, a distinct exit status.
+
+Exit statuses of every command (the README documents them):
+  0  done, every line succeeded
+  1  done, some lines failed (each has an error record)
+  2  usage error (a bad option or argument; printed by the command-line parser)
+  3  fatal error the user can act on (an OffbatchError: bad model folder, unreadable input, an output
+     that is refused, locked or cannot be written, an impossible budget); nothing finished is lost
+  4  internal error (a bug in offbatch): one line on stderr, the traceback with OFFBATCH_DEBUG=1
+  130 / 143  stopped by SIGINT / SIGTERM (every finished result is on disk; rerun to resume)
+"""
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+EXIT_FATAL = 3
+EXIT_INTERNAL = 4
 
 
 class OffbatchError(Exception):
     """An error the user can act on; the CLI prints its message and exits with `exit_code`."""
 
-    exit_code = 3
+    exit_code = EXIT_FATAL
 
 
 class ModelFolderError(OffbatchError):
@@ -15,5 +31,13 @@ class InputFileError(OffbatchError):
     """A prompts file cannot be read at all (as opposed to one bad line, which is a per-line error)."""
 
 
+class OutputFileError(OffbatchError):
+    """The results file is refused (not this job's, locked by another run) or cannot be written."""
+
+
 class BudgetError(OffbatchError):
-    """A memory budget too small to run at all."""
+    """A memory budget too small to run at all, or larger than the machine has."""
+
+
+class PlanFileError(OffbatchError):
+    """A saved plan file that cannot be used (wrong version, absurd or mistyped values)."""

@@ -4,7 +4,8 @@ import json
 
 from offbatch.jobs.ledger import apply_resume, plan_resume, record_key
 from offbatch.jobs.requests import LineError, parse_line
-from offbatch.jobs.results import ResultWriter, error_record, ok_record, result_text
+from offbatch.jobs.results import error_record, ok_record, result_text
+from offbatch.jobs.writer import ResultWriter
 
 
 def req(obj, line=1):
@@ -63,7 +64,7 @@ def test_writer_flushes_each_record(tmp_path):
 def test_writer_fsyncs_on_a_timer_when_results_pause(tmp_path, monkeypatch):
     import time
 
-    import offbatch.jobs.results as results
+    import offbatch.jobs.writer as results
 
     synced = []
     real_fsync = results.os.fsync

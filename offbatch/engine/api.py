@@ -22,7 +22,13 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # over prompt and output tokens (HF semantics)
+    presence_penalty: float = 0.0  # OpenAI semantics, over output tokens: - presence * (count > 0)
+    frequency_penalty: float = 0.0  # OpenAI semantics, over output tokens: - frequency * count
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    # None: no log-probabilities; k >= 0: each chosen token's log-probability (log-softmax of the
+    # model's raw logits, before any penalty or temperature) plus the k likeliest alternatives.
+    logprobs: int | None = None
 
 
 @dataclass
@@ -36,12 +42,21 @@ class GenRequest:
 
 
 @dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), likeliest first
+
+
+@dataclass
 class GenOutput:
     key: int
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "error" (then `error` says why; the request fails alone)
     prompt_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry when params.logprobs is not None
+    error: str | None = None
 
 
 @dataclass

@@ -35,6 +35,10 @@ class Request:
     messages: list[dict] | None
     overrides: dict  # validated per-line sampling fields
     input_hash: str  # of the line's content: a rerun notices a request changed under the same id
+    n: int = 1  # completions for this request (each its own seed stream)
+    chat_template_kwargs: dict | None = None  # extra variables for the chat template (enable_thinking, ...)
+    skip_special_tokens: bool = True  # drop special tokens from the returned text
+    unknown_fields: list[tuple[str, str | None]] = field(default_factory=list)  # (field, likely intended name)
     # Filled in by prepare():
     prompt_ids: array = field(default_factory=lambda: array("l"))
     params: SamplingParams | None = None
@@ -49,6 +53,15 @@ class LineError:
     message: str
     input_hash: str = ""
     endpoint: str = "completion"
+
+
+def effective_settings(req: "Request") -> dict:
+    """Everything besides the prompt that decides this request's result, after prepare(): what a
+    resumed run compares (with the model's fingerprint) before it keeps an earlier result."""
+    from dataclasses import asdict
+
+    return {"params": asdict(req.params) if req.params is not None else None, "stop": list(req.stop), "n": req.n,
+            "chat_template_kwargs": req.chat_template_kwargs, "skip_special_tokens": req.skip_special_tokens}
 
 
 def content_hash(obj_or_bytes) -> str:

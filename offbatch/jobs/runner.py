@@ -21,7 +21,8 @@ from offbatch.jobs.ledger import apply_resume, plan_resume
 from offbatch.jobs.params import resolve_defaults
 from offbatch.jobs.progress import Progress
 from offbatch.jobs.requests import Request, find_duplicates, parse_line, prepare, read_input
-from offbatch.jobs.results import ResultWriter, error_record, ok_record
+from offbatch.jobs.results import error_record, ok_record
+from offbatch.jobs.writer import ResultWriter
 from offbatch.jobs.stops import final_text, make_stop_check
 
 EXIT_OK = 0

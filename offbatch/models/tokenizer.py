@@ -67,9 +67,11 @@ class Tokenizer:
             )
         return _render_chat(self.chat_template, messages, add_generation_prompt, self.special_tokens, extra)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        # The template already writes bos where the model wants it.
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
+        # The template already writes bos where the model wants it. template_kwargs: a request's
+        # chat_template_kwargs (e.g. Qwen3's enable_thinking), visible to the template as variables.
+        text = self.apply_chat_template(messages, add_generation_prompt, **template_kwargs)
+        return self.encode(text, add_special_tokens=False)
 
 
 def _render_chat(template: str, messages, add_generation_prompt, special_tokens, extra) -> str:
