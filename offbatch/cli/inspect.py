@@ -1,6 +1,7 @@
 """`offbatch inspect MODEL_DIR`: what the model is, how big each part is, what KV costs per token."""
 
 import json
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -8,13 +9,19 @@ from rich.table import Table
 
 from offbatch.cli.options import JsonOpt, ModelDirArg
 from offbatch.models.inventory import module_bytes
+from offbatch.models.files import exists
 from offbatch.models.loader import open_checkpoint
+from offbatch.models.tokenizer import load_tokenizer
 from offbatch.units import format_bytes
 
 
 def inspect_report(model_dir) -> dict:
+    """The same checks `offbatch run` makes of a folder (config.json, every weight file's header and
+    layout, the tokenizer files and chat template when there is a tokenizer.json), then the report."""
     ckpt = open_checkpoint(model_dir)
     spec = ckpt.spec
+    has_tokenizer = exists(Path(model_dir) / "tokenizer.json")
+    tokenizer = load_tokenizer(model_dir) if has_tokenizer else None
     globals_, layers = module_bytes(ckpt)
     dtype_bytes = ckpt.dtype().itemsize
     report = {
@@ -30,6 +37,9 @@ def inspect_report(model_dir) -> dict:
         "head_dim": spec.head_dim,
         "vocab_size": spec.vocab_size,
         "tied_embeddings": ckpt.tied,
+        "tokenizer": None if tokenizer is None else {"vocab_size": tokenizer.vocab_size,
+                                                     "eos_token_ids": list(tokenizer.eos_token_ids),
+                                                     "chat_template": tokenizer.chat_template is not None},
         "experts": spec.moe.num_experts if spec.moe else 0,
         "experts_per_token": spec.moe.top_k if spec.moe else 0,
         "kv_bytes_per_token": spec.kv_bytes_per_token(dtype_bytes),
@@ -60,6 +70,10 @@ def command(model_dir: ModelDirArg, as_json: JsonOpt = False):
     if r["experts"]:
         head.add_row("experts (top-k)", f"{r['experts']} ({r['experts_per_token']})")
     head.add_row("KV per token", format_bytes(r["kv_bytes_per_token"]))
+    tok = r["tokenizer"]
+    head.add_row("tokenizer", "none (offbatch run needs a tokenizer.json)" if tok is None else
+                 f"{tok['vocab_size']:,} tokens, eos {tok['eos_token_ids']}, "
+                 + ("a chat template" if tok["chat_template"] else "no chat template"))
     for name, n in r["global_bytes"].items():
         head.add_row(name, format_bytes(n))
     console.print(head)

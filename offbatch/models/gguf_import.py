@@ -39,8 +39,11 @@ from gguf.quants import dequantize
 from safetensors.torch import save_file
 
 from offbatch.errors import ModelFolderError
+from offbatch.models.chat_template import MAX_TEMPLATE_CHARS
+from offbatch.models.files import json_type
 from offbatch.models.names import expected_tensors
-from offbatch.models.spec import spec_from_config
+from offbatch.models.spec import (CONFIG_FIELDS, MAX_POSITION, MAX_TOKEN_ID, MAX_VOCAB, ROPE_FIELDS, Field,
+                                  spec_from_config)
 
 IMPORTER_VERSION = 1  # bump when the output of the same GGUF file changes (invalidates caches)
 MARKER_FILE = ".offbatch-import.json"  # written last: its presence means the folder is complete
@@ -162,6 +165,37 @@ def read_metadata(reader) -> dict[str, Any]:
         raise ModelFolderError(f"GGUF metadata holds a string that is not UTF-8: {e}") from None
 
 
+# ---------------------------------------------------------------------------
+# metadata values, checked like config.json's fields (the same limits: spec.py)
+def _meta(meta: dict, key: str, spec: Field, default: Any = None, required_for: str | None = None) -> Any:
+    value = meta.get(key)
+    if value is None:
+        if required_for is not None:
+            raise ModelFolderError(f"GGUF metadata lacks {key}, needed for a {required_for!r} model")
+        return default
+    return spec.check(value, f"GGUF metadata {key}")
+
+
+def _meta_list(meta: dict, key: str, item_type: type, limit: int) -> list | None:
+    """A metadata array of strings (tokens, merges): a list of `item_type`, at most `limit` long."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > limit or not all(isinstance(v, item_type) for v in value):
+        raise ModelFolderError(f"GGUF metadata {key} must be a list of at most {limit:,} strings")
+    return value
+
+
+def _meta_array(meta: dict, key: str, length: int) -> np.ndarray | None:
+    """A numeric metadata array with one entry per token (scores, token types)."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, np.ndarray) or value.ndim != 1 or len(value) != length or value.dtype.kind not in "iuf":
+        raise ModelFolderError(f"GGUF metadata {key} must be a list of {length:,} numbers, one per token")
+    return value
+
+
 def _hf_shape(t) -> tuple[int, ...]:
     # GGUF lists dimensions fastest-first (ne0 = row length); torch lists them slowest-first.
     return tuple(int(d) for d in reversed(t.shape.tolist()))
@@ -218,50 +252,54 @@ def _llama3_rope_scaling(rope_factors: np.ndarray, theta: float, head_dim: int) 
 
 
 def _rope_scaling(meta: dict, arch: str) -> dict | None:
-    kind = meta.get(f"{arch}.rope.scaling.type")
-    factor = meta.get(f"{arch}.rope.scaling.factor")
+    kind = _meta(meta, f"{arch}.rope.scaling.type", Field("str"))
+    factor_key = f"{arch}.rope.scaling.factor"
     if kind is None and meta.get(f"{arch}.rope.scale_linear"):  # older files
-        kind, factor = "linear", meta[f"{arch}.rope.scale_linear"]
-    if kind in (None, "none") or not factor or float(factor) == 1.0 and kind == "linear":
+        kind, factor_key = "linear", f"{arch}.rope.scale_linear"
+    if kind in (None, "none"):
         return None
-    scaling: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
-    if meta.get(f"{arch}.rope.scaling.original_context_length"):
-        scaling["original_max_position_embeddings"] = int(meta[f"{arch}.rope.scaling.original_context_length"])
+    factor = _meta(meta, factor_key, Field("float", 0, ROPE_FIELDS["linear"]["factor"].hi))  # 0: none
+    if not factor or factor == 1.0 and kind == "linear":
+        return None
+    scaling: dict[str, Any] = {"rope_type": kind, "factor": factor}
+    original = _meta(meta, f"{arch}.rope.scaling.original_context_length", Field("int", 1, MAX_POSITION))
+    if original:
+        scaling["original_max_position_embeddings"] = original
     return scaling
 
 
 def _token_id(meta: dict, what: str) -> int | None:
-    value = meta.get(f"tokenizer.ggml.{what}_token_id")
-    return None if value is None else int(value)
+    return _meta(meta, f"tokenizer.ggml.{what}_token_id", Field("int", 0, MAX_TOKEN_ID))
 
 
 def build_config(meta: dict, tensors: dict[str, Any], dtype: str) -> dict:
     """config.json for the GGUF's model, from its metadata (and tensor shapes where metadata is silent)."""
     arch_name = meta.get("general.architecture")
-    if arch_name not in ARCHITECTURES:
+    if not isinstance(arch_name, str) or arch_name not in ARCHITECTURES:
+        shown = repr(arch_name) if isinstance(arch_name, str) or arch_name is None else json_type(arch_name)
         raise ModelFolderError(
-            f"GGUF architecture {arch_name!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
+            f"GGUF architecture {shown[:60]} is not supported; supported: {', '.join(ARCHITECTURES)}"
         )
     arch = ARCHITECTURES[arch_name]
 
-    def need(key: str):
-        value = meta.get(f"{arch_name}.{key}")
-        if value is None:
-            raise ModelFolderError(f"GGUF metadata lacks {arch_name}.{key}, needed for a {arch_name!r} model")
-        return value
+    def need(key: str, config_key: str):
+        return _meta(meta, f"{arch_name}.{key}", CONFIG_FIELDS[config_key], required_for=arch_name)
+
+    def get(key: str, config_key: str, default=None):
+        return _meta(meta, f"{arch_name}.{key}", CONFIG_FIELDS[config_key], default)
 
     if "token_embd.weight" not in tensors:
         raise ModelFolderError("GGUF file has no token_embd.weight tensor")
-    hidden = int(need("embedding_length"))
-    heads = int(need("attention.head_count"))
-    kv_heads = int(meta.get(f"{arch_name}.attention.head_count_kv") or heads)
-    head_dim = int(meta.get(f"{arch_name}.attention.key_length") or hidden // heads)
-    rope_dims = meta.get(f"{arch_name}.rope.dimension_count")
-    if rope_dims is not None and int(rope_dims) != head_dim:
+    hidden = need("embedding_length", "hidden_size")
+    heads = need("attention.head_count", "num_attention_heads")
+    kv_heads = get("attention.head_count_kv", "num_key_value_heads") or heads
+    head_dim = get("attention.key_length", "head_dim") or hidden // heads
+    rope_dims = get("rope.dimension_count", "head_dim")
+    if rope_dims is not None and rope_dims != head_dim:
         raise ModelFolderError(
             f"partial rotary embeddings (rope over {rope_dims} of {head_dim} dims) are not supported"
         )
-    theta = float(meta.get(f"{arch_name}.rope.freq_base") or 10000.0)
+    theta = get("rope.freq_base", "rope_theta") or 10000.0
     rope_scaling = _rope_scaling(meta, arch_name)
     if "rope_freqs.weight" in tensors:
         rope_scaling = _llama3_rope_scaling(dequantize(tensors["rope_freqs.weight"].data, QT.F32), theta, head_dim)
@@ -272,13 +310,13 @@ def build_config(meta: dict, tensors: dict[str, Any], dtype: str) -> dict:
         "model_type": arch.model_type,
         "vocab_size": _hf_shape(tensors["token_embd.weight"])[0],
         "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")),
+        "intermediate_size": need("feed_forward_length", "intermediate_size"),
+        "num_hidden_layers": need("block_count", "num_hidden_layers"),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "max_position_embeddings": int(meta.get(f"{arch_name}.context_length") or 2048),
-        "rms_norm_eps": float(meta.get(f"{arch_name}.attention.layer_norm_rms_epsilon") or 1e-6),
+        "max_position_embeddings": get("context_length", "max_position_embeddings") or 2048,
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", "rms_norm_eps") or 1e-6,
         "rope_theta": theta,
         "rope_scaling": rope_scaling,
         "hidden_act": "silu",
@@ -456,11 +494,14 @@ def build_tokenizer(meta: dict, notes: list[str]):
     """A `tokenizers.Tokenizer` and the tokenizer_config.json dict from tokenizer.ggml.* metadata."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
-    kind = meta.get("tokenizer.ggml.model")
-    tokens = meta.get("tokenizer.ggml.tokens")
+    kind = _meta(meta, "tokenizer.ggml.model", Field("str"))
+    tokens = _meta_list(meta, "tokenizer.ggml.tokens", str, MAX_VOCAB)
     if not tokens:
         raise ModelFolderError("GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)")
-    types = meta.get("tokenizer.ggml.token_type")
+    types = _meta_array(meta, "tokenizer.ggml.token_type", len(tokens))
+    scores = _meta_array(meta, "tokenizer.ggml.scores", len(tokens))
+    pre = _meta(meta, "tokenizer.ggml.pre", Field("str"))
+    add_space_prefix = _meta(meta, "tokenizer.ggml.add_space_prefix", Field("bool"), True)
     ids = {what: _token_id(meta, what) for what in ("bos", "eos", "unknown", "padding")}
     for what, i in ids.items():
         if i is not None and not 0 <= i < len(tokens):
@@ -470,10 +511,10 @@ def build_tokenizer(meta: dict, notes: list[str]):
         vocab.setdefault(t, i)  # a repeated string keeps its first id
 
     if kind == "gpt2":
-        merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges") or []]
+        merges = [tuple(m.split(" ")) for m in _meta_list(meta, "tokenizer.ggml.merges", str, 2**25) or []]
         if any(len(m) != 2 for m in merges):
             raise ModelFolderError("GGUF tokenizer merges are malformed (expected 'left right' pairs)")
-        pre_tokenizer, ignore_merges = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre"), notes)
+        pre_tokenizer, ignore_merges = _byte_level_pre_tokenizer(pre, notes)
         try:
             model = models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges, fuse_unk=False)
         except Exception as e:  # noqa: BLE001 - tokenizers raises its own exception type
@@ -483,13 +524,13 @@ def build_tokenizer(meta: dict, notes: list[str]):
         tok.decoder = decoders.ByteLevel()
     elif kind == "llama":  # SentencePiece BPE (Llama 1/2, Mistral, TinyLlama): byte fallback, "▁" for spaces
         unk = tokens[ids["unknown"] if ids["unknown"] is not None else 0]
-        merges = _spm_merges(tokens, meta.get("tokenizer.ggml.scores"), types)
+        merges = _spm_merges(tokens, scores, types)
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
         steps = [normalizers.Replace(" ", "▁")]
-        if meta.get("tokenizer.ggml.add_space_prefix", True):
+        if add_space_prefix:
             steps.insert(0, normalizers.Prepend("▁"))
         tok.normalizer = normalizers.Sequence(steps)
-        strip = [decoders.Strip(" ", 1, 0)] if meta.get("tokenizer.ggml.add_space_prefix", True) else []
+        strip = [decoders.Strip(" ", 1, 0)] if add_space_prefix else []
         tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
     else:
         raise ModelFolderError(
@@ -508,8 +549,8 @@ def build_tokenizer(meta: dict, notes: list[str]):
     if user_ids:
         tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in sorted(user_ids)])
 
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    add_bos = _meta(meta, "tokenizer.ggml.add_bos_token", Field("bool"), kind == "llama")
+    add_eos = _meta(meta, "tokenizer.ggml.add_eos_token", Field("bool"), False)
     if (add_bos and ids["bos"] is not None) or (add_eos and ids["eos"] is not None):
         bos = [tokens[ids["bos"]]] if add_bos and ids["bos"] is not None else []
         eos = [tokens[ids["eos"]]] if add_eos and ids["eos"] is not None else []
@@ -525,13 +566,18 @@ def build_tokenizer(meta: dict, notes: list[str]):
         "add_bos_token": add_bos,
         "add_eos_token": add_eos,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": int(meta.get(f"{meta.get('general.architecture')}.context_length") or 2048),
+        "model_max_length": _meta(meta, f"{meta.get('general.architecture')}.context_length",
+                                  CONFIG_FIELDS["max_position_embeddings"], 2048),
     }
     for key, what in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
         if ids[what] is not None:
             tok_config[key] = tokens[ids[what]]
-    if meta.get("tokenizer.chat_template"):
-        tok_config["chat_template"] = meta["tokenizer.chat_template"]
+    template = _meta(meta, "tokenizer.chat_template", Field("str"))
+    if template and len(template) > MAX_TEMPLATE_CHARS:
+        raise ModelFolderError(f"GGUF metadata tokenizer.chat_template is {len(template):,} characters; "
+                               f"offbatch's limit for a chat template is {MAX_TEMPLATE_CHARS:,}")
+    if template:
+        tok_config["chat_template"] = template
     return tok, tok_config
 
 

@@ -9,6 +9,8 @@ reported with the tensor and file names.
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from offbatch.errors import ModelFolderError
+from offbatch.models.files import exists, file_in_folder, json_type, open_regular, parse_json, read_json_object
 from offbatch.models.names import IGNORABLE_SUFFIXES, TensorInfo, expected_tensors
 from offbatch.models.spec import ModelSpec, load_spec
 
@@ -34,57 +37,151 @@ class TensorEntry:
     nbytes: int
 
 
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """Parse a safetensors header ourselves so truncation and corruption are named precisely."""
+# Every dtype the safetensors format has, with its bytes per element: a file's layout is checked for
+# all its tensors, including those offbatch does not read (rotary caches and the like).
+SAFETENSORS_ITEM_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+MAX_TENSOR_DIMS = 16
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _corrupt(path: Path, why: str) -> ModelFolderError:
+    return ModelFolderError(f"{path} is corrupt: {why}")
+
+
+def _header_json(path: Path, f, size: int) -> tuple[dict, int]:
+    """The raw header object and where the data starts, from an open file of `size` bytes."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise ModelFolderError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES:
+        raise _corrupt(path, f"its header length {n:,} is over the {MAX_HEADER_BYTES:,}-byte limit "
+                             "(not a safetensors file?)")
+    if n > size - 8:
+        raise ModelFolderError(f"{path} is corrupt or truncated: header length {n:,} exceeds the file ({size:,} bytes)")
+    raw = f.read(n)
+    if len(raw) < n:
+        raise ModelFolderError(f"{path} is truncated: its header is cut short")
+    if not raw.startswith(b"{"):
+        raise _corrupt(path, "its safetensors header is not a JSON object")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ModelFolderError(f"{path} is truncated or not a safetensors file ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 * 2**20):
-                raise ModelFolderError(f"{path} is corrupt or truncated: header length {n} exceeds the file")
-            header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ModelFolderError(f"{path} is corrupt: its safetensors header is not valid JSON") from None
-    except OSError as e:
-        raise ModelFolderError(f"{path} cannot be read: {e.strerror}") from None
-    data_start = 8 + n
-    end = 0
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
+        header = parse_json(raw, "header", unique_keys=True)
+    except ModelFolderError as e:  # "header is not valid JSON: ..."
+        raise _corrupt(path, f"its safetensors {e}") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "its safetensors header is not a JSON object")
+    return header, 8 + n
+
+
+def _check_entry(path: Path, name: str, meta) -> tuple[int, int]:
+    """One tensor's header entry: its dtype, shape and data offsets agree with each other. -> offsets."""
+    if not isinstance(meta, dict):
+        raise _corrupt(path, f"tensor {name!r} has {json_type(meta)} where its description belongs")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if dtype not in SAFETENSORS_ITEM_BYTES:
+        raise _corrupt(path, f"tensor {name!r} has the dtype {json.dumps(dtype)[:40]}, "
+                             "which is not a safetensors dtype")
+    if not (isinstance(shape, list) and len(shape) <= MAX_TENSOR_DIMS
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise _corrupt(path, f"tensor {name!r} has the shape {json.dumps(shape)[:80]}, "
+                             "not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise _corrupt(path, f"tensor {name!r} has the data_offsets {json.dumps(offsets)[:80]}, "
+                             "not a list of two integers")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise _corrupt(path, f"tensor {name!r} has the data_offsets [{begin}, {end}]")
+    nbytes = math.prod(shape) * SAFETENSORS_ITEM_BYTES[dtype]
+    if end - begin != nbytes:
+        raise _corrupt(path, f"tensor {name!r} of shape {shape} and dtype {dtype} takes {nbytes:,} bytes, "
+                             f"but its data_offsets give it {end - begin:,}")
+    return begin, end
+
+
+def _check_layout(path: Path, spans: list[tuple[int, int, str]], data_bytes: int) -> None:
+    """The tensors' data tile the data section exactly: no overlap, no gap, nothing before or after
+    (what the safetensors library insists on when the file is read)."""
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin < at:
+            raise _corrupt(path, f"the data of tensor {name!r} overlaps the tensor before it")
+        if begin > at:
+            raise _corrupt(path, f"{begin - at:,} bytes before tensor {name!r} belong to no tensor")
+        at = end
+    if at > data_bytes:
+        raise ModelFolderError(f"{path} is truncated: its header describes {at:,} bytes of data "
+                               f"but the file holds {data_bytes:,}")
+    if at < data_bytes:
+        raise _corrupt(path, f"{data_bytes - at:,} bytes after its last tensor belong to no tensor")
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Parse a safetensors header ourselves, so truncation and corruption are named precisely, and check
+    every entry and the layout of the data: a header that passes can be read by the safetensors library.
+    -> (header: tensor name -> {dtype, shape, data_offsets}, without __metadata__; data start)."""
+    path = Path(path)
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         try:
-            begin, stop = meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ModelFolderError(f"{path} is corrupt: tensor {name!r} has no data_offsets") from None
-        end = max(end, stop)
-    if data_start + end > size:
-        raise ModelFolderError(
-            f"{path} is truncated: its header describes {data_start + end} bytes but the file has {size}"
-        )
+            header, data_start = _header_json(path, f, size)
+        except OSError as e:
+            raise ModelFolderError(f"{path} cannot be read: {e.strerror or e}") from None
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise _corrupt(path, "its __metadata__ is not an object of strings")
+    spans = [(*_check_entry(path, name, entry), name) for name, entry in header.items()]
+    _check_layout(path, spans, size - data_start)
     return header, data_start
 
 
-def weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
+def _read_index(model_dir: Path) -> dict[str, str]:
+    """The shard index's weight_map (tensor -> file), each file checked to lie in the folder."""
+    index = model_dir / INDEX_FILE
+    where = index.name
+    obj = read_json_object(index, unique_keys=True)
+    weight_map = obj.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ModelFolderError(f"{index} is not a valid safetensors index: 'weight_map' must be an object of "
+                               f"tensor name -> file name, not {json_type(weight_map)}")
+    checked: set[str] = set()
+    for file in weight_map.values():
+        if file not in checked:  # (file_in_folder refuses a non-string before it is hashed)
+            file_in_folder(model_dir, file, where)
+            checked.add(file)
+    return weight_map
+
+
+def index_map(model_dir: Path) -> dict[str, str] | None:
+    """The shard index's tensor -> file map, or None for a folder without an index."""
+    model_dir = Path(model_dir)
+    return _read_index(model_dir) if exists(model_dir / INDEX_FILE) else None
+
+
+def weight_files(model_dir: Path, weight_map: dict[str, str] | None = None) -> list[Path]:
+    """The folder's safetensors files: the shards its index names (`weight_map`, read here when not
+    given), else model.safetensors, else every *.safetensors file."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_FILE
     single = model_dir / "model.safetensors"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ModelFolderError(f"{index} is not a valid safetensors index (no 'weight_map')") from None
+    if exists(index):
+        weight_map = weight_map if weight_map is not None else _read_index(model_dir)
         files = sorted(set(weight_map.values()))
+        if not files:
+            raise ModelFolderError(f"{index} names no shard files (its weight_map is empty)")
         for name in files:
-            if not (model_dir / name).is_file():
+            if not exists(model_dir / name):
                 holders = sorted(t for t, f in weight_map.items() if f == name)
                 raise ModelFolderError(
                     f"shard {name} named in {index.name} is missing from {model_dir} "
                     f"(it should hold {len(holders)} tensors, e.g. {holders[0]})"
                 )
         return [model_dir / f for f in files]
-    if single.is_file():
+    if exists(single):
         return [single]
     others = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if others:
@@ -105,11 +202,14 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
 
     def _handle(self, path: Path):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         h = self._handles.get(path)
         if h is None:
-            h = self._handles[path] = safe_open(str(path), framework="pt")
+            try:
+                h = self._handles[path] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as e:  # changed on disk since open_checkpoint checked it
+                raise ModelFolderError(f"{path} cannot be read: {e}") from None
         return h
 
     def has(self, canonical: str) -> bool:
@@ -147,38 +247,46 @@ class Checkpoint:
 
 
 def open_checkpoint(model_dir: str | Path, spec: ModelSpec | None = None) -> Checkpoint:
+    """Every weight file's header and layout checked against config.json (and the shard index), before
+    any tensor is read: a folder that opens here is one `run` can read."""
     model_dir = Path(model_dir)
     spec = spec or load_spec(model_dir)
     expected: dict[str, TensorInfo] = expected_tensors(spec)
+    indexed = index_map(model_dir)
     found: dict[str, TensorEntry] = {}
+    seen_in: dict[str, Path] = {}  # every tensor name of every file -> its file
     unexpected: list[tuple[str, Path]] = []
-    for path in weight_files(model_dir):
-        header, data_start = read_safetensors_header(path)
+    files = weight_files(model_dir, indexed)
+    headers = [(path, *read_safetensors_header(path)) for path in files]
+    for path, header, _ in headers:
+        for name in header:
+            if name in seen_in:
+                raise ModelFolderError(f"tensor {name} is in two weight files, {seen_in[name].name} and {path.name}; "
+                                       "a tensor must be stored once")
+            seen_in[name] = path
+    for name, path in seen_in.items():
+        if indexed is not None and name in indexed and Path(indexed[name]) != path.relative_to(model_dir):
+            raise ModelFolderError(f"tensor {name} is in {path.name}, but {INDEX_FILE} says it is in {indexed[name]}")
+    for path, header, data_start in headers:
         for name, meta in header.items():
-            if name == "__metadata__":
-                continue
             info = expected.get(name)
             if info is None:
                 if not name.endswith(IGNORABLE_SUFFIXES):
                     unexpected.append((name, path))
                 continue
-            dtype = meta.get("dtype")
+            dtype = meta["dtype"]
             if dtype not in SAFETENSORS_DTYPES:
                 raise ModelFolderError(
                     f"tensor {name} in {path.name} has dtype {dtype}; supported: bfloat16, float16, float32"
                 )
-            shape = tuple(meta.get("shape", ()))
+            shape = tuple(meta["shape"])
             if shape != info.shape:
                 raise ModelFolderError(
                     f"tensor {name} in {path.name} has shape {list(shape)}, but config.json implies {list(info.shape)}"
                 )
             begin, stop = meta["data_offsets"]
-            n = DTYPE_BYTES[dtype]
-            for d in shape:
-                n *= d
-            if stop - begin != n:
-                raise ModelFolderError(f"tensor {name} in {path.name} is corrupt: {stop - begin} bytes for {n}")
-            found[info.canonical] = TensorEntry(name, info.canonical, path, dtype, shape, data_start + begin, n)
+            found[info.canonical] = TensorEntry(name, info.canonical, path, dtype, shape, data_start + begin,
+                                                stop - begin)
     if unexpected:
         names = ", ".join(f"{n} ({p.name})" for n, p in unexpected[:5])
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
@@ -190,6 +298,17 @@ def open_checkpoint(model_dir: str | Path, spec: ModelSpec | None = None) -> Che
     missing = [n for n, info in expected.items() if info.canonical not in found and not (tied and info.canonical == "lm_head")]
     if missing:
         listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        files = ", ".join(p.name for p in weight_files(model_dir))
-        raise ModelFolderError(f"missing tensors in {files}: {listed}")
+        names = ", ".join(p.name for p in files)
+        raise ModelFolderError(f"missing tensors in {names}: {listed}")
     return Checkpoint(model_dir, spec, found, tied)
+
+
+def check_finite(ckpt: Checkpoint, canonical: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor the caller has just read, refused if it holds NaN or infinity (a corrupt or badly
+    converted checkpoint, which would otherwise give empty 'ok' texts). One pass over memory the
+    caller already holds; callers that stream weights do not pay it."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        e = ckpt.entry(canonical)
+        raise ModelFolderError(f"tensor {e.name} in {e.file.name} holds NaN or infinite values; "
+                               "the checkpoint is corrupt")
+    return tensor

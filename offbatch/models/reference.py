@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from offbatch.models import layers as L
-from offbatch.models.loader import Checkpoint, open_checkpoint
+from offbatch.models.loader import Checkpoint, check_finite, open_checkpoint
 from offbatch.models.spec import ModelSpec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -77,8 +77,8 @@ class ReferenceModel:
         spec = ckpt.spec
         dtype = resolve_dtype(dtype, ckpt.dtype())
 
-        def load(name):
-            return ckpt.get(name).to(device=device, dtype=dtype)
+        def load(name):  # every tensor is read here anyway: refusing NaN/inf weights costs one more pass
+            return check_finite(ckpt, name, ckpt.get(name)).to(device=device, dtype=dtype)
 
         globals_ = {c: load(c) for c in ("embed", "pos_embed", "project_in", "project_out",
                                          "final_norm.weight", "final_norm.bias", "lm_head") if ckpt.has(c)}

@@ -6,12 +6,13 @@ reference forward, engine, planner) reads only ModelSpec.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from offbatch.errors import ModelFolderError
+from offbatch.models.files import exists, json_type, read_json_object
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -82,33 +83,180 @@ class ModelSpec:
 
 
 # ---------------------------------------------------------------------------
+# config.json, read through one table of fields: every value read has its type and range checked
+# here, so a wrong-typed, zero or absurd field is one clear error, never a traceback or a model
+# whose tensor list grows without bound. The README lists these limits.
+MAX_LAYERS = 1024
+MAX_VOCAB = 2**24
+MAX_HIDDEN = 65536
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 4096
+MAX_FFN = 2**20  # intermediate sizes (dense, expert, shared expert, OPT ffn_dim)
+MAX_POSITION = 2**24
+MAX_EXPERTS = 4096
+MAX_EXPERT_SLOTS = 2**16  # layers x experts: bounds the tensors a config may ask for
+MAX_TOKEN_ID = 2**31 - 1
+MAX_EOS_IDS = 1024
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: str  # int | float | bool | str | object | ids (an id or a list of ids) | int_list
+    lo: float | None = None
+    hi: float | None = None
+
+    def describe(self) -> str:
+        what = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                "object": "an object ({...})", "ids": "a token id or a list of token ids",
+                "int_list": "a list of integers"}[self.kind]
+        if self.lo is not None and self.hi is not None:
+            what += f" from {_number(self.lo)} to {_number(self.hi)}"
+        elif self.lo is not None:
+            what += f" of at least {_number(self.lo)}"
+        return what
+
+    def check(self, value: Any, where: str) -> Any:
+        """The value, converted (a float for 'float'), or a ModelFolderError saying what `where` must be."""
+        ok = _TYPE_CHECKS[self.kind](value)
+        if ok and self.kind in ("int", "float"):
+            # An int is compared as it is: a 400-digit one does not fit a float.
+            ok = (isinstance(value, int) or math.isfinite(value)) and self._in_range(value)
+        elif ok and self.kind in ("ids", "int_list"):
+            items = [value] if isinstance(value, int) else value
+            ok = len(items) <= (MAX_EOS_IDS if self.kind == "ids" else MAX_LAYERS) and all(
+                _is_int(v) and self._in_range(v) for v in items)
+        if not ok:
+            raise ModelFolderError(f"{where} must be {self.describe()}, not {json_type(value)}")
+        return float(value) if self.kind == "float" else value
+
+    def _in_range(self, v) -> bool:
+        return (self.lo is None or v >= self.lo) and (self.hi is None or v <= self.hi)
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_TYPE_CHECKS = {
+    "int": _is_int,
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "object": lambda v: isinstance(v, dict),
+    "ids": lambda v: _is_int(v) or isinstance(v, list),
+    "int_list": lambda v: isinstance(v, list),
+}
+
+_SIZE = Field("int", 1, MAX_FFN)
+CONFIG_FIELDS: dict[str, Field] = {
+    "model_type": Field("str"),
+    "vocab_size": Field("int", 1, MAX_VOCAB),
+    "hidden_size": Field("int", 1, MAX_HIDDEN),
+    "num_hidden_layers": Field("int", 1, MAX_LAYERS),
+    "num_attention_heads": Field("int", 1, MAX_HEADS),
+    "num_key_value_heads": Field("int", 1, MAX_HEADS),
+    "head_dim": Field("int", 1, MAX_HEAD_DIM),
+    "intermediate_size": _SIZE,
+    "moe_intermediate_size": _SIZE,
+    "shared_expert_intermediate_size": Field("int", 0, MAX_FFN),  # 0: no shared expert
+    "ffn_dim": _SIZE,
+    "word_embed_proj_dim": Field("int", 1, MAX_HIDDEN),
+    "max_position_embeddings": Field("int", 1, MAX_POSITION),
+    "num_experts": Field("int", 1, MAX_EXPERTS),
+    "num_local_experts": Field("int", 1, MAX_EXPERTS),
+    "n_routed_experts": Field("int", 1, MAX_EXPERTS),
+    "num_experts_per_tok": Field("int", 1, MAX_EXPERTS),
+    "decoder_sparse_step": Field("int", 1, MAX_LAYERS),
+    "mlp_only_layers": Field("int_list", 0, MAX_LAYERS - 1),
+    "sliding_window": Field("int", 0, MAX_POSITION),  # 0: none
+    "rms_norm_eps": Field("float", 0, 1),
+    "rope_theta": Field("float", 1, 1e12),
+    "rope_scaling": Field("object"),
+    "rope_parameters": Field("object"),
+    "hidden_act": Field("str"),
+    "activation_function": Field("str"),
+    "torch_dtype": Field("str"),
+    "dtype": Field("str"),
+    "tie_word_embeddings": Field("bool"),
+    "attention_bias": Field("bool"),
+    "mlp_bias": Field("bool"),
+    "use_sliding_window": Field("bool"),
+    "norm_topk_prob": Field("bool"),
+    "enable_bias": Field("bool"),
+    "do_layer_norm_before": Field("bool"),
+    "layer_norm_elementwise_affine": Field("bool"),
+    "_remove_final_layer_norm": Field("bool"),
+    # Ids are read, not used to index anything here: any integer (some configs say -1 for none).
+    "bos_token_id": Field("int"),
+    "pad_token_id": Field("int"),
+    "eos_token_id": Field("ids", 0, MAX_TOKEN_ID),
+}
+
+# rope_scaling's own fields, by rope type.
+ROPE_FIELDS: dict[str, dict[str, Field]] = {
+    "linear": {"factor": Field("float", 1e-3, 1e6)},
+    "llama3": {
+        "factor": Field("float", 1e-3, 1e6),
+        "low_freq_factor": Field("float", 1e-3, 1e6),
+        "high_freq_factor": Field("float", 1e-3, 1e6),
+        "original_max_position_embeddings": Field("int", 1, MAX_POSITION),
+    },
+}
+ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _get(cfg: dict, key: str, default: Any = None, *, family: str | None = None, required: bool = False) -> Any:
+    """config.json's `key`, checked against CONFIG_FIELDS; null counts as absent."""
+    value = cfg.get(key)
+    if value is None:
+        if required:
+            raise ModelFolderError(f"config.json of a {family!r} model is missing the key {key!r}")
+        return default
+    return CONFIG_FIELDS[key].check(value, f"config.json: {key!r}")
+
+
 def _need(cfg: dict, key: str, family: str):
-    if key not in cfg or cfg[key] is None:
-        raise ModelFolderError(f"config.json of a {family!r} model is missing the key {key!r}")
-    return cfg[key]
+    return _get(cfg, key, family=family, required=True)
 
 
-def _rope(cfg: dict, family: str) -> tuple[float, dict | None]:
+def _rope(cfg: dict, family: str, head_dim: int) -> tuple[float, dict | None]:
     """Rope theta and scaling from either the classic keys or transformers 5's `rope_parameters`."""
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or None
-    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+    if head_dim % 2:
+        raise ModelFolderError(f"config.json: head_dim {head_dim} is odd; rotary embeddings need an even head_dim")
+    params = _get(cfg, "rope_parameters", {})
+    scaling = _get(cfg, "rope_scaling") or None
+    theta = _get(cfg, "rope_theta")
+    if theta is None:
+        theta = CONFIG_FIELDS["rope_theta"].check(params.get("rope_theta", 10000.0),
+                                                  "config.json: rope_parameters 'rope_theta'")
     if scaling is None and params:
         rest = {k: v for k, v in params.items() if k != "rope_theta"}
         if rest.get("rope_type", rest.get("type", "default")) != "default":
             scaling = rest
-    if scaling is not None:
-        scaling = dict(scaling)
-        rtype = scaling.get("rope_type", scaling.get("type", "default"))
-        scaling["rope_type"] = rtype
-        if rtype == "default":
-            scaling = None
-        elif rtype not in SUPPORTED_ROPE_TYPES:
-            raise ModelFolderError(
-                f"rope scaling type {rtype!r} of this {family!r} model is not supported "
-                f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
-            )
-    return float(theta), scaling
+    if scaling is None:
+        return theta, None
+    scaling = dict(scaling)
+    rtype = scaling.get("rope_type", scaling.get("type", "default"))
+    if rtype == "default":
+        return theta, None
+    if rtype not in SUPPORTED_ROPE_TYPES:
+        raise ModelFolderError(
+            f"rope scaling type {str(rtype)[:40]!r} of this {family!r} model is not supported "
+            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    scaling["rope_type"] = rtype
+    for key, spec in ROPE_FIELDS[rtype].items():
+        value = scaling.get(key, ROPE_DEFAULTS.get(key))
+        if value is None:
+            raise ModelFolderError(f"config.json: rope_scaling of type {rtype!r} is missing its {key!r}")
+        scaling[key] = spec.check(value, f"config.json: rope_scaling {key!r}")
+    if rtype == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ModelFolderError("config.json: rope_scaling 'high_freq_factor' must be larger than its 'low_freq_factor'")
+    return theta, scaling
 
 
 def _eos_ids(value) -> tuple[int, ...]:
@@ -116,64 +264,84 @@ def _eos_ids(value) -> tuple[int, ...]:
         return ()
     if isinstance(value, int):
         return (value,)
-    return tuple(int(v) for v in value)
+    return tuple(value)
 
 
 def _num_experts(cfg: dict, family: str) -> int:
     # Mixtral says num_local_experts, Qwen/OLMoE num_experts; transformers 5 writes either.
     for key in ("num_experts", "num_local_experts", "n_routed_experts"):
-        if cfg.get(key):
-            return int(cfg[key])
+        value = _get(cfg, key)
+        if value:
+            return value
     raise ModelFolderError(f"config.json of a {family!r} model is missing the key 'num_experts' (or 'num_local_experts')")
+
+
+def _moe(cfg: dict, family: str, num_layers: int, expert_size_key: str, **extra) -> MoESpec:
+    experts = _num_experts(cfg, family)
+    if num_layers * experts > MAX_EXPERT_SLOTS:
+        raise ModelFolderError(f"config.json: {num_layers} layers of {experts} experts is more than offbatch's "
+                               f"limit of {MAX_EXPERT_SLOTS} experts in all")
+    top_k = _need(cfg, "num_experts_per_tok", family)
+    if top_k > experts:
+        raise ModelFolderError(f"config.json: num_experts_per_tok {top_k} is more than the {experts} experts")
+    return MoESpec(num_experts=experts, top_k=top_k, expert_intermediate_size=_need(cfg, expert_size_key, family),
+                   **extra)
 
 
 def _moe_layer_flags(cfg: dict, num_layers: int) -> tuple[bool, ...]:
     """Qwen2/3-MoE: a layer is sparse unless listed in mlp_only_layers or off the sparse step."""
-    step = cfg.get("decoder_sparse_step", 1) or 1
-    only_mlp = set(cfg.get("mlp_only_layers") or [])
+    step = _get(cfg, "decoder_sparse_step", 1)
+    only_mlp = set(_get(cfg, "mlp_only_layers", []))
+    outside = sorted(i for i in only_mlp if i >= num_layers)
+    if outside:
+        raise ModelFolderError(f"config.json: mlp_only_layers {outside} are outside the {num_layers} layers")
     return tuple((i not in only_mlp) and (i + 1) % step == 0 for i in range(num_layers))
 
 
 def spec_from_config(cfg: dict) -> ModelSpec:
+    if not isinstance(cfg, dict):
+        raise ModelFolderError(f"config.json must hold a JSON object ({{...}}), not {json_type(cfg)}")
     family = cfg.get("model_type")
     if family not in SUPPORTED_FAMILIES:
+        shown = repr(family) if isinstance(family, str) or family is None else json_type(family)
         raise ModelFolderError(
-            f"model_type {family!r} is not supported; supported families: {', '.join(SUPPORTED_FAMILIES)}"
+            f"model_type {shown[:60]} is not supported; supported families: {', '.join(SUPPORTED_FAMILIES)}"
         )
-    dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    dtype = _get(cfg, "torch_dtype") or _get(cfg, "dtype") or "float32"
     if dtype not in CHECKPOINT_DTYPES:
         dtype = "float32"
     common: dict[str, Any] = dict(
         family=family,
-        vocab_size=int(_need(cfg, "vocab_size", family)),
-        hidden_size=int(_need(cfg, "hidden_size", family)),
-        num_layers=int(_need(cfg, "num_hidden_layers", family)),
-        num_heads=int(_need(cfg, "num_attention_heads", family)),
-        max_position=int(cfg.get("max_position_embeddings") or 2048),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family == "opt")),
+        vocab_size=_need(cfg, "vocab_size", family),
+        hidden_size=_need(cfg, "hidden_size", family),
+        num_layers=_need(cfg, "num_hidden_layers", family),
+        num_heads=_need(cfg, "num_attention_heads", family),
+        max_position=_get(cfg, "max_position_embeddings", 2048),
+        tie_word_embeddings=_get(cfg, "tie_word_embeddings", family == "opt"),
         torch_dtype=dtype,
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
-        pad_token_id=cfg.get("pad_token_id"),
+        bos_token_id=_get(cfg, "bos_token_id"),
+        eos_token_ids=_eos_ids(_get(cfg, "eos_token_id")),
+        pad_token_id=_get(cfg, "pad_token_id"),
     )
     H, nh = common["hidden_size"], common["num_heads"]
-    if H % nh and not cfg.get("head_dim"):
+    head_dim = _get(cfg, "head_dim")
+    if H % nh and not head_dim:
         raise ModelFolderError(f"hidden_size {H} is not a multiple of num_attention_heads {nh} and no head_dim is given")
 
     if family == "opt":
-        act = cfg.get("activation_function", "relu")
+        act = _get(cfg, "activation_function", "relu")
         if act not in ("relu", "gelu"):
-            raise ModelFolderError(f"OPT activation_function {act!r} is not supported (relu, gelu)")
-        proj = cfg.get("word_embed_proj_dim") or H
-        bias = bool(cfg.get("enable_bias", True))
-        if not cfg.get("layer_norm_elementwise_affine", True):
+            raise ModelFolderError(f"OPT activation_function {act[:40]!r} is not supported (relu, gelu)")
+        proj = _get(cfg, "word_embed_proj_dim") or H
+        bias = _get(cfg, "enable_bias", True)
+        if not _get(cfg, "layer_norm_elementwise_affine", True):
             raise ModelFolderError("OPT models with layer_norm_elementwise_affine=false are not supported")
-        pre = bool(cfg.get("do_layer_norm_before", True))
+        pre = _get(cfg, "do_layer_norm_before", True)
         return ModelSpec(
             **common,
             num_kv_heads=nh,
             head_dim=H // nh,
-            intermediate_size=int(_need(cfg, "ffn_dim", family)),
+            intermediate_size=_need(cfg, "ffn_dim", family),
             norm="layer",
             norm_eps=1e-5,
             activation=act,
@@ -183,32 +351,33 @@ def spec_from_config(cfg: dict) -> ModelSpec:
             mlp_bias=bias,
             positions="learned",
             pre_norm=pre,
-            final_norm=pre and not cfg.get("_remove_final_layer_norm", False),
+            final_norm=pre and not _get(cfg, "_remove_final_layer_norm", False),
             embed_proj_dim=proj if proj != H else None,
         )
 
-    act = cfg.get("hidden_act", "silu")
+    act = _get(cfg, "hidden_act", "silu")
     if act not in ("silu", "relu", "gelu", "gelu_pytorch_tanh"):
-        raise ModelFolderError(f"hidden_act {act!r} is not supported (silu, relu, gelu, gelu_pytorch_tanh)")
-    theta, scaling = _rope(cfg, family)
-    nkv = int(cfg.get("num_key_value_heads") or nh)
+        raise ModelFolderError(f"hidden_act {act[:40]!r} is not supported (silu, relu, gelu, gelu_pytorch_tanh)")
+    head_dim = head_dim or H // nh
+    theta, scaling = _rope(cfg, family, head_dim)
+    nkv = _get(cfg, "num_key_value_heads", nh)
     if nh % nkv:
         raise ModelFolderError(f"num_attention_heads {nh} is not a multiple of num_key_value_heads {nkv}")
-    window = cfg.get("sliding_window")
-    if family in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
+    window = _get(cfg, "sliding_window")
+    if family in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and not _get(cfg, "use_sliding_window", False):
         window = None
-    attention_bias = bool(cfg.get("attention_bias", False))
+    attention_bias = _get(cfg, "attention_bias", False)
     spec = dict(
         **common,
         num_kv_heads=nkv,
-        head_dim=int(cfg.get("head_dim") or H // nh),
-        intermediate_size=int(cfg.get("intermediate_size") or 0),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        head_dim=head_dim,
+        intermediate_size=_get(cfg, "intermediate_size", 0),
+        norm_eps=_get(cfg, "rms_norm_eps", 1e-6),
         activation="gelu_tanh" if act == "gelu_pytorch_tanh" else act,
         rope_theta=theta,
         rope_scaling=scaling,
-        sliding_window=int(window) if window else None,
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        sliding_window=window or None,
+        mlp_bias=_get(cfg, "mlp_bias", False),
     )
     num_layers = common["num_layers"]
     if family in ("llama",):
@@ -219,26 +388,16 @@ def spec_from_config(cfg: dict) -> ModelSpec:
         spec.update(qk_norm="head", qkv_bias=attention_bias, o_bias=attention_bias)
     elif family == "mixtral":
         spec.update(
-            moe=MoESpec(
-                num_experts=_num_experts(cfg, family),
-                top_k=int(_need(cfg, "num_experts_per_tok", family)),
-                expert_intermediate_size=int(_need(cfg, "intermediate_size", family)),
-                norm_topk_prob=True,
-            ),
+            moe=_moe(cfg, family, num_layers, "intermediate_size", norm_topk_prob=True),
             moe_layers=(True,) * num_layers,
             intermediate_size=0,
         )
     elif family in ("qwen2_moe", "qwen3_moe"):
-        shared = int(cfg.get("shared_expert_intermediate_size") or 0) if family == "qwen2_moe" else 0
+        shared = _get(cfg, "shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0
         spec.update(
-            moe=MoESpec(
-                num_experts=_num_experts(cfg, family),
-                top_k=int(_need(cfg, "num_experts_per_tok", family)),
-                expert_intermediate_size=int(_need(cfg, "moe_intermediate_size", family)),
-                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-                shared_expert_intermediate_size=shared,
-                shared_expert_gate=shared > 0,
-            ),
+            moe=_moe(cfg, family, num_layers, "moe_intermediate_size",
+                     norm_topk_prob=_get(cfg, "norm_topk_prob", False),
+                     shared_expert_intermediate_size=shared, shared_expert_gate=shared > 0),
             moe_layers=_moe_layer_flags(cfg, num_layers),
         )
         if family == "qwen2_moe":
@@ -247,18 +406,13 @@ def spec_from_config(cfg: dict) -> ModelSpec:
             spec.update(qk_norm="head", qkv_bias=attention_bias, o_bias=attention_bias)
     elif family == "olmoe":
         spec.update(
-            moe=MoESpec(
-                num_experts=_num_experts(cfg, family),
-                top_k=int(_need(cfg, "num_experts_per_tok", family)),
-                expert_intermediate_size=int(_need(cfg, "intermediate_size", family)),
-                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-            ),
+            moe=_moe(cfg, family, num_layers, "intermediate_size", norm_topk_prob=_get(cfg, "norm_topk_prob", False)),
             moe_layers=(True,) * num_layers,
             intermediate_size=0,
             qk_norm="full",
             qkv_bias=attention_bias,
             o_bias=attention_bias,
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            norm_eps=_get(cfg, "rms_norm_eps", 1e-5),
         )
         if cfg.get("clip_qkv"):
             raise ModelFolderError("OLMoE models with clip_qkv are not supported yet")
@@ -271,15 +425,15 @@ def spec_from_config(cfg: dict) -> ModelSpec:
 
 
 def read_config(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / "config.json"
-    if not Path(model_dir).is_dir():
+    """config.json of a model folder: a regular file holding one JSON object (its fields are checked
+    by spec_from_config)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
         raise ModelFolderError(f"model folder {str(model_dir)!r} does not exist or is not a folder")
-    if not path.is_file():
+    path = model_dir / "config.json"
+    if not exists(path):
         raise ModelFolderError(f"{path} not found: a Hugging Face model folder needs a config.json")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFolderError(f"{path} is not valid JSON: {e}") from None
+    return read_json_object(path)
 
 
 def load_spec(model_dir: str | Path) -> ModelSpec:

@@ -1,34 +1,77 @@
-"""Tokenizer, special tokens, eos ids and chat template of a Hugging Face model folder."""
+"""Tokenizer, special tokens, eos ids and chat template of a Hugging Face model folder.
+
+Every file is checked when the folder is loaded: tokenizer.json, tokenizer_config.json,
+generation_config.json and chat_template.jinja must be regular files of sane size, of the right JSON
+type, with fields of the right types; each problem is one ModelFolderError naming the file and field.
+"""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from offbatch.errors import ModelFolderError
+from offbatch.models.chat_template import MAX_TEMPLATE_CHARS, ChatTemplate
+from offbatch.models.files import MAX_TOKENIZER_BYTES, exists, json_type, read_json_object, read_text
+from offbatch.models.spec import CONFIG_FIELDS
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens",
+                           "do_sample")
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFolderError(f"{path} is not valid JSON: {e}") from None
+    """An optional JSON object file: {} when absent."""
+    return read_json_object(path) if exists(path) else {}
 
 
-def _token_text(value) -> str | None:
+def _token_text(value, where: str) -> str | None:
     """tokenizer_config.json stores special tokens as strings or as AddedToken dicts."""
     if isinstance(value, dict):
-        return value.get("content")
-    return value
+        value = value.get("content")
+    if value is None or isinstance(value, str):
+        return value
+    raise ModelFolderError(f"{where} must be a string or an object with a string 'content', not {json_type(value)}")
 
 
-def _ids(value) -> list[int]:
+def _ids(value, where: str) -> list[int]:
+    """An eos_token_id field: a token id or a list of them."""
     if value is None:
         return []
-    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+    value = CONFIG_FIELDS["eos_token_id"].check(value, where)
+    return [value] if isinstance(value, int) else list(value)
+
+
+def _template_text(text: Any, where: str) -> str | None:
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise ModelFolderError(f"{where} must be a string, not {json_type(text)}")
+    if len(text) > MAX_TEMPLATE_CHARS:
+        raise ModelFolderError(f"{where} is {len(text):,} characters; offbatch's limit for a chat template is "
+                               f"{MAX_TEMPLATE_CHARS:,}")
+    return text
+
+
+def _chat_template(model_dir: Path, tok_cfg: dict) -> str | None:
+    """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or named templates of
+    which we take "default")."""
+    jinja_path = model_dir / "chat_template.jinja"
+    if exists(jinja_path):
+        # Bytes first (4 per character at most), then characters.
+        return _template_text(read_text(jinja_path, 4 * MAX_TEMPLATE_CHARS), str(jinja_path))
+    value = tok_cfg.get("chat_template")
+    where = "tokenizer_config.json: 'chat_template'"
+    if isinstance(value, list):
+        named = {}
+        for t in value:
+            if not (isinstance(t, dict) and isinstance(t.get("name"), str)):
+                raise ModelFolderError(f"{where} must be a string or a list of {{'name', 'template'}} objects")
+            named[t["name"]] = t.get("template")
+        value = named.get("default", next(iter(named.values()), None))
+        where += " 'default'"
+    return _template_text(value, where)
 
 
 @dataclass
@@ -41,6 +84,7 @@ class Tokenizer:
     chat_template: str | None = None
     generation_defaults: dict = field(default_factory=dict)
     special_tokens: dict[str, str] = field(default_factory=dict)
+    _template: ChatTemplate | None = field(default=None, repr=False, compare=False)  # compiled on first use
 
     @property
     def vocab_size(self) -> int:
@@ -59,39 +103,25 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+    def apply_chat_template(self, messages: list[dict], /, add_generation_prompt: bool = True, **extra) -> str:
+        # (messages is positional-only: a template variable named 'messages' in extra cannot clash with it)
         if not self.chat_template:
             raise ModelFolderError(
                 "this model has no chat template (chat_template.jinja or tokenizer_config.json 'chat_template'); "
                 "send {'prompt': ...} lines instead of {'messages': ...}"
             )
-        return _render_chat(self.chat_template, messages, add_generation_prompt, self.special_tokens, extra)
+        if self._template is None or self._template.source != self.chat_template:
+            self._template = ChatTemplate(self.chat_template)
+        # The request's variables (chat_template_kwargs) may not replace messages or add_generation_prompt.
+        variables = {**self.special_tokens, **extra, "messages": messages,
+                     "add_generation_prompt": add_generation_prompt}
+        return self._template.render(variables)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
+    def encode_chat(self, messages: list[dict], /, add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
         # The template already writes bos where the model wants it. template_kwargs: a request's
         # chat_template_kwargs (e.g. Qwen3's enable_thinking), visible to the template as variables.
         text = self.apply_chat_template(messages, add_generation_prompt, **template_kwargs)
         return self.encode(text, add_special_tokens=False)
-
-
-def _render_chat(template: str, messages, add_generation_prompt, special_tokens, extra) -> str:
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
-        x, indent=indent, ensure_ascii=ensure_ascii
-    )
-    try:
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens, **extra
-        )
-    except jinja2.exceptions.TemplateError as e:
-        raise ValueError(f"chat template failed: {e}") from None
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
@@ -99,50 +129,45 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
 
     model_dir = Path(model_dir)
     path = model_dir / "tokenizer.json"
-    if not path.is_file():
+    if not exists(path):
         raise ModelFolderError(f"{path} not found: offbatch needs the fast-tokenizer file tokenizer.json")
+    text = read_text(path, MAX_TOKENIZER_BYTES)
     try:
-        backend = HFTokenizer.from_file(str(path))
-    except Exception as e:  # the tokenizers library raises plain Exceptions
+        backend = HFTokenizer.from_str(text)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
         raise ModelFolderError(f"{path} cannot be read: {e}") from None
     tok_cfg = _read_json(model_dir / "tokenizer_config.json")
     gen_cfg = _read_json(model_dir / "generation_config.json")
-    cfg = _read_json(model_dir / "config.json")
+    # (config.json's other fields are load_spec's; a tokenizer alone may be loaded without one)
+    config_eos = _ids(_read_json(model_dir / "config.json").get("eos_token_id"), "config.json: 'eos_token_id'")
 
     special = {}
-    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        text = _token_text(tok_cfg.get(key))
+    for key in SPECIAL_TOKEN_KEYS:
+        text = _token_text(tok_cfg.get(key), f"tokenizer_config.json: {key!r}")
         if text is not None:
             special[key] = text
+    add_bos = tok_cfg.get("add_bos_token")
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise ModelFolderError("tokenizer_config.json: 'add_bos_token' must be true or false, "
+                               f"not {json_type(add_bos)}")
 
     # eos: generation_config (may be a list) first, then config.json, then the tokenizer's eos token.
-    eos = _ids(gen_cfg.get("eos_token_id")) or _ids(cfg.get("eos_token_id"))
+    eos = _ids(gen_cfg.get("eos_token_id"), "generation_config.json: 'eos_token_id'") or config_eos
     if special.get("eos_token"):
         tid = backend.token_to_id(special["eos_token"])
         if tid is not None and tid not in eos:
             eos.append(tid)
 
-    template = None
-    jinja_path = model_dir / "chat_template.jinja"
-    if jinja_path.is_file():
-        template = jinja_path.read_text()
-    elif isinstance(tok_cfg.get("chat_template"), str):
-        template = tok_cfg["chat_template"]
-    elif isinstance(tok_cfg.get("chat_template"), list):  # named templates: take "default"
-        named = {t.get("name"): t.get("template") for t in tok_cfg["chat_template"]}
-        template = named.get("default") or next(iter(named.values()), None)
-
-    defaults = {
-        k: gen_cfg[k]
-        for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "do_sample")
-        if k in gen_cfg
-    }
+    template = _chat_template(model_dir, tok_cfg)
+    # Sampling defaults of the wrong type or range are checked (and ignored, with a word) where they
+    # are used: jobs/params.resolve_defaults.
+    defaults = {k: gen_cfg[k] for k in GENERATION_DEFAULT_KEYS if k in gen_cfg}
     return Tokenizer(
         backend=backend,
         eos_token_ids=tuple(eos),
         bos_token=special.get("bos_token"),
         eos_token=special.get("eos_token"),
-        add_bos=bool(tok_cfg.get("add_bos_token", False)),
+        add_bos=bool(add_bos),
         chat_template=template,
         generation_defaults=defaults,
         special_tokens=special,
