@@ -172,7 +172,7 @@ def test_planner_uses_disk_only_when_host_memory_is_short_and_prices_it(preset, 
     spec = spec_of(preset, layers)
     shape = shape_from_spec(spec, torch.bfloat16)
     wl = Workload.uniform(1024, 256, 64)
-    roomy = make_plan(spec, torch.bfloat16, "cuda", 8 * GiB, wl, hardware="h200", cpu_memory=512 * GiB)
+    roomy = make_plan(spec, torch.bfloat16, "cuda", 8 * GiB, wl, hardware="h200", cpu_memory=120 * GiB)
     assert not roomy.disk and roomy.host_memory.get("staging", 0) == 0
     prev = roomy.predicted["e2e_tok_s"]
     for host in (48, 32, 24, 16, 12, 8):
@@ -196,7 +196,7 @@ def test_resident_modules_go_to_disk_first():
     spec = spec_of("llama-3-8b")
     wl = Workload.uniform(1024, 256, 64)
     # 24 GiB of GPU: much is resident; a host budget just under all-pinned moves resident modules only.
-    full = make_plan(spec, torch.bfloat16, "cuda", 24 * GiB, wl, hardware="h200", cpu_memory=512 * GiB,
+    full = make_plan(spec, torch.bfloat16, "cuda", 24 * GiB, wl, hardware="h200", cpu_memory=120 * GiB,
                      kv_placement="gpu")
     need = sum(full.host_memory.values())
     plan = make_plan(spec, torch.bfloat16, "cuda", 24 * GiB, wl, hardware="h200", cpu_memory=need - 2 * GiB,

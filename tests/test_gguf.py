@@ -11,18 +11,20 @@ import json
 import threading
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
-import torch
-from gguf import GGMLQuantizationType as QT
-from safetensors.torch import load_file
 
-from offbatch.errors import OffbatchError
-from offbatch.models import default_model
-from offbatch.models.gguf_import import MARKER_FILE, build_tokenizer, import_gguf, read_marker, unpermute_qk
-
+# Optional here: a machine without `gguf` (the GPU image) skips this file instead of failing to collect.
+gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from gguf import GGMLQuantizationType as QT  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from offbatch.errors import OffbatchError  # noqa: E402
+from offbatch.models import default_model  # noqa: E402
+from offbatch.models.gguf_import import MARKER_FILE, build_tokenizer, import_gguf, read_marker, unpermute_qk  # noqa: E402
 
 
 # ---------------------------------------------------------------------------

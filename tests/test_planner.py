@@ -1,9 +1,8 @@
 """The planner: shapes without weights, hardware profiles and the probe, the cost model against the
-recorded H200 runs, and the solver's promises (budgets kept, monotone in memory, a clear minimum,
-deterministic, fast)."""
+recorded H200 runs, and the solver's promises (budgets kept, caps above the machine refused, monotone
+in memory, a clear minimum, deterministic, the same plan under probe noise)."""
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -83,19 +82,41 @@ def test_probe_measures_and_caches(tmp_path, monkeypatch):
     folder = tmp_path / "model"
     folder.mkdir()
     save_file({"w": torch.ones(1 << 20)}, str(folder / "model.safetensors"))
-    t = time.perf_counter()
     hw = probe.probe_hardware("cpu", folder)
-    assert time.perf_counter() - t < 10
     assert hw.device == "cpu" and hw.h2d_pinned_bytes_s > 1e8 and hw.host.cpu_attn_bytes_s > 1e7
     assert min(hw.gemm_flop_s.values()) > 1e8 and hw.host.memory_bytes > 1 << 30
+    # Every measured rate is on the probe's grid: probe noise of a percent or two mostly lands on one value.
+    rates = [hw.h2d_pinned_bytes_s, hw.d2h_bytes_s, hw.mem_bytes_s, hw.host.cpu_attn_bytes_s,
+             hw.host.disk_read_bytes_s, *hw.gemm_flop_s.values()]
+    assert all(probe.snap_rate(r) == r for r in rates)
     cached = list((tmp_path / "cache" / "hardware").glob("*.json"))
     assert len(cached) == 1
     data = json.loads(cached[0].read_text())
     assert len(data["disk_read_bytes_s"]) == 1 and hw.host.disk_read_bytes_s == next(iter(data["disk_read_bytes_s"].values()))
-    t = time.perf_counter()
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again: a plan must come from the cached probe")
+
+    monkeypatch.setattr(probe, "measure", no_measuring)
+    monkeypatch.setattr(probe, "disk_read_rate", no_measuring)
     again = probe.probe_hardware("cpu", folder)  # from the cache: no measuring
-    assert time.perf_counter() - t < 0.5
     assert again.to_dict() == hw.to_dict()
+    # A cache that cannot be used (here: a profile with a rate of "fast") is measured again, not an error.
+    data["hardware"]["h2d_pinned_bytes_s"] = "fast"
+    cached[0].write_text(json.dumps(data))
+    with pytest.raises(AssertionError, match="measured again"):
+        probe.probe_hardware("cpu", folder)
+
+
+def test_probed_rates_snap_to_a_grid_that_absorbs_small_noise():
+    from offbatch.planner.probe import RATE_STEP, snap_rate
+
+    for rate in (54.7e9, 24e9, 664e12, 3.1e9):
+        snapped = snap_rate(rate)
+        assert snap_rate(snapped) == snapped and abs(snapped / rate - 1) <= RATE_STEP - 1
+    # Rates of one machine measured twice a little apart land on one value unless they straddle a line.
+    lines = {snap_rate(54.7e9 * (1 + e / 1000)) for e in range(-15, 16)}
+    assert len(lines) <= 2
 
 
 # ---- the cost model against the H200 grid runs ------------------------------------------------------------
@@ -227,11 +248,24 @@ def test_model_picks_a_measured_point_within_10_percent_of_the_best(grid):
 JOBS = [Workload.uniform(1024, 256, 64), Workload.uniform(100, 1000, 300), Workload.uniform(5000, 64, 512)]
 
 
+def roomy(name: str, gpu_gib: int = 48, host_gib: int = 512) -> Hardware:
+    """A profile's rates with more memory than its card and host have: budgets beyond the machine are
+    refused (test_caps_above_the_machine_are_refused), and these tests vary budgets, not machines."""
+    from dataclasses import replace
+
+    hw = PROFILES[name]
+    return replace(hw, gpu_memory_bytes=max(hw.gpu_memory_bytes, gpu_gib * GiB),
+                   host=replace(hw.host, memory_bytes=max(hw.host.memory_bytes, host_gib * GiB)))
+
+
 @pytest.mark.parametrize("preset,layers,hw", [("mixtral-8x7b", 8, "h200"), ("llama-3-8b", None, "rtx4090"),
                                               ("qwen1.5-moe-a2.7b", None, "rtx3060-12g")])
 def test_more_gpu_memory_never_predicts_slower_and_budgets_hold(preset, layers, hw):
+    from offbatch.planner.solve import TIE_TOLERANCE
+
     spec = spec_of(preset, layers)
     host = 512 * GiB
+    hw = roomy(hw)
     for wl in JOBS:
         prev = 0.0
         for gib in (3, 4, 6, 8, 12, 16, 24, 32, 48):
@@ -241,8 +275,10 @@ def test_more_gpu_memory_never_predicts_slower_and_budgets_hold(preset, layers, 
                 assert prev == 0.0, "a budget that worked stopped working with more memory"
                 continue
             e2e = plan.predicted["e2e_tok_s"]
-            assert e2e >= prev * (1 - 1e-9), (gib, wl)
-            prev = e2e
+            # Within the tie tolerance: a larger budget may take a simpler placement that the model
+            # prices up to TIE_TOLERANCE slower than the fastest (planner.solve's near-tie rule).
+            assert e2e >= prev * (1 - TIE_TOLERANCE), (gib, wl)
+            prev = max(prev, e2e)
             assert sum(plan.memory.values()) <= gib * GiB * SAFETY
             assert sum(plan.host_memory.values()) <= host
             assert plan.wave_size <= wl.num_requests and plan.attn_micro_batch <= plan.wave_size
@@ -252,7 +288,7 @@ def test_more_gpu_memory_never_predicts_slower_and_budgets_hold(preset, layers, 
 def test_host_budget_limits_the_host_kv_wave():
     spec = spec_of("mixtral-8x7b", 8)
     wl = Workload.uniform(4096, 256, 64)
-    roomy = make_plan(spec, torch.bfloat16, "cuda", 8 * GiB, wl, hardware="h200", cpu_memory=200 * GiB)
+    roomy = make_plan(spec, torch.bfloat16, "cuda", 8 * GiB, wl, hardware="h200", cpu_memory=120 * GiB)
     assert roomy.kv_placement == "host"
     budget = int(0.8 * sum(roomy.host_memory.values()))  # a fifth short of what the roomy plan holds
     tight = make_plan(spec, torch.bfloat16, "cuda", 8 * GiB, wl, hardware="h200", cpu_memory=budget)
@@ -290,8 +326,8 @@ def test_too_little_host_memory_is_one_clear_error():
 def test_plans_are_deterministic_and_round_trip_as_files():
     spec = spec_of("qwen1.5-moe-a2.7b")
     wl = Workload.uniform(700, 300, 100)
-    a = make_plan(spec, torch.bfloat16, "cuda", 6 * GiB, wl, hardware="l4", cpu_memory=100 * GiB)
-    b = make_plan(spec, torch.bfloat16, "cuda", 6 * GiB, wl, hardware="l4", cpu_memory=100 * GiB)
+    a = make_plan(spec, torch.bfloat16, "cuda", 6 * GiB, wl, hardware="l4", cpu_memory=60 * GiB)
+    b = make_plan(spec, torch.bfloat16, "cuda", 6 * GiB, wl, hardware="l4", cpu_memory=60 * GiB)
     assert json.dumps(a.to_dict(), sort_keys=True) == json.dumps(b.to_dict(), sort_keys=True)
     again = Plan.from_dict(json.loads(json.dumps(a.to_dict())))
     assert again.resident == a.resident and again.slots == a.slots and again.dtype == a.dtype
@@ -315,14 +351,14 @@ def test_pins_are_kept_and_unknown_options_refused():
         make_plan(spec, torch.bfloat16, "cuda", 8 * GiB, wl, hardware="h200", waves=3)
 
 
-def test_a_64_layer_model_plans_well_under_a_second():
+def test_a_64_layer_model_plans():
+    # How long planning takes is measured by scripts/bench_planner.py, not asserted here: a loaded CI
+    # machine failed the old "under a second" check.
     spec = spec_of("llama-3-70b", 64)
-    make_plan(spec_of("llama-3-8b", 2), torch.bfloat16, "cuda", 8 * GiB, JOBS[0], hardware="h200")  # imports warm
     for wl in JOBS:
-        t = time.perf_counter()
-        plan = make_plan(spec, torch.bfloat16, "cuda", 24 * GiB, wl, hardware="h200", cpu_memory=1 << 40)
-        assert time.perf_counter() - t < 1.0
+        plan = make_plan(spec, torch.bfloat16, "cuda", 24 * GiB, wl, hardware="h200", cpu_memory=120 * GiB)
         assert plan.predicted["e2e_tok_s"] > 0 and plan.predicted["bottleneck"]
+        assert sum(plan.memory.values()) <= 24 * GiB * SAFETY and sum(plan.host_memory.values()) <= 120 * GiB
 
 
 # ---- the engine asks the planner ---------------------------------------------------------------------------
@@ -477,3 +513,129 @@ def test_layer_order_exposes_only_the_resident_stretch_before_the_first_streamed
     lead = (steps["layer"].gpu_s + steps["layer"].serial_s) * 8 / 32 - 2 * attn / hw.h2d_pinned_bytes_s
     assert steps["layer"].total_s <= steps["spread"].total_s + lead + 1e-9
     assert steps["layer"].total_s == pytest.approx(0.054, rel=0.1)  # e4 llama-24g: 202 / 3 780 tok/s
+
+
+# ---- the same plan under probe noise (the near-tie rule) ---------------------------------------------------
+def perturbed(hw: Hardware, seed: int, noise: float = 0.02) -> Hardware:
+    """The profile with every measured rate off by up to +-noise, as two probes of one machine differ."""
+    import random
+    from dataclasses import replace
+
+    rng = random.Random(seed)
+
+    def off(rate: float) -> float:
+        return rate * (1 + rng.uniform(-noise, noise))
+
+    host = replace(hw.host, cpu_attn_bytes_s=off(hw.host.cpu_attn_bytes_s),
+                   cpu_attn_contended_bytes_s=off(hw.host.cpu_attn_contended_bytes_s),
+                   disk_read_bytes_s=off(hw.host.disk_read_bytes_s))
+    return replace(hw, h2d_pinned_bytes_s=off(hw.h2d_pinned_bytes_s), h2d_pageable_bytes_s=off(hw.h2d_pageable_bytes_s),
+                   d2h_bytes_s=off(hw.d2h_bytes_s), gemm_flop_s={m: off(r) for m, r in hw.gemm_flop_s.items()},
+                   mem_bytes_s=off(hw.mem_bytes_s), scatter_elems_s=off(hw.scatter_elems_s), host=host)
+
+
+# The presets, profiles, caps and jobs of the tests above (the grids' Mixtral and Llama on the H200, the
+# monotonicity test's cards and jobs, the determinism test's L4).
+NOISY_CASES = [("mixtral-8x7b", 8, "h200", 8, WORKLOAD), ("mixtral-8x7b", 8, "h200", 24, WORKLOAD),
+               ("llama-3-8b", None, "h200", 8, WORKLOAD), ("llama-3-8b", None, "rtx4090", 24, JOBS[1]),
+               ("qwen1.5-moe-a2.7b", None, "rtx3060-12g", 6, JOBS[2]),
+               ("qwen1.5-moe-a2.7b", None, "l4", 6, Workload.uniform(700, 300, 100))]
+
+
+@pytest.mark.parametrize("preset,layers,hw,cap,wl", NOISY_CASES,
+                         ids=[f"{c[0]}-{c[2]}-{c[3]}g-{c[4].num_requests}" for c in NOISY_CASES])
+def test_probe_noise_does_not_change_the_plan(preset, layers, hw, cap, wl):
+    # Two probes of one machine differ by a couple of percent in every rate. The choice that cost 14% when
+    # it flipped, the placement, and the wave are the same; the prefill budget and micro-batch sizes may
+    # swap only between sizes priced alike (on the unperturbed profile, within the tie tolerance of the
+    # plan made there: these are priced within a fraction of a percent, where no order can be stable).
+    from offbatch.planner.solve import TIE_TOLERANCE, predict
+
+    spec, base_hw = spec_of(preset, layers), PROFILES[hw]
+    host = int(0.8 * base_hw.host.memory_bytes)
+    base = make_plan(spec, torch.bfloat16, "cuda", cap * GiB, wl, hardware=base_hw, cpu_memory=host)
+    for seed in (1, 2):
+        noisy = make_plan(spec, torch.bfloat16, "cuda", cap * GiB, wl, hardware=perturbed(base_hw, seed),
+                          cpu_memory=host)
+        assert (noisy.kv_placement, noisy.decode_attention, noisy.wave_size) == (
+            base.kv_placement, base.decode_attention, base.wave_size), seed
+        priced_here = predict(noisy, shape_from_spec(spec, torch.bfloat16), base_hw, wl)
+        assert priced_here["total_s"] <= base.predicted["total_s"] * (1 + TIE_TOLERANCE), seed
+
+
+def test_a_near_tie_keeps_the_simpler_placement_and_says_so(tmp_path):
+    # The issue's flip: Mixtral (8 layers) at 8 GiB on the H200, where host KV with GPU attention and with
+    # CPU attention are priced 3.4% apart. A probe that measures CPU attention 10% faster (as probes of
+    # that machine did: 24 to 26+ GB/s beside copies) prices CPU attention 1.8% *faster*; the fastest-wins
+    # solver switched to it. Inside the tolerance the simpler placement stays, and the plan says so.
+    from dataclasses import replace
+
+    from typer.testing import CliRunner
+
+    from offbatch.cli.main import app
+
+    spec, h200 = spec_of("mixtral-8x7b", 8), PROFILES["h200"]
+    plans = {}
+    for factor in (1.0, 1.05, 1.1):
+        hw = replace(h200, host=replace(h200.host, cpu_attn_bytes_s=h200.host.cpu_attn_bytes_s * factor,
+                                        cpu_attn_contended_bytes_s=h200.host.cpu_attn_contended_bytes_s * factor))
+        plans[factor] = make_plan(spec, torch.bfloat16, "cuda", 8 * GiB, WORKLOAD, hardware=hw, cpu_memory=100 * GiB)
+    assert {(p.kv_placement, p.decode_attention) for p in plans.values()} == {("host", "gpu")}
+    assert plans[1.0].near_tie is None  # 3.4% apart: a clear choice
+    tie = plans[1.1].near_tie
+    assert (tie["kv_placement"], tie["decode_attention"]) == ("host", "cpu") and tie["tolerance"] == 0.03
+    assert tie["chosen_e2e_tok_s"] < tie["e2e_tok_s"] <= tie["chosen_e2e_tok_s"] * 1.03  # the rival priced faster
+    assert "near-tie: within 3% of host KV with CPU attention" in plans[1.1].summary()
+    # `offbatch plan` says it too, and writes it in the plan file.
+    hw_file = tmp_path / "h200-fast-cpu.json"
+    hw_file.write_text(json.dumps(replace(h200, name="h200-fast-cpu", host=replace(
+        h200.host, cpu_attn_bytes_s=h200.host.cpu_attn_bytes_s * 1.1,
+        cpu_attn_contended_bytes_s=h200.host.cpu_attn_contended_bytes_s * 1.1)).to_dict()))
+    args = ["plan", "--synth", "mixtral-8x7b", "--layers", "8", "--gpu-memory", "8GiB", "--hardware", str(hw_file),
+            "--num-prompts", "1024", "--prompt-len", "256", "--gen-len", "64", "--cpu-memory", "100GiB"]
+    r = CliRunner().invoke(app, args, terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "near-tie: within 3% of host KV with CPU attention" in " ".join(r.output.split())
+
+
+# ---- caps above the machine ---------------------------------------------------------------------------------
+def test_caps_above_the_machine_are_refused():
+    # The issue's cases: --gpu-memory 100GiB on the 24 GiB rtx4090 profile planned 40 GiB; --cpu-memory 10TiB
+    # planned 155 GiB of pinned memory on its 64 GiB host. A cap of exactly the machine's memory plans.
+    spec, wl = spec_of("mixtral-8x7b", 8), Workload.uniform(256, 256, 64)
+    with pytest.raises(BudgetError, match=r"--gpu-memory 100.00 GiB is more than the rtx4090 profile's 24.00 GiB"):
+        make_plan(spec, torch.bfloat16, "cuda", 100 * GiB, wl, hardware="rtx4090")
+    with pytest.raises(BudgetError, match=r"--cpu-memory 10.00 TiB is more than the rtx4090 profile's 64.00 GiB"):
+        make_plan(spec, torch.bfloat16, "cuda", 8 * GiB, wl, hardware="rtx4090", cpu_memory=10 << 40)
+    plan = make_plan(spec, torch.bfloat16, "cuda", 24 * GiB, wl, hardware="rtx4090", cpu_memory=64 * GiB)
+    assert sum(plan.memory.values()) <= 24 * GiB and sum(plan.host_memory.values()) <= 64 * GiB
+    # This machine (CPU engine): its own memory, not the fixed cpu profile's 16 GiB.
+    from offbatch.planner.probe import host_memory_bytes
+
+    with pytest.raises(BudgetError, match="more than this machine's"):
+        make_plan(spec_of("llama"), torch.float32, "cpu", host_memory_bytes() + 1, Workload.uniform(4, 6, 3))
+
+
+def test_a_pinned_plan_is_checked_against_the_model_and_the_memory_before_packing():
+    from dataclasses import replace
+
+    from offbatch.engine.build import check_plan
+    from offbatch.errors import PlanFileError
+
+    spec = spec_of("llama-3-8b")
+    shape = shape_from_spec(spec, torch.bfloat16)
+    plan = make_plan(spec, torch.bfloat16, "cuda", 8 * GiB, Workload.uniform(64, 256, 64), hardware="h200",
+                     cpu_memory=100 * GiB)
+    check_plan(plan, shape, torch.device("cuda"), 8 * GiB)  # as made: fits
+    with pytest.raises(PlanFileError, match="the model's is 131072"):
+        check_plan(replace(plan, max_len=200_000), shape, torch.device("cuda"), 8 * GiB)
+    # A wave of 4096 x 8192 tokens of Llama-3-8B KV is 4 TiB: more than the cap (GPU KV), more than any
+    # host (host KV). Refused from the shape alone: no weight is packed.
+    with pytest.raises(PlanFileError, match="more than the --gpu-memory cap"):
+        check_plan(replace(plan, wave_size=4096, max_len=8192, kv_placement="gpu"), shape, torch.device("cuda"), 8 * GiB)
+    with pytest.raises(PlanFileError, match="host KV .* more than this machine's"):
+        check_plan(replace(plan, wave_size=4096, max_len=8192, kv_placement="host"), shape, torch.device("cuda"),
+                   8 * GiB)
+    with pytest.raises(PlanFileError, match="more than the device's memory"):
+        check_plan(replace(plan, device="cpu", wave_size=4096, max_len=8192, kv_placement="gpu"), shape,
+                   torch.device("cpu"))

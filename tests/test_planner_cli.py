@@ -31,7 +31,7 @@ def test_plan_json_for_another_machine():
 
 def test_plan_table_says_the_bottleneck_in_words():
     r = runner.invoke(app, ["plan", "--synth", "llama-3-8b", "--gpu-memory", "12GiB", "--hardware", "rtx3060-12g",
-                            "--num-prompts", "200", "--gen-len", "128", "--cpu-memory", "64GiB"])
+                            "--num-prompts", "200", "--gen-len", "128", "--cpu-memory", "30GiB"])
     assert r.exit_code == 0, r.output
     for words in ("decode tok/s", "memory per tier", "bottleneck:", "wave"):
         assert words in r.output
@@ -96,27 +96,36 @@ def test_plan_with_little_host_memory_shows_the_disk_tier():
     assert r.exit_code != 0 and "even with its weights read from disk" in r.output
 
 
-def test_plans_hold_what_fits_in_either_residency_order():
-    # Qwen1.5-MoE on a 12 GiB card budgeted 16 GiB, KV in host memory: the link is busy with KV copies
+def test_plans_hold_what_fits_in_either_residency_order(tmp_path):
+    # Qwen1.5-MoE on a 12 GiB card's rates budgeted 16 GiB (a profile with the card's rates and more
+    # memory: a cap above the card is refused), KV in host memory: the link is busy with KV copies
     # all step. In layer order only the resident stretch before the first streamed module is exposed (less
     # a ring fill), so holding more saves copies in either order and the GPU is filled; spread, the
     # default, predicts no slower with the same bytes held.
+    import dataclasses
+
     import torch
 
     from offbatch.models.synth import synth_config
     from offbatch.models.spec import spec_from_config
+    from offbatch.planner.hardware import PROFILES
     from offbatch.planner.solve import make_plan
     from offbatch.planner.workload import Workload
 
+    card = PROFILES["rtx3060-12g"]
+    hw = dataclasses.replace(card, name="rtx3060-roomy", gpu_memory_bytes=16 << 30,
+                             host=dataclasses.replace(card.host, memory_bytes=512 << 30))
+    hw_file = tmp_path / "roomy.json"
+    hw_file.write_text(json.dumps(hw.to_dict()))
     spec = spec_from_config(synth_config("qwen1.5-moe-a2.7b"))
     wl = Workload.uniform(5000, 64, 512)
-    plans = {o: make_plan(spec, torch.bfloat16, "cuda", 16 << 30, wl, hardware="rtx3060-12g", cpu_memory=512 << 30,
+    plans = {o: make_plan(spec, torch.bfloat16, "cuda", 16 << 30, wl, hardware=hw, cpu_memory=512 << 30,
                           residency_order=o) for o in ("layer", "spread")}
     for plan in plans.values():
         assert plan.memory["resident_weights"] > 4 << 30
         assert sum(plan.memory.values()) <= 0.9 * (16 << 30)
     assert plans["spread"].predicted["e2e_tok_s"] >= plans["layer"].predicted["e2e_tok_s"] * (1 - 1e-9)
-    rep = plan_json("--synth", "qwen1.5-moe-a2.7b", "--gpu-memory", "16GiB", "--hardware", "rtx3060-12g",
+    rep = plan_json("--synth", "qwen1.5-moe-a2.7b", "--gpu-memory", "16GiB", "--hardware", str(hw_file),
                     "--num-prompts", "5000", "--prompt-len", "64", "--gen-len", "512", "--cpu-memory", "512GiB")
     assert rep["plan"]["residency_order"] == "spread"
     assert rep["plan"]["memory"]["resident_weights"] == plans["spread"].memory["resident_weights"]

@@ -4,7 +4,6 @@ import hashlib
 import json
 import math
 import re
-import time
 
 import pytest
 import torch
@@ -283,18 +282,17 @@ def test_overrides_apply_on_top_of_presets():
         synth_config("llama", kv_heads=3)
 
 
-# ---- speed -------------------------------------------------------------------------------------------------
+# ---- a larger model (its write rate: scripts/bench_speed.py) ------------------------------------------------
 
 def test_write_throughput(tmp_path):
     cfg = synth_config("llama", hidden_size=1024, intermediate_size=4096, layers=3, heads=8, kv_heads=8,
                        vocab_size=32000, dtype="bfloat16")
     from offbatch.models.synth import write_model
 
-    t0 = time.perf_counter()
     result = write_model(cfg, tmp_path, shard_size=100_000_000)
-    seconds = time.perf_counter() - t0
+    # The write rate is measured by scripts/bench_speed.py, not asserted here (no wall-clock assertions
+    # in tests: a loaded CI machine fails them).
     assert 200e6 < result.weight_bytes < 260e6 and len(list(tmp_path.glob("*.safetensors"))) == 3
-    assert result.weight_bytes / seconds > 50e6, f"{result.weight_bytes / seconds / 1e6:.0f} MB/s"
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------

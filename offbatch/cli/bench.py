@@ -55,7 +55,7 @@ def command(
     from offbatch.engine.select import resolve_device
     from offbatch.planner.plan import load_plan_file
     from offbatch.planner.shape import shape_from_spec
-    from offbatch.planner.solve import predict, resolve_hardware
+    from offbatch.planner.solve import check_caps, predict, resolve_hardware
     from offbatch.planner.workload import Workload
 
     device = resolve_device(device)
@@ -67,6 +67,7 @@ def command(
     workload = Workload.uniform(prompts, prompt_len, gen_len)
     pinned = load_plan_file(plan_file) if plan_file else None
     host_cap = byte_size(cpu_memory, "--cpu-memory")
+    check_caps(hw, device, cap, host_cap)  # a pinned plan never meets the planner, which checks them too
     if pinned is not None and host_cap is not None:
         raise OffbatchError("--cpu-memory plans the host side; a pinned --plan already has its own")
     if pinned is not None and pinned.max_len < prompt_len + gen_len:

@@ -183,3 +183,5 @@ def print_plan(report: dict, console: Console | None = None) -> None:
         p.add_row(k, v)
     console.print(p)
     console.print(f"bottleneck: {report['bottleneck']}")
+    if plan.get("near_tie"):  # the placement won inside the solver's tie tolerance (planner.solve)
+        console.print(f"near-tie: {plan['near_tie']['words']}")

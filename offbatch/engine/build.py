@@ -12,41 +12,73 @@ from pathlib import Path
 import torch
 
 from offbatch.engine.streaming import StreamingEngine
-from offbatch.errors import OffbatchError
+from offbatch.errors import BudgetError, OffbatchError, PlanFileError
 from offbatch.models.loader import open_checkpoint
 from offbatch.models.reference import resolve_dtype
+from offbatch.offload.kv import WaveKV
 from offbatch.offload.weights import CheckpointSource, WeightSource, WeightStore, module_kind
 from offbatch.planner.plan import Plan
-from offbatch.planner.shape import shape_from_store
-from offbatch.planner.solve import make_plan
+from offbatch.planner.probe import device_memory_bytes
+from offbatch.planner.shape import ModelShape, shape_from_spec, shape_from_store
+from offbatch.planner.solve import make_plan, resolve_hardware
 from offbatch.planner.workload import Workload
+from offbatch.units import format_bytes
 
 
 def cap_gpu_memory(device: torch.device, budget: int | None) -> None:
-    """Make the cap a promise: the caching allocator refuses to reserve past it."""
+    """Make the cap a promise: the caching allocator refuses to reserve past it. A cap above the GPU's
+    memory is refused (a pinned plan never met the planner, which refuses it too)."""
     if device.type != "cuda" or budget is None:
         return
-    total = torch.cuda.get_device_properties(device).total_memory
+    total = device_memory_bytes(str(device))
+    if budget > total:
+        raise BudgetError(f"--gpu-memory {format_bytes(budget)} is more than this GPU's {format_bytes(total)} "
+                          f"({torch.cuda.get_device_name(device)}): give at most that")
     index = device.index if device.index is not None else torch.cuda.current_device()
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
+    torch.cuda.set_per_process_memory_fraction(budget / total, index)
 
 
-def check_plan(plan: Plan, store: WeightStore, device: torch.device) -> None:
+def check_plan(plan: Plan, shape: ModelShape, device: torch.device, gpu_memory: int | None = None) -> None:
     """A pinned plan must fit this model and device: resident modules that exist, a slot ring for
-    every kind that streams, the same dtype."""
+    every kind that streams, the same dtype, a context the model has, and the memory its KV, slots and
+    resident weights take must be there (the cap, else the device; host KV: the host). Checked from the
+    model's shape before any weight is packed, so an absurd hand-edited plan is one clear error, not an
+    allocation that fails or swaps the machine."""
     if torch.device(plan.device).type != device.type:
-        raise OffbatchError(f"the plan was made for device {plan.device!r}, not {device.type!r}")
-    if plan.dtype != store.dtype:
-        raise OffbatchError(f"the plan was made for {plan.dtype}, the engine computes in {store.dtype}")
-    keys = set(store.keys())
-    unknown = sorted(k for k in plan.resident if k not in keys)
+        raise PlanFileError(f"the plan was made for device {plan.device!r}, not {device.type!r}")
+    if plan.dtype != shape.dtype:
+        raise PlanFileError(f"the plan was made for {plan.dtype}, the engine computes in {shape.dtype}")
+    spec = shape.spec
+    if plan.max_len > spec.max_position:
+        raise PlanFileError(f"the plan's context is {plan.max_len} tokens; the model's is {spec.max_position}")
+    keys = set(shape.nbytes)
+    unknown = sorted(k for k in plan.resident | plan.disk if k not in keys)
     if unknown:
-        raise OffbatchError(f"the plan names modules this model does not have, e.g. {unknown[0]}: "
+        raise PlanFileError(f"the plan names modules this model does not have, e.g. {unknown[0]}: "
                             "was it made for another model?")
     streamed = {module_kind(k[1]) for k in keys if k[1] not in ("embed", "router") and k not in plan.resident}
     missing = sorted(streamed - {k for k, n in plan.slots.items() if n > 0})
     if missing:
-        raise OffbatchError(f"the plan streams {', '.join(missing)} modules but gives them no device slots")
+        raise PlanFileError(f"the plan streams {', '.join(missing)} modules but gives them no device slots")
+    largest: dict[str, int] = {}
+    for k, n in shape.nbytes.items():
+        largest[module_kind(k[1])] = max(largest.get(module_kind(k[1]), 0), n)
+    weights = sum(shape.nbytes[k] for k in plan.resident) + sum(n * largest.get(kind, 0) for kind, n in plan.slots.items())
+    kv = plan.wave_size * WaveKV.bytes_per_slot(spec, plan.max_len, shape.dsize)
+    host_kv = plan.kv_placement == "host" and device.type == "cuda"
+    on_device = weights + (0 if host_kv else kv)
+    limit = gpu_memory if gpu_memory is not None else device_memory_bytes(str(device))
+    where = "the --gpu-memory cap" if gpu_memory is not None else "the device's memory"
+    if on_device > limit:
+        raise PlanFileError(f"the plan holds {format_bytes(on_device)} on the device (KV of {plan.wave_size} sequences "
+                            f"x {plan.max_len} tokens: {format_bytes(0 if host_kv else kv)}; weights: "
+                            f"{format_bytes(weights)}), more than {where}, {format_bytes(limit)}: plan again for it")
+    if host_kv:
+        from offbatch.planner.probe import host_memory_bytes
+
+        if kv > host_memory_bytes():
+            raise PlanFileError(f"the plan's host KV ({plan.wave_size} sequences x {plan.max_len} tokens) is "
+                                f"{format_bytes(kv)}, more than this machine's {format_bytes(host_memory_bytes())}")
 
 
 def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memory: int | None = None,
@@ -79,14 +111,15 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
         raise TypeError(f"options {sorted(plan_options)} cannot be combined with a pinned plan")
     if plan_overrides:  # experiments and tests: pin fields of the chosen plan
         plan = dataclasses.replace(plan, **plan_overrides)
+    if store is not None and (store.dtype != dtype or store.spec != spec):
+        raise OffbatchError("the packed weights given are of another model or dtype")
+    if store is not None and set(store.disk) != set(plan.disk):
+        raise OffbatchError("the packed weights given were packed for another disk tier than the plan's")
+    # Every check before the weights are packed (which pins the model in host memory).
+    check_plan(plan, shape_from_store(store) if store is not None else shape_from_spec(spec, dtype), dev, gpu_memory)
+    cap_gpu_memory(dev, gpu_memory)
     if store is None:
         store = WeightStore(source, dtype, pin=dev.type == "cuda", disk=plan.disk)
-    elif store.dtype != dtype or store.spec != spec:
-        raise OffbatchError("the packed weights given are of another model or dtype")
-    elif set(store.disk) != set(plan.disk):
-        raise OffbatchError("the packed weights given were packed for another disk tier than the plan's")
-    check_plan(plan, store, dev)
-    cap_gpu_memory(dev, gpu_memory)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         torch.cuda.reset_accumulated_memory_stats(dev)  # bench reports this engine's allocator retries
@@ -96,4 +129,8 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
 def engine_for_folder(model_dir: str | Path, **kwargs) -> StreamingEngine:
     ckpt = open_checkpoint(model_dir)
     kwargs.setdefault("default_dtype", ckpt.dtype())
+    if kwargs.get("hardware") is None and kwargs.get("plan") is None:
+        # This machine as `plan MODEL_DIR` and `bench MODEL_DIR` see it: the cached probe with the disk
+        # read rate of the folder's file system, so that `run` plans what they plan.
+        kwargs["hardware"] = resolve_hardware(None, str(kwargs.get("device") or "cpu"), model_dir)
     return build_engine(CheckpointSource(ckpt), **kwargs)

@@ -42,10 +42,13 @@ def check_options(options: EngineOptions) -> tuple[str, str, object]:
     job touches anything."""
     from offbatch.errors import OffbatchError
 
+    from offbatch.planner.solve import check_caps_here
+
     device = resolve_device(options.device)
     kind = options.engine or ("streaming" if device.startswith("cuda") else "reference")
     if kind not in ("streaming", "reference"):
         raise OffbatchError(f"--engine {kind!r}: use streaming or reference")
+    check_caps_here(device, options.gpu_memory, options.cpu_memory)  # before anything is read or locked
     if options.plan_file is not None:
         if kind != "streaming":
             raise OffbatchError("--plan pins the streaming engine's plan; this run uses the reference engine "

@@ -16,7 +16,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from offbatch.errors import OffbatchError
+from offbatch.errors import OffbatchError, PlanFileError
+from offbatch.units import MAX_BYTES
 
 GiB = 1 << 30
 
@@ -114,17 +115,63 @@ class Hardware:
 
     @staticmethod
     def from_dict(d: dict, source: str | None = None) -> "Hardware":
+        """A profile from its JSON form (`plan --json` prints one under "hardware"), every field checked:
+        a PlanFileError naming the first that is wrong (a rate of "fast", 0 GiB, a NaN)."""
+        if not isinstance(d, dict) or not isinstance(d.get("host"), dict):
+            raise PlanFileError("not a hardware profile: an object with a \"host\" object is expected; write one "
+                                "with `offbatch plan --hardware h200 --json` as an example")
         try:
             host = Host(**d["host"])
             fields = {k: v for k, v in d.items() if k != "host"}
-            fields["gemm_flop_s"] = {int(k): float(v) for k, v in d["gemm_flop_s"].items()}
+            points = d["gemm_flop_s"]
+            if not isinstance(points, dict):
+                raise TypeError("gemm_flop_s is not an object")
+            fields["gemm_flop_s"] = {_whole_key(k): v for k, v in points.items()}
             hw = Hardware(host=host, **fields)
         except (KeyError, TypeError, ValueError) as e:
-            raise OffbatchError(f"not a hardware profile ({type(e).__name__}: {e}); write one with "
+            raise PlanFileError(f"not a hardware profile ({type(e).__name__}: {e}); write one with "
                                 "`offbatch plan --hardware h200 --json` as an example") from None
-        if not hw.gemm_flop_s or hw.h2d_pinned_bytes_s <= 0 or hw.gpu_memory_bytes <= 0:
-            raise OffbatchError("a hardware profile needs gemm_flop_s points, h2d_pinned_bytes_s > 0 and gpu_memory_bytes > 0")
+        hw.check()
         return replace(hw, source=source) if source else hw
+
+    def check(self) -> None:
+        """Types and ranges of every field, or one PlanFileError naming the field."""
+        for name in ("name", "device", "gpu_name", "pcie", "source"):
+            if not isinstance(getattr(self, name), str):
+                raise PlanFileError(f"a hardware profile's {name} is a string, not {getattr(self, name)!r}")
+        if self.device not in ("cuda", "cpu"):
+            raise PlanFileError(f"a hardware profile's device is cuda or cpu, not {self.device!r}")
+        if not self.gemm_flop_s:
+            raise PlanFileError("a hardware profile needs gemm_flop_s points (GEMM FLOP/s by rows)")
+        rates = {"h2d_pinned_bytes_s": self.h2d_pinned_bytes_s, "h2d_pageable_bytes_s": self.h2d_pageable_bytes_s,
+                 "d2h_bytes_s": self.d2h_bytes_s, "mem_bytes_s": self.mem_bytes_s, "scatter_elems_s": self.scatter_elems_s,
+                 **{f"gemm_flop_s[{m}]": r for m, r in self.gemm_flop_s.items()},
+                 **{f"host.{k}": getattr(self.host, k) for k in ("cpu_attn_bytes_s", "cpu_attn_contended_bytes_s",
+                                                                "disk_read_bytes_s")}}
+        for name, value in rates.items():
+            if not _number(value) or not 0 < value < 1e18:
+                raise PlanFileError(f"a hardware profile's {name} is a rate above 0, not {value!r}")
+        for name in ("seq_s", "step_s", "prefill_token_s", "launch_s", "sync_s", "attn_call_s"):
+            value = getattr(self.host, name)
+            if not _number(value) or not 0 <= value < 3600:
+                raise PlanFileError(f"a hardware profile's host.{name} is seconds from 0, not {value!r}")
+        for name, value in (("gpu_memory_bytes", self.gpu_memory_bytes), ("host.memory_bytes", self.host.memory_bytes),
+                            ("host.threads", self.host.threads)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_BYTES:
+                raise PlanFileError(f"a hardware profile's {name} is a whole number above 0, not {value!r}")
+        if any(m < 1 or m > 1 << 24 for m in self.gemm_flop_s):
+            raise PlanFileError("a hardware profile's gemm_flop_s rows are 1 to 16777216")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole_key(key) -> int:
+    """A gemm_flop_s key ("1024" in JSON): a whole number of rows."""
+    if isinstance(key, bool) or not isinstance(key, (str, int)) or not str(key).isdigit():
+        raise ValueError(f"gemm_flop_s row count {key!r}")
+    return int(key)
 
 
 def _gemm_curve(peak: float, mem_bytes_s: float) -> dict[int, float]:
@@ -189,9 +236,11 @@ def load_hardware(name_or_file: str) -> Hardware:
         raise OffbatchError(f"unknown hardware {name_or_file!r}: give a profile name ({', '.join(PROFILES)}) "
                             "or a JSON file")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise OffbatchError(f"cannot read the hardware file {path}: {e}") from None
+        if path.stat().st_size > 1 << 20:
+            raise PlanFileError(f"the hardware file {path} is larger than a profile can be (1 MiB)")
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8 or not JSON, nested too deep
+        raise PlanFileError(f"cannot read the hardware file {path}: {type(e).__name__}: {str(e)[:200]}") from None
     if isinstance(data, dict) and "hardware" in data and isinstance(data["hardware"], dict):
         data = data["hardware"]  # a whole `plan --json` report
     return Hardware.from_dict(data, source=str(path))

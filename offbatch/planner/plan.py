@@ -8,16 +8,19 @@ cap allows, up to the number of requests), then make modules resident with what 
 
 from __future__ import annotations
 
+import math
+import re
+import stat
 from dataclasses import dataclass, field
 
 import torch
 
-from offbatch.errors import BudgetError, OffbatchError
+from offbatch.errors import BudgetError, PlanFileError
 from offbatch.models.spec import ModelSpec
 from offbatch.offload.kv import WaveKV
 from offbatch.offload.weights import ModuleKey, WeightStore, module_kind
 from offbatch.planner.memory import DEFAULT_SLOTS, SAFETY, SCORE_BYTES, activation_bytes  # noqa: F401 (re-exported)
-from offbatch.units import format_bytes
+from offbatch.units import MAX_BYTES, format_bytes
 
 PLAN_FORMAT = 1
 
@@ -47,6 +50,9 @@ class Plan:
     disk: set[ModuleKey] = field(default_factory=set)
     staging_buffers: int = 2
     residency_order: str = "layer"  # how `resident` was picked (planner.residency.RESIDENCY_ORDERS)
+    # The solver's rival placement predicted within its tie tolerance (planner.solve.Solver.near_tie):
+    # the knobs, its figure and a sentence; None when the choice was clear.
+    near_tie: dict | None = None
 
     def describe(self) -> dict:
         return {
@@ -57,7 +63,7 @@ class Plan:
             "memory": self.memory, "kv_placement": self.kv_placement, "decode_attention": self.decode_attention,
             "host_memory": self.host_memory, "hardware": self.hardware, "chosen_by": self.chosen_by,
             "disk_modules": len(self.disk), "staging_buffers": self.staging_buffers, "predicted": self.predicted,
-            "residency_order": self.residency_order,
+            "residency_order": self.residency_order, "near_tie": self.near_tie,
         }
 
     def summary(self) -> str:
@@ -78,6 +84,8 @@ class Plan:
         line = "; ".join(parts)
         if pred.get("bottleneck"):
             line += f"\n  bottleneck: {pred['bottleneck']}"
+        if self.near_tie:
+            line += f"\n  near-tie: {self.near_tie['words']}"
         return line
 
     # ---- a plan file (`offbatch plan --json` writes one; `--plan FILE` pins it) ----------------------
@@ -91,34 +99,152 @@ class Plan:
 
     @staticmethod
     def from_dict(d: dict) -> "Plan":
-        if isinstance(d, dict) and "plan" in d and isinstance(d["plan"], dict):
+        """A plan from its JSON form (a plan file), every field checked for its type and range in one
+        pass: a PlanFileError naming the first field that is wrong, never an exception from deeper in."""
+        if isinstance(d, dict) and isinstance(d.get("plan"), dict):
             d = d["plan"]  # a whole `offbatch plan --json` report
-        try:
-            dtype = getattr(torch, d["dtype"])
-            if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"dtype {d['dtype']!r}")
-            plan = Plan(
-                device=str(d["device"]), dtype=dtype, wave_size=int(d["wave_size"]), max_len=int(d["max_len"]),
-                prefill_tokens=int(d["prefill_tokens"]), attn_micro_batch=int(d["attn_micro_batch"]),
-                ffn_micro_tokens=int(d["ffn_micro_tokens"]), slots={str(k): int(v) for k, v in d["slots"].items()},
-                resident={(int(k[0]), str(k[1])) for k in d["resident"]},
-                score_bytes=int(d.get("score_bytes", SCORE_BYTES)), kv_placement=d.get("kv_placement", "gpu"),
-                decode_attention=d.get("decode_attention", "gpu"), budget_bytes=d.get("budget_bytes"),
-                memory=dict(d.get("memory", {})), host_memory=dict(d.get("host_memory", {})),
-                predicted=dict(d.get("predicted", {})), hardware=str(d.get("hardware", "")), chosen_by="file",
-                disk={(int(k[0]), str(k[1])) for k in d.get("disk", [])},
-                staging_buffers=int(d.get("staging_buffers", 2)),
-                residency_order=str(d.get("residency_order", "layer")),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-            raise OffbatchError(f"not a plan file ({type(e).__name__}: {e}); write one with `offbatch plan ... --json`") from None
-        if plan.residency_order not in ("layer", "spread"):
-            raise OffbatchError(f"a plan's residency_order is layer or spread, not {plan.residency_order!r}")
-        if plan.kv_placement not in ("gpu", "host") or plan.decode_attention not in ("gpu", "cpu"):
-            raise OffbatchError("a plan's kv_placement is gpu or host, its decode_attention gpu or cpu")
-        if min(plan.wave_size, plan.max_len, plan.prefill_tokens, plan.attn_micro_batch, plan.ffn_micro_tokens) < 1:
-            raise OffbatchError("a plan's wave, context and batch sizes must be at least 1")
+        if not isinstance(d, dict):
+            raise PlanFileError(f"not a plan file: a JSON object is expected, not {_json_type(d)}; {_WRITE_ONE}")
+        if "format" not in d:
+            raise PlanFileError(f"not a plan file: it has no \"format\" field; {_WRITE_ONE}")
+        if d["format"] != PLAN_FORMAT or isinstance(d["format"], bool):
+            raise PlanFileError(f"plan file format {_shown(d['format'])}: this offbatch reads format {PLAN_FORMAT}; "
+                                "make the plan again with `offbatch plan ... --json`")
+        plan = Plan(
+            device=_device(d), dtype=_dtype(d),
+            wave_size=_whole(d, "wave_size", 1, MAX_PLAN_WAVE), max_len=_whole(d, "max_len", 2, MAX_PLAN_CONTEXT),
+            prefill_tokens=_whole(d, "prefill_tokens", 1, MAX_PLAN_TOKENS),
+            attn_micro_batch=_whole(d, "attn_micro_batch", 1, MAX_PLAN_WAVE),
+            ffn_micro_tokens=_whole(d, "ffn_micro_tokens", 1, MAX_PLAN_TOKENS),
+            slots=_counts(d, "slots", MAX_PLAN_SLOTS), resident=_modules(d, "resident"),
+            score_bytes=_whole(d, "score_bytes", 1 << 10, MAX_BYTES, SCORE_BYTES),
+            kv_placement=_choice(d, "kv_placement", ("gpu", "host"), "gpu"),
+            decode_attention=_choice(d, "decode_attention", ("gpu", "cpu"), "gpu"),
+            budget_bytes=_whole(d, "budget_bytes", 1, MAX_BYTES, None),
+            memory=_counts(d, "memory", MAX_BYTES, {}), host_memory=_counts(d, "host_memory", MAX_BYTES, {}),
+            predicted=_predicted(d), hardware=_text(d, "hardware", ""), chosen_by="file",
+            disk=_modules(d, "disk", set()), staging_buffers=_whole(d, "staging_buffers", 1, MAX_PLAN_SLOTS, 2),
+            residency_order=_choice(d, "residency_order", ("layer", "spread"), "layer"),
+        )
+        if plan.attn_micro_batch > plan.wave_size:
+            raise PlanFileError(f"a plan's attn_micro_batch ({plan.attn_micro_batch}) is at most its wave_size "
+                                f"({plan.wave_size})")
         return plan
+
+
+# ---- checking a plan file's fields (Plan.from_dict) ------------------------------------------------------
+# What a plan file may hold: what the solver chooses, with room for hand edits; beyond these the engine
+# would allocate without bound (an absurd max_len or wave) or the value is a typo.
+MAX_PLAN_WAVE = 1 << 16  # sequences (the solver's largest wave is 4096)
+MAX_PLAN_CONTEXT = 1 << 21  # tokens: above every model's context (the engine checks the model's own)
+MAX_PLAN_TOKENS = 1 << 24  # tokens per prefill step or FFN call
+MAX_PLAN_SLOTS = 64  # device slots per module kind, staging buffers (the solver uses 1 to 3)
+_WRITE_ONE = "write one with `offbatch plan ... --json`"
+_MISSING = object()
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:30] + "...(cut)"
+
+
+def _json_type(value) -> str:
+    for kind, name in ((bool, "true/false"), (int, "a number"), (float, "a number"), (str, "a string"),
+                       (list, "a list"), (dict, "an object"), (type(None), "null")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _field(d: dict, name: str, default):
+    if name in d:
+        return d[name]
+    if default is _MISSING:
+        raise PlanFileError(f"not a plan file: it has no \"{name}\"; {_WRITE_ONE}")
+    return default
+
+
+def _as_whole(value, what: str, lo: int, hi: int) -> int:
+    # JSON has one number type: 12.0 is a whole number, 1e12 one too large, 1.5 and "12" are not numbers
+    # of tokens at all.
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        kind = "" if isinstance(value, float) else f" ({_json_type(value)})"
+        raise PlanFileError(f"a plan's {what} is a whole number, not {_shown(value)}{kind}")
+    if not lo <= value <= hi:
+        raise PlanFileError(f"a plan's {what} is {lo} to {hi}, not {_shown(value)}")
+    return value
+
+
+def _whole(d: dict, name: str, lo: int, hi: int, default=_MISSING):
+    if name not in d and default is not _MISSING:
+        return default
+    value = _field(d, name, default)
+    return None if value is None and default is None else _as_whole(value, name, lo, hi)
+
+
+def _choice(d: dict, name: str, options: tuple[str, ...], default: str) -> str:
+    value = _field(d, name, default)
+    if value not in options or not isinstance(value, str):
+        raise PlanFileError(f"a plan's {name} is {' or '.join(options)}, not {_shown(value)}")
+    return value
+
+
+def _text(d: dict, name: str, default: str) -> str:
+    value = _field(d, name, default)
+    if not isinstance(value, str) or len(value) > 200:
+        raise PlanFileError(f"a plan's {name} is a short string, not {_shown(value)}")
+    return value
+
+
+def _device(d: dict) -> str:
+    value = _field(d, "device", _MISSING)
+    if not isinstance(value, str) or re.fullmatch(r"cpu|cuda(:[0-9]{1,3})?", value) is None:
+        raise PlanFileError(f"a plan's device is cpu, cuda or cuda:N, not {_shown(value)}")
+    return value
+
+
+def _dtype(d: dict) -> torch.dtype:
+    value = _field(d, "dtype", _MISSING)
+    if value not in ("float32", "float16", "bfloat16") or not isinstance(value, str):
+        raise PlanFileError(f"a plan's dtype is float32, float16 or bfloat16, not {_shown(value)}")
+    return getattr(torch, value)
+
+
+def _counts(d: dict, name: str, hi: int, default=_MISSING) -> dict[str, int]:
+    value = _field(d, name, default)
+    if not isinstance(value, dict):
+        raise PlanFileError(f"a plan's {name} is an object of counts, not {_json_type(value)}")
+    return {str(k): _as_whole(v, f"{name}[{_shown(k)}]", 0, hi) for k, v in value.items()}
+
+
+def _modules(d: dict, name: str, default=_MISSING) -> set[ModuleKey]:
+    if name not in d and default is not _MISSING:
+        return set(default)
+    value = _field(d, name, default)
+    if not isinstance(value, list):
+        raise PlanFileError(f"a plan's {name} is a list of [layer, module] pairs, not {_json_type(value)}")
+    out = set()
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], str) and len(item[1]) <= 64):
+            raise PlanFileError(f"a plan's {name} holds [layer, module] pairs, not {_shown(item)}")
+        out.add((_as_whole(item[0], f"{name} layer", -1, 1 << 20), item[1]))
+    return out
+
+
+def _predicted(d: dict) -> dict:
+    """The cost model's figures saved with the plan: shown in a run's log, never used to run."""
+    value = _field(d, "predicted", {})
+    if not isinstance(value, dict):
+        raise PlanFileError(f"a plan's predicted is an object, not {_json_type(value)}")
+    for key in ("e2e_tok_s", "decode_tok_s", "prefill_tok_s"):
+        x = value.get(key, 0.0)
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+            raise PlanFileError(f"a plan's predicted {key} is a number, not {_shown(x)}")
+    if not isinstance(value.get("bottleneck", ""), str):
+        raise PlanFileError("a plan's predicted bottleneck is a string")
+    return dict(value)
 
 
 def rule_plan(spec: ModelSpec, store: WeightStore, device: str, budget: int | None, num_requests: int,
@@ -192,16 +318,34 @@ def rule_plan(spec: ModelSpec, store: WeightStore, device: str, budget: int | No
                 resident=resident, budget_bytes=budget, memory=memory)
 
 
+MAX_PLAN_FILE_BYTES = 64 << 20  # a plan of a 1000-layer MoE is a few MiB
+
+
 def load_plan_file(path) -> Plan:
-    """A plan saved by `offbatch plan --json` (the whole report or its "plan"), as one clear error if not."""
+    """A plan saved by `offbatch plan --json` (the whole report or its "plan"), or one clear PlanFileError
+    naming the file: unreadable, not a regular file, too large, not JSON (or nested past the parser),
+    or a plan whose fields are wrong."""
     import json
     from pathlib import Path
 
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read, a directory cannot be read
+            raise PlanFileError(f"the plan file {path} is not a regular file")
+        if st.st_size > MAX_PLAN_FILE_BYTES:
+            raise PlanFileError(f"the plan file {path} is {format_bytes(st.st_size)}; a plan file is at most "
+                                f"{format_bytes(MAX_PLAN_FILE_BYTES)}")
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except OSError as e:
-        raise OffbatchError(f"cannot read the plan file {path}: {e.strerror or e}") from None
+        raise PlanFileError(f"cannot read the plan file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise PlanFileError(f"{path} is not a plan file: it is not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise OffbatchError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
-    return Plan.from_dict(data)
+        raise PlanFileError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise PlanFileError(f"{path} is not a plan file: its JSON is nested too deeply") from None
+    try:
+        return Plan.from_dict(data)
+    except PlanFileError as e:
+        raise PlanFileError(f"{path}: {e}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -16,6 +17,11 @@ import torch
 from offbatch.planner.hardware import PROFILES, Hardware, Host
 
 CACHE_VERSION = 1
+# Probed rates are snapped to a geometric grid of RATE_STEP steps (then 3 significant digits): two probes
+# of one machine differ by a few percent (copy rates, CPU attention beside copies), and a plan made
+# from one must be the plan made from the other. Noise that straddles a grid line still moves a rate by
+# one step; the solver's tie tolerance (planner.solve.TIE_TOLERANCE) absorbs what that changes.
+RATE_STEP = 1.05
 
 
 def _timed(fn, device: torch.device, reps: int) -> float:
@@ -124,6 +130,14 @@ def host_memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def device_memory_bytes(device: str) -> int:
+    """Bytes of memory the compute device has: the GPU's, or the host's for the CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory
+    return host_memory_bytes()
+
+
 # ---- the whole probe ----------------------------------------------------------------------------
 def measure(device: str | None = None) -> Hardware:
     """Probe this machine with `device` as the compute device (cuda when present)."""
@@ -177,6 +191,25 @@ def measure(device: str | None = None) -> Hardware:
     return replace(hw, source=f"probed {time.strftime('%Y-%m-%d %H:%M')}")
 
 
+def snap_rate(rate: float) -> float:
+    """A measured rate on the probe's grid (idempotent: a snapped rate snaps to itself)."""
+    if not math.isfinite(rate) or rate <= 0:
+        return rate
+    return float(f"{RATE_STEP ** round(math.log(rate, RATE_STEP)):.3g}")
+
+
+def snapped(hw: Hardware) -> Hardware:
+    """The probed profile with every measured rate on the grid (sizes and the calibrated host constants
+    as they are)."""
+    host = replace(hw.host, cpu_attn_bytes_s=snap_rate(hw.host.cpu_attn_bytes_s),
+                   cpu_attn_contended_bytes_s=snap_rate(hw.host.cpu_attn_contended_bytes_s),
+                   disk_read_bytes_s=snap_rate(hw.host.disk_read_bytes_s))
+    return replace(hw, h2d_pinned_bytes_s=snap_rate(hw.h2d_pinned_bytes_s),
+                   h2d_pageable_bytes_s=snap_rate(hw.h2d_pageable_bytes_s), d2h_bytes_s=snap_rate(hw.d2h_bytes_s),
+                   gemm_flop_s={m: snap_rate(r) for m, r in hw.gemm_flop_s.items()},
+                   mem_bytes_s=snap_rate(hw.mem_bytes_s), host=host)
+
+
 def machine_key(device: str) -> str:
     """Names this machine and compute device: a cache entry is reused only where it was measured."""
     parts = [platform.node(), platform.machine(), str(os.cpu_count()), str(host_memory_bytes() >> 30), device,
@@ -192,20 +225,34 @@ def cache_file(device: str) -> Path:
     return cache_root() / "hardware" / f"{machine_key(device)}.json"
 
 
+def read_cache(path: Path) -> dict:
+    """The cached probe, or {} when there is none or it cannot be used (another version, not JSON, a
+    profile that does not check out): then the machine is measured again and the cache rewritten."""
+    from offbatch.errors import OffbatchError
+
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+            return {}
+        if "hardware" in data:
+            Hardware.from_dict(data["hardware"])
+        disks = data.get("disk_read_bytes_s", {})
+        if not isinstance(disks, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in disks.values()):
+            data["disk_read_bytes_s"] = {}
+        return data
+    except (OSError, ValueError, RecursionError, OffbatchError):
+        return {}
+
+
 def probe_hardware(device: str | None = None, model_dir: str | Path | None = None, reprobe: bool = False) -> Hardware:
     """This machine's Hardware, from the cache when it was measured before. With a model folder, the
     disk read rate of the file system it is on is measured too (once per file system)."""
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = cache_file(dev)
-    data: dict = {}
-    if path.is_file() and not reprobe:
-        try:
-            data = json.loads(path.read_text())
-            if data.get("version") != CACHE_VERSION:
-                data = {}
-        except (OSError, json.JSONDecodeError):
-            data = {}
-    base = Hardware.from_dict(data["hardware"]) if "hardware" in data else measure(dev)
+    data = {} if reprobe else read_cache(path)
+    # Every plan on this machine starts from the one cached measurement (a fresh probe per run would
+    # bring its noise into every plan), its rates on the grid.
+    base = snapped(Hardware.from_dict(data["hardware"]) if "hardware" in data else measure(dev))
     hw = base
     disks = data.get("disk_read_bytes_s", {})
     if model_dir is not None and Path(model_dir).is_dir():
@@ -213,9 +260,9 @@ def probe_hardware(device: str | None = None, model_dir: str | Path | None = Non
         if fs not in disks:
             rate = disk_read_rate(model_dir)
             if rate:
-                disks[fs] = rate
+                disks[fs] = snap_rate(rate)
         if fs in disks:
-            hw = replace(hw, host=replace(hw.host, disk_read_bytes_s=disks[fs]))
+            hw = replace(hw, host=replace(hw.host, disk_read_bytes_s=snap_rate(disks[fs])))
     new = {"version": CACHE_VERSION, "hardware": base.to_dict(), "disk_read_bytes_s": disks}
     if new != data:
         try:

@@ -5,10 +5,25 @@ Decisions: where the wave's KV lives and where decode attention runs (the placem
 the prefill token budget per step, the FFN and attention micro-batch sizes; residency follows from
 what memory is left (planner.residency). Search, per placement: the wave and the prefill budget
 jointly over fixed candidate lists (the wave also over the largest that fits and the sizes that split
-the requests into equal waves), then each micro-batch size, repeated until nothing improves; every
+the requests into equal waves), then the two micro-batch sizes (each pair also with the largest wave
+that fits beside it), repeated until nothing improves; every
 candidate is priced by the whole job's schedule (planner.cost). The lists do not depend on the
-budget, so more memory never removes a candidate. Deterministic: fixed candidate orders, ties kept
-by the earlier (smaller) candidate and placement. Nothing here allocates weights.
+budget, so more memory never removes a candidate. Deterministic: fixed candidate orders, exact ties
+kept by the earlier (smaller) candidate, near-ties between placements by the fixed order below.
+Nothing here allocates weights.
+
+Near-ties: the search finds each placement's fastest candidate, but the figures carry the probe's noise
+(a few percent between two probes of one machine) and the model's own error, so placements predicted
+within TIE_TOLERANCE of the fastest are not told apart by it; taking the fastest let noise flip the plan
+between runs (two benches of Mixtral at one commit ran host KV with CPU attention, then GPU attention:
+-14% end to end). So among the placements whose best is within TIE_TOLERANCE of the fastest, the solver
+takes the first in a fixed order, the simpler placement (PLACEMENTS: KV on the GPU, then host KV with GPU
+attention, then host KV with CPU attention), with that placement's fastest sizes. A plan that won such
+a near-tie says so (`Plan.near_tie`); it predicts at most TIE_TOLERANCE slower than the fastest.
+Within a placement the sizes are the fastest: a fixed order there (larger or smaller micro-batches,
+waves, prefill budgets) would take a size at the edge of the tolerance, exactly where noise moves a
+candidate in or out, and the sizes a little noise can swap (prefill budgets or micro-batches priced
+within a fraction of a percent of each other) run alike.
 """
 
 from __future__ import annotations
@@ -41,6 +56,9 @@ PREFILL_MULTIPLES = (1, 4, 16, 64)  # prompts per step (with 8192 tokens, the ru
 FFN_CANDIDATES = (64, 1024, 2048, 4096)
 ATTN_CANDIDATES = (1, 16, 64, 256)
 START_MICRO_BATCHES = ((4096, 64), (1024, 256))  # (FFN tokens, attention sequences) the descents start from
+TIE_TOLERANCE = 0.03  # of the predicted job time: candidates this close count as a tie
+PLACEMENT_WORDS = {("gpu", "gpu"): "KV on the GPU", ("host", "gpu"): "host KV with GPU attention",
+                   ("host", "cpu"): "host KV with CPU attention"}
 PIN_NAMES = ("wave_size", "prefill_tokens", "ffn_micro_tokens", "attn_micro_batch", "kv_placement", "decode_attention",
              "residency_order")
 
@@ -83,6 +101,8 @@ class Solver:
         self.totals = WeightTotals.of(shape, self.cuda)
         self.kind_max = {kind: max(shape.nbytes[k] for k in keys) for kind, keys in shape.kinds().items()}
         self.cache: dict[Knobs, Evaluation | None] = {}
+        self.fastest: Evaluation | None = None  # the fastest candidate found (solve)
+        self.best_by_placement: dict[tuple[str, str], Evaluation] = {}
 
     # ---- candidates --------------------------------------------------------------------------------
     def placements(self) -> list[tuple[str, str]]:
@@ -221,7 +241,7 @@ class Solver:
                     options = [replace(knobs, prefill_tokens=b, wave=w) for b in pre
                                for w in self.wave_candidates(replace(knobs, prefill_tokens=b))]
                 else:
-                    options = [replace(knobs, ffn_micro_tokens=f, attn_micro_batch=a) for f in ffn for a in attn_mb]
+                    options = self.micro_options(knobs, ffn, attn_mb)
                 e = self._best(options)
                 if e is not None and (best is None or e.total_s < best.total_s * (1 - 1e-9)):
                     best = e
@@ -231,15 +251,56 @@ class Solver:
                 break
         return best
 
+    def micro_options(self, knobs: Knobs, ffn: list[int], attn_mb: list[int]) -> list[Knobs]:
+        """Each pair of micro-batch sizes at the current wave, and at the largest wave that fits beside it:
+        smaller micro-batches free activation memory for a larger wave, and the two pay off only together
+        (a descent that moved one at a time stalled where a 2% change in a rate tipped its first step:
+        Qwen1.5-MoE on 6 GiB, wave 23 at 90 s against wave 32 with one sequence per attention call at 80 s)."""
+        options = []
+        for f in ffn:
+            for a in attn_mb:
+                k = replace(knobs, ffn_micro_tokens=f, attn_micro_batch=a)
+                options.append(k)
+                if "wave_size" not in self.pins:
+                    top = self.wave_max(k)
+                    if top > k.wave:
+                        options.append(replace(k, wave=top))
+        return options
+
     def solve(self) -> Evaluation:
-        best = None
+        best = {}  # each placement's fastest
         for kv, attn in self.placements():
             e = self.solve_placement(kv, attn)
-            if e is not None and (best is None or e.total_s < best.total_s * (1 - 1e-9)):
-                best = e
-        if best is None:
+            if e is not None:
+                best[(kv, attn)] = e
+        if not best:
             raise self.budget_error()
-        return best
+        self.best_by_placement = best
+        self.fastest = min(best.values(), key=lambda e: e.total_s)
+        return min(self.near_ties(), key=lambda e: PLACEMENTS.index(placement(e)))
+
+    # ---- near-ties (see the module's docstring) ------------------------------------------------------
+    def near_ties(self) -> list[Evaluation]:
+        """Each placement's best that is within TIE_TOLERANCE of the fastest (the fastest among them)."""
+        limit = self.fastest.total_s * (1 + TIE_TOLERANCE)
+        return [e for e in self.best_by_placement.values() if e.total_s <= limit]
+
+    def near_tie(self, chosen: Evaluation) -> dict | None:
+        """The fastest candidate of another placement that was inside the tolerance, as the plan reports
+        it; None when the chosen placement had no rival there."""
+        rivals = [e for e in self.near_ties() if placement(e) != placement(chosen)]
+        if not rivals:
+            return None
+        alt = min(rivals, key=lambda e: e.total_s)
+        k, mine, theirs = alt.knobs, chosen.job.e2e_tok_s, alt.job.e2e_tok_s
+        # The chosen placement is the simplest of the near-ties, so the rival is always a less simple one.
+        words = (f"within {TIE_TOLERANCE:.0%} of {PLACEMENT_WORDS[placement(alt)]} (wave {k.wave}: {theirs:,.0f} tok/s "
+                 f"predicted against {mine:,.0f}); inside {TIE_TOLERANCE:.0%} the planner keeps the simpler "
+                 "placement, so noise in the measured rates cannot flip the choice")
+        return {"kv_placement": k.kv_placement, "decode_attention": k.decode_attention, "wave_size": k.wave,
+                "prefill_tokens": k.prefill_tokens, "ffn_micro_tokens": k.ffn_micro_tokens,
+                "attn_micro_batch": k.attn_micro_batch, "e2e_tok_s": theirs, "chosen_e2e_tok_s": mine,
+                "tolerance": TIE_TOLERANCE, "words": words}
 
     # ---- the clear minimum --------------------------------------------------------------------------
     def minimum_knobs(self, kv: str, attn: str) -> Knobs:
@@ -265,6 +326,10 @@ class Solver:
             f"--gpu-memory {format_bytes(budget)} is too small for this model: streaming needs at least "
             f"{format_bytes(math.ceil(need / SAFETY))} (weight buffers {format_bytes(self.chooser.weights_minimum())}, "
             f"{kv_note}, activations {format_bytes(t['activations'])}); give more GPU memory or shorter --max-tokens")
+
+
+def placement(e: Evaluation) -> tuple[str, str]:
+    return e.knobs.kv_placement, e.knobs.decode_attention
 
 
 # ---- reports ----------------------------------------------------------------------------------------
@@ -348,6 +413,7 @@ def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
                 "activations": e.transient["activations"]},
         host_memory=host, predicted=prediction(e.model, solver.wl, e.job), hardware=solver.hw.name,
         chosen_by=chosen_by, disk=disk, staging_buffers=STAGING_BUFFERS, residency_order=solver.order,
+        near_tie=solver.near_tie(e),
     )
 
 
@@ -359,6 +425,16 @@ def disk_fraction(shape: ModelShape, resident: set, disk: set) -> float:
 
 
 # ---- entry points -------------------------------------------------------------------------------------
+def this_cpu(profile: Hardware) -> Hardware:
+    """The fixed `cpu` profile's rates (so CPU runs plan the same everywhere) with this machine's memory
+    (what a cap is checked against: a CPU run may use more than the profile's 16 GiB where it is there)."""
+    from offbatch.planner.probe import host_memory_bytes
+
+    memory = host_memory_bytes()
+    return dataclasses.replace(profile, gpu_memory_bytes=memory, host=dataclasses.replace(profile.host, memory_bytes=memory),
+                               source="this machine's memory, the built-in cpu profile's rates")
+
+
 def resolve_hardware(hardware: Hardware | str | None, device: str, model_dir=None) -> Hardware:
     """A Hardware object, a profile name or file, or None: this machine (probed once, cached); the
     engine on the CPU uses the fixed `cpu` profile so CPU runs plan the same everywhere."""
@@ -369,10 +445,42 @@ def resolve_hardware(hardware: Hardware | str | None, device: str, model_dir=Non
     if hardware:
         return load_hardware(hardware)
     if torch.device(device).type != "cuda":
-        return PROFILES["cpu"]
+        return this_cpu(PROFILES["cpu"])
     from offbatch.planner.probe import probe_hardware
 
     return probe_hardware(device, model_dir)
+
+
+def check_caps(hw: Hardware, device: str, gpu_memory: int | None, cpu_memory: int | None) -> None:
+    """A cap above what the machine has is refused, not clamped: it is a typo (100GiB for 10GiB) or a plan
+    for another machine, and planning with it would promise memory that is not there (the solver filled
+    40 GiB on a 24 GiB profile; a 10 TiB host cap planned 155 GiB of pinned memory on 64 GiB). The
+    machine is the hardware profile planned for (`--hardware`), or this one as probed."""
+    here = hw.name.startswith("probed:") or hw.source.startswith("this machine")
+    refuse_caps("this machine's" if here else f"the {hw.name} profile's", hw.gpu_memory_bytes, hw.host.memory_bytes,
+                hw.gpu_name, device, gpu_memory, cpu_memory)
+
+
+def check_caps_here(device: str, gpu_memory: int | None, cpu_memory: int | None) -> None:
+    """check_caps against this machine's memory as torch and the OS report it (no probe): what `run`
+    checks before it reads anything, whichever engine it runs."""
+    from offbatch.planner.probe import device_memory_bytes, host_memory_bytes
+
+    name = torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else "cpu"
+    refuse_caps("this machine's", device_memory_bytes(device), host_memory_bytes(), name, device, gpu_memory,
+                cpu_memory)
+
+
+def refuse_caps(whose: str, gpu_total: int, host_total: int, gpu_name: str, device: str, gpu_memory: int | None,
+                cpu_memory: int | None) -> None:
+    on_cpu = torch.device(device).type != "cuda"
+    if gpu_memory is not None and gpu_memory > gpu_total:
+        what = "memory (the CPU computes in host memory)" if on_cpu else f"GPU memory ({gpu_name})"
+        raise BudgetError(f"--gpu-memory {format_bytes(gpu_memory)} is more than {whose} {format_bytes(gpu_total)} "
+                          f"of {what}: give at most that" + ("" if on_cpu else ", or plan for a larger GPU with --hardware"))
+    if cpu_memory is not None and cpu_memory > host_total:
+        raise BudgetError(f"--cpu-memory {format_bytes(cpu_memory)} is more than {whose} {format_bytes(host_total)} "
+                          "of host memory: give at most that")
 
 
 def make_plan(spec: ModelSpec, dtype: torch.dtype, device: str, gpu_memory: int | None, workload: Workload,
@@ -381,6 +489,7 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, device: str, gpu_memory: int 
     """The solver's plan for a job. `pins` fix knobs (wave_size, prefill_tokens, ffn_micro_tokens,
     attn_micro_batch, kv_placement, decode_attention); the rest is chosen."""
     hw = resolve_hardware(hardware, device)
+    check_caps(hw, device, gpu_memory, cpu_memory)
     shape = shape or shape_from_spec(spec, dtype)
     if workload.max_len > spec.max_position:
         raise OffbatchError(f"the job needs a context of {workload.max_len} tokens; the model's is {spec.max_position}")
