@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 
 from offbatch.engine import sampler
 from offbatch.engine.api import GenOutput, GenRequest, GenStats
-from offbatch.engine.sequence import SeqState, suppress_stop_tokens
+from offbatch.engine.sequence import SeqState, sample_step
 from offbatch.models.reference import KVCache, ReferenceModel
 
 
@@ -59,14 +59,12 @@ class ReferenceGenerator:
             tokens = [[s.generated[-1]] for s in live] + [s.req.prompt_ids for s in new]
             logits = self.model.forward([s.cache for s in step], tokens)
             self.stats.prompt_tokens += sum(len(s.req.prompt_ids) for s in new)
-            suppress_stop_tokens(logits, step, self.eos_ids)
-            nxt = sampler.sample_next(logits, [s.req.params for s in step], [s.rng for s in step],
-                                      [s.history for s in step])
+            picks = sample_step(logits, step, self.eos_ids)
             self.stats.generated_tokens += len(step)
             live = []
             now = time.perf_counter()
-            for s, tok in zip(step, nxt):
-                out = s.append(tok, self.eos_ids, max_ctx - s.cache.length - 1, now)
+            for s, pick in zip(step, picks):
+                out = s.advance(pick, self.eos_ids, max_ctx - s.cache.length - 1, now)
                 if out is None:
                     live.append(s)
                 else:

@@ -6,24 +6,41 @@ every step draws exactly one uniform number from it (whatever the filters left),
 works row by row. The draw is inverse-CDF sampling over the filtered, sorted distribution: the only
 random input is that one number, so the engine's device and batch shape never touch the stream.
 
-Order of operations (Hugging Face warper order, vLLM names):
-repetition penalty -> (temperature 0: argmax) -> temperature -> top_k -> top_p -> min_p -> draw.
+The sampler works on its own float32 copy of the logits: the engines' tensors (made under
+torch.inference_mode, possibly shared with the next step) are only read, never written.
+
+Order of operations (vLLM's, with Hugging Face warper order for the filters):
+  raw logits -> log-probabilities (when asked: log_softmax of the RAW logits, before any bias,
+  penalty or temperature, as vLLM's default raw logprobs) -> logit_bias -> min_tokens (eos and stop
+  tokens banned) -> repetition penalty -> frequency and presence penalties -> (temperature below
+  GREEDY_BELOW: argmax) -> temperature -> top_k -> top_p -> min_p -> draw.
+A row whose raw logits hold NaN or +Inf, or nothing finite, gets no token: the sequence fails alone
+(Pick.token is None) instead of turning garbage into text.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-from offbatch.engine.api import SamplingParams
+from offbatch.engine.api import SamplingParams, TokenLogprob
 
 _SEED_MASK = (1 << 64) - 1
+# Temperatures this small are greedy (vLLM's _SAMPLING_EPS): dividing float32 logits by them would
+# overflow to inf (or divide by a temperature that rounded to 0) and turn the row into NaN.
+GREEDY_BELOW = 1e-5
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < GREEDY_BELOW
 
 
 def make_rng(params: SamplingParams, request_seed_fallback: int) -> torch.Generator | None:
     """The request's own random stream; None when it decodes greedily and needs none."""
-    if params.temperature == 0:
+    if is_greedy(params):
         return None
     seed = params.seed if params.seed is not None else request_seed_fallback
     rng = torch.Generator(device="cpu")
@@ -31,23 +48,115 @@ def make_rng(params: SamplingParams, request_seed_fallback: int) -> torch.Genera
     return rng
 
 
-def apply_repetition_penalty(logits: torch.Tensor, penalties: list[float], histories: list[list[int]]) -> None:
+@dataclass
+class Row:
+    """What the sampler needs to know about one sequence at this step."""
+
+    params: SamplingParams
+    rng: torch.Generator | None = None
+    prompt: Sequence[int] = ()
+    output: Sequence[int] = ()  # the tokens generated so far
+    banned: Sequence[int] = ()  # ids that cannot be chosen at this step (eos/stop before min_tokens)
+
+
+@dataclass
+class Pick:
+    token: int | None  # None: the row's logits were not finite; the sequence must fail
+    logprob: TokenLogprob | None = None  # when the row's params ask for logprobs
+
+
+def nonfinite_rows(raw: torch.Tensor) -> list[int]:
+    """Rows holding NaN or +Inf, or no finite value at all (-Inf alone is a legal mask). One isfinite
+    over the batch decides; the row-by-row look happens only when something is off."""
+    finite = torch.isfinite(raw)
+    if bool(finite.all()):
+        return []
+    bad = torch.isnan(raw).any(dim=1) | torch.isposinf(raw).any(dim=1) | ~finite.any(dim=1)
+    return bad.nonzero().flatten().tolist()
+
+
+def token_logprobs(raw: torch.Tensor, rows: list[int], tokens: list[int], ks: list[int]) -> list[TokenLogprob]:
+    """Each chosen token's log-probability under the raw logits, plus the k likeliest alternatives."""
+    index = torch.tensor(rows, dtype=torch.long, device=raw.device)
+    logp = raw.index_select(0, index).log_softmax(dim=1)
+    chosen = logp.gather(1, torch.tensor(tokens, dtype=torch.long, device=raw.device)[:, None]).squeeze(1).tolist()
+    k_max = min(max(ks), logp.shape[1])
+    if k_max > 0:
+        top_v, top_i = logp.topk(k_max, dim=1)  # sorted, likeliest first
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+    out = []
+    for j, (token, lp, k) in enumerate(zip(tokens, chosen, ks)):
+        top = list(zip(top_i[j][:k], top_v[j][:k])) if k_max > 0 and k > 0 else []
+        out.append(TokenLogprob(token, lp, top))
+    return out
+
+
+def apply_logit_bias(logits: torch.Tensor, biases: list[tuple[tuple[int, float], ...]]) -> None:
+    """In place: each row's (token id, bias) pairs added to its logits. Ids outside the logits are
+    skipped (the jobs layer rejects them against the vocabulary before a request runs)."""
+    vocab = logits.shape[1]
+    r, c, v = [], [], []
+    for i, pairs in enumerate(biases):
+        for token, bias in pairs:
+            if 0 <= token < vocab:
+                r.append(i), c.append(token), v.append(bias)
+    if r:
+        dev = logits.device
+        logits.index_put_((torch.tensor(r, device=dev), torch.tensor(c, device=dev)),
+                          torch.tensor(v, dtype=logits.dtype, device=dev), accumulate=True)
+
+
+def ban_tokens(logits: torch.Tensor, banned: list[Sequence[int]]) -> None:
+    """In place: banned ids of each row at -inf (min_tokens keeps eos and stop tokens out)."""
+    vocab = logits.shape[1]
+    r, c = [], []
+    for i, ids in enumerate(banned):
+        for token in ids:
+            if 0 <= token < vocab:
+                r.append(i), c.append(token)
+    if r:
+        dev = logits.device
+        logits[torch.tensor(r, device=dev), torch.tensor(c, device=dev)] = -math.inf
+
+
+def _id_tensor(ids: Sequence[int], vocab: int) -> torch.Tensor:
+    t = torch.as_tensor(list(ids), dtype=torch.long)
+    return t[(t >= 0) & (t < vocab)]
+
+
+def apply_repetition_penalty(logits: torch.Tensor, penalties: list[float], histories: list[Sequence[int]]) -> None:
     """In place, for every token seen in the row's prompt or output (each once, however often):
     positive logits are divided by the penalty, negative ones multiplied (HF/vLLM/CTRL semantics)."""
-    rows = [i for i, p in enumerate(penalties) if p != 1.0 and histories[i]]
+    rows = [i for i, p in enumerate(penalties) if p != 1.0 and len(histories[i])]
     if not rows:
         return
     vocab = logits.shape[1]
     seen = torch.zeros((len(rows), vocab), dtype=torch.bool)
     for j, i in enumerate(rows):
-        ids = torch.tensor(histories[i], dtype=torch.long)
-        seen[j, ids[(ids >= 0) & (ids < vocab)]] = True
+        seen[j, _id_tensor(histories[i], vocab)] = True
     seen = seen.to(logits.device)
     index = torch.tensor(rows, device=logits.device)
     sub = logits.index_select(0, index)
     penalty = torch.tensor([penalties[i] for i in rows], dtype=sub.dtype, device=sub.device)[:, None]
     penalised = torch.where(sub > 0, sub / penalty, sub * penalty)
     logits.index_copy_(0, index, torch.where(seen, penalised, sub))
+
+
+def apply_output_penalties(logits: torch.Tensor, frequency: list[float], presence: list[float],
+                           outputs: list[Sequence[int]]) -> None:
+    """In place, OpenAI semantics over the OUTPUT tokens only:
+    logit[t] -= frequency * count(t) + presence * (count(t) > 0)."""
+    rows = [i for i in range(len(outputs)) if (frequency[i] != 0.0 or presence[i] != 0.0) and len(outputs[i])]
+    if not rows:
+        return
+    vocab = logits.shape[1]
+    counts = torch.stack([torch.bincount(_id_tensor(outputs[i], vocab), minlength=vocab) for i in rows])
+    counts = counts.to(device=logits.device, dtype=logits.dtype)
+    freq = torch.tensor([frequency[i] for i in rows], dtype=logits.dtype, device=logits.device)[:, None]
+    pres = torch.tensor([presence[i] for i in rows], dtype=logits.dtype, device=logits.device)[:, None]
+    index = torch.tensor(rows, device=logits.device)
+    sub = logits.index_select(0, index) - freq * counts - pres * (counts > 0).to(logits.dtype)
+    logits.index_copy_(0, index, sub)
 
 
 def filtered_sorted_logits(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,26 +202,64 @@ def draw(sorted_logits: torch.Tensor, order: torch.Tensor, rngs: list[torch.Gene
     return order.gather(1, pick).squeeze(1).tolist()
 
 
+def sample_rows(logits: torch.Tensor, rows: list[Row]) -> list[Pick]:
+    """The next token of each row of logits [B, V] (read only, any float dtype), with its
+    log-probabilities when the row's params ask for them; Pick.token is None for a row whose logits
+    are not finite."""
+    if logits.dim() != 2 or logits.shape[0] != len(rows):
+        raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} requests")
+    params = [r.params for r in rows]
+    raw = logits.detach().to(torch.float32, copy=True)  # our own copy: the engine's tensor is never written
+    bad = set(nonfinite_rows(raw))
+    if bad:
+        raw[torch.tensor(sorted(bad), device=raw.device)] = 0.0  # keeps NaN out of the batch-wide ops below
+    # Bias and penalties change x in place; logprobs need the raw values, so only then a second copy.
+    x = raw.clone() if any(p.logprobs is not None for p in params) else raw
+    if any(p.logit_bias for p in params):
+        apply_logit_bias(x, [p.logit_bias for p in params])
+    if any(r.banned for r in rows):
+        ban_tokens(x, [r.banned for r in rows])
+    apply_repetition_penalty(x, [p.repetition_penalty for p in params], [_history(r) for r in rows])
+    apply_output_penalties(x, [p.frequency_penalty for p in params], [p.presence_penalty for p in params],
+                           [r.output for r in rows])
+
+    tokens: list[int | None] = x.argmax(dim=1).tolist()
+    sampled = [i for i, p in enumerate(params) if not is_greedy(p) and i not in bad]
+    if sampled:
+        if any(rows[i].rng is None for i in sampled):
+            raise ValueError("a sampling request has no random generator; build one with make_rng")
+        index = torch.tensor(sampled, device=x.device)
+        fx, order = filtered_sorted_logits(x.index_select(0, index), [params[i] for i in sampled])
+        for i, token in zip(sampled, draw(fx, order, [rows[i].rng for i in sampled])):
+            tokens[i] = token
+    for i in bad:
+        tokens[i] = None
+
+    picks = [Pick(t) for t in tokens]
+    want = [i for i, p in enumerate(params) if p.logprobs is not None and i not in bad]
+    if want:
+        lps = token_logprobs(raw, want, [tokens[i] for i in want], [params[i].logprobs for i in want])
+        for i, lp in zip(want, lps):
+            picks[i].logprob = lp
+    return picks
+
+
+def _history(row: Row) -> Sequence[int]:
+    # Only rows with a repetition penalty read it; the others get an empty one at no cost.
+    if row.params.repetition_penalty == 1.0:
+        return ()
+    return list(row.prompt) + list(row.output)
+
+
 def sample_next(
     logits: torch.Tensor,
     params: list[SamplingParams],
     rngs: list[torch.Generator | None],
     histories: list[list[int]],
 ) -> list[int]:
-    """Next token for each row of logits [B, V] (float32). histories[i] holds row i's prompt and
-    generated ids (for the repetition penalty); rngs[i] comes from make_rng (None for greedy rows)."""
-    if logits.dim() != 2 or logits.shape[0] != len(params):
+    """Tokens only, for callers (and tests) that need no logprobs, min_tokens or output penalties:
+    histories[i] holds row i's earlier ids, seen by the repetition penalty."""
+    rows = [Row(p, g, prompt=h) for p, g, h in zip(params, rngs, histories)]
+    if len(rows) != logits.shape[0]:
         raise ValueError(f"logits {tuple(logits.shape)} do not match {len(params)} requests")
-    logits = logits.float().clone()
-    apply_repetition_penalty(logits, [p.repetition_penalty for p in params], histories)
-
-    out = logits.argmax(dim=1).tolist()
-    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
-    if sampled:
-        if any(rngs[i] is None for i in sampled):
-            raise ValueError("a sampling request has no random generator; build one with make_rng")
-        index = torch.tensor(sampled, device=logits.device)
-        x, order = filtered_sorted_logits(logits.index_select(0, index), [params[i] for i in sampled])
-        for i, token in zip(sampled, draw(x, order, [rngs[i] for i in sampled])):
-            out[i] = token
-    return out
+    return [p.token for p in sample_rows(logits, rows)]

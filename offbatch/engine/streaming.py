@@ -21,7 +21,7 @@ from offbatch.attention.wave import DecodeBatch, decode_attention, decode_batch,
 from offbatch.engine import sampler
 from offbatch.engine.api import GenOutput, GenRequest, GenStats
 from offbatch.engine.experts import GroupedExperts, expert_items
-from offbatch.engine.sequence import SeqState, suppress_stop_tokens
+from offbatch.engine.sequence import SeqState, sample_step
 from offbatch.models import layers as L
 from offbatch.offload.kv import WaveKV
 from offbatch.offload.kv_writer import KV_STAGING_BUFFERS, HostKVWriter
@@ -316,15 +316,13 @@ class StreamingEngine:
             self._blocked_mark = (self.times.router_sync_s, self.times.cpu_attention_s)
             logits = self.step(live, [(s, len(s.req.prompt_ids)) for s in new])
             step = live + new
-            suppress_stop_tokens(logits, step, self.eos_ids)
-            nxt = sampler.sample_next(logits, [s.req.params for s in step], [s.rng for s in step],
-                                      [s.history for s in step])  # host sync: the step is done
+            picks = sample_step(logits, step, self.eos_ids)  # host sync: the step is done
             self._account(time.perf_counter() - t0, len(step), sum(len(s.req.prompt_ids) for s in new))
             live = []
             now = time.perf_counter()
-            for s, tok in zip(step, nxt):
+            for s, pick in zip(step, picks):
                 room = min(self.plan.max_len, self.spec.max_position) - s.length - 1
-                out = s.append(tok, self.eos_ids, room, now)
+                out = s.advance(pick, self.eos_ids, room, now)
                 if out is None:
                     live.append(s)
                 else:

@@ -3,6 +3,8 @@
 Stop strings need text, and only the jobs layer has the tokenizer, so each GenRequest gets a
 `stop_check` that the generator calls after every new token. The final text is cut before the first
 stop string, and a closing eos / stop token is not part of it (as in vLLM and the OpenAI API).
+Both decode with the request's skip_special_tokens, so a stop string is looked for in the text the
+request gets back.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Callable
 from offbatch.engine.api import GenOutput, SamplingParams
 
 
-def make_stop_check(tokenizer, stops: tuple[str, ...], params: SamplingParams) -> Callable[[list[int]], bool] | None:
+def make_stop_check(tokenizer, stops: tuple[str, ...], params: SamplingParams,
+                    skip_special_tokens: bool = True) -> Callable[[list[int]], bool] | None:
     if not stops and not params.stop_token_ids:
         return None
     stop_ids = set(params.stop_token_ids)
@@ -28,24 +31,32 @@ def make_stop_check(tokenizer, stops: tuple[str, ...], params: SamplingParams) -
             return True
         if not stops:
             return False
-        tail = tokenizer.decode(ids[-window:])
+        tail = tokenizer.decode(ids[-window:], skip_special_tokens=skip_special_tokens)
         return any(s in tail for s in stops)
 
     return stop_check
 
 
-def final_text(tokenizer, out: GenOutput, stops: tuple[str, ...], params: SamplingParams,
-               eos_token_ids: tuple[int, ...]) -> tuple[str, str]:
-    """(text, finish_reason) of a finished sequence."""
+def finish_choice(tokenizer, out: GenOutput, stops: tuple[str, ...], params: SamplingParams,
+                  eos_token_ids: tuple[int, ...], skip_special_tokens: bool = True) -> tuple[str, str, list[int]]:
+    """(text, finish_reason, the completion's token ids) of a finished sequence. The ids are those the
+    text was decoded from (a closing eos / stop token dropped), so logprobs can be cut to match."""
     ids = list(out.token_ids)
     finish = out.finish_reason
     enders = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
     if ids and ids[-1] in enders and len(ids) >= params.min_tokens:
         ids = ids[:-1]
         finish = "stop"
-    text = tokenizer.decode(ids)
+    text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     cuts = [text.find(s) for s in stops if s in text]
     if cuts:
         text = text[: min(cuts)]
         finish = "stop"
+    return text, finish, ids
+
+
+def final_text(tokenizer, out: GenOutput, stops: tuple[str, ...], params: SamplingParams,
+               eos_token_ids: tuple[int, ...], skip_special_tokens: bool = True) -> tuple[str, str]:
+    """(text, finish_reason) of a finished sequence."""
+    text, finish, _ = finish_choice(tokenizer, out, stops, params, eos_token_ids, skip_special_tokens)
     return text, finish
