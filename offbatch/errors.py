@@ -8,6 +8,10 @@ Exit statuses of every command (the README documents them):
      that is refused, locked or cannot be written, an impossible budget); nothing finished is lost
   4  internal error (a bug in offbatch): one line on stderr, the traceback with OFFBATCH_DEBUG=1
   130 / 143  stopped by SIGINT / SIGTERM (every finished result is on disk; rerun to resume)
+  141  stdout (or another output pipe) was closed by its reader (`offbatch run ... -o - | head -1`): the
+       quiet exit of a POSIX tool killed by SIGPIPE (128 + 13), so a shell with `set -o pipefail` sees
+       that the run did not finish
+The CLI shell (offbatch/cli/main.py) maps every exception to one of these; nothing else exits.
 """
 
 EXIT_OK = 0
@@ -15,6 +19,9 @@ EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 EXIT_FATAL = 3
 EXIT_INTERNAL = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
 class OffbatchError(Exception):

@@ -2,13 +2,17 @@
 shapes, output shapes, bad lines, stop rules, stdin/stdout, --errors, --dry-run, resume, logs, exit codes.
 The same command on the real reference engine is in test_jobs_e2e.py."""
 
+import io
 import json
+from datetime import datetime, timedelta
 
 import pytest
+import torch
 from jobs_support import VOCAB, EchoGenerator, read_jsonl, write_jsonl, write_tokenizer
 from typer.testing import CliRunner
 
 from offbatch.cli.main import app
+from offbatch.jobs.progress import Progress
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +92,7 @@ def test_three_shapes_and_bad_lines(model, engine, tmp_path):
     errors = {k: v["error"] for k, v in res.items() if v["error"]}
     assert errors[5]["line"] == 5 and "not valid JSON" in errors[5]["message"]
     assert "no prompt" in errors["nothing"]["message"]
-    assert "temperature must be >= 0" in errors["hot"]["message"]
+    assert "temperature must be" in errors["hot"]["message"] and "-1" in errors["hot"]["message"]
     assert "unknown url" in errors["emb"]["message"] and res["emb"]["response"]["status_code"] == 400
     assert "context is 64" in errors["long"]["message"]
     dup = [x for x in read_jsonl(out) if x.get("id") == "plain" and x["error"]]
@@ -215,8 +219,13 @@ def test_json_log_lines(model, engine, tmp_path):
     events = [json.loads(x) for x in r.stderr.splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds[0] == "info" and "line_error" in kinds and kinds[-1] == "summary"
+    for e in events:  # every line is stamped: ISO-8601, UTC
+        assert e["ts"].endswith("Z") and datetime.fromisoformat(e["ts"][:-1] + "+00:00").utcoffset() == timedelta(0)
     s = events[-1]
     assert (s["ok"], s["failed"], s["completion_tokens"]) == (1, 1, 1)
+    threads = torch.get_num_threads()
+    assert s["device"] == f"cpu ({threads} thread{'s' if threads > 1 else ''})" and s["load_s"] >= 0
+    assert [e for e in events if e.get("load_s") is not None and e["event"] == "info"]  # "model loaded in ..."
     assert s["peak_host_bytes"] > 10 * 2**20 and s["peak_gpu_bytes"] == 0
     sampling = [e for e in events if "sources" in e][0]
     assert sampling["sources"]["temperature"] == "generation_config.json"
@@ -227,7 +236,9 @@ def test_text_log_lines_when_not_a_terminal(model, engine, tmp_path):
     r = run(model, prompts, "-o", tmp_path / "o.jsonl")
     assert r.exit_code == 0
     assert r.stderr.splitlines()[-1].startswith("done: 1 ok, 0 failed")
-    assert "peak GPU" in r.stderr and "host" in r.stderr and "tok/s" in r.stderr
+    # A CPU run says so (and has no GPU peak to report); the model's load time is apart from the wall.
+    assert "| cpu (" in r.stderr and "), peak host" in r.stderr and "peak GPU" not in r.stderr
+    assert "tok/s" in r.stderr and "model load" in r.stderr
 
 
 # ---- paths and fatal errors ---------------------------------------------------------------------
@@ -235,9 +246,10 @@ def test_text_log_lines_when_not_a_terminal(model, engine, tmp_path):
 def test_model_as_option_or_default(model, engine, tmp_path, monkeypatch):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "yes", "max_tokens": 1}])
     assert run("--model", model, prompts, "-o", tmp_path / "a.jsonl").exit_code == 0
-    monkeypatch.setattr("offbatch.models.default_model.default_model_dir", lambda: model)
+    monkeypatch.setattr("offbatch.models.default_model.default_model_dir", lambda announce=None: model)
     r = run(prompts, "-o", tmp_path / "b.jsonl")
-    assert r.exit_code == 0, r.output and str(model) in r.stderr
+    assert r.exit_code == 0, r.output
+    assert str(model) in r.stderr
     r = run(model, prompts, "--model", model, "-o", tmp_path / "c.jsonl")
     assert r.exit_code == 2 and "given twice" in r.output
 
@@ -260,3 +272,106 @@ def test_bad_flag_is_a_usage_error(model, engine, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "yes"}])
     r = run(model, prompts, "-o", tmp_path / "o.jsonl", "--top-p", "2")
     assert r.exit_code == 2 and "top_p" in r.output
+
+
+# ---- progress that tells the truth (a fake clock: no wall-clock assertions) ----------------------
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def progress_with(clock, generated):
+    """A json-mode Progress whose live generated-token count is generated[0] (what the engine's stats say,
+    finished or not)."""
+    p = Progress("json", stream=io.StringIO(), clock=clock, live_tokens=lambda: (0, generated[0]))
+    return p
+
+
+def test_eta_from_tokens_not_from_request_counts():
+    """Two requests of 50 tokens finished in 10 s and 60 tokens are in flight: 8 remain, ~50 tokens each,
+    at the 16 tok/s measured. The request-count ETA said 10 / 2 x 8 = 40 s."""
+    clock, generated = Clock(), [0]
+    p = progress_with(clock, generated)
+    p.start(total=10)
+    clock.now += 10
+    generated[0] = 160
+    p.add(ok=True, prompt_tokens=5, completion_tokens=50)
+    p.add(ok=True, prompt_tokens=5, completion_tokens=50)
+    assert p.eta() == pytest.approx((8 * 50 - 60) / 16)
+
+
+def test_eta_before_any_finish_uses_max_tokens_and_the_plans_rate():
+    clock, generated = Clock(), [0]
+    p = progress_with(clock, generated)
+    p.start(total=4, planned_tokens=4 * 100, predicted_gen_tok_s=50.0)
+    assert p.eta() == pytest.approx(400 / 50)
+    clock.now += 2
+    generated[0] = 100
+    assert p.eta() == pytest.approx(300 / 50)
+    # No plan (the reference engine): the measured rate.
+    q = progress_with(clock, generated)
+    q.start(total=4, planned_tokens=400)
+    assert q.eta() is None  # nothing measured yet (the engine's count starts at 100), nothing predicted
+    clock.now += 5
+    generated[0] = 150  # 50 tokens in 5 s since start
+    assert q.eta() == pytest.approx((400 - 50) / 10)
+
+
+def test_error_records_are_not_work_done():
+    """100 bad lines are written at once, then one request of 10 tokens finishes after 10 s. The old ETA
+    counted the error records as finished work: 10 s / 101 x 9 = 0.9 s. Now: 9 x 10 tokens at 1 tok/s."""
+    clock, generated = Clock(), [0]
+    p = progress_with(clock, generated)
+    p.start(total=110)
+    for _ in range(100):
+        p.add(ok=False)
+    clock.now += 10
+    generated[0] = 10
+    p.add(ok=True, prompt_tokens=3, completion_tokens=10)
+    assert p.eta() == pytest.approx(90.0)
+    p.tick()
+    line = json.loads(p.stream.getvalue().splitlines()[-1])
+    assert line["event"] == "progress" and line["ts"].endswith("Z")
+    assert (line["done"], line["ok"], line["failed"], line["total"]) == (101, 1, 100, 110)
+    assert line["gen_tok_s"] == 1.0 and line["eta_s"] == 90.0
+    s = p.summary()
+    assert (s["ok"], s["failed"], s["completion_tokens"]) == (1, 100, 10)
+
+
+def test_recent_rates_follow_the_run_while_the_average_lags():
+    """10 tok/s for 100 s, then 1 tok/s for 60 s: the last 30 s say 1 tok/s, the whole run 6.6."""
+    clock, generated = Clock(), [0]
+    p = progress_with(clock, generated)
+    p.start(total=1000)
+    for second in range(1, 161):
+        clock.now += 1
+        generated[0] += 10 if second <= 100 else 1
+        p.recent_rates()  # sampled as the log ticker and the bar do
+    assert p.recent_rates()[1] == pytest.approx(1.0)
+    assert p.rates()[1] == pytest.approx(1060 / 160)
+
+
+def test_summary_has_load_time_and_device():
+    clock, generated = Clock(), [0]
+    p = progress_with(clock, generated)
+    p.device = "cpu (2 threads)"
+
+    def make():
+        clock.now += 7.5
+        return "generator"
+
+    assert p.load(make) == "generator" and p.load_s == 7.5
+    p.start(total=0)
+    s = p.summary()
+    assert (s["load_s"], s["device"]) == (7.5, "cpu (2 threads)")
+    lines = [json.loads(x) for x in p.stream.getvalue().splitlines()]
+    assert lines[0]["message"] == "model loaded in 7.5s on cpu (2 threads)" and all("ts" in x for x in lines)
+    text = Progress("text", stream=io.StringIO(), clock=clock)
+    text.device, text.load_s = "NVIDIA H200 (cuda)", 3.0
+    text.start(total=0)
+    text.summary(peak_gpu_bytes=2**30)
+    assert "model load 3.0s" in text.stream.getvalue() and "NVIDIA H200 (cuda), peak GPU 1" in text.stream.getvalue()

