@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, kernel timings, then the engine-vs-accelerate comparison.
-# Usage (on the GPU machine, repo root): bash scripts/gpu_session.sh PART...  (PART: tests kernels quick mixtral mixtral-synth llama-synth grid8 grid24 llama-grid8 llama-grid24 mixtral-grids llama-grids disk llama)
+# Usage (on the GPU machine, repo root): bash scripts/gpu_session.sh PART...  (PART: tests suite stability kernels quick mixtral mixtral-synth llama-synth grid8 grid24 llama-grid8 llama-grid24 mixtral-grids llama-grids disk llama)
 # Grids print each point as it is measured and rewrite their JSON after each (a timeout loses no point).
 # GRID_CAPS=24GiB,8GiB picks the caps (and their order) of mixtral-grids and llama-grids.
 # GRID_TIMEOUT=S kills a grid after S seconds; GRID_BUDGET=S overrides a grid's time budget (seconds after which it starts no new point).
@@ -16,6 +16,20 @@ for part in "$@"; do
            timeout 130 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py tests/test_engine_experts.py \
              tests/test_wave_attention.py tests/test_kernels.py::test_gpu_warm_up_compiles_mixtral_expert_shapes_in_bf16 -rf --tb=short 2>&1 | tail -60 || { echo "=== GPU tests failed: stopping"; exit 1; }
            set +o pipefail ;;
+    suite) # The whole GPU suite in one process, as `make test-gpu` runs it: no test may depend on which ran before.
+           set -o pipefail
+           timeout 300 python -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short 2>&1 | tee "$OUT/gpu-suite.log" | tail -60 \
+             || { echo "=== GPU suite failed: stopping"; exit 1; }
+           set +o pipefail ;;
+    stability) # The same job planned from fresh probes: the chosen plan must not flip with the probe's noise.
+           for shape in "--synth mixtral-8x7b --layers 8 --gpu-memory 8GiB" "--synth mixtral-8x7b --layers 8 --gpu-memory 24GiB" \
+                        "--synth llama-3-8b --gpu-memory 8GiB"; do
+             for i in 1 2 3; do
+               timeout 120 python -m offbatch.cli.main plan $shape --prompt-len 256 --gen-len 64 --num-prompts 1024 \
+                 --reprobe --json > "$OUT/plan.json" 2>/dev/null
+               python -c "import json,sys; d=json.load(open(sys.argv[1])); p=d.get('plan',d); print(sys.argv[2], sys.argv[3], {k: p.get(k) for k in ('kv_placement','decode_attention','wave_size','attn_micro_batch','ffn_micro_tokens','near_tie')}, 'decode tok/s', round(d['predicted']['decode_tok_s']), 'gpu', d['hardware'].get('name') if isinstance(d['hardware'],dict) else d['hardware'])" "$OUT/plan.json" "$shape" "probe-$i" 2>&1 | tail -1
+             done
+           done ;;
     kernels) timeout 120 python scripts/bench_kernels.py 2>&1 | tail -20 ;;
     quick) timeout 150 python -m offbatch.cli.main bench --synth mixtral-8x7b --layers 2 --gpu-memory 8GiB \
              --prompts 256 --prompt-len 256 --gen-len 16 --out "$OUT/quick.json" 2>&1 | tail -22 ;;
