@@ -8,7 +8,7 @@ for r in $(seq 1 "$rounds"); do
   for side in base new; do
     dir=$PWD; [ "$side" = base ] && dir=$BASE
     (cd "$dir" && PYTHONPATH=$PWD timeout 200 python -m offbatch.cli.main bench "$@" --plan "$plan" \
-       --out "$OUT/ab-$side-$r.json" > "$OUT/ab-$side-$r.log" 2>&1) || { echo "$side round $r failed"; tail -5 "$OUT/ab-$side-$r.log"; }
+       --out "$OUT/ab-$side-$r.json" > "/tmp/ab-$side-$r.log" 2>&1) || { echo "$side round $r failed"; tail -5 "/tmp/ab-$side-$r.log"; }
     python - "$OUT/ab-$side-$r.json" "$side" "$r" <<'PY'
 import json, sys
 try:
