@@ -16,7 +16,7 @@ import torch
 
 from offbatch.planner.hardware import PROFILES, Hardware, Host
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: rate_noise
 # Probed rates are snapped to a geometric grid of RATE_STEP steps (then 3 significant digits): two probes
 # of one machine differ by a few percent (copy rates, CPU attention beside copies), and a plan made
 # from one must be the plan made from the other. Noise that straddles a grid line still moves a rate by
@@ -24,18 +24,20 @@ CACHE_VERSION = 1
 RATE_STEP = 1.05
 
 
-def _timed(fn, device: torch.device, reps: int) -> float:
-    """Median seconds of fn() over reps runs after one warm-up."""
+def _timed(fn, device: torch.device, reps: int, inner: int = 1) -> float:
+    """Median seconds of fn() over reps runs after one warm-up; on a GPU each run times `inner` calls
+    back to back (a lone small GEMM is a few microseconds, below the events' resolution and noise)."""
     fn()
     times = []
     for _ in range(reps):
         if device.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
-            fn()
+            for _ in range(inner):
+                fn()
             b.record()
             b.synchronize()
-            times.append(a.elapsed_time(b) / 1000)
+            times.append(a.elapsed_time(b) / 1000 / inner)
         else:
             t = time.perf_counter()
             fn()
@@ -63,7 +65,8 @@ def gemm_rate(device: torch.device, m: int, k: int = 4096, n: int = 14336, dtype
         dtype = torch.float32
     a = torch.randn(m, k, device=device, dtype=dtype)
     b = torch.randn(n, k, device=device, dtype=dtype)
-    return 2 * m * k * n / _timed(lambda: torch.nn.functional.linear(a, b), device, reps)
+    inner = max(1, min(50, (1 << 16) // m)) if device.type == "cuda" else 1
+    return 2 * m * k * n / _timed(lambda: torch.nn.functional.linear(a, b), device, reps, inner)
 
 
 def memory_bandwidth(device: torch.device, nbytes: int = 1 << 28, reps: int = 3) -> float:
@@ -157,7 +160,7 @@ def measure(device: str | None = None) -> Hardware:
         d2h = d2h_rate(dev)
         gemm = {m: gemm_rate(dev, m, k=4096, n=8192, reps=5) for m in (16, 64, 256, 1024, 4096)}
         membw = memory_bandwidth(dev)
-        alone = cpu_attention_rate()
+        alones = [cpu_attention_rate() for _ in range(3)]  # fresh buffers each time: placement varies
         src = torch.empty(1 << 28, dtype=torch.uint8, pin_memory=True)
         dst = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
         stream = torch.cuda.Stream(dev)
@@ -168,7 +171,7 @@ def measure(device: str | None = None) -> Hardware:
                 for _ in range(4):
                     dst.copy_(src, non_blocking=True)
 
-        contended = cpu_attention_rate(during=copies)
+        contendeds = [cpu_attention_rate(during=copies) for _ in range(3)]
         torch.cuda.synchronize(dev)
         del src, dst
         torch.cuda.empty_cache()  # the probe's buffers must not sit in the allocator under the engine's cap
@@ -176,8 +179,9 @@ def measure(device: str | None = None) -> Hardware:
             name=f"probed:{props.name}", device="cuda", gpu_name=props.name, gpu_memory_bytes=props.total_memory,
             pcie="", h2d_pinned_bytes_s=pinned, h2d_pageable_bytes_s=pageable, d2h_bytes_s=d2h, gemm_flop_s=gemm,
             mem_bytes_s=0.75 * membw,
-            host=replace(base, threads=threads, memory_bytes=host_mem, cpu_attn_bytes_s=alone,
-                         cpu_attn_contended_bytes_s=min(alone, contended)),
+            host=replace(base, threads=threads, memory_bytes=host_mem, cpu_attn_bytes_s=_median(alones),
+                         cpu_attn_contended_bytes_s=min(_median(alones), _median(contendeds))),
+            rate_noise=noise_of([alones, contendeds]),
         )
     else:
         base = PROFILES["cpu"].host
@@ -193,6 +197,21 @@ def measure(device: str | None = None) -> Hardware:
                          cpu_attn_contended_bytes_s=attn),
         )
     return replace(hw, source=f"probed {time.strftime('%Y-%m-%d %H:%M')}")
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+# The grid a probe's noise is put on: a spread just above 5% and one just below 10% give one tolerance.
+NOISE_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def noise_of(samples: list[list[float]]) -> float:
+    """The widest spread (max/min - 1) among repeated measurements of the rates that decide between
+    placements, rounded UP onto NOISE_GRID (at most its last step): the solver's tie tolerance."""
+    spread = max((max(xs) / min(xs) - 1 for xs in samples if xs and min(xs) > 0), default=0.0)
+    return next((g for g in NOISE_GRID if spread <= g), NOISE_GRID[-1])
 
 
 def snap_rate(rate: float) -> float:

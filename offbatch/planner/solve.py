@@ -20,6 +20,8 @@ between runs (two benches of Mixtral at one commit ran host KV with CPU attentio
 takes the first in a fixed order, the simpler placement (PLACEMENTS: KV on the GPU, then host KV with GPU
 attention, then host KV with CPU attention), with that placement's fastest sizes. A plan that won such
 a near-tie says so (`Plan.near_tie`); it predicts at most TIE_TOLERANCE slower than the fastest.
+A probed machine whose own repeated measurements spread wider (`Hardware.rate_noise`: CPU attention
+beside copies moved 26-36 GB/s over five probes of one H200) widens the tolerance to that spread.
 Within a placement the sizes are the fastest: a fixed order there (larger or smaller micro-batches,
 waves, prefill budgets) would take a size at the edge of the tolerance, exactly where noise moves a
 candidate in or out, and the sizes a little noise can swap (prefill budgets or micro-batches priced
@@ -280,9 +282,14 @@ class Solver:
         return min(self.near_ties(), key=lambda e: PLACEMENTS.index(placement(e)))
 
     # ---- near-ties (see the module's docstring) ------------------------------------------------------
+    @property
+    def tie_tolerance(self) -> float:
+        """TIE_TOLERANCE, or the probe's own measured noise where that is larger."""
+        return max(TIE_TOLERANCE, self.hw.rate_noise)
+
     def near_ties(self) -> list[Evaluation]:
-        """Each placement's best that is within TIE_TOLERANCE of the fastest (the fastest among them)."""
-        limit = self.fastest.total_s * (1 + TIE_TOLERANCE)
+        """Each placement's best that is within the tie tolerance of the fastest (the fastest among them)."""
+        limit = self.fastest.total_s * (1 + self.tie_tolerance)
         return [e for e in self.best_by_placement.values() if e.total_s <= limit]
 
     def near_tie(self, chosen: Evaluation) -> dict | None:
@@ -294,13 +301,15 @@ class Solver:
         alt = min(rivals, key=lambda e: e.total_s)
         k, mine, theirs = alt.knobs, chosen.job.e2e_tok_s, alt.job.e2e_tok_s
         # The chosen placement is the simplest of the near-ties, so the rival is always a less simple one.
-        words = (f"within {TIE_TOLERANCE:.0%} of {PLACEMENT_WORDS[placement(alt)]} (wave {k.wave}: {theirs:,.0f} tok/s "
-                 f"predicted against {mine:,.0f}); inside {TIE_TOLERANCE:.0%} the planner keeps the simpler "
+        tol = self.tie_tolerance
+        why = "" if tol == TIE_TOLERANCE else f" (this machine's probe measured its rates {tol:.0%} apart)"
+        words = (f"within {tol:.0%} of {PLACEMENT_WORDS[placement(alt)]} (wave {k.wave}: {theirs:,.0f} tok/s "
+                 f"predicted against {mine:,.0f}); inside {tol:.0%}{why} the planner keeps the simpler "
                  "placement, so noise in the measured rates cannot flip the choice")
         return {"kv_placement": k.kv_placement, "decode_attention": k.decode_attention, "wave_size": k.wave,
                 "prefill_tokens": k.prefill_tokens, "ffn_micro_tokens": k.ffn_micro_tokens,
                 "attn_micro_batch": k.attn_micro_batch, "e2e_tok_s": theirs, "chosen_e2e_tok_s": mine,
-                "tolerance": TIE_TOLERANCE, "words": words}
+                "tolerance": tol, "words": words}
 
     # ---- the clear minimum --------------------------------------------------------------------------
     def minimum_knobs(self, kv: str, attn: str) -> Knobs:
