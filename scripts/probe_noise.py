@@ -53,7 +53,6 @@ def main() -> None:
         vals = [r[name] for r in raw]
         lo, hi = min(vals), max(vals)
         print(f"{name:<20} {lo:>12.4g} {hi:>12.4g} {hi / lo if lo > 0 else float('nan'):>8.3f}")
-    print("rate_noise of each probe (the solver's tie tolerance where above 3%):", [hw.rate_noise for hw in probes])
     plans = {}
     for preset, layers, cap in JOBS:
         label = f"{preset}{'/' + str(layers) if layers else ''} @ {cap >> 30} GiB"

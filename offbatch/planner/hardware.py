@@ -65,11 +65,11 @@ class Hardware:
     # memory bandwidth elsewhere.
     scatter_elems_s: float = 4.5e11
     source: str = "built-in"
-    # How far the probe's repeated measurements of the rates that decide a placement spread (max/min - 1,
-    # on a coarse grid); 0 for the built-in profiles. The solver counts placements predicted within this
-    # (or its TIE_TOLERANCE, whichever is larger) as a tie: a choice inside the machine's own noise must
-    # not flip from one probe to the next.
-    rate_noise: float = 0.0
+    # How far apart two probes of this machine put host CPU attention (the least repeatable rate a plan
+    # hangs on), as a fraction; 0 for the calibrated built-in profiles. Between a placement that runs
+    # decode attention on the CPU and one that does not, the solver counts predictions within this (or
+    # its TIE_TOLERANCE, whichever is larger) as a tie, so the choice cannot flip from probe to probe.
+    cpu_attn_noise: float = 0.0
 
     # ---- rates -------------------------------------------------------------------------------------
     def gemm_rate(self, m: float) -> float:
@@ -164,8 +164,8 @@ class Hardware:
                             ("host.threads", self.host.threads)):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_BYTES:
                 raise PlanFileError(f"a hardware profile's {name} is a whole number above 0, not {value!r}")
-        if not _number(self.rate_noise) or not 0 <= self.rate_noise <= 1:
-            raise PlanFileError(f"a hardware profile's rate_noise is a fraction from 0 to 1, not {self.rate_noise!r}")
+        if not _number(self.cpu_attn_noise) or not 0 <= self.cpu_attn_noise <= 1:
+            raise PlanFileError(f"a hardware profile's cpu_attn_noise is a fraction from 0 to 1, not {self.cpu_attn_noise!r}")
         if any(m < 1 or m > 1 << 24 for m in self.gemm_flop_s):
             raise PlanFileError("a hardware profile's gemm_flop_s rows are 1 to 16777216")
 
