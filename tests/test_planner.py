@@ -642,14 +642,14 @@ def test_a_pinned_plan_is_checked_against_the_model_and_the_memory_before_packin
 
 
 def test_cpu_attention_noise_widens_the_tie_only_where_cpu_attention_is_in_the_comparison():
-    # Five fresh probes of one H200 put CPU attention 18-22% apart, enough to flip Mixtral 8 GiB between
+    # Fresh probes of one H200 put CPU attention up to 38% apart, enough to flip Mixtral 8 GiB between
     # CPU and GPU attention from probe to probe (BENCHMARKS.md, sixth session). A probed machine declares
     # that noise (cpu_attn_noise); the solver keeps GPU attention unless CPU attention wins by more.
     from dataclasses import replace
 
     from offbatch.planner.probe import PROBED_CPU_ATTN_NOISE
 
-    assert PROBED_CPU_ATTN_NOISE == 0.2
+    assert PROBED_CPU_ATTN_NOISE == 0.4
     spec, h200 = spec_of("mixtral-8x7b", 8), PROFILES["h200"]
     assert h200.cpu_attn_noise == 0.0  # the calibrated profiles are not probes
 

@@ -22,12 +22,12 @@ CACHE_VERSION = 2  # 2: cpu_attn_noise
 # from one must be the plan made from the other. Noise that straddles a grid line still moves a rate by
 # one step; the solver's tie tolerance (planner.solve.TIE_TOLERANCE) absorbs what that changes.
 RATE_STEP = 1.05
-# Host CPU attention is the one probed rate that does not repeat: five fresh probes of one H200 put its
-# medians 50-62 GB/s alone and 32-38 GB/s beside copies (18-22% apart), and no longer or repeated
-# measurement inside one probe narrowed that (the spread inside a probe was itself 10-50%). A probed
-# machine therefore declares this much noise on it (Hardware.cpu_attn_noise): the solver keeps GPU
-# attention unless CPU attention is predicted faster by more (BENCHMARKS.md, sixth session).
-PROBED_CPU_ATTN_NOISE = 0.2
+# Host CPU attention is the one probed rate that does not repeat: two series of five fresh probes of one
+# H200 put its median 48-66 GB/s alone and 26-41 GB/s beside copies (up to 38% apart), and medians over
+# fresh buffers inside one probe did not narrow that (their own spread was 10-50%). A probed machine
+# therefore declares this much noise on it (Hardware.cpu_attn_noise): the solver keeps GPU attention
+# unless CPU attention is predicted faster by more (BENCHMARKS.md, sixth session).
+PROBED_CPU_ATTN_NOISE = 0.4
 
 
 def _timed(fn, device: torch.device, reps: int, inner: int = 1) -> float:

@@ -21,8 +21,8 @@ takes the first in a fixed order, the simpler placement (PLACEMENTS: KV on the G
 attention, then host KV with CPU attention), with that placement's fastest sizes. A plan that won such
 a near-tie says so (`Plan.near_tie`); it predicts at most TIE_TOLERANCE slower than the fastest.
 Between a placement with decode attention on the CPU and one without, the tolerance widens to the
-machine's CPU-attention noise (`Hardware.cpu_attn_noise`: 20% on a probed machine, whose CPU attention
-rate moved 18-22% from one probe to the next; 0 on the calibrated profiles).
+machine's CPU-attention noise (`Hardware.cpu_attn_noise`: 40% on a probed machine, whose CPU attention
+rate moved up to 38% from one probe to the next; 0 on the calibrated profiles).
 Within a placement the sizes are the fastest: a fixed order there (larger or smaller micro-batches,
 waves, prefill budgets) would take a size at the edge of the tolerance, exactly where noise moves a
 candidate in or out, and the sizes a little noise can swap (prefill budgets or micro-batches priced
