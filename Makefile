@@ -31,4 +31,4 @@ demo: setup
 	$(PY) -m offbatch.jobs.show demo-results.jsonl
 
 clean:
-	rm -rf $(VENV) demo-results.jsonl
+	rm -rf $(VENV) demo-results.jsonl demo-results.jsonl.lock demo-results.jsonl.offbatch.json

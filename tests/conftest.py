@@ -82,3 +82,13 @@ def reserved_before_engine():
         return start
 
     return measure
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: threads only add overhead, and on a loaded 2-core CI box a lot of it. Modules that
+    run many tiny-model jobs use it: pytestmark = pytest.mark.usefixtures("one_thread")."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

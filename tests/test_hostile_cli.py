@@ -32,15 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUG_TAIL = "(this is a bug in offbatch; rerun with OFFBATCH_DEBUG=1 for the traceback)"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: threads only add overhead, and on a loaded 2-core CI box a lot of it."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

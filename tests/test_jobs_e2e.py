@@ -30,13 +30,7 @@ def model(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: threads only add overhead, and on a loaded 2-core CI box a lot of it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def with_eos(model: Path, folder: Path, eos: list[int]) -> Path:
