@@ -256,18 +256,24 @@ def test_gguf_model_is_imported_once_and_runs(tmp_path, monkeypatch):
     gguf_path = tmp_path / "tiny.gguf"
     test_gguf.write_gguf(gguf_path, test_gguf.tiny_model("llama", tied=True), "llama", test_gguf._gpt2_meta())
     monkeypatch.setenv("OFFBATCH_CACHE", str(tmp_path / "cache"))
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "hello world"},
-                                                {"id": "b", "prompt": "world 2024"}])
+    prompts = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": "a", "prompt": "hello world"}, {"id": "b", "prompt": "world 2024"},
+        {"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"model": "tiny", "prompt": "hello"}}])
     job = ["--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--log-format", "json"]
 
     def run(model_args, out):
+        from offbatch.jobs.results import result_text
+
         r = CliRunner().invoke(app, ["run", *map(str, model_args), str(prompts), "-o", str(out), *job])
         assert r.exit_code == 0, (r.output, r.exception)
-        texts = {x["id"]: x["text"] for x in map(json.loads, out.read_text().splitlines())}
-        return r, texts
+        records = list(map(json.loads, out.read_text().splitlines()))
+        return r, {x.get("custom_id", x["id"]): result_text(x) for x in records}
 
     first, texts = run([gguf_path], tmp_path / "a.jsonl")
     assert "importing" in first.stderr
+    # Results name the model by the GGUF's file name, not the cache folder's; so a line naming it draws no warning.
+    [batch] = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines() if '"custom_id"' in x]
+    assert batch["response"]["body"]["model"] == "tiny" and "another model" not in first.stderr
     [folder] = (tmp_path / "cache" / "models" / "gguf").iterdir()
     assert folder.name.startswith("tiny-") and folder.name.endswith("-bfloat16")
     stamp = (folder / "model.safetensors").stat().st_mtime_ns

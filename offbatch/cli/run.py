@@ -18,6 +18,11 @@ class LogFormat(str, Enum):
     json = "json"
 
 
+def _gguf_stem(model: Path | None) -> str | None:
+    """A GGUF file's name without .gguf: what its results call the model (not the cache folder's name)."""
+    return model.name[: -len(".gguf")] if model is not None and model.name.lower().endswith(".gguf") else None
+
+
 def _model_folder(model: Path | None, dtype: str | None, progress) -> Path:
     """The folder to run: MODEL_DIR as it is, a .gguf file imported once into the cache, or (none given)
     the embedded default model. A hub id or a path that does not exist is one clear error: offbatch
@@ -169,7 +174,7 @@ def command(
         cfg = RunConfig(model_dir=Path(model_dir), prompts=str(prompts), output=output, errors=errors, flags=flags,
                         engine=engine, dry_run=dry_run, overwrite=overwrite,
                         redo_changed=redo_changed, keep_changed=keep_changed,
-                        strict=strict)
+                        strict=strict, model_name=_gguf_stem(model))
         code = run_job(cfg, progress, make_generator, tokenizer, spec)
     except KeyboardInterrupt:  # before generation started (during it, the runner stops cleanly itself)
         progress.stop()

@@ -55,6 +55,11 @@ class RunConfig:
     redo_changed: bool = False  # redo requests whose results were made with other settings / model
     keep_changed: bool = False  # keep those results as they are
     strict: bool = False  # unknown fields on a line make it an error record instead of a warning
+    model_name: str | None = None  # what records call the model (a GGUF's file stem); default: the folder's name
+
+    @property
+    def model(self) -> str:
+        return self.model_name or Path(self.model_dir).name
 
 
 class StopRun(Exception):
@@ -146,7 +151,7 @@ def _run_job(cfg: RunConfig, progress: Progress, make_generator: Callable, token
 
     requests, errors = load_requests(cfg)
     # Unknown fields and other models' names: one warning each (or, with --strict, error records).
-    requests, field_errors, notes = review_fields(requests, cfg.strict, Path(cfg.model_dir).name)
+    requests, field_errors, notes = review_fields(requests, cfg.strict, cfg.model)
     errors = sorted(errors + field_errors, key=lambda e: e.line)
     for note in notes:
         progress.warn(note)
@@ -258,7 +263,7 @@ def _generate(cfg, progress, generator, tokenizer, todo: list[Request], writer, 
     if stats is not None:
         progress.live_tokens = lambda: (
             max(stats.prompt_tokens, progress.prompt_tokens), max(stats.generated_tokens, progress.completion_tokens))
-    model_name = Path(cfg.model_dir).name
+    model_name = cfg.model
     eos = tuple(tokenizer.eos_token_ids)
 
     with _Signals() as signals:
