@@ -391,7 +391,7 @@ def test_imported_tokenizer_loads_in_transformers(tmp_path):
 
 # ---------------------------------------------------------------------------
 def test_bad_inputs_give_clear_errors(tmp_path, monkeypatch):
-    with pytest.raises(OffbatchError, match="not found"):
+    with pytest.raises(OffbatchError, match="does not exist"):
         import_gguf(tmp_path / "missing.gguf", tmp_path / "out")
     (tmp_path / "junk.gguf").write_bytes(b"this is not a gguf file at all" * 10)
     with pytest.raises(OffbatchError, match="not a readable GGUF file"):

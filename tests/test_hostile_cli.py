@@ -69,6 +69,16 @@ CASES = [
     ("version", ["--version"], None, 0, None),
     ("usage_no_output", ["run", "{prompts}"], None, 2, "Missing option"),
     ("usage_three_paths", ["run", "{dir}", "{dir}", "{prompts}", "-o", "{out}"], None, 2, "at most two paths"),
+    ("dtype_unknown", ["run", "{dir}", "{prompts}", "-o", "{out}", "--dtype", "float8"], None, 2,
+     "'float8' is not a dtype: use bfloat16, float16 or float32"),  # was: an internal error (4)
+    ("dtype_unknown_bench", ["bench", "--synth", "llama-3-8b", "--layers", "1", "--dtype", "xx"], None, 2,
+     "'xx' is not a dtype"),
+    ("dtype_unknown_plan", ["plan", "--synth", "llama-3-8b", "--dtype", "float8"], None, 2, "'float8' is not a dtype"),
+    ("log_interval_inf", ["run", "{dir}", "{prompts}", "-o", "{out}", "--log-interval", "inf"], None, 2,
+     "Invalid value for '--log-interval'"),  # was: an OverflowError traceback from the progress thread
+    ("import_gguf_a_folder", ["import-gguf", "{dir}", "{dir}/imported"], None, 3, "is a folder"),  # was: "not found"
+    ("import_gguf_a_device", ["import-gguf", "/dev/null", "{dir}/imported"], None, 3, "is not a regular file"),
+    ("inspect_a_gguf", ["inspect", "{gguf}"], None, 3, "a .gguf file is read by `offbatch run`"),
     ("hub_id", ["run", "Qwen/Qwen2.5-0.5B", "{prompts}", "-o", "{out}"], None, 3,
      "offbatch never downloads from a model hub"),
     ("hub_id_as_option", ["run", "--model", "meta-llama/Llama-3.1-8B", "{prompts}", "-o", "{out}"], None, 3,
@@ -192,6 +202,50 @@ def test_stdout_closed_by_head_exits_141_quietly(model, tmp_path):
     assert first == b"{"
     assert run.returncode == EXIT_BROKEN_PIPE, err
     assert err == ""  # quiet: no traceback, no "Exception ignored ... BrokenPipeError"
+
+
+# (id, the descriptors the caller closed, "-" for the prompts or the output, status, stderr must hold)
+CLOSED_STD_FDS = [
+    ("stdin_closed_prompts_from_stdin", (0,), "prompts", 3, "reads the prompts from stdin, which is closed"),
+    ("stdout_closed_results_to_stdout", (1,), "output", 3, "writes the results to stdout, which is closed"),
+    ("stdout_closed_results_to_a_file", (1,), None, 0, None),  # was: a traceback at exit, status 1
+    ("stdout_and_stderr_closed", (1, 2), None, 0, None),  # the output file must not land on fd 1 or 2
+    ("stderr_closed_results_to_stdout", (2,), "output", 0, None),  # the log must not go into the results
+]
+
+
+@pytest.mark.parametrize("case", CLOSED_STD_FDS, ids=[c[0] for c in CLOSED_STD_FDS])
+def test_closed_standard_descriptors(case, model, tmp_path):
+    """Started with stdin, stdout or stderr closed (`<&-`, `>&-`, `2>&-`): the documented status and one
+    line, the results whole. Before: stdin closed was an internal error (4), stdout closed a traceback at
+    exit (1) whatever the run did, and with stderr closed the progress lines went to stdout, into the
+    results of `-o -`."""
+    _, closed, dash, status, message = case
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "hello"}, {"id": "b", "prompt": "sky"}])
+    out = tmp_path / "out.jsonl"
+    argv = _offbatch("run", model, "-" if dash == "prompts" else prompts, "-o", "-" if dash == "output" else out,
+                     "--max-tokens", "2")
+    # Report through fd 3/4 copies, since the descriptors under test are closed in the child.
+    report_out, report_err = tmp_path / "stdout", tmp_path / "stderr"
+    with open(report_out, "wb") as o, open(report_err, "wb") as e:
+        def close_fds():
+            os.dup2(o.fileno(), 1)
+            os.dup2(e.fileno(), 2)
+            for fd in closed:
+                os.close(fd)
+        r = subprocess.run(argv, cwd=REPO, env=_env(), stdin=subprocess.DEVNULL, preexec_fn=close_fds,
+                           timeout=300)
+    stdout, stderr = report_out.read_text(), report_err.read_text()
+    assert r.returncode == status, (stdout, stderr)
+    assert "Traceback" not in stdout + stderr
+    if message is not None:
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("offbatch: error: ") and message in last, stderr
+        return
+    results = stdout if dash == "output" else out.read_text()
+    assert sorted(json.loads(x)["id"] for x in results.splitlines()) == ["a", "b"]  # nothing else, nothing lost
+    if dash != "output":
+        assert stdout == ""
 
 
 def _wait_for_reader(fifo: Path, proc, timeout=120.0) -> int:

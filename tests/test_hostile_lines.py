@@ -87,6 +87,8 @@ CASES = [
     ("type-stop_token_ids", {"prompt": GOOD, "stop_token_ids": "2"}, err("stop_token_ids must be a list")),
     ("type-ignore_eos", {"prompt": GOOD, "ignore_eos": "yes"}, err("ignore_eos must be true or false")),
     ("min_tokens-negative", {"prompt": GOOD, "min_tokens": -1}, err("min_tokens must be >= 0")),
+    ("min_tokens-every-token-stops", {"prompt": GOOD, "min_tokens": 2, "stop_token_ids": list(range(512))},
+     err("min_tokens (2) cannot be honoured")),  # was: "ok" with 0 tokens: min_tokens had banned them all
     ("type-repetition", {"prompt": GOOD, "repetition_penalty": "1"}, err("repetition_penalty must be a number")),
     ("type-presence", {"prompt": GOOD, "presence_penalty": None, "frequency_penalty": {}},
      err("frequency_penalty must be a number")),
@@ -99,6 +101,10 @@ CASES = [
     ("type-template-kwargs", {"messages": CHAT, "chat_template_kwargs": "x"}, err("chat_template_kwargs must be")),
     ("template-kwargs-clash", {"messages": CHAT, "chat_template_kwargs": {"messages": []}},
      err("may not set 'messages'")),
+    ("type-content-part-text", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     err('messages[0]: a text content part needs a string "text", got 5')),  # was: "only text ..., got "text""
+    ("type-content-part-no-text", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     err('a text content part needs a string "text", got null')),
     ("type-id", {"id": [1], "prompt": GOOD}, err("id must be a string or an integer")),
     ("type-model", {"prompt": GOOD, "model": 5}, err("model must be a string")),
     ("type-body", {"custom_id": "b", "url": "/v1/completions", "body": [1]}, err("body must be a JSON object")),
@@ -281,3 +287,28 @@ def test_bad_flags_are_usage_errors(tmp_path, flag, value, reason):
     r = run(tmp_path / "no-model", prompts, "-o", tmp_path / "o.jsonl", flag, value)
     assert r.exit_code == 2 and reason in " ".join(r.output.replace("│", " ").split()), r.output
 
+
+
+@pytest.mark.parametrize("engine", ["reference", "streaming"])
+def test_min_tokens_passes_over_stop_strings_in_its_first_tokens(model, tmp_path, engine):
+    """min_tokens holds stop strings back as it holds eos and stop tokens (vLLM's semantics): a stop string
+    in the text of the first min_tokens - 1 tokens neither stops the request nor cuts its text. Before: the
+    text was cut at that first occurrence, to "" here, while completion_tokens said 2."""
+    def job(name, **fields):
+        prompts = tmp_path / f"{name}.jsonl"
+        prompts.write_text(json.dumps({"id": name, "prompt": GOOD, "max_tokens": 4, **fields}) + "\n")
+        out = tmp_path / f"{name}.out.jsonl"
+        r = run(model, prompts, "-o", out, "--engine", engine, "--device", "cpu", "--quiet")
+        assert r.exit_code == 0, r.output
+        (rec,) = read_jsonl(out)
+        return rec
+
+    greedy = job("greedy", logprobs=0, ignore_eos=True)
+    first = greedy["logprobs"][0]["token"]
+    assert first and greedy["completion_tokens"] == 4
+    plain = job("stop", stop=[first], ignore_eos=True)
+    assert plain["text"] == "" and plain["finish_reason"] == "stop"  # without min_tokens: stops at once
+    held = job("held", stop=[first], ignore_eos=True, min_tokens=2)
+    assert held["completion_tokens"] >= 2 and held["text"].startswith(first), held
+    later = greedy["text"].find(first, len(first))  # where the stop string next begins, if it does
+    assert held["text"] == (greedy["text"] if later < 0 else greedy["text"][:later])

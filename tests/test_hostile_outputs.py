@@ -340,6 +340,61 @@ def ids_removed(env: Env):
     return outcome(r)
 
 
+def hard_linked_output(env: Env):
+    """Two names of one file: the lock is by name, so runs on `out.jsonl` and its hard link `alias.jsonl`
+    both wrote, every result twice. A file with other names is refused (lock taken, nothing written)."""
+    out, alias = env.tmp / "out.jsonl", env.tmp / "alias.jsonl"
+    assert run(env.model, env.prompts, "-o", out, *JOB).exit_code == 0
+    before = out.read_bytes()
+    os.link(out, alias)
+    r = run(env.model, env.prompts, "-o", alias, *JOB)
+    assert out.read_bytes() == before and os.stat(out).st_nlink == 2
+    left_nothing_behind(alias)
+    return outcome(r)
+
+
+# ---- --errors FILE, rewritten on every run ------------------------------------------------------
+
+BAD_ROWS = [*ROWS[:2], {"id": "bad", "prompt": 5}]
+
+
+def errors_file_notes(env: Env):
+    """--errors naming a notes file: it was truncated by every run, even one with no error at all."""
+    notes = env.tmp / "notes.txt"
+    notes.write_text("my notes\n")
+    r = run(env.model, write_jsonl(env.tmp / "p.jsonl", BAD_ROWS), "-o", env.tmp / "out.jsonl", "--errors", notes,
+            *JOB)
+    assert notes.read_text() == "my notes\n" and not (env.tmp / "out.jsonl").exists()
+    return outcome(r)
+
+
+def errors_file_other_results(env: Env):
+    """--errors naming another job's results file (a slip for -o): they were all deleted."""
+    results = env.tmp / "results.jsonl"
+    assert run(env.model, env.prompts, "-o", results, *JOB).exit_code == 0
+    before = results.read_bytes()
+    r = run(env.model, write_jsonl(env.tmp / "p2.jsonl", BAD_ROWS), "-o", env.tmp / "out.jsonl", "--errors",
+            results, *JOB)
+    assert results.read_bytes() == before
+    return outcome(r)
+
+
+def errors_file_rerun(env: Env):
+    """An --errors file of error records is this option's own: each run rewrites it (no error twice),
+    and --overwrite replaces a file that is not."""
+    errors, out = env.tmp / "errors.jsonl", env.tmp / "out.jsonl"
+    prompts = write_jsonl(env.tmp / "p.jsonl", BAD_ROWS)
+    for _ in range(2):
+        r = run(env.model, prompts, "-o", out, "--errors", errors, *JOB)
+        assert r.exit_code == 1, r.output
+        assert [x["id"] for x in read_jsonl(errors)] == ["bad"]
+    notes = env.tmp / "notes.txt"
+    notes.write_text("my notes\n")
+    assert run(env.model, prompts, "-o", out, "--errors", notes, "--overwrite", *JOB).exit_code == 1
+    assert [x["id"] for x in read_jsonl(notes)] == ["bad"]
+    return outcome(r)
+
+
 # ---- writes that fail ---------------------------------------------------------------------------
 
 def file_size_limit(env: Env):
@@ -379,6 +434,13 @@ def folder_is_a_file(env: Env):
     return outcome(r)
 
 
+def folder_path(env: Env):
+    """-o out/ (a folder's name, not there yet): was "out/ cannot be written: Is a directory"."""
+    r = run(env.model, env.prompts, "-o", f"{env.tmp / 'out'}/", *JOB)
+    assert not (env.tmp / "out").exists()
+    return outcome(r)
+
+
 def unwritable_folder(env: Env):
     """/proc refuses new files even to root (chmod would not stop root)."""
     return outcome(run(env.model, env.prompts, "-o", "/proc/offbatch-out.jsonl", *JOB))
@@ -409,9 +471,14 @@ CASES = [
     Case("temperature_changed", temperature_changed, 3, "(temperature 0.0 -> 0.7)"),
     Case("results_without_key", results_without_key, 3, "6 result(s) carry no settings key"),
     Case("ids_removed", ids_removed, 0, "2 result(s) of ids that are no longer in this job were moved to"),
+    Case("hard_linked_output", hard_linked_output, 3, "alias.jsonl has 2 hard links"),
+    Case("errors_file_notes", errors_file_notes, 3, 'holds 1 line(s) of text that is not JSON (line 1: "my notes")'),
+    Case("errors_file_other_results", errors_file_other_results, 3, "holds 6 success record(s) (line 1: "),
+    Case("errors_file_rerun", errors_file_rerun, 1, "prompt must be a string"),
     Case("file_size_limit", file_size_limit, 3, "File too large"),
     Case("dev_full", dev_full, 3, "writing /dev/full failed: No space left on device"),
     Case("folder_is_a_file", folder_is_a_file, 3, "Not a directory"),
+    Case("folder_path", folder_path, 3, "out/ names a folder; give a file name"),
     Case("unwritable_folder", unwritable_folder, 3, "cannot be created"),
 ]
 

@@ -78,6 +78,14 @@ CASES = [
     ("cpu_memory_400_digits", [*PLAN, "--cpu-memory", DIGITS_400], None, 2, "--cpu-memory"),
     ("bench_gpu_memory_1e400GiB", [*BENCH, "--gpu-memory", "1e400GiB"], None, 2, "--gpu-memory"),
     ("run_gpu_memory_400_digits", [*RUN, "--gpu-memory", DIGITS_400], None, 2, "--gpu-memory"),
+    # --out that cannot be written: one line (was: an internal error, 4); bench finds out before it runs
+    ("plan_out_a_directory", [*PLAN, "--out", "{plan}"], "dir", 3, "plan.json cannot be written: Is a directory"),
+    ("plan_out_missing_folder", [*PLAN, "--out", "{plan}/x.json"], None, 3, "cannot be written: No such file"),
+    ("plan_out_disk_full", [*PLAN, "--out", "/dev/full"], None, 3, "writing --out /dev/full failed: No space left"),
+    ("bench_out_missing_folder", [*BENCH, "--out", "{plan}/x.json"], None, 3, "cannot be written: No such file"),
+    ("bench_prompts_absurd", ["bench", "--synth", "llama", "--device", "cpu", "--prompts", "99999999999",
+                              "--prompt-len", "4", "--gen-len", "2"], None, 3,
+     "bench builds them all in memory and takes at most"),  # was: a 3.2 TB allocation, an internal error (4)
     # caps above the machine: refused, not planned
     ("gpu_memory_above_the_profile", ["plan", "--synth", "llama-3-8b", "--hardware", "rtx4090", "--gpu-memory",
                                       "100GiB"], None, 3, "more than the rtx4090 profile's 24.00 GiB of GPU memory"),

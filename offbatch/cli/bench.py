@@ -10,10 +10,12 @@ from rich.console import Console
 from rich.table import Table
 
 from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, ModelOrSynthArg,
-                                  SynthLayersOpt, SynthOpt, byte_size)
+                                  SynthLayersOpt, SynthOpt, byte_size, open_report, write_report)
 from offbatch.cli.plan import HardwareOpt
 from offbatch.errors import OffbatchError
 from offbatch.units import format_bytes
+
+MAX_BENCH_PROMPT_TOKENS = 1 << 26  # its random prompts as Python lists: about 2.5 GiB of host memory
 
 
 def _source(model_dir: Optional[Path], synth: Optional[str], layers: Optional[int]):
@@ -72,6 +74,10 @@ def command(
         raise OffbatchError("--cpu-memory plans the host side; a pinned --plan already has its own")
     if pinned is not None and pinned.max_len < prompt_len + gen_len:
         raise OffbatchError(f"the plan's context is {pinned.max_len} tokens; this job needs {prompt_len + gen_len}")
+    if prompts * prompt_len > MAX_BENCH_PROMPT_TOKENS:  # bench draws every prompt up front, in host memory
+        raise OffbatchError(f"--prompts {prompts} x --prompt-len {prompt_len} is {prompts * prompt_len:,} prompt "
+                            f"tokens; bench builds them all in memory and takes at most {MAX_BENCH_PROMPT_TOKENS:,}")
+    report_file = open_report(out)  # before the bench, which takes minutes
     report = run_bench(source, device, cap, prompts, prompt_len, gen_len, dtype=dtype, default_dtype=default_dtype,
                        plan=pinned, workload=workload, hardware=hw,
                        **({"cpu_memory": host_cap} if host_cap is not None else {}))
@@ -84,8 +90,8 @@ def command(
     report["hardware_profile"] = hw.name
     report["prediction_error"] = {
         k: report[k] / plan_pred[k] - 1 for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s") if plan_pred.get(k)}
-    if out:
-        out.write_text(json.dumps(report, indent=2))
+    if report_file is not None:
+        write_report(report_file, json.dumps(report, indent=2))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

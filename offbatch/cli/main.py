@@ -190,6 +190,29 @@ def _is_the_program() -> bool:
     return __name__ == "__main__" or Path(sys.argv[0] if sys.argv else "").name == "offbatch"
 
 
+def hold_closed_standard_fds() -> None:
+    """A standard descriptor the caller closed (`<&-`, `>&-`, `2>&-`) is reopened on /dev/null, so that no
+    file offbatch opens later (the output, its lock) lands on 0-2, where stray writes to stdout or
+    stderr would end up in the results. sys.stdin and sys.stdout stay None, so `-` for either is one
+    clear error; sys.stderr writes to /dev/null, since print(file=None) would write to stdout."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                held = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+            except OSError:
+                return
+            if held != fd:  # a lower descriptor was free after all
+                os.dup2(held, fd)
+                os.close(held)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)
+
+
+if _is_the_program():
+    hold_closed_standard_fds()
+
 try:
     _register_commands()  # imports torch: seconds, in which a Ctrl-C must not print a traceback
 except KeyboardInterrupt:
@@ -208,7 +231,8 @@ def main() -> None:
     except (Exception, KeyboardInterrupt) as e:  # pragma: no cover - the group's shell catches them first
         code = exit_status(e)
     try:  # what is still buffered for stdout is written now, where a closed pipe can be handled
-        sys.stdout.flush()
+        if sys.stdout is not None:  # None: started with stdout closed (`>&-`)
+            sys.stdout.flush()
     except BrokenPipeError:
         silence_stdout()
         code = EXIT_BROKEN_PIPE

@@ -5,6 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from offbatch.errors import OutputFileError
 from offbatch.units import parse_bytes
 
 ModelDirArg = Annotated[Path, typer.Argument(help="Hugging Face model folder (config.json + safetensors).")]
@@ -29,8 +30,19 @@ SynthOpt = Annotated[
                                 "in memory), e.g. mixtral-8x7b.")
 ]
 SynthLayersOpt = Annotated[Optional[int], typer.Option("--layers", help="With --synth: number of layers.")]
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")  # offbatch.models.reference.DTYPES
+
+
+def compute_dtype(value: str | None) -> str | None:
+    """--dtype checked where it is parsed: an unknown name is a usage error, not a failure deep in a command."""
+    if value is not None and value not in COMPUTE_DTYPES:
+        raise typer.BadParameter(f"{value!r} is not a dtype: use bfloat16, float16 or float32")
+    return value
+
+
 DtypeOpt = Annotated[
-    Optional[str], typer.Option("--dtype", help="Compute dtype: bfloat16, float16, float32 (default: the checkpoint's).")
+    Optional[str], typer.Option("--dtype", callback=compute_dtype,
+                                help="Compute dtype: bfloat16, float16, float32 (default: the checkpoint's).")
 ]
 
 
@@ -42,3 +54,23 @@ def byte_size(value: str | None, flag: str) -> int | None:
         return parse_bytes(value)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint=flag) from None
+
+
+def open_report(path: Path | None, flag: str = "--out"):
+    """The report file, opened for writing before the work starts (a bench takes minutes: an unwritable
+    --out must not waste them), or None. A path that cannot be written is one clear error (exit 3)."""
+    if path is None:
+        return None
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise OutputFileError(f"{flag} {path} cannot be written: {e.strerror or e}") from None
+
+
+def write_report(handle, text: str, flag: str = "--out") -> None:
+    """Write and close a report file from open_report; a failed write (full disk) is one clear error."""
+    try:
+        with handle:
+            handle.write(text)
+    except OSError as e:
+        raise OutputFileError(f"writing {flag} {handle.name} failed: {e.strerror or e}") from None

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, ModelOrSynthArg,
-                                  SynthLayersOpt, SynthOpt, byte_size)
+                                  SynthLayersOpt, SynthOpt, byte_size, open_report, write_report)
 from offbatch.errors import InputFileError, OffbatchError
 from offbatch.units import format_bytes
 
@@ -109,7 +109,7 @@ def command(
     }
     text = json.dumps(report, indent=2)
     if out:
-        out.write_text(text + "\n")
+        write_report(open_report(out), text + "\n")
     if as_json:
         typer.echo(text)
         return

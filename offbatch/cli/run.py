@@ -93,7 +93,8 @@ def command(
                                          "temprature) is an error record, not a warning.")] = False,
     log_format: Annotated[LogFormat, typer.Option("--log-format", help="auto: a progress bar on a terminal, else "
                                                   "text lines; json: JSON lines for logs.")] = LogFormat.auto,
-    log_interval: Annotated[float, typer.Option("--log-interval", min=0.1, help="Seconds between log lines "
+    log_interval: Annotated[float, typer.Option("--log-interval", min=0.1, max=86400.0,
+                                                help="Seconds between log lines "
                                                 "(text and json formats).")] = 10.0,
     quiet: QuietOpt = False,
 ):

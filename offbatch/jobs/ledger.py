@@ -386,6 +386,34 @@ def check_resume(path: str | Path, plan: ResumePlan, job: JobKey, header: dict |
                               "redo those requests, or --keep-changed to keep their results as they are")
 
 
+def check_errors_file(path: str | Path, overwrite: bool = False) -> None:
+    """--errors FILE is rewritten on every run (errors are re-derived), so, as for OUT, a regular file
+    holding anything but error records (notes, another job's results) is refused unless --overwrite.
+    A torn last record (a run killed mid-write) is an error record's remains and may go."""
+    if overwrite:
+        return
+    try:
+        data = Path(path).read_bytes() if Path(path).is_file() else b""
+    except OSError as e:
+        raise OutputFileError(f"--errors {path} cannot be read: {e.strerror or e}") from None
+    lines, tail, _ = _split(data)
+    foreign = [(n, raw) for n, raw in enumerate(lines + ([tail] if tail is not None else []), start=1)
+               if raw.strip() and not _is_error_record(_parse(raw))]
+    if foreign:
+        records = [_parse(raw) for _, raw in foreign]
+        if all(isinstance(r, dict) and ("id" in r or "custom_id" in r) and "error" in r for r in records):
+            number, raw = foreign[0]
+            what = f"{len(foreign)} success record(s) (line {number}: {_quote(raw)}), not error records"
+        else:
+            what = _describe_foreign(foreign)
+        raise OutputFileError(f"--errors {path} holds {what}; each run rewrites that file "
+                              "and offbatch will not delete them: give another --errors file, or add --overwrite")
+
+
+def _is_error_record(obj) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("error"), dict) and ("id" in obj or "custom_id" in obj)
+
+
 # ---- applying -----------------------------------------------------------------------------------
 
 def stale_path_for(output: Path) -> Path:
@@ -499,6 +527,20 @@ class RunOutput:
             from offbatch.jobs.lock import OutputLock
 
             cleanup.enter_context(OutputLock(self.path))
+            self._refuse_hard_links()
+
+    def _refuse_hard_links(self) -> None:
+        """The lock is taken by name, and a rewrite renames a new file over the name: a file with other
+        names (hard links) could be written by a second run through another name at once, and would be
+        split from them by the first rewrite. So such a file is refused."""
+        try:
+            links = os.stat(self.path).st_nlink
+        except OSError:
+            return  # not there yet
+        if links > 1:
+            raise OutputFileError(f"{self.name} has {links} hard links: offbatch locks an output by its name and "
+                                  "rewrites it by rename, so two names of one file would not share the lock. "
+                                  "Give a file with one name (copy it), or another -o")
 
     def plan(self, wanted: dict[str, Wanted], job: JobKey) -> ResumePlan:
         """What the file already answers; raises the OutputFileError that refuses it, if any."""

@@ -193,6 +193,9 @@ def read_input(path: str | Path) -> list[tuple[int, bytes]]:
     fatal; undecodable bytes are left for parse_line to report on their own line."""
     try:
         if str(path) == "-":
+            if sys.stdin is None:  # started with stdin closed (`<&-`)
+                raise InputFileError("- reads the prompts from stdin, which is closed; pipe the prompts in "
+                                     "or name the file")
             data = sys.stdin.buffer.read()
         else:
             data = Path(path).read_bytes()
@@ -231,9 +234,11 @@ def _text_content(content, where: str) -> str:
     if isinstance(content, list):  # OpenAI content parts; only text can go to a text model
         texts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if not isinstance(part, dict) or part.get("type") != "text":
                 kind = shown(part.get("type")) if isinstance(part, dict) else type(part).__name__
                 raise ParamError(f"{where}: only text content parts are supported, got {kind}")
+            if not isinstance(part.get("text"), str):
+                raise ParamError(f"{where}: a text content part needs a string \"text\", got {shown(part.get('text'))}")
             texts.append(part["text"])
         return "\n".join(texts)
     raise ParamError(f"{where}: content must be a string or a list of text parts, got {shown(content)}")
@@ -355,6 +360,10 @@ def prepare(req: Request, tokenizer, defaults: Defaults, context: int, vocab_siz
             return error(f"{where}: token id {shown(bad)} is out of range for this model's vocabulary ({vocab_size})")
     if params.top_k >= vocab_size:
         params.top_k = 0  # every token is in the top k: the same as off, and no sampler sees k > vocab
+    enders = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.eos_token_ids))
+    if params.min_tokens > 0 and len(enders) >= vocab_size:  # min_tokens bans them all: nothing is left to draw
+        return error(f"min_tokens ({params.min_tokens}) cannot be honoured: stop_token_ids and eos cover the "
+                     f"whole vocabulary ({vocab_size})")
     if not ids:
         return error("the prompt is empty (no tokens)")
     if len(ids) >= context:

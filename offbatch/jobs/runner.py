@@ -28,13 +28,13 @@ from typing import Callable
 
 from offbatch.engine.api import GenRequest
 from offbatch.errors import InputFileError
-from offbatch.jobs.ledger import RunOutput, job_key, stamper, wanted_of
+from offbatch.jobs.ledger import RunOutput, check_errors_file, job_key, stamper, wanted_of
 from offbatch.jobs.params import resolve_defaults
 from offbatch.jobs.progress import Progress
 from offbatch.jobs.requests import LineError, Request, find_duplicates, parse_line, prepare, read_input
 from offbatch.jobs.requests import effective_settings, review_fields
 from offbatch.jobs.results import GENERATION_FAILED, Choice, completion_record, error_record, token_infos
-from offbatch.jobs.writer import ResultWriter
+from offbatch.jobs.writer import ResultWriter, is_stream
 from offbatch.jobs.stops import finish_choice, make_stop_check
 
 EXIT_OK = 0
@@ -139,8 +139,10 @@ def _run_job(cfg: RunConfig, progress: Progress, make_generator: Callable, token
         raise InputFileError(f"the output {cfg.output} is the prompts file; write the results somewhere else")
     if cfg.errors and (_same_file(cfg.errors, cfg.output) or _same_file(cfg.errors, cfg.prompts)):
         raise InputFileError("--errors must name a file of its own, not the prompts or results file")
-    if cfg.output != "-" and Path(cfg.output).is_dir():
-        raise InputFileError(f"the output {cfg.output} is a folder; give a file name")
+    if cfg.output != "-" and (Path(cfg.output).is_dir() or cfg.output.endswith("/")):
+        raise InputFileError(f"the output {cfg.output} names a folder; give a file name")
+    if cfg.errors and not is_stream(cfg.errors):
+        check_errors_file(cfg.errors, overwrite=cfg.overwrite)
 
     defaults = resolve_defaults(tokenizer.generation_defaults, cfg.flags)
     progress.info(f"model: {cfg.model_dir} ({spec.family}, {spec.num_layers} layers, context {spec.max_position})")

@@ -32,9 +32,30 @@ def make_stop_check(tokenizer, stops: tuple[str, ...], params: SamplingParams,
         if not stops:
             return False
         tail = tokenizer.decode(ids[-window:], skip_special_tokens=skip_special_tokens)
-        return any(s in tail for s in stops)
+        if params.min_tokens <= 1:  # any stop string in the tail is new: an older one would have stopped it
+            return any(s in tail for s in stops)
+        # With min_tokens, stop strings inside the first tokens were passed over (as in vLLM): only one
+        # that ends in the newest token's text counts.
+        before = tokenizer.decode(ids[-window:-1], skip_special_tokens=skip_special_tokens)
+        return _stop_at(tail, stops, _common_prefix(before, tail)) is not None
 
     return stop_check
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the text a and b share at the start (a token can complete a character that decoded to
+    U+FFFD while it was partial, so the shorter decode is not always a prefix)."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _stop_at(text: str, stops: tuple[str, ...], settled: int) -> int | None:
+    """Where text is cut: the earliest stop string that ends after its first `settled` characters."""
+    cuts = [i for i in (text.find(s, max(0, settled - len(s) + 1)) for s in stops) if i >= 0]
+    return min(cuts) if cuts else None
 
 
 def finish_choice(tokenizer, out: GenOutput, stops: tuple[str, ...], params: SamplingParams,
@@ -48,9 +69,12 @@ def finish_choice(tokenizer, out: GenOutput, stops: tuple[str, ...], params: Sam
         ids = ids[:-1]
         finish = "stop"
     text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-    cuts = [text.find(s) for s in stops if s in text]
-    if cuts:
-        text = text[: min(cuts)]
+    # Stop strings in the text of the first min_tokens - 1 tokens were passed over while they were made.
+    settled = (_common_prefix(tokenizer.decode(ids[: params.min_tokens - 1], skip_special_tokens=skip_special_tokens),
+                              text) if params.min_tokens > 1 and stops else 0)
+    cut = _stop_at(text, stops, settled)
+    if cut is not None:
+        text = text[:cut]
         finish = "stop"
     return text, finish, ids
 

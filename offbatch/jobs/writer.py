@@ -86,6 +86,8 @@ class ResultWriter:
         self.stream = is_stream(self.path)
         ignore_file_size_signal()
         if self.path == "-":
+            if sys.stdout is None:  # started with stdout closed (`>&-`)
+                raise OutputFileError("-o - writes the results to stdout, which is closed; name an output file")
             self._text = sys.stdout
         else:
             self._fd = self._open(truncate and not self.stream)

@@ -128,7 +128,8 @@ def open_gguf(path: str | Path):
     """Open a GGUF file; any failure is one clear ModelFolderError."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFolderError(f"GGUF file {str(path)!r} not found")
+        what = ("is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist")
+        raise ModelFolderError(f"GGUF file {str(path)!r} {what}")
     try:
         return _Reader(path)
     except Exception as e:  # noqa: BLE001 - the reader raises ValueError, IndexError, numpy errors...

@@ -429,7 +429,9 @@ def read_config(model_dir: str | Path) -> dict:
     by spec_from_config)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise ModelFolderError(f"model folder {str(model_dir)!r} does not exist or is not a folder")
+        hint = ("; a .gguf file is read by `offbatch run` or converted by `offbatch import-gguf`"
+                if model_dir.suffix.lower() == ".gguf" and model_dir.is_file() else "")
+        raise ModelFolderError(f"model folder {str(model_dir)!r} does not exist or is not a folder{hint}")
     path = model_dir / "config.json"
     if not exists(path):
         raise ModelFolderError(f"{path} not found: a Hugging Face model folder needs a config.json")
