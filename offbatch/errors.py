@@ -7,7 +7,7 @@ Exit statuses of every command (the README documents them):
   3  fatal error the user can act on (an OffbatchError: bad model folder, unreadable input, an output
      that is refused, locked or cannot be written, an impossible budget); nothing finished is lost
   4  internal error (a bug in offbatch): one line on stderr, the traceback with OFFBATCH_DEBUG=1
-  130 / 143  stopped by SIGINT / SIGTERM (every finished result is on disk; rerun to resume)
+  130 / 143 / 129  stopped by SIGINT / SIGTERM / SIGHUP (every finished result is on disk; rerun to resume)
   141  stdout (or another output pipe) was closed by its reader (`offbatch run ... -o - | head -1`): the
        quiet exit of a POSIX tool killed by SIGPIPE (128 + 13), so a shell with `set -o pipefail` sees
        that the run did not finish

@@ -194,11 +194,12 @@ def slow_job(tmp_path, n=120):
     return write_jsonl(tmp_path / "p.jsonl", rows), rows
 
 
-def start(model, prompts, out):
+def start(model, prompts, out, preexec_fn=None):
     cmd = [sys.executable, "-m", "offbatch.cli.main", "run", str(model), str(prompts), "-o", str(out), *JOB,
            "--max-batch", "1", "--log-format", "json", "--log-interval", "0.5"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=preexec_fn)
 
 
 def wait_for_lines(proc, out: Path, n: int, timeout=60.0):
@@ -241,7 +242,7 @@ def test_sigkill_then_rerun_gives_each_request_once(model, tmp_path):
     assert resumed == check_complete(clean, rows)
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 def test_signal_stops_cleanly(model, tmp_path, sig, code):
     prompts, rows = slow_job(tmp_path)
     out = tmp_path / "out.jsonl"
@@ -256,6 +257,18 @@ def test_signal_stops_cleanly(model, tmp_path, sig, code):
     assert data.endswith(b"\n") and data.count(b"\n") == summary["ok"] < len(rows)
     assert all(json.loads(x)["error"] is None for x in data.splitlines())
     assert run(model, prompts, "-o", out, *RERUN).exit_code == 0
+    check_complete(out, rows)
+
+
+def test_an_ignored_sighup_stays_ignored(model, tmp_path):
+    # Under nohup SIGHUP is ignored: the run must not take that back and stop when the terminal closes.
+    prompts, rows = slow_job(tmp_path)
+    out = tmp_path / "out.jsonl"
+    proc = start(model, prompts, out, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    wait_for_lines(proc, out, 2)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=120)  # a hang guard, not a speed check
+    assert proc.returncode == 0, err
     check_complete(out, rows)
 
 

@@ -124,9 +124,9 @@ def command(
     \b
     Exit status: 0 all lines succeeded; 1 some lines failed (see their error
     records); 2 usage error; 3 fatal error; 4 internal error (a bug; the
-    traceback with OFFBATCH_DEBUG=1); 130 / 143 stopped by Ctrl-C / SIGTERM
-    (finished results are kept: rerun to resume); 141 stdout closed by its
-    reader (-o - | head).
+    traceback with OFFBATCH_DEBUG=1); 130 / 143 / 129 stopped by Ctrl-C /
+    SIGTERM / SIGHUP (finished results are kept: rerun to resume); 141 stdout
+    closed by its reader (-o - | head).
     """
     from offbatch.engine.select import EngineOptions, check_options, make_generator
     from offbatch.jobs.progress import Progress, pick_mode

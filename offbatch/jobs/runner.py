@@ -39,7 +39,8 @@ from offbatch.jobs.stops import finish_choice, make_stop_check
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# SIGHUP (a closed terminal or ssh session) stops as cleanly as SIGTERM, unless it is ignored (nohup).
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
 @dataclass
@@ -67,8 +68,9 @@ class StopRun(Exception):
 
 
 class _Signals:
-    """First SIGINT/SIGTERM: remember it; the generator loop stops at its next token. A second one
-    raises KeyboardInterrupt for a hard stop (a torn last line is then possible; resume handles it)."""
+    """First SIGINT/SIGTERM/SIGHUP: remember it; the generator loop stops at its next token. A second one
+    raises KeyboardInterrupt for a hard stop (a torn last line is then possible; resume handles it).
+    A signal the caller ignores (SIG_IGN: `nohup` ignores SIGHUP) stays ignored."""
 
     def __init__(self):
         self.received: int | None = None
@@ -82,6 +84,8 @@ class _Signals:
     def __enter__(self):
         for sig in EXIT_SIGNAL:
             try:
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    continue
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
                 pass
