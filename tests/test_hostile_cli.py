@@ -73,6 +73,8 @@ CASES = [
      "'float8' is not a dtype: use bfloat16, float16 or float32"),  # was: an internal error (4)
     ("dtype_unknown_bench", ["bench", "--synth", "llama-3-8b", "--layers", "1", "--dtype", "xx"], None, 2,
      "'xx' is not a dtype"),
+    ("engine_unknown", ["run", "{dir}", "{prompts}", "-o", "{out}", "--engine", "bogus"], None, 2,
+     "'bogus': use streaming or reference"),  # was: a fatal error (3) for a bad option
     ("dtype_unknown_plan", ["plan", "--synth", "llama-3-8b", "--dtype", "float8"], None, 2, "'float8' is not a dtype"),
     ("log_interval_inf", ["run", "{dir}", "{prompts}", "-o", "{out}", "--log-interval", "inf"], None, 2,
      "Invalid value for '--log-interval'"),  # was: an OverflowError traceback from the progress thread

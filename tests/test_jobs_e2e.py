@@ -321,9 +321,10 @@ def test_run_pins_a_saved_plan(model, tmp_path):
 def test_unusable_device_or_engine_is_one_clear_error(model, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the sun is"}])
     out = tmp_path / "out.jsonl"
-    for flags, message in ((["--engine", "bogus"], "--engine 'bogus'"), (["--device", "tpu"], "--device 'tpu'")):
+    for flags, status, message in ((["--engine", "bogus"], 2, "'bogus': use streaming or reference"),
+                                   (["--device", "tpu"], 3, "--device 'tpu'")):
         r = run(model, prompts, "-o", out, *flags)
-        assert r.exit_code == 3 and message in r.output and "Traceback" not in r.output
+        assert r.exit_code == status and message in r.output and "Traceback" not in r.output
         assert not out.exists()  # nothing written, nothing lost
     if not torch.cuda.is_available():
         r = run(model, prompts, "-o", out, "--device", "cuda")

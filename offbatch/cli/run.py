@@ -161,6 +161,8 @@ def command(
                 validate(name, value)
             except ParamError as e:
                 raise typer.BadParameter(str(e), param_hint="--" + name.replace("_", "-")) from None
+    if engine_kind not in (None, "streaming", "reference"):
+        raise typer.BadParameter(f"{engine_kind!r}: use streaming or reference", param_hint="--engine")
 
     engine = EngineOptions(device=device, dtype=dtype, gpu_memory=byte_size(gpu_memory, "--gpu-memory"),
                            cpu_memory=byte_size(cpu_memory, "--cpu-memory"), max_batch=max_batch,
