@@ -90,6 +90,17 @@ class EchoGenerator:
             live = still
 
 
+def synth_llama(folder: Path, seed: int = 3) -> Path:
+    """A real tiny Llama folder written by `offbatch synth` (its own tokenizer)."""
+    from typer.testing import CliRunner
+
+    from offbatch.cli.main import app
+
+    r = CliRunner().invoke(app, ["synth", "llama", str(folder), "--seed", str(seed), "--quiet"])
+    assert r.exit_code == 0, r.output
+    return folder
+
+
 def write_jsonl(path: Path, rows) -> Path:
     """Rows are dicts (written as JSON) or raw strings (written as they are, for bad lines)."""
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))

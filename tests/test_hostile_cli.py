@@ -21,7 +21,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from jobs_support import write_jsonl
+from jobs_support import synth_llama, write_jsonl
 from typer.testing import CliRunner
 
 from offbatch.cli import main as shell
@@ -38,10 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A real tiny Llama folder (offbatch synth): the processes below get as far as reading prompts."""
-    folder = tmp_path_factory.mktemp("hostile_cli") / "m"
-    r = CliRunner().invoke(app, ["synth", "llama", str(folder), "--seed", "3", "--quiet"])
-    assert r.exit_code == 0, r.output
-    return folder
+    return synth_llama(tmp_path_factory.mktemp("hostile_cli") / "m")
 
 
 def _raise(exc):

@@ -181,10 +181,9 @@ def overwrite_sigterm_rerun(env: Env):
     proc = process(env.model, prompts, "-o", out, *job, "--max-batch", "1", "--log-format", "json",
                    "--log-interval", "0.5", text=True)
     try:
-        deadline = time.monotonic() + 120
+        # No deadline: the run either writes its first results or ends (120 requests), and ending fails here.
         while not (out.exists() and out.read_bytes().count(b"\n") >= 4 and b"notes" not in out.read_bytes()):
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the run made no progress"
             time.sleep(0.02)
         second = run(env.model, prompts, "-o", out, *job)
         assert second.exit_code == 3 and f"(pid {proc.pid})" in second.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from jobs_support import WORDS, read_jsonl, write_jsonl
+from jobs_support import WORDS, read_jsonl, synth_llama, write_jsonl
 from typer.testing import CliRunner
 
 from offbatch.cli.main import app
@@ -24,10 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_llama") / "m"
-    r = CliRunner().invoke(app, ["synth", "llama", str(folder), "--seed", "3", "--quiet"])
-    assert r.exit_code == 0, r.output
-    return folder
+    return synth_llama(tmp_path_factory.mktemp("tiny_llama") / "m")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
