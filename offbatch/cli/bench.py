@@ -26,7 +26,7 @@ def _source(model_dir: Optional[Path], synth: Optional[str], layers: Optional[in
     if (model_dir is None) == (synth is None):
         raise OffbatchError("give either MODEL_DIR or --synth PRESET (a synth preset benchmarks without writing to disk)")
     if synth:
-        from offbatch.models.synth import synth_config
+        from offbatch.tools.synth import synth_config
 
         return SynthSource(spec_from_config(synth_config(synth, layers=layers)))
     return CheckpointSource(open_checkpoint(model_dir))
@@ -55,7 +55,7 @@ def command(
     from offbatch.engine.benchmark import run_bench
     from offbatch.models.reference import resolve_dtype
     from offbatch.engine.select import resolve_device
-    from offbatch.planner.plan import load_plan_file
+    from offbatch.plan import load_plan_file
     from offbatch.planner.shape import shape_from_spec
     from offbatch.planner.solve import check_caps, predict, resolve_hardware
     from offbatch.planner.workload import Workload

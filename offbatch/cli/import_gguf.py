@@ -32,7 +32,7 @@ def command(
 
     Quantised tensors are dequantised to --dtype; the folder is written atomically.
     """
-    from offbatch.models.gguf_import import import_gguf
+    from offbatch.tools.gguf_import import import_gguf
 
     if not quiet and sys.stderr.isatty():  # a bar on a terminal; nothing in scripts and logs
         from rich.console import Console

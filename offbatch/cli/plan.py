@@ -27,7 +27,7 @@ def load_spec_for(model_dir: Optional[Path], synth: Optional[str], layers: Optio
     if (model_dir is None) == (synth is None):
         raise OffbatchError("give either MODEL_DIR or --synth PRESET")
     if synth:
-        from offbatch.models.synth import synth_config
+        from offbatch.tools.synth import synth_config
 
         return spec_from_config(synth_config(synth, layers=layers))
     return load_spec(model_dir)

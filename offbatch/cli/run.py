@@ -27,14 +27,14 @@ def _model_folder(model: Path | None, dtype: str | None, progress) -> Path:
     """The folder to run: MODEL_DIR as it is, a .gguf file imported once into the cache, or (none given)
     the embedded default model. A hub id or a path that does not exist is one clear error: offbatch
     never downloads."""
-    from offbatch.models.default_model import model_folder
+    from offbatch.tools.default_model import model_folder
 
     return Path(model_folder(model, dtype, announce=progress.info))
 
 
 def _refuse_model_as_prompts(prompts: Path) -> None:
     """`offbatch run model.gguf -o OUT` (the prompts forgotten) would read the model's bytes as lines."""
-    from offbatch.models.default_model import is_gguf_file
+    from offbatch.tools.default_model import is_gguf_file
 
     if str(prompts) != "-" and is_gguf_file(prompts):
         raise typer.BadParameter(f"{prompts} is a GGUF model, not a prompts file; give both: "

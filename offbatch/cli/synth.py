@@ -8,7 +8,7 @@ import typer
 from offbatch.cli.options import QuietOpt
 from offbatch.errors import OffbatchError
 from offbatch.models.presets import PRESETS
-from offbatch.models.synth import DEFAULT_SHARD_SIZE, synth_config, write_model
+from offbatch.tools.synth import DEFAULT_SHARD_SIZE, synth_config, write_model
 from offbatch.units import format_bytes, parse_bytes
 
 

@@ -17,7 +17,7 @@ from offbatch.models.loader import open_checkpoint
 from offbatch.models.reference import resolve_dtype
 from offbatch.offload.kv import WaveKV
 from offbatch.offload.weights import CheckpointSource, WeightSource, WeightStore, module_kind
-from offbatch.planner.plan import Plan
+from offbatch.plan import Plan
 from offbatch.planner.probe import device_memory_bytes
 from offbatch.planner.shape import ModelShape, shape_from_spec, shape_from_store
 from offbatch.planner.solve import make_plan, resolve_hardware

@@ -55,7 +55,7 @@ def check_options(options: EngineOptions) -> tuple[str, str, object]:
                                 "(the CPU default): add --engine streaming")
         if options.cpu_memory is not None:
             raise OffbatchError("--cpu-memory plans the host side; a pinned --plan already has its own")
-        from offbatch.planner.plan import load_plan_file
+        from offbatch.plan import load_plan_file
 
         return device, kind, load_plan_file(options.plan_file)
     return device, kind, None

@@ -27,7 +27,7 @@ from offbatch.offload.kv import WaveKV
 from offbatch.offload.kv_writer import KV_STAGING_BUFFERS, HostKVWriter
 from offbatch.offload.prefetch import Prefetcher
 from offbatch.offload.weights import ModuleKey, WeightStore
-from offbatch.planner.plan import Plan
+from offbatch.plan import Plan
 from offbatch.planner.shape import use_order
 
 

@@ -227,7 +227,7 @@ class SynthSource:
         return self.infos[canonical][1].shape
 
     def get(self, canonical: str) -> torch.Tensor:
-        from offbatch.models.synth import synth_tensor
+        from offbatch.tools.synth import synth_tensor
 
         name, info = self.infos[canonical]
         return synth_tensor(self.spec, name, self.seed)

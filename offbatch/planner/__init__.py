@@ -4,7 +4,7 @@
   shape.py      module byte sizes and work per token, from the spec      workload.py  the job's lengths and size
   memory.py     what a plan holds on the device and the host             residency.py  which modules stay on the GPU
   cost.py       step and job times: bytes, FLOPs, host work, overlap     solve.py   the search, reports, entry points
-  plan.py       the Plan the engine reads (and the old rules, a baseline)
+  (the Plan itself, which the engine reads, is offbatch/plan.py, below both)
 
 Entry points: solve.make_plan (build_engine calls it), solve.predict (any plan), probe.probe_hardware.
 """

@@ -8,17 +8,15 @@ import functools
 import math
 from dataclasses import dataclass
 
+from offbatch.models.catalogue import DEFAULT_SLOTS  # noqa: F401 (the planner's slot policy)
 from offbatch.models.spec import ModelSpec
 from offbatch.offload.kv_writer import KV_STAGING_BUFFERS
 from offbatch.offload.weights import pinned_bytes
+from offbatch.plan import SCORE_BYTES
 from offbatch.planner.shape import ModelShape
 
 SAFETY = 0.90  # of the GPU cap: allocator fragmentation and what we do not model
-SCORE_BYTES = 256 << 20  # attention scores of one prefill micro-batch (bounds its sequence count)
 HOST_RUNTIME = 2 << 30  # the Python process, torch and the CUDA context on the host side
-# Device slots per module kind: two let one copy run while the other module computes; experts get
-# three because they are many and small, so a copy never waits for the expert before it to finish.
-DEFAULT_SLOTS = {"attn": 2, "ffn": 2, "shared": 2, "expert": 3, "head": 1, "router": 2}
 
 
 @dataclass(frozen=True)

@@ -238,7 +238,7 @@ def machine_key(device: str) -> str:
 
 
 def cache_file(device: str) -> Path:
-    from offbatch.models.default_model import cache_root
+    from offbatch.tools.default_model import cache_root
 
     return cache_root() / "hardware" / f"{machine_key(device)}.json"
 

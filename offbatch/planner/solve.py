@@ -45,7 +45,7 @@ from offbatch.planner.hardware import Hardware
 from offbatch.planner.memory import (SAFETY, STAGING_BUFFERS, HostTier, Knobs, choose_disk, device_transient_bytes,
                                      WeightTotals, host_bytes, host_floor, host_tier,
                                      kv_slot_bytes)
-from offbatch.planner.plan import Plan
+from offbatch.plan import Plan
 from offbatch.planner.residency import RESIDENCY_ORDERS, Residency, ResidencyChooser, residency_of
 from offbatch.planner.shape import ModelShape, shape_from_spec
 from offbatch.planner.workload import Workload

@@ -72,7 +72,7 @@ def default_gguf_path() -> Path:
 # ---- importing a GGUF file into the cache, once --------------------------------------------------
 
 def _is_current(folder: Path, gguf_path: Path, dtype: str) -> bool:
-    from offbatch.models.gguf_import import read_marker, source_stamp
+    from offbatch.tools.gguf_import import read_marker, source_stamp
 
     marker = read_marker(folder)
     return marker is not None and marker == source_stamp(gguf_path, dtype)
@@ -80,7 +80,7 @@ def _is_current(folder: Path, gguf_path: Path, dtype: str) -> bool:
 
 def _importer():
     try:
-        from offbatch.models.gguf_import import import_gguf  # (gguf only where a GGUF is imported)
+        from offbatch.tools.gguf_import import import_gguf  # (gguf only where a GGUF is imported)
     except ImportError as e:
         raise ModelFolderError(f"importing a GGUF file needs the gguf package ({e}); install it with "
                                "`pip install gguf`, or give a model folder") from None

@@ -1,10 +1,6 @@
-"""Plan: placement and batch sizes for the streaming engine; the simple rules that chose them before
-the solver (kept as a baseline for `scripts/plan_grid.py`); saving and loading a plan as JSON.
-
-The rules: decode streams every non-resident weight byte once per step whatever the wave size, so
-tokens per step (the wave) is worth more than residency: size the wave first (as many KV slots as the
-cap allows, up to the number of requests), then make modules resident with what is left.
-"""
+"""Plan: what the streaming engine runs - its backends and formats, placement and batch sizes - and
+saving and loading it as JSON. The planner (offbatch/planner) makes one; the engine reads it. It sits
+below both: a plan names backends and formats by their registered names and knows nothing of them."""
 
 from __future__ import annotations
 
@@ -15,12 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from offbatch.errors import BudgetError, PlanFileError
-from offbatch.models.spec import ModelSpec
-from offbatch.offload.kv import WaveKV
-from offbatch.offload.weights import ModuleKey, WeightStore, module_kind
-from offbatch.planner.memory import DEFAULT_SLOTS, SAFETY, SCORE_BYTES, activation_bytes  # noqa: F401 (re-exported)
+from offbatch.errors import PlanFileError
+from offbatch.models.catalogue import ModuleKey
 from offbatch.units import MAX_BYTES, format_bytes
+
+SCORE_BYTES = 256 << 20  # attention scores of one prefill micro-batch (bounds its sequence count)
 
 PLAN_FORMAT = 1
 
@@ -245,77 +240,6 @@ def _predicted(d: dict) -> dict:
     if not isinstance(value.get("bottleneck", ""), str):
         raise PlanFileError("a plan's predicted bottleneck is a string")
     return dict(value)
-
-
-def rule_plan(spec: ModelSpec, store: WeightStore, device: str, budget: int | None, num_requests: int,
-              max_len: int, prefill_tokens: int = 8192, ffn_micro_tokens: int = 4096,
-              attn_micro_batch: int = 64, max_wave: int = 1024, max_resident_bytes: int | None = None) -> Plan:
-    dsize = torch.tensor([], dtype=store.dtype).element_size()
-    kinds: dict[str, int] = {}
-    for key in store.keys():
-        if key[0] >= 0 or key[1] == "head":
-            kind = module_kind(key[1])
-            kinds[kind] = max(kinds.get(kind, 0), store.nbytes(key))
-    slots = {k: DEFAULT_SLOTS.get(k, 2) for k in kinds}
-    # Routers and norms are tiny and needed by every token: always resident.
-    resident = {k for k in store.keys() if k[1] == "router"}
-    slots.pop("router", None)
-    fixed = sum(store.nbytes(k) for k in resident)
-    slot_bytes = sum(slots[k] * kinds[k] for k in slots)
-    prefill_tokens = max(1, min(prefill_tokens, max(num_requests, 1) * max_len))
-    ffn_micro_tokens = min(ffn_micro_tokens, prefill_tokens + max_wave)
-    kv_slot = WaveKV.bytes_per_slot(spec, max_len, dsize)
-
-    def need(wave: int) -> int:
-        act = activation_bytes(spec, prefill_tokens + wave, ffn_micro_tokens, min(attn_micro_batch, wave), max_len, dsize)
-        return fixed + slot_bytes + wave * kv_slot + act
-
-    wave = max(1, min(num_requests, max_wave))
-    if budget is not None:
-        usable = int(budget * SAFETY)
-        # Shrink the transient sizes (halving) before giving up.
-        while need(1) > usable and (prefill_tokens > max_len or ffn_micro_tokens > 256):
-            prefill_tokens = max(max_len, prefill_tokens // 2)
-            ffn_micro_tokens = max(256, ffn_micro_tokens // 2)
-        if need(1) > usable:
-            raise BudgetError(
-                f"--gpu-memory {format_bytes(budget)} is too small for this model: streaming needs at least "
-                f"{format_bytes(need(1) / SAFETY)} (weight buffers {format_bytes(slot_bytes)}, one sequence's KV "
-                f"{format_bytes(kv_slot)}, activations); give more GPU memory or shorter --max-tokens"
-            )
-        while wave > 1 and need(wave) > usable:
-            wave = max(1, min(wave - 1, int(wave * 0.9)))
-        # Equal waves: 1024 requests in waves of 500 would leave a last wave of 24 decoding alone.
-        if num_requests > wave:
-            waves = -(-num_requests // wave)
-            wave = -(-num_requests // waves)
-        left = usable - need(wave)
-    else:
-        left = 1 << 62
-    if max_resident_bytes is not None:  # tests and benchmarks: force streaming
-        left = min(left, max_resident_bytes)
-    # Residency with what is left: the output head first (every step reads all of it), then layers in
-    # order. Slots of a kind whose every module became resident are given back.
-    order = [k for k in store.keys() if k[1] == "head"] + sorted(
-        (k for k in store.keys() if k[0] >= 0 and k not in resident), key=lambda k: (k[0], k[1]))
-    for key in order:
-        n = store.nbytes(key)
-        if n <= left:
-            resident.add(key)
-            left -= n
-    for kind in list(slots):
-        if all(k in resident for k in store.keys() if (k[0] >= 0 or k[1] == "head") and module_kind(k[1]) == kind):
-            left += slots.pop(kind) * kinds[kind]
-    memory = {
-        "kv": wave * kv_slot,
-        "weight_slots": sum(slots[k] * kinds[k] for k in slots),
-        "resident_weights": sum(store.nbytes(k) for k in resident),
-        "activations": activation_bytes(spec, prefill_tokens + wave, ffn_micro_tokens,
-                                        min(attn_micro_batch, wave), max_len, dsize),
-    }
-    return Plan(device=device, dtype=store.dtype, wave_size=wave, max_len=max_len, prefill_tokens=prefill_tokens,
-                attn_micro_batch=min(attn_micro_batch, wave), ffn_micro_tokens=ffn_micro_tokens, slots=slots,
-                resident=resident, budget_bytes=budget, memory=memory)
 
 
 MAX_PLAN_FILE_BYTES = 64 << 20  # a plan of a 1000-layer MoE is a few MiB

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from offbatch.errors import OffbatchError
-from offbatch.models import synth_tokenizer
+from offbatch.tools import synth_tokenizer
 from offbatch.models.names import TensorInfo, expected_tensors
 from offbatch.models.presets import PRESETS, TINY
 from offbatch.models.spec import SUPPORTED_FAMILIES, ModelSpec, load_spec, spec_from_config

@@ -1,0 +1,136 @@
+"""Weight formats: how a module's tensors are stored as bytes, and the compute that reads them.
+
+A format turns each logical tensor of a module (a linear layer's weight, a bias, a norm) into one or
+more stored tensors, each of its own dtype (values, scales, bitmaps); `pack` lays the stored tensors of a
+module out in one flat byte buffer - the unit that is placed on a tier and crosses PCIe - by the one
+packing rule below. On the device a slot's bytes are seen through the layout (`Layout.views`) and
+handed to model code as `ModuleWeights`, whose `linear` is the format's: the model code never learns
+how a weight is stored.
+
+A new format is one file: a `WeightFormat` subclass, registered with `register_format`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ALIGN = 256  # bytes; every stored tensor starts aligned for vectorised loads
+
+
+@dataclass(frozen=True)
+class Item:
+    """One stored tensor in a module's flat buffer."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int  # bytes from the buffer's start
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * dtype_bytes(self.dtype)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stored tensor of a module sits in its flat buffer, and the buffer's size."""
+
+    items: tuple[Item, ...]
+    nbytes: int
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Typed views of a uint8 buffer (host or device) holding the module."""
+        return {it.name: flat[it.offset : it.offset + it.nbytes].view(it.dtype).view(it.shape) for it in self.items}
+
+    def item(self, name: str) -> Item:
+        return next(it for it in self.items if it.name == name)
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def padded(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def pack(stored: list[tuple[str, tuple[int, ...], torch.dtype]]) -> Layout:
+    """The packing rule: stored tensors in name order, each padded to ALIGN bytes."""
+    items, off = [], 0
+    for name, shape, dtype in sorted(stored, key=lambda s: s[0]):
+        item = Item(name, tuple(shape), dtype, off)
+        items.append(item)
+        off += padded(item.nbytes)
+    return Layout(tuple(items), off)
+
+
+class ModuleWeights(Mapping):
+    """A module's tensors as model code sees them: plain tensors by local name (norms, biases, and
+    whatever the format stores), and `linear`, the format's product with a linear layer's weight."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], fmt: "WeightFormat"):
+        self.tensors, self.format = tensors, fmt
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x @ W.T (+ b) for the linear layer `name` ("q", "experts.3.up", ...)."""
+        return self.format.linear(x, self.tensors, name)
+
+
+class WeightFormat:
+    """How one model's weights are stored. Subclasses override `stored`, `encode` and `linear` for
+    the linear layers' weights; everything else (norms, biases, embeddings) stays dense."""
+
+    name = "base"
+
+    def compresses(self, local: str, shape: tuple[int, ...]) -> bool:
+        """Whether this format stores the tensor its own way (else: dense in the compute dtype)."""
+        return False
+
+    def stored(self, local: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """The stored tensors (name, shape, dtype) of one logical tensor, computing in `dtype`."""
+        return [(local, tuple(shape), dtype)]
+
+    def encode(self, local: str, tensor: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """A logical tensor (host, any dtype) -> its stored tensors, as `stored` names them."""
+        return {local: tensor.to(dtype)}
+
+    def layout(self, parts: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> Layout:
+        """A module's layout from its logical tensors (local name, shape)."""
+        return pack([s for local, shape in parts for s in self.stored(local, shape, dtype)])
+
+    def weights(self, views: dict[str, torch.Tensor]) -> ModuleWeights:
+        return ModuleWeights(views, self)
+
+    def linear(self, x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+        return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+
+
+FORMATS: dict[str, WeightFormat] = {}
+
+
+def register_format(fmt: WeightFormat) -> WeightFormat:
+    """Make a format available by name (plans and model folders name it)."""
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> WeightFormat:
+    if name not in FORMATS:
+        raise KeyError(f"unknown weight format {name!r} (known: {', '.join(sorted(FORMATS))})")
+    return FORMATS[name]
