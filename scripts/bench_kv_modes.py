@@ -13,7 +13,7 @@ import torch
 
 from offbatch.engine.benchmark import run_bench
 from offbatch.models.spec import spec_from_config
-from offbatch.models.synth import synth_config
+from offbatch.tools.synth import synth_config
 from offbatch.offload.weights import SynthSource
 from offbatch.units import parse_bytes
 

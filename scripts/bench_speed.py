@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from offbatch.models.spec import spec_from_config  # noqa: E402
-from offbatch.models.synth import synth_config, write_model  # noqa: E402
+from offbatch.tools.synth import synth_config, write_model  # noqa: E402
 from offbatch.planner.solve import make_plan  # noqa: E402
 from offbatch.planner.workload import Workload  # noqa: E402
 

@@ -133,7 +133,7 @@ def main():
     name = f"{args.preset}-{args.layers or 'full'}"
     args.model = str(Path(args.workdir) / name)
     if not (Path(args.model) / "config.json").exists():
-        from offbatch.models.synth import synth_model
+        from offbatch.tools.synth import synth_model
 
         t = time.perf_counter()
         synth_model(args.preset, args.model, layers=args.layers)

@@ -65,7 +65,7 @@ def main():
     args = parse_args()
     t_start = time.perf_counter()
     if args.synth:
-        from offbatch.models.synth import synth_config
+        from offbatch.tools.synth import synth_config
 
         source = SynthSource(spec_from_config(synth_config(args.synth, layers=args.layers)))
     else:

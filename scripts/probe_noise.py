@@ -17,7 +17,7 @@ import torch
 from offbatch.errors import OffbatchError
 
 from offbatch.models.spec import spec_from_config
-from offbatch.models.synth import synth_config
+from offbatch.tools.synth import synth_config
 from offbatch.planner.probe import measure, snapped
 from offbatch.planner.solve import make_plan
 from offbatch.planner.workload import Workload

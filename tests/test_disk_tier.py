@@ -17,11 +17,11 @@ from offbatch.errors import OffbatchError
 from offbatch.models.loader import open_checkpoint
 from offbatch.models.reference import ReferenceModel
 from offbatch.models.spec import spec_from_config
-from offbatch.models.synth import synth_config
+from offbatch.tools.synth import synth_config
 from offbatch.offload.disk import read_module_now
 from offbatch.offload.prefetch import Prefetcher
 from offbatch.offload.weights import CheckpointSource, WeightStore
-from offbatch.planner.plan import Plan
+from offbatch.plan import Plan
 from offbatch.planner.solve import make_plan, predict
 from offbatch.planner.shape import shape_from_spec
 from offbatch.planner.hardware import PROFILES

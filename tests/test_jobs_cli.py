@@ -246,7 +246,7 @@ def test_text_log_lines_when_not_a_terminal(model, engine, tmp_path):
 def test_model_as_option_or_default(model, engine, tmp_path, monkeypatch):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "yes", "max_tokens": 1}])
     assert run("--model", model, prompts, "-o", tmp_path / "a.jsonl").exit_code == 0
-    monkeypatch.setattr("offbatch.models.default_model.default_model_dir", lambda announce=None: model)
+    monkeypatch.setattr("offbatch.tools.default_model.default_model_dir", lambda announce=None: model)
     r = run(prompts, "-o", tmp_path / "b.jsonl")
     assert r.exit_code == 0, r.output
     assert str(model) in r.stderr

@@ -159,7 +159,7 @@ LLAMA = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "num_hidde
 def test_every_published_preset_is_inside_the_limits():
     """The limits refuse absurd configs, not real ones: every real shape offbatch knows reads back."""
     from offbatch.models.presets import PRESETS
-    from offbatch.models.synth import synth_config
+    from offbatch.tools.synth import synth_config
 
     for name, preset in PRESETS.items():
         spec = spec_from_config(synth_config(preset.family, name))
@@ -346,7 +346,7 @@ def _gguf_with(path, **overrides):
 ])
 def test_gguf_metadata_limits(tmp_path, overrides, fragment):
     """block_count 1e9 used to build a tensor list of 1e9 layers (memory without bound)."""
-    from offbatch.models.gguf_import import import_gguf
+    from offbatch.tools.gguf_import import import_gguf
 
     path = _gguf_with(tmp_path / "m.gguf", **overrides)
     with pytest.raises(ModelFolderError, match=fragment):
@@ -356,7 +356,7 @@ def test_gguf_metadata_limits(tmp_path, overrides, fragment):
 
 def test_gguf_tokenizer_metadata_types():
     pytest.importorskip("gguf")
-    from offbatch.models.gguf_import import build_tokenizer
+    from offbatch.tools.gguf_import import build_tokenizer
 
     base = {"general.architecture": "llama", "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"]}
     for change, fragment in [({"tokenizer.ggml.tokens": ["a", 5]}, "tokenizer.ggml.tokens must be a list"),

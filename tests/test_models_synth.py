@@ -9,7 +9,7 @@ AutoModelForCausalLM = pytest.importorskip("transformers").AutoModelForCausalLM
 
 from offbatch.models.reference import ReferenceModel
 from offbatch.models.spec import SUPPORTED_FAMILIES
-from offbatch.models.synth import synth_model
+from offbatch.tools.synth import synth_model
 from offbatch.models.tokenizer import load_tokenizer
 
 TEXTS = ["the capital of france is", "one two three four five six seven", "a"]

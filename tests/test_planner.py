@@ -10,11 +10,11 @@ import torch
 
 from offbatch.errors import BudgetError, OffbatchError, PlanFileError
 from offbatch.models.spec import spec_from_config
-from offbatch.models.synth import synth_config
+from offbatch.tools.synth import synth_config
 from offbatch.offload.weights import SynthSource, WeightStore
 from offbatch.planner.hardware import PROFILES, Hardware, load_hardware
 from offbatch.planner.memory import SAFETY
-from offbatch.planner.plan import Plan
+from offbatch.plan import Plan
 from offbatch.planner.shape import shape_from_spec, shape_from_store
 from offbatch.planner.solve import make_plan
 from offbatch.planner.workload import Workload

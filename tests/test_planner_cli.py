@@ -38,7 +38,7 @@ def test_plan_table_says_the_bottleneck_in_words():
 
 
 def test_plan_reads_a_prompts_file(tmp_path):
-    from offbatch.models.synth import synth_model
+    from offbatch.tools.synth import synth_model
 
     synth_model("llama", tmp_path / "m")
     prompts = tmp_path / "p.jsonl"
@@ -106,7 +106,7 @@ def test_plans_hold_what_fits_in_either_residency_order(tmp_path):
 
     import torch
 
-    from offbatch.models.synth import synth_config
+    from offbatch.tools.synth import synth_config
     from offbatch.models.spec import spec_from_config
     from offbatch.planner.hardware import PROFILES
     from offbatch.planner.solve import make_plan

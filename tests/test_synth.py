@@ -16,7 +16,7 @@ from offbatch.cli.main import app
 from offbatch.models.names import expected_tensors
 from offbatch.models.presets import PRESETS
 from offbatch.models.spec import load_spec, spec_from_config
-from offbatch.models.synth import (
+from offbatch.tools.synth import (
     CHUNK,
     SynthError,
     checkpoint_tensors,
@@ -26,7 +26,7 @@ from offbatch.models.synth import (
     synth_tensor,
     synth_tensors,
 )
-from offbatch.models.synth_tokenizer import CHATML_TEMPLATE, MAX_TOKENIZER_VOCAB, SPECIAL_IDS
+from offbatch.tools.synth_tokenizer import CHATML_TEMPLATE, MAX_TOKENIZER_VOCAB, SPECIAL_IDS
 
 VARIANTS = {
     "llama": ("llama", {}),
@@ -287,7 +287,7 @@ def test_overrides_apply_on_top_of_presets():
 def test_write_throughput(tmp_path):
     cfg = synth_config("llama", hidden_size=1024, intermediate_size=4096, layers=3, heads=8, kv_heads=8,
                        vocab_size=32000, dtype="bfloat16")
-    from offbatch.models.synth import write_model
+    from offbatch.tools.synth import write_model
 
     result = write_model(cfg, tmp_path, shard_size=100_000_000)
     # The write rate is measured by scripts/bench_speed.py, not asserted here (no wall-clock assertions
