@@ -4,20 +4,21 @@ module scheduled again while an old copy of it lingers in another slot still res
 import pytest
 import torch
 
+from offbatch.formats import DENSE
 from offbatch.offload.prefetch import Prefetcher
 
 
 class FakeStore:
     """Modules (layer, 'expert.e') of 4 floats each, value = 10*layer + e."""
 
-    def __init__(self, layers=2, experts=4):
-        from offbatch.offload.weights import make_layout
+    format = DENSE
 
+    def __init__(self, layers=2, experts=4):
         self.layouts, self.host = {}, {}
         for i in range(layers):
             for e in range(experts):
                 key = (i, f"expert.{e}")
-                layout = make_layout([("w", (4,))], torch.float32)
+                layout = DENSE.layout([("w", (4,))], torch.float32)
                 flat = torch.zeros(layout.nbytes, dtype=torch.uint8)
                 layout.views(flat)["w"].fill_(10 * i + e)
                 self.layouts[key], self.host[key] = layout, flat

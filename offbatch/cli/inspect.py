@@ -8,10 +8,11 @@ from rich.console import Console
 from rich.table import Table
 
 from offbatch.cli.options import JsonOpt, ModelDirArg
-from offbatch.models.inventory import module_bytes
+from offbatch.models.catalogue import module_bytes
 from offbatch.models.files import exists
 from offbatch.models.loader import open_checkpoint
 from offbatch.models.tokenizer import load_tokenizer
+from offbatch.offload.kv import kv_format
 from offbatch.units import format_bytes
 
 
@@ -23,7 +24,6 @@ def inspect_report(model_dir) -> dict:
     has_tokenizer = exists(Path(model_dir) / "tokenizer.json")
     tokenizer = load_tokenizer(model_dir) if has_tokenizer else None
     globals_, layers = module_bytes(ckpt)
-    dtype_bytes = ckpt.dtype().itemsize
     report = {
         "model_dir": str(model_dir),
         "family": spec.family,
@@ -42,7 +42,7 @@ def inspect_report(model_dir) -> dict:
                                                      "chat_template": tokenizer.chat_template is not None},
         "experts": spec.moe.num_experts if spec.moe else 0,
         "experts_per_token": spec.moe.top_k if spec.moe else 0,
-        "kv_bytes_per_token": spec.kv_bytes_per_token(dtype_bytes),
+        "kv_bytes_per_token": kv_format("dense", ckpt.dtype()).bytes_per_token(spec),
         "global_bytes": globals_,
         "per_layer": [
             {"layer": lb.layer, "total": lb.total, **{k: v for k, v in sorted(lb.modules.items()) if not k.startswith("expert.")},

@@ -35,7 +35,7 @@ class Item:
         n = 1
         for d in self.shape:
             n *= d
-        return n * dtype_bytes(self.dtype)
+        return n * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Layout:
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def padded(nbytes: int) -> int:
@@ -109,6 +109,11 @@ class WeightFormat:
     def encode(self, local: str, tensor: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """A logical tensor (host, any dtype) -> its stored tensors, as `stored` names them."""
         return {local: tensor.to(dtype)}
+
+    def unchanged(self, local: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+        """Whether the tensor is stored as it is, in `dtype`: then its bytes are the checkpoint's
+        (converted at most) and the store copies or reads them without `encode`."""
+        return self.stored(local, tuple(shape), dtype) == [(local, tuple(shape), dtype)]
 
     def layout(self, parts: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> Layout:
         """A module's layout from its logical tensors (local name, shape)."""

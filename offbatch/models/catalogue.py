@@ -11,10 +11,15 @@ of the kind holds any of them.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from offbatch.models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from offbatch.models.loader import Checkpoint
 
 ModuleKey = tuple[int, str]  # (layer, module); layer -1 for the embedding and the head
 
@@ -33,6 +38,15 @@ class Part:
     local: str
     canonical: str
     rows: tuple[int, int] | None = None
+
+    def shape(self, full: Sequence[int]) -> tuple[int, ...]:
+        """This part's shape, given the shape of the whole tensor."""
+        if self.rows is None:
+            return tuple(full)
+        a, b = self.rows
+        if not 0 <= a < b <= full[0]:
+            raise ValueError(f"rows {self.rows} of {self.canonical!r} are outside its {full[0]} rows")
+        return (b - a, *full[1:])
 
 
 def module_kind(module: str) -> str:
@@ -80,3 +94,38 @@ def step_order(num_layers: int, keys: Iterable[ModuleKey],
     present = set(keys)
     order = [(i, m) for i in range(num_layers) for m in layer_modules(i)] + [(-1, "head")]
     return [k for k in order if k in present]
+
+
+@dataclass
+class LayerBytes:
+    """A layer's bytes per module, as stored in the checkpoint (offbatch inspect)."""
+
+    layer: int
+    modules: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def attn(self) -> int:
+        return self.modules.get("attn", 0)
+
+    @property
+    def experts(self) -> list[int]:
+        keys = sorted((k for k in self.modules if k.startswith("expert.")), key=lambda k: int(k.split(".")[1]))
+        return [self.modules[k] for k in keys]
+
+    @property
+    def total(self) -> int:
+        return sum(self.modules.values())
+
+
+def module_bytes(ckpt: "Checkpoint") -> tuple[dict[str, int], list[LayerBytes]]:
+    """Bytes of each global tensor (by its name's first part: embed, lm_head, final_norm, ...) and of each
+    layer's modules, as stored in the checkpoint."""
+    globals_: dict[str, int] = defaultdict(int)
+    layers = [LayerBytes(i) for i in range(ckpt.spec.num_layers)]
+    for canonical, entry in ckpt.entries.items():
+        layer, module = module_of(canonical, ckpt.spec)
+        if layer < 0:
+            globals_[canonical.split(".")[0]] += entry.nbytes
+        else:
+            layers[layer].modules[module] = layers[layer].modules.get(module, 0) + entry.nbytes
+    return dict(globals_), layers

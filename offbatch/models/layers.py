@@ -1,9 +1,10 @@
 """Pure model functions over flattened tokens: norms, rope, attention projections, FFN, MoE.
 
-Weights come in as plain dicts of canonical local names ("q.weight", "experts.3.up.weight", ...),
-so the reference forward and the streaming engine call the same code with tensors from
-wherever they live. Numerics follow transformers (norms and router softmax in float32, rope tables
-in float32 cast to the activation dtype) so greedy tokens match.
+Weights come in as a module's `ModuleWeights` (offbatch/formats): tensors by canonical local name
+("q.weight", "experts.3.up.weight", ...) for norms, and `w.linear(x, "q")` for every linear layer, so
+the same code runs whatever format stores the weights and wherever they live (the reference forward
+wraps its plain dicts with `DENSE.weights`). Numerics follow transformers (norms and router softmax in
+float32, rope tables in float32 cast to the activation dtype) so greedy tokens match.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from offbatch.formats import ModuleWeights
 from offbatch.models.spec import ModelSpec
 
-Weights = dict[str, torch.Tensor]
+Weights = ModuleWeights  # or any Mapping of tensors with a format's `linear(x, name)`
 
 
 # ---- norms ---------------------------------------------------------------
@@ -70,9 +72,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def attention_qkv(x: torch.Tensor, w: Weights, spec: ModelSpec, cos=None, sin=None):
     """Normalised hidden states [T, H] -> q [T, nh, d], k and v [T, nkv, d], rope applied."""
     T = x.shape[0]
-    q = F.linear(x, w["q.weight"], w.get("q.bias"))
-    k = F.linear(x, w["k.weight"], w.get("k.bias"))
-    v = F.linear(x, w["v.weight"], w.get("v.bias"))
+    q = w.linear(x, "q")
+    k = w.linear(x, "k")
+    v = w.linear(x, "v")
     if spec.qk_norm == "full":  # OLMoE: over all heads at once
         q = rms_norm(q, w["q_norm.weight"], spec.norm_eps)
         k = rms_norm(k, w["k_norm.weight"], spec.norm_eps)
@@ -90,7 +92,7 @@ def attention_qkv(x: torch.Tensor, w: Weights, spec: ModelSpec, cos=None, sin=No
 
 def attention_output(attn: torch.Tensor, w: Weights) -> torch.Tensor:
     """attn: [T, nh, d] -> [T, H]."""
-    return F.linear(attn.reshape(attn.shape[0], -1), w["o.weight"], w.get("o.bias"))
+    return w.linear(attn.reshape(attn.shape[0], -1), "o")
 
 
 def causal_attention(q, k, v, q_start: int, window: int | None = None) -> torch.Tensor:
@@ -123,19 +125,19 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def mlp(x: torch.Tensor, w: Weights, spec: ModelSpec, prefix: str = "") -> torch.Tensor:
-    up = F.linear(x, w[f"{prefix}up.weight"], w.get(f"{prefix}up.bias"))
+    up = w.linear(x, f"{prefix}up")
     if spec.gated_ffn:
-        h = activation(spec.activation, F.linear(x, w[f"{prefix}gate.weight"], w.get(f"{prefix}gate.bias"))) * up
+        h = activation(spec.activation, w.linear(x, f"{prefix}gate")) * up
     else:
         h = activation(spec.activation, up)
-    return F.linear(h, w[f"{prefix}down.weight"], w.get(f"{prefix}down.bias"))
+    return w.linear(h, f"{prefix}down")
 
 
 def route(x: torch.Tensor, w: Weights, spec: ModelSpec):
     """Router: softmax over all experts in float32, top-k, optional renormalisation.
     Returns (weights [T, k] in x.dtype, expert ids [T, k])."""
     moe = spec.moe
-    logits = F.linear(x, w["router.weight"])
+    logits = w.linear(x, "router")
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     top_w, top_i = probs.topk(moe.top_k, dim=-1)
     if moe.norm_topk_prob:
@@ -156,28 +158,5 @@ def shared_expert(x: torch.Tensor, w: Weights, spec: ModelSpec) -> torch.Tensor 
         return None
     s = mlp(x, w, spec, "shared.")
     if spec.moe.shared_expert_gate:
-        s = torch.sigmoid(F.linear(x, w["shared_gate.weight"])) * s
+        s = torch.sigmoid(w.linear(x, "shared_gate")) * s
     return s
-
-
-def moe(x: torch.Tensor, w: Weights, spec: ModelSpec) -> torch.Tensor:
-    """Each expert runs once over all tokens routed to it (module-based batching's unit of work)."""
-    top_w, top_i = route(x, w, spec)
-    k = spec.moe.top_k
-    order, counts = group_by_expert(top_i, spec.moe.num_experts)
-    out = torch.zeros_like(x)
-    start = 0
-    for e, n in enumerate(counts.tolist()):
-        if n == 0:
-            continue
-        sel = order[start : start + n]
-        start += n
-        rows = sel // k
-        y = mlp(x[rows], w, spec, f"experts.{e}.") * top_w.reshape(-1)[sel, None]
-        out.index_add_(0, rows, y)
-    s = shared_expert(x, w, spec)
-    return out if s is None else out + s
-
-
-def ffn(x: torch.Tensor, w: Weights, spec: ModelSpec, layer: int) -> torch.Tensor:
-    return moe(x, w, spec) if spec.is_moe_layer(layer) else mlp(x, w, spec)

@@ -5,8 +5,8 @@ copy stream takes them to the device.
 A module's tensors are read with positioned reads (`os.preadv`) of whole tensors, so a module is a few
 large reads that land directly in pinned memory: no page mapping, no pageable bounce, no Python loop
 over bytes. A tensor stored in another dtype than the engine computes in is read through the
-checkpoint's memory map and converted instead (slower; the planner prices disk reads at the probed rate
-either way).
+checkpoint's memory map and converted instead, and so is one that the weight format encodes (slower;
+the planner prices disk reads at the probed rate either way).
 
 One reader thread works through the modules in the order the engine will use them, as far ahead as
 there are free staging buffers. A buffer is reused only after the copy out of it has finished on the
@@ -18,41 +18,52 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from offbatch.errors import OffbatchError
+from offbatch.formats import Layout, WeightFormat
+from offbatch.models.catalogue import Part
 
 CHUNK = 64 << 20  # bytes per read call: large enough for the disk, small enough to stay responsive
 
 
 @dataclass(frozen=True)
 class TensorRead:
-    """One tensor of a module: where it lies in the file and where it goes in the module's buffer."""
+    """One tensor (or row slice) of a module: where it lies in the file and where it goes in the
+    module's buffer."""
 
     canonical: str
     file: str
     file_offset: int
     nbytes: int
     buf_offset: int
-    direct: bool  # stored in the compute dtype: read the bytes as they are
+    direct: bool  # stored unchanged in the checkpoint's dtype: read the bytes as they are
+    part: Part | None = None  # what the store converts or encodes when not direct
 
 
-def module_reads(source, layout, members: list[tuple[str, str]], dtype: torch.dtype) -> list[TensorRead]:
-    """How to fill a module's flat buffer from the checkpoint (members: (local, canonical) names)."""
+def module_reads(source, layout: Layout, parts: list[Part], dtype: torch.dtype, fmt: WeightFormat) -> list[TensorRead]:
+    """How to fill a module's flat buffer from the checkpoint: a tensor is read as it is only where the
+    format stores it unchanged and the checkpoint holds it in the compute dtype."""
     from offbatch.models.loader import SAFETENSORS_DTYPES
 
     ckpt = getattr(source, "ckpt", None)
     if ckpt is None:
         raise OffbatchError("the disk tier reads modules from a model folder; synthetic weights have none "
                             "(give more --cpu-memory, or write the model with `offbatch synth` first)")
-    offsets = {name: off for name, _, off in layout.items}
     reads = []
-    for local, canonical in members:
-        e = ckpt.entry(canonical)
-        reads.append(TensorRead(canonical, str(e.file), e.offset, e.nbytes, offsets[local],
-                                SAFETENSORS_DTYPES[e.dtype] == dtype))
+    for part in parts:
+        e = ckpt.entry(part.canonical)
+        shape = part.shape(e.shape)
+        direct = SAFETENSORS_DTYPES[e.dtype] == dtype and fmt.unchanged(part.local, shape, dtype)
+        offset, nbytes = e.offset, e.nbytes
+        if part.rows is not None:  # rows of a row-major tensor: one contiguous range of its bytes
+            row = e.nbytes // e.shape[0]
+            offset, nbytes = e.offset + part.rows[0] * row, shape[0] * row
+        buf = layout.item(part.local).offset if direct else -1
+        reads.append(TensorRead(part.canonical, str(e.file), offset, nbytes, buf, direct, part))
     return sorted(reads, key=lambda r: (r.file, r.file_offset))
 
 
@@ -78,30 +89,28 @@ class ModuleFiles:
 
 def read_module(store, key, out: torch.Tensor, files: ModuleFiles) -> None:
     """Fill `out` (uint8, at least the module's size, on the host) with the module's packed bytes."""
-    read_into(store.disk[key], store.layouts[key], getattr(store, "source", None), out, files)
+    read_into(store.disk[key], out, files, lambda parts, buf: store.fill(key, parts, buf))
 
 
-def read_into(reads: list[TensorRead], layout, source, out: torch.Tensor, files: ModuleFiles) -> None:
-    """Fill a module's buffer from its TensorReads: positioned reads of the raw bytes where the dtype
-    matches, the memory-mapped tensor converted where it does not."""
+def read_into(reads: list[TensorRead], out: torch.Tensor, files: ModuleFiles,
+              fill: Callable[[list[Part], torch.Tensor], None]) -> None:
+    """Fill a module's buffer from its TensorReads: positioned reads of the raw bytes where they are
+    stored as they are; the rest through `fill(parts, out)` (the store's converting path)."""
     arr = out.numpy()
-    views = None
     for r in reads:
-        if r.direct:
-            fd, done = files.fd(r.file), 0
-            while done < r.nbytes:
-                n = min(CHUNK, r.nbytes - done)
-                got = os.preadv(fd, [memoryview(arr[r.buf_offset + done : r.buf_offset + done + n])],
-                                r.file_offset + done)
-                if got <= 0:
-                    raise OffbatchError(f"{r.file} ended while reading tensor {r.canonical!r} (was the file "
-                                        "changed or truncated after the run started?)")
-                done += got
-        else:
-            if views is None:
-                views = layout.views(out)
-            local = next(name for name, _, off in layout.items if off == r.buf_offset)
-            views[local].copy_(source.get(r.canonical))
+        if not r.direct:
+            continue
+        fd, done = files.fd(r.file), 0
+        while done < r.nbytes:
+            n = min(CHUNK, r.nbytes - done)
+            got = os.preadv(fd, [memoryview(arr[r.buf_offset + done : r.buf_offset + done + n])], r.file_offset + done)
+            if got <= 0:
+                raise OffbatchError(f"{r.file} ended while reading tensor {r.canonical!r} (was the file "
+                                    "changed or truncated after the run started?)")
+            done += got
+    rest = [r.part for r in reads if not r.direct]
+    if rest:
+        fill(rest, out)
 
 
 class DiskReader:

@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from offbatch.formats import ModuleWeights
+from offbatch.models.catalogue import ModuleKey, module_kind
 from offbatch.offload.disk import DiskReader, read_module_now
-from offbatch.offload.weights import ModuleKey, WeightStore, module_kind
+from offbatch.offload.weights import WeightStore
 
 
 @dataclass
@@ -58,7 +60,7 @@ class Prefetcher:
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         # Resident modules: copied once, never evicted; those of one kind in one layer (a layer's
         # resident experts) as the rows of one bank.
-        self.resident: dict[ModuleKey, dict[str, torch.Tensor]] = {}
+        self.resident: dict[ModuleKey, ModuleWeights] = {}
         self.resident_rows: dict[ModuleKey, tuple[torch.Tensor, int]] = {}
         groups: dict[tuple[int, str], list[ModuleKey]] = {}
         for key in sorted(resident):
@@ -72,7 +74,7 @@ class Prefetcher:
                 for row, key in enumerate(members):
                     bank[row, : store.nbytes(key)].copy_(self._host_bytes(key))
             for row, key in enumerate(members):
-                self.resident[key] = store.layouts[key].views(bank[row])
+                self.resident[key] = self._weights(key, bank[row])
                 self.resident_rows[key] = (bank, row)
         # Slot rings, each slot as large as the largest module of its kind.
         self.banks: dict[str, torch.Tensor] = {}
@@ -95,6 +97,10 @@ class Prefetcher:
         self.reader = None
         if self.disk:
             self.reader = DiskReader(store, staging, pin=self.cuda)
+
+    def _weights(self, key: ModuleKey, buf: torch.Tensor) -> ModuleWeights:
+        """A module's weights over the device bytes holding it, as its format computes with them."""
+        return self.store.format.weights(self.store.layouts[key].views(buf))
 
     def _host_bytes(self, key: ModuleKey) -> torch.Tensor:
         if key in getattr(self.store, "disk", {}):
@@ -188,8 +194,8 @@ class Prefetcher:
         self._step_bytes += n
 
     # ---- use -------------------------------------------------------------
-    def acquire(self, key: ModuleKey) -> dict[str, torch.Tensor]:
-        """Device tensors of a module; the current stream waits for its copy."""
+    def acquire(self, key: ModuleKey) -> ModuleWeights:
+        """A module's weights on the device; the current stream waits for its copy."""
         if key in self.resident:
             return self.resident[key]
         self.pump(until=key if self.reader is not None else None)
@@ -198,7 +204,7 @@ class Prefetcher:
             raise RuntimeError(f"module {key} acquired before it was scheduled (or its ring is too small)")
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
-        return self.store.layouts[key].views(slot.buf)
+        return self._weights(key, slot.buf)
 
     def row_of(self, key: ModuleKey) -> tuple[torch.Tensor, int]:
         """(bank, row): the byte buffer [rows, row_bytes] that holds an acquired or resident module as

@@ -1,25 +1,26 @@
 """Weight tiers: every module's tensors packed into one flat buffer, resident on the compute device or
 held in (pinned) host memory for streaming.
 
-A module (a layer's attention, dense FFN, router, shared expert, one expert; or the embedding / the
-output head) is the unit that crosses PCIe: one contiguous host buffer, one copy, then tensor views
-into the device buffer it landed in. Modules of one kind have identical layouts in every layer, so a
-device slot can hold any of them.
+A module (models/catalogue.py: a layer's attention, dense FFN, router, shared expert, one expert; or
+the embedding / the output head) is the unit that crosses PCIe: one contiguous host buffer, one copy,
+then views of the device buffer it landed in. How a module's tensors become bytes is its weight
+format's (offbatch/formats): the store asks the format for the layout and to encode each tensor, and
+hands out a module's views as the format's `ModuleWeights`. Modules of one kind have identical layouts
+in every layer, so a device slot can hold any of them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
 from offbatch.errors import OffbatchError
-from offbatch.models.inventory import module_of
+from offbatch.formats import DENSE, Layout, ModuleWeights, WeightFormat
+from offbatch.models.catalogue import ModuleKey, Part, modules_of
 from offbatch.models.spec import ModelSpec
 from offbatch.offload.disk import ModuleFiles, module_reads, read_into, read_module_now
-
-ALIGN = 256  # bytes; keeps every view aligned for vectorised loads
 
 
 class WeightSource(Protocol):
@@ -50,37 +51,6 @@ class CheckpointSource:
 
     def get(self, canonical: str) -> torch.Tensor:
         return self.ckpt.get(canonical)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where each tensor of a module sits in its flat buffer."""
-
-    items: tuple[tuple[str, tuple[int, ...], int], ...]  # (local name, shape, byte offset)
-    dtype: torch.dtype
-    nbytes: int
-
-    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        size = torch.tensor([], dtype=self.dtype).element_size()
-        out = {}
-        for name, shape, off in self.items:
-            n = 1
-            for d in shape:
-                n *= d
-            out[name] = flat[off : off + n * size].view(self.dtype).view(shape)
-        return out
-
-
-def make_layout(named_shapes: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> Layout:
-    size = torch.tensor([], dtype=dtype).element_size()
-    items, off = [], 0
-    for name, shape in sorted(named_shapes):
-        n = 1
-        for d in shape:
-            n *= d
-        items.append((name, tuple(shape), off))
-        off += -(-n * size // ALIGN) * ALIGN
-    return Layout(tuple(items), dtype, off)
 
 
 # torch's pinned-memory allocator rounds every allocation up to a power of two: a 352 MB expert pinned on
@@ -124,78 +94,96 @@ def pinned_bytes(sizes: list[int]) -> int:
     return sum(pack_pinned(sizes)[0])
 
 
-def module_kind(module: str) -> str:
-    """Modules of one kind share a layout and so can share device slots."""
-    return "expert" if module.startswith("expert.") else module
-
-
-ModuleKey = tuple[int, str]  # (layer, module); layer -1 for embed/head
+def module_layout(fmt: WeightFormat, parts: list[Part], shape_of: Callable[[str], tuple[int, ...]],
+                  dtype: torch.dtype) -> Layout:
+    """A module's layout in a format: its parts (row slices cut to their rows) laid out by the format's
+    packing. The store packs with it and the planner sizes modules with it, so they cannot disagree."""
+    return fmt.layout([(p.local, p.shape(shape_of(p.canonical))) for p in parts], dtype)
 
 
 class WeightStore:
     """All weights of the model, module by module, in host memory (pinned when the device is CUDA), except
-    the modules of the disk tier (`disk`), which stay in the checkpoint and are read at each use."""
+    the modules of the disk tier (`disk`), which stay in the checkpoint and are read at each use.
 
-    def __init__(self, source: WeightSource, dtype: torch.dtype, pin: bool, disk: set[ModuleKey] = frozenset()):
+    `fmt` stores the weights; `modules` is the model's module catalogue (default: every tensor of the
+    source grouped by models/catalogue.modules_of)."""
+
+    def __init__(self, source: WeightSource, dtype: torch.dtype, pin: bool, disk: set[ModuleKey] = frozenset(),
+                 fmt: WeightFormat = DENSE, modules: dict[ModuleKey, list[Part]] | None = None):
         self.spec = source.spec
         self.source = source
         self.dtype = dtype
-        groups: dict[ModuleKey, list[tuple[str, str]]] = {}
-        for canonical in source.tensor_names():
-            layer, module = module_of(canonical, self.spec)
-            if layer < 0:  # embed-side tensors vs head-side tensors
-                module = "head" if canonical in ("lm_head", "final_norm.weight", "final_norm.bias", "project_out") else "embed"
-            local = canonical[len(f"layers.{layer}."):] if layer >= 0 else canonical
-            groups.setdefault((layer, module), []).append((local, canonical))
-        self.layouts: dict[ModuleKey, Layout] = {}
+        self.format = fmt
+        self.modules = dict(modules) if modules is not None else modules_of(source.tensor_names(), self.spec)
+        self.layouts: dict[ModuleKey, Layout] = {
+            key: module_layout(fmt, parts, source.tensor_shape, dtype) for key, parts in sorted(self.modules.items())}
         self.host: dict[ModuleKey, torch.Tensor] = {}
         self.disk: dict[ModuleKey, list] = {}  # module -> its TensorReads (offload/disk.py)
-        unknown = set(disk) - set(groups)
+        unknown = set(disk) - set(self.layouts)
         if unknown:
             raise OffbatchError(f"the disk tier names modules this model does not have, e.g. {sorted(unknown)[0]}")
-        for key, members in sorted(groups.items()):
-            self.layouts[key] = make_layout([(local, source.tensor_shape(c)) for local, c in members], dtype)
-        # The embedding is looked up on the host and never copied whole: it needs no pinning.
-        host_keys = [k for k in sorted(groups) if k not in disk]
-        pinned_keys = [k for k in host_keys if pin and k[1] != "embed"]
-        sizes, place = pack_pinned([self.layouts[k].nbytes for k in pinned_keys])
-        self.chunks = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for n in sizes]
-        flats = {k: self.chunks[c][off : off + self.layouts[k].nbytes] for k, (c, off) in zip(pinned_keys, place)}
-        for k in host_keys:
-            if k not in flats:
-                flats[k] = torch.empty(self.layouts[k].nbytes, dtype=torch.uint8)
+        if (-1, "embed") in disk:
+            raise OffbatchError("the embedding is looked up on the host: it cannot be in the disk tier")
+        self.chunks, flats = self._host_buffers([k for k in self.layouts if k not in disk], pin)
         # From a model folder, modules are read with positioned reads straight into their buffers: the
         # file's pages then sit in the page cache, not in this process's memory (a memory map would put
         # every page of the checkpoint into its resident set, on top of the pinned copies).
         files = ModuleFiles() if getattr(source, "ckpt", None) is not None else None
         try:
-            for key, members in sorted(groups.items()):
-                layout = self.layouts[key]
+            for key, layout in self.layouts.items():
+                parts = self.modules[key]
                 if key in disk:
-                    if key[1] == "embed":
-                        raise OffbatchError("the embedding is looked up on the host: it cannot be in the disk tier")
-                    self.disk[key] = module_reads(source, layout, members, dtype)
+                    self.disk[key] = module_reads(source, layout, parts, dtype, fmt)
                     continue
                 flat = flats[key]
                 if files is not None:
-                    read_into(module_reads(source, layout, members, dtype), layout, source, flat, files)
+                    read_into(module_reads(source, layout, parts, dtype, fmt), flat, files,
+                              lambda rest, out, key=key: self.fill(key, rest, out))
                 else:
-                    views = layout.views(flat)
-                    for local, canonical in members:
-                        views[local].copy_(source.get(canonical))
+                    self.fill(key, parts, flat)
                 self.host[key] = flat
         finally:
             if files is not None:
                 files.close()
 
+    def _host_buffers(self, keys: list[ModuleKey], pin: bool) -> tuple[list[torch.Tensor], dict[ModuleKey, torch.Tensor]]:
+        """(pinned chunks, a buffer per module): the embedding is looked up on the host and never copied
+        whole, so it needs no pinning."""
+        pinned_keys = [k for k in keys if pin and k[1] != "embed"]
+        sizes, place = pack_pinned([self.layouts[k].nbytes for k in pinned_keys])
+        chunks = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for n in sizes]
+        flats = {k: chunks[c][off : off + self.layouts[k].nbytes] for k, (c, off) in zip(pinned_keys, place)}
+        for k in keys:
+            if k not in flats:
+                flats[k] = torch.empty(self.layouts[k].nbytes, dtype=torch.uint8)
+        return chunks, flats
+
+    def fill(self, key: ModuleKey, parts: list[Part], flat: torch.Tensor) -> None:
+        """Write these parts of a module into its buffer (host, uint8) from the source: copied (and
+        converted to the compute dtype) where the format stores a tensor as it is, else encoded."""
+        views = self.layouts[key].views(flat)
+        for part in parts:
+            t = self.source.get(part.canonical)
+            if part.rows is not None:
+                t = t[part.rows[0] : part.rows[1]]
+            if self.format.unchanged(part.local, tuple(t.shape), self.dtype):
+                views[part.local].copy_(t)
+                continue
+            for name, stored in self.format.encode(part.local, t, self.dtype).items():
+                views[name].copy_(stored)
+
+    def views(self, key: ModuleKey, flat: torch.Tensor) -> ModuleWeights:
+        """A module's weights over a buffer (host or device, uint8) holding its bytes."""
+        return self.format.weights(self.layouts[key].views(flat))
+
     def nbytes(self, key: ModuleKey) -> int:
         return self.layouts[key].nbytes
 
-    def host_views(self, key: ModuleKey) -> dict[str, torch.Tensor]:
+    def host_views(self, key: ModuleKey) -> ModuleWeights:
         """Host tensors of a module (a disk-tier module is read into a fresh buffer)."""
         if key in self.disk:
-            return self.layouts[key].views(read_module_now(self, key))
-        return self.layouts[key].views(self.host[key])
+            return self.views(key, read_module_now(self, key))
+        return self.views(key, self.host[key])
 
     def host_bytes(self) -> int:
         """Bytes the host tier holds (pinned chunks, or the modules' own buffers)."""

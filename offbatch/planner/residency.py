@@ -7,17 +7,14 @@ module becomes resident gives its device slots back.
 Within a kind, the order: "spread" (the default) takes modules evenly over the step, so each resident
 module computes while the copy stream loads the streamed ones after it; "layer" takes the lowest layers
 first, which makes the start of every step one resident stretch whose compute the copies cannot hide
-(they run only a slot ring ahead; the cost model charges that stretch's compute less one ring fill). On
-the H200 (1024 x 256 + 64, same knobs, each order measured after a warm-up) the two ran within 2% of each
-other for Mixtral (8 layers, host KV, 8 and 24 GiB), where the link is busy with KV all step; for
-Llama-3-8B at 24 GiB layer order ran 4-9% faster, inside that plan's run-to-run spread (2026-11-28e)."""
+(they run only a slot ring ahead; the cost model charges that stretch's compute less one ring fill).
+On the H200 the two orders ran within run-to-run noise of each other (Mixtral, Llama-3-8B)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from offbatch.offload.weights import ModuleKey
-from offbatch.planner.memory import DEFAULT_SLOTS
+from offbatch.models.catalogue import DEFAULT_SLOTS, ModuleKey
 from offbatch.planner.shape import ModelShape
 
 

@@ -1,5 +1,6 @@
 """What the planner needs to know about a model, without its weights: every module's packed byte size
-(exactly as the WeightStore will pack it), grouped into kinds, and the work per token of each kind.
+(laid out by the weight format exactly as the WeightStore lays it out), grouped into kinds, and the
+work per token of each kind.
 
 WeightStore pins every weight when it is built, so planning from it would cost the whole model's
 host memory and load time before a single decision; this description costs microseconds.
@@ -11,24 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from offbatch.models.inventory import module_of
+from offbatch.ffn import layer_modules
+from offbatch.formats import DENSE, WeightFormat
+from offbatch.formats.base import dtype_bytes
+from offbatch.models.catalogue import ModuleKey, module_kind, modules_of, step_order
 from offbatch.models.names import global_tensors, layer_tensors
 from offbatch.models.spec import ModelSpec
-from offbatch.offload.weights import ALIGN, ModuleKey, module_kind
-
-HEAD_TENSORS = ("lm_head", "final_norm.weight", "final_norm.bias", "project_out")
-
-
-def group_of(canonical: str, spec: ModelSpec) -> ModuleKey:
-    """The module a tensor is packed into (the WeightStore's grouping)."""
-    layer, module = module_of(canonical, spec)
-    if layer < 0:
-        module = "head" if canonical in HEAD_TENSORS else "embed"
-    return layer, module
-
-
-def dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.tensor([], dtype=dtype).element_size()
+from offbatch.offload.weights import module_layout
 
 
 @dataclass
@@ -37,6 +27,7 @@ class ModelShape:
     dtype: torch.dtype
     nbytes: dict[ModuleKey, int]  # every module, embed included
     order: list[ModuleKey] = field(default_factory=list)  # the engine's use order within a step
+    weights: str = DENSE.name  # the weight format the sizes are of
 
     def __post_init__(self):
         self.dsize = dtype_bytes(self.dtype)
@@ -61,64 +52,36 @@ class ModelShape:
             out.setdefault(self.kind_of(key), []).append(key)
         return out
 
-    def kv_bytes_per_token(self) -> int:
-        """K and V of one position of one sequence, all layers."""
-        return 2 * self.spec.num_layers * self.spec.kv_size * self.dsize
+
+def step_order_of(spec: ModelSpec, keys) -> list[ModuleKey]:
+    """The order in which a step acquires the modules present in `keys`: the catalogue's step order
+    over the modules the layers' backends declare (offbatch.ffn.layer_modules), as the engine's."""
+    return step_order(spec.num_layers, keys, layer_modules(spec))
 
 
-def use_order(spec: ModelSpec, keys) -> list[ModuleKey]:
-    """The order in which the engine acquires modules in one step (StreamingEngine._schedule_step)."""
-    present = set(keys)
-    order: list[ModuleKey] = []
-    for i in range(spec.num_layers):
-        order.append((i, "attn"))
-        if spec.is_moe_layer(i):
-            order.append((i, "router"))
-            if spec.moe.shared_expert_intermediate_size:
-                order.append((i, "shared"))
-            order += [(i, f"expert.{e}") for e in range(spec.moe.num_experts)]
-        else:
-            order.append((i, "ffn"))
-    order.append((-1, "head"))
-    return [k for k in order if k in present]
+def _module_bytes(tensors, spec: ModelSpec, dtype: torch.dtype, fmt: WeightFormat) -> dict[ModuleKey, int]:
+    shapes = {info.canonical: tuple(info.shape) for info in tensors}
+    return {key: module_layout(fmt, parts, shapes.__getitem__, dtype).nbytes
+            for key, parts in modules_of(shapes, spec).items()}
 
 
-def packed_bytes(shapes, dsize: int) -> int:
-    """A module's flat buffer size: every tensor padded to ALIGN (offload.weights.make_layout's rule)."""
-    total = 0
-    for shape in shapes:
-        n = 1
-        for d in shape:
-            n *= d
-        total += -(-n * dsize // ALIGN) * ALIGN
-    return total
-
-
-def _module_bytes(tensors, spec: ModelSpec, dsize: int) -> dict[ModuleKey, int]:
-    groups: dict[ModuleKey, list[tuple[int, ...]]] = {}
-    for info in tensors:
-        groups.setdefault(group_of(info.canonical, spec), []).append(tuple(info.shape))
-    return {key: packed_bytes(shapes, dsize) for key, shapes in groups.items()}
-
-
-def shape_from_spec(spec: ModelSpec, dtype: torch.dtype) -> ModelShape:
+def shape_from_spec(spec: ModelSpec, dtype: torch.dtype, fmt: WeightFormat = DENSE) -> ModelShape:
     """Every module's packed size. Layers of one kind (dense or MoE) have the same tensors, so one
     layer of each kind is laid out and its sizes repeated (a 48-layer, 128-expert model has 18k tensors)."""
-    dsize = dtype_bytes(dtype)
-    nbytes = _module_bytes(global_tensors(spec).values(), spec, dsize)
+    nbytes = _module_bytes(global_tensors(spec).values(), spec, dtype, fmt)
     per_kind: dict[bool, dict[str, int]] = {}
     for i in range(spec.num_layers):
         moe = spec.is_moe_layer(i)
         if moe not in per_kind:
-            per_kind[moe] = {m: n for (_, m), n in _module_bytes(layer_tensors(spec, i).values(), spec, dsize).items()}
+            per_kind[moe] = {m: n for (_, m), n in _module_bytes(layer_tensors(spec, i).values(), spec, dtype, fmt).items()}
         nbytes.update({(i, m): n for m, n in per_kind[moe].items()})
-    return ModelShape(spec, dtype, nbytes, use_order(spec, nbytes))
+    return ModelShape(spec, dtype, nbytes, step_order_of(spec, nbytes), fmt.name)
 
 
 def shape_from_store(store) -> ModelShape:
     """The same description read off a built WeightStore (its sizes are the truth when one exists)."""
     nbytes = {key: store.nbytes(key) for key in store.keys()}
-    return ModelShape(store.spec, store.dtype, nbytes, use_order(store.spec, nbytes))
+    return ModelShape(store.spec, store.dtype, nbytes, step_order_of(store.spec, nbytes), store.format.name)
 
 
 # ---- work per token ------------------------------------------------------------------------------
