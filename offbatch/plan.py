@@ -17,7 +17,9 @@ from offbatch.units import MAX_BYTES, format_bytes
 
 SCORE_BYTES = 256 << 20  # attention scores of one prefill micro-batch (bounds its sequence count)
 
-PLAN_FORMAT = 1
+# 2: the attention backend by name (`attention`) replaced format 1's kv_placement/decode_attention pair;
+# the weight format, KV format and MoE FFN backend are named too.
+PLAN_FORMAT = 2
 
 
 @dataclass
@@ -32,8 +34,10 @@ class Plan:
     slots: dict[str, int] = field(default_factory=dict)
     resident: set[ModuleKey] = field(default_factory=set)
     score_bytes: int = SCORE_BYTES
-    kv_placement: str = "gpu"  # "gpu": the wave's KV on the device; "host": pinned host memory
-    decode_attention: str = "gpu"  # with host KV: "gpu" copies a micro-batch's KV over, "cpu" attends on the host
+    attention: str = "device-kv"  # the attention backend (offbatch.attention): where KV lives, where decode attends
+    weights: str = "dense"  # the weight format (offbatch.formats)
+    kv_format: str = "dense"  # how K/V are stored (offload.kv)
+    moe_ffn: str = ""  # the FFN backend of MoE layers (offbatch.ffn); "" for a dense model (or: chosen at run time)
     budget_bytes: int | None = None
     memory: dict[str, int] = field(default_factory=dict)  # device bytes by use
     host_memory: dict[str, int] = field(default_factory=dict)  # host bytes by use
@@ -45,7 +49,7 @@ class Plan:
     disk: set[ModuleKey] = field(default_factory=set)
     staging_buffers: int = 2
     residency_order: str = "layer"  # how `resident` was picked (planner.residency.RESIDENCY_ORDERS)
-    # The solver's rival placement predicted within its tie tolerance (planner.solve.Solver.near_tie):
+    # The solver's rival backend predicted within its tie tolerance (planner.solve.Solver.near_tie):
     # the knobs, its figure and a sentence; None when the choice was clear.
     near_tie: dict | None = None
 
@@ -55,7 +59,8 @@ class Plan:
             "max_len": self.max_len, "prefill_tokens": self.prefill_tokens,
             "attn_micro_batch": self.attn_micro_batch, "ffn_micro_tokens": self.ffn_micro_tokens,
             "slots": self.slots, "resident_modules": len(self.resident), "budget_bytes": self.budget_bytes,
-            "memory": self.memory, "kv_placement": self.kv_placement, "decode_attention": self.decode_attention,
+            "memory": self.memory, "attention": self.attention, "weights": self.weights, "kv_format": self.kv_format,
+            "moe_ffn": self.moe_ffn,
             "host_memory": self.host_memory, "hardware": self.hardware, "chosen_by": self.chosen_by,
             "disk_modules": len(self.disk), "staging_buffers": self.staging_buffers, "predicted": self.predicted,
             "residency_order": self.residency_order, "near_tie": self.near_tie,
@@ -63,8 +68,11 @@ class Plan:
 
     def summary(self) -> str:
         """One line for a job's log: where things are, the batch sizes, what the model expects, and why."""
+        from offbatch.attention import ATTENTION_BACKENDS
+
         gpu = "GPU" if self.device.startswith("cuda") else "compute device (CPU)"
-        kv = f"KV on the {gpu}" if self.kv_placement == "gpu" else f"KV in host memory, decode attention on the {self.decode_attention.upper()}"
+        backend = ATTENTION_BACKENDS.get(self.attention)
+        kv = backend.summary_words(gpu) if backend is not None else f"attention {self.attention}"
         mem = self.memory or {}
         parts = [f"plan ({'from file' if self.chosen_by == 'file' else self.chosen_by}): {kv}, wave {self.wave_size}, "
                  f"prefill {self.prefill_tokens} tok/step, attention mb {self.attn_micro_batch}, FFN mb {self.ffn_micro_tokens}"]
@@ -103,8 +111,10 @@ class Plan:
         if "format" not in d:
             raise PlanFileError(f"not a plan file: it has no \"format\" field; {_WRITE_ONE}")
         if d["format"] != PLAN_FORMAT or isinstance(d["format"], bool):
-            raise PlanFileError(f"plan file format {_shown(d['format'])}: this offbatch reads format {PLAN_FORMAT}; "
-                                "make the plan again with `offbatch plan ... --json`")
+            older = (" (an older offbatch's plan: it names kv_placement and decode_attention where plans now name "
+                     "an attention backend)") if d["format"] == 1 and not isinstance(d["format"], bool) else ""
+            raise PlanFileError(f"plan file format {_shown(d['format'])}{older}: this offbatch reads format "
+                                f"{PLAN_FORMAT}; make the plan again with `offbatch plan ... --json`")
         plan = Plan(
             device=_device(d), dtype=_dtype(d),
             wave_size=_whole(d, "wave_size", 1, MAX_PLAN_WAVE), max_len=_whole(d, "max_len", 2, MAX_PLAN_CONTEXT),
@@ -113,8 +123,7 @@ class Plan:
             ffn_micro_tokens=_whole(d, "ffn_micro_tokens", 1, MAX_PLAN_TOKENS),
             slots=_counts(d, "slots", MAX_PLAN_SLOTS), resident=_modules(d, "resident"),
             score_bytes=_whole(d, "score_bytes", 1 << 10, MAX_BYTES, SCORE_BYTES),
-            kv_placement=_choice(d, "kv_placement", ("gpu", "host"), "gpu"),
-            decode_attention=_choice(d, "decode_attention", ("gpu", "cpu"), "gpu"),
+            **_backends(d),
             budget_bytes=_whole(d, "budget_bytes", 1, MAX_BYTES, None),
             memory=_counts(d, "memory", MAX_BYTES, {}), host_memory=_counts(d, "host_memory", MAX_BYTES, {}),
             predicted=_predicted(d), hardware=_text(d, "hardware", ""), chosen_by="file",
@@ -182,8 +191,24 @@ def _whole(d: dict, name: str, lo: int, hi: int, default=_MISSING):
 def _choice(d: dict, name: str, options: tuple[str, ...], default: str) -> str:
     value = _field(d, name, default)
     if value not in options or not isinstance(value, str):
-        raise PlanFileError(f"a plan's {name} is {' or '.join(options)}, not {_shown(value)}")
+        shown = " or ".join(o or '""' for o in options)  # "": none (a plan's moe_ffn for a dense model)
+        raise PlanFileError(f"a plan's {name} is {shown}, not {_shown(value)}")
     return value
+
+
+def _backends(d: dict) -> dict[str, str]:
+    """The backends and formats a plan names, each one registered here (a plan made by an offbatch with
+    more of them, or a typo, is one clear error)."""
+    from offbatch.attention import attention_names
+    from offbatch.ffn import FFN_BACKENDS
+    from offbatch.formats import FORMATS
+    from offbatch.offload.kv import KV_FORMATS
+
+    moe = [""] + sorted(n for n, c in FFN_BACKENDS.items() if c.moe)
+    return {"attention": _choice(d, "attention", tuple(attention_names()), "device-kv"),
+            "weights": _choice(d, "weights", tuple(sorted(FORMATS)), "dense"),
+            "kv_format": _choice(d, "kv_format", tuple(sorted(KV_FORMATS)), "dense"),
+            "moe_ffn": _choice(d, "moe_ffn", tuple(moe), "")}
 
 
 def _text(d: dict, name: str, default: str) -> str:

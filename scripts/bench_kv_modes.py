@@ -31,8 +31,8 @@ p.add_argument("--out", default=None)
 args = p.parse_args()
 
 spec = spec_from_config(synth_config(args.synth, layers=args.layers))
-modes = {"gpu-kv": {}, "host-gpu": {"kv_placement": "host", "decode_attention": "gpu", "wave_size": args.host_wave},
-         "host-cpu": {"kv_placement": "host", "decode_attention": "cpu", "wave_size": args.host_wave}}
+modes = {"gpu-kv": {}, "host-gpu": {"attention": "host-kv-gpu", "wave_size": args.host_wave},
+         "host-cpu": {"attention": "host-kv-cpu", "wave_size": args.host_wave}}
 results = {}
 for name in args.modes.split(","):
     r = run_bench(SynthSource(spec), args.device, parse_bytes(args.gpu_memory), args.prompts, args.prompt_len,

@@ -35,7 +35,7 @@ def planner() -> None:
         plan = make_plan(spec, torch.bfloat16, "cuda", 24 * GiB, wl, hardware="h200", cpu_memory=120 * GiB)
         seconds = time.perf_counter() - t
         print(f"planner: llama-3-70b x64 layers, 24 GiB on h200, {wl.num_requests} x {wl.prompt_len:.0f} + "
-              f"{wl.gen_len:.0f}: {seconds:.2f} s (old bound 1 s); wave {plan.wave_size}, {plan.kv_placement} KV")
+              f"{wl.gen_len:.0f}: {seconds:.2f} s (old bound 1 s); wave {plan.wave_size}, {plan.attention}")
 
 
 def synth() -> None:

@@ -27,7 +27,7 @@ for part in "$@"; do
              for i in 1 2 3; do
                timeout 120 python -m offbatch.cli.main plan $shape --prompt-len 256 --gen-len 64 --num-prompts 1024 \
                  --reprobe --json > "$OUT/plan.json" 2>/dev/null
-               python -c "import json,sys; d=json.load(open(sys.argv[1])); p=d.get('plan',d); print(sys.argv[2], sys.argv[3], {k: p.get(k) for k in ('kv_placement','decode_attention','wave_size','attn_micro_batch','ffn_micro_tokens','near_tie')}, 'decode tok/s', round(d['predicted']['decode_tok_s']), 'gpu', d['hardware'].get('name') if isinstance(d['hardware'],dict) else d['hardware'])" "$OUT/plan.json" "$shape" "probe-$i" 2>&1 | tail -1
+               python -c "import json,sys; d=json.load(open(sys.argv[1])); p=d.get('plan',d); print(sys.argv[2], sys.argv[3], {k: p.get(k) for k in ('attention','wave_size','attn_micro_batch','ffn_micro_tokens','near_tie')}, 'decode tok/s', round(d['predicted']['decode_tok_s']), 'gpu', d['hardware'].get('name') if isinstance(d['hardware'],dict) else d['hardware'])" "$OUT/plan.json" "$shape" "probe-$i" 2>&1 | tail -1
              done
            done ;;
     kernels) timeout 120 python scripts/bench_kernels.py 2>&1 | tail -20 ;;

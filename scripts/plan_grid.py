@@ -36,7 +36,8 @@ from offbatch.planner.solve import make_plan, resolve_hardware  # noqa: E402
 from offbatch.planner.workload import Workload  # noqa: E402
 from offbatch.units import parse_bytes  # noqa: E402
 
-PLACEMENTS = {"gpu": ("gpu", "gpu"), "host-gpu": ("host", "gpu"), "host-cpu": ("host", "cpu")}
+# --placements names (the labels of the recorded grids) -> attention backends; a backend's own name works too.
+PLACEMENTS = {"gpu": "device-kv", "host-gpu": "host-kv-gpu", "host-cpu": "host-kv-cpu"}
 
 
 def parse_args():
@@ -50,7 +51,8 @@ def parse_args():
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--hardware", default=None, help="profile the planner uses (default: probe this machine)")
-    p.add_argument("--placements", default="gpu,host-gpu,host-cpu")
+    p.add_argument("--placements", default="gpu,host-gpu,host-cpu", help="attention backends: gpu (device-kv), "
+                   "host-gpu (host-kv-gpu), host-cpu (host-kv-cpu), or any registered backend's name")
     p.add_argument("--waves", default="auto", help="comma list, or auto: 1/4, 1/2 and all of the largest that fits")
     p.add_argument("--micro-batches", default="16,64,256", help="attention micro-batch sizes")
     p.add_argument("--budget-s", type=float, default=540.0, help="start no new run after this many seconds (per cap)")
@@ -112,16 +114,16 @@ def measure(args, source, store, shape, hw, workload, cap_text, cpu_cap, out, wa
     if args.order_point:
         other = "layer" if chosen.residency_order == "spread" else "spread"
         points.append((f"chosen, residency {other}", plan_for(
-            residency_order=other, kv_placement=chosen.kv_placement, decode_attention=chosen.decode_attention,
+            residency_order=other, attention=chosen.attention,
             wave_size=chosen.wave_size, attn_micro_batch=chosen.attn_micro_batch,
             prefill_tokens=chosen.prefill_tokens, ffn_micro_tokens=chosen.ffn_micro_tokens)))
-    seen = {(chosen.kv_placement, chosen.decode_attention, chosen.wave_size, chosen.attn_micro_batch)}
+    seen = {(chosen.attention, chosen.wave_size, chosen.attn_micro_batch)}
     mbs = [int(x) for x in args.micro_batches.split(",")]
     grid = []
     for name in args.placements.split(","):
-        kv, attn = PLACEMENTS[name]
+        attention = PLACEMENTS.get(name, name)
         try:
-            top = plan_for(kv_placement=kv, decode_attention=attn)
+            top = plan_for(attention=attention)
         except BudgetError as e:
             print(f"{name}: infeasible ({e})", flush=True)
             continue
@@ -131,21 +133,21 @@ def measure(args, source, store, shape, hw, workload, cap_text, cpu_cap, out, wa
             waves = [int(x) for x in args.waves.split(",")]
         for w in reversed(waves):
             for mb in mbs:
-                grid.append((name, kv, attn, w, mb))
+                grid.append((name, attention, w, mb))
     # One point per placement first (its largest wave, middle micro-batch), then the rest.
     first: dict[str, tuple] = {}
     for g in grid:
-        if g[0] not in first and g[4] == mbs[len(mbs) // 2]:
+        if g[0] not in first and g[3] == mbs[len(mbs) // 2]:
             first[g[0]] = g
     order = list(first.values()) + [g for g in grid if g not in first.values()]
     planned = []
-    for name, kv, attn, w, mb in order:
-        if (kv, attn, w, mb) in seen:
+    for name, attention, w, mb in order:
+        if (attention, w, mb) in seen:
             continue
-        seen.add((kv, attn, w, mb))
+        seen.add((attention, w, mb))
         try:
-            planned.append((f"{name} wave {w} mb {mb}", plan_for(kv_placement=kv, decode_attention=attn,
-                                                                   wave_size=w, attn_micro_batch=mb)))
+            planned.append((f"{name} wave {w} mb {mb}", plan_for(attention=attention, wave_size=w,
+                                                                   attn_micro_batch=mb)))
         except BudgetError:
             continue
     # After one point per placement, the rest from the most promising down (by the model): when the time
@@ -195,7 +197,7 @@ def measure(args, source, store, shape, hw, workload, cap_text, cpu_cap, out, wa
                 torch.cuda.set_per_process_memory_fraction(1.0)
         pred = plan.predicted
         row = {"label": label, "residency_order": plan.residency_order,
-               "kv_placement": plan.kv_placement, "decode_attention": plan.decode_attention,
+               "attention": plan.attention,
                "wave_size": plan.wave_size, "attn_micro_batch": plan.attn_micro_batch,
                "prefill_tokens": plan.prefill_tokens, "ffn_micro_tokens": plan.ffn_micro_tokens,
                "predicted": {k: pred[k] for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s")},

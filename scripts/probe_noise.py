@@ -37,7 +37,7 @@ def plan_of(hw, preset: str, layers, cap: int) -> dict:
     spec = spec_from_config(synth_config(preset, layers=layers))
     plan = make_plan(spec, torch.bfloat16, hw.device, cap, Workload.uniform(1024, 256, 64), hardware=hw)
     d = plan.to_dict()
-    keys = ("kv_placement", "decode_attention", "wave_size", "attn_micro_batch", "ffn_micro_tokens", "near_tie")
+    keys = ("attention", "wave_size", "attn_micro_batch", "ffn_micro_tokens", "near_tie")
     return {**{k: d.get(k) for k in keys}, "decode_tok_s": round(plan.predicted["decode_tok_s"])}
 
 
@@ -63,7 +63,7 @@ def main() -> None:
             continue
         for i, p in enumerate(plans[label]):
             print(label, f"probe {i + 1}", p)
-        same = len({(p["kv_placement"], p["decode_attention"]) for p in plans[label]}) == 1
+        same = len({p["attention"] for p in plans[label]}) == 1
         print(label, "SAME placement from every probe" if same else "PLACEMENT FLIPPED")
     if args.json:
         with open(args.json, "w") as f:

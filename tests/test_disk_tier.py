@@ -14,8 +14,9 @@ from hf_factory import save_hf_model
 from offbatch.engine.api import GenRequest, SamplingParams
 from offbatch.engine.build import engine_for_folder
 from offbatch.errors import OffbatchError
+from offbatch.formats import DENSE
 from offbatch.models.loader import open_checkpoint
-from offbatch.models.reference import ReferenceModel
+from offbatch.engine.reference import ReferenceModel
 from offbatch.models.spec import spec_from_config
 from offbatch.tools.synth import synth_config
 from offbatch.offload.disk import read_module_now
@@ -96,11 +97,12 @@ def test_disk_tier_in_another_dtype_gives_the_same_tokens_as_pinned(model):
 class ExpertStore:
     """Modules (0, 'expert.e') of 4 floats each, value e, every one on disk through a real file."""
 
+    format = DENSE
+
     def __init__(self, tmp_path, experts=6):
         from safetensors.torch import save_file
 
         from offbatch.offload.disk import TensorRead
-        from offbatch.offload.weights import make_layout
 
         tensors = {f"e{e}": torch.full((4,), float(e)) for e in range(experts)}
         path = tmp_path / "experts.safetensors"
@@ -111,7 +113,7 @@ class ExpertStore:
         self.layouts, self.host, self.disk = {}, {}, {}
         for e in range(experts):
             key = (0, f"expert.{e}")
-            self.layouts[key] = make_layout([("w", (4,))], torch.float32)
+            self.layouts[key] = DENSE.layout([("w", (4,))], torch.float32)
             begin, _ = header[f"e{e}"]["data_offsets"]
             self.disk[key] = [TensorRead(f"e{e}", str(path), data_start + begin, 16, 0, True)]
 
@@ -197,10 +199,10 @@ def test_resident_modules_go_to_disk_first():
     wl = Workload.uniform(1024, 256, 64)
     # 24 GiB of GPU: much is resident; a host budget just under all-pinned moves resident modules only.
     full = make_plan(spec, torch.bfloat16, "cuda", 24 * GiB, wl, hardware="h200", cpu_memory=120 * GiB,
-                     kv_placement="gpu")
+                     attention="device-kv")
     need = sum(full.host_memory.values())
     plan = make_plan(spec, torch.bfloat16, "cuda", 24 * GiB, wl, hardware="h200", cpu_memory=need - 2 * GiB,
-                     kv_placement="gpu", wave_size=full.wave_size)
+                     attention="device-kv", wave_size=full.wave_size)
     assert plan.disk and plan.disk <= plan.resident
     assert plan.predicted["decode_step"]["disk_s"] == 0
     assert plan.predicted["e2e_tok_s"] == pytest.approx(full.predicted["e2e_tok_s"], rel=1e-6)

@@ -7,7 +7,7 @@ import torch
 from hf_factory import FAMILIES, save_hf_model
 from offbatch.engine.api import GenRequest, SamplingParams
 from offbatch.engine.build import engine_for_folder
-from offbatch.models.reference import ReferenceModel
+from offbatch.engine.reference import ReferenceModel
 
 pytestmark = pytest.mark.gpu
 
@@ -26,7 +26,7 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-KV_MODES = [{}, {"kv_placement": "host", "decode_attention": "gpu"}, {"kv_placement": "host", "decode_attention": "cpu"}]
+KV_MODES = [{}, {"attention": "host-kv-gpu"}, {"attention": "host-kv-cpu"}]
 CASES = [(f, {}) for f in FAMILIES] + [(f, m) for f in ("llama", "mixtral", "opt") for m in KV_MODES[1:]]
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from offbatch.attention import get_attention
 from offbatch.errors import BudgetError, OffbatchError, PlanFileError
+from offbatch.offload.kv import kv_format
 from offbatch.models.spec import spec_from_config
 from offbatch.tools.synth import synth_config
 from offbatch.offload.weights import SynthSource, WeightStore
@@ -41,7 +43,7 @@ def test_shape_of_a_real_preset_matches_the_recorded_run():
     rec = json.loads((BENCH / "mixtral-offbatch.json").read_text())
     shape = shape_from_spec(spec_of("mixtral-8x7b", 8), torch.bfloat16)
     assert shape.total_bytes == rec["weights_bytes"]
-    assert shape.kv_bytes_per_token() == 2 * 8 * 1024 * 2
+    assert kv_format("dense", shape.dtype).bytes_per_token(shape.spec) == 2 * 8 * 1024 * 2
 
 
 # ---- hardware ---------------------------------------------------------------------------------------
@@ -158,10 +160,15 @@ def grid_points():
     return out
 
 
+# The recorded grids name the placement as plan format 1 did (KV placement, decode attention).
+ATTENTION_OF = {("gpu", "gpu"): "device-kv", ("host", "gpu"): "host-kv-gpu", ("host", "cpu"): "host-kv-cpu"}
+
+
 def pinned_plan(preset, layers, cap, g):
     """The point's plan re-made on the h200 profile with its knobs pinned (same budget: same residency)."""
+    attention = g.get("attention") or ATTENTION_OF[(g["kv_placement"], g["decode_attention"])]
     return make_plan(spec_of(preset, layers), torch.bfloat16, "cuda", cap * GiB, WORKLOAD, hardware="h200",
-                     cpu_memory=100 * GiB, kv_placement=g["kv_placement"], decode_attention=g["decode_attention"],
+                     cpu_memory=100 * GiB, attention=attention,
                      wave_size=g["wave_size"], attn_micro_batch=g["attn_micro_batch"],
                      prefill_tokens=g["prefill_tokens"], ffn_micro_tokens=g["ffn_micro_tokens"],
                      residency_order=g.get("residency_order", "layer"))  # the first grids had only "layer"
@@ -289,12 +296,12 @@ def test_host_budget_limits_the_host_kv_wave():
     spec = spec_of("mixtral-8x7b", 8)
     wl = Workload.uniform(4096, 256, 64)
     roomy = make_plan(spec, torch.bfloat16, "cuda", 8 * GiB, wl, hardware="h200", cpu_memory=120 * GiB)
-    assert roomy.kv_placement == "host"
+    assert get_attention(roomy.attention).kv_on_host
     budget = int(0.8 * sum(roomy.host_memory.values()))  # a fifth short of what the roomy plan holds
     tight = make_plan(spec, torch.bfloat16, "cuda", 8 * GiB, wl, hardware="h200", cpu_memory=budget)
     assert sum(tight.host_memory.values()) <= budget
     # Something gave way: a smaller host-KV wave, the KV on the GPU, or weights left on disk.
-    assert tight.kv_placement == "gpu" or tight.wave_size < roomy.wave_size or tight.disk
+    assert tight.attention == "device-kv" or tight.wave_size < roomy.wave_size or tight.disk
     assert tight.predicted["e2e_tok_s"] <= roomy.predicted["e2e_tok_s"]
 
 
@@ -331,11 +338,11 @@ def test_plans_are_deterministic_and_round_trip_as_files():
     assert json.dumps(a.to_dict(), sort_keys=True) == json.dumps(b.to_dict(), sort_keys=True)
     again = Plan.from_dict(json.loads(json.dumps(a.to_dict())))
     assert again.resident == a.resident and again.slots == a.slots and again.dtype == a.dtype
-    assert (again.wave_size, again.kv_placement, again.decode_attention) == (a.wave_size, a.kv_placement, a.decode_attention)
+    assert (again.wave_size, again.attention) == (a.wave_size, a.attention)
     with pytest.raises(OffbatchError, match="not a plan"):
         Plan.from_dict({"wave_size": 3})
-    bad = dict(a.to_dict(), kv_placement="disk")
-    with pytest.raises(OffbatchError, match="kv_placement"):
+    bad = dict(a.to_dict(), attention="disk")
+    with pytest.raises(OffbatchError, match="attention"):
         Plan.from_dict(bad)
 
 
@@ -343,10 +350,10 @@ def test_pins_are_kept_and_unknown_options_refused():
     spec = spec_of("mixtral-8x7b", 4)
     wl = Workload.uniform(512, 128, 32)
     plan = make_plan(spec, torch.bfloat16, "cuda", 8 * GiB, wl, hardware="h200", wave_size=100, attn_micro_batch=16,
-                     kv_placement="host", decode_attention="cpu")
-    assert (plan.wave_size, plan.attn_micro_batch, plan.kv_placement, plan.decode_attention) == (100, 16, "host", "cpu")
+                     attention="host-kv-cpu")
+    assert (plan.wave_size, plan.attn_micro_batch, plan.attention) == (100, 16, "host-kv-cpu")
     cpu_plan = make_plan(spec_of("llama"), torch.float32, "cpu", None, wl, max_resident_bytes=0)
-    assert cpu_plan.kv_placement == "gpu" and cpu_plan.memory["resident_weights"] == 0  # routers only, none here
+    assert cpu_plan.attention == "device-kv" and cpu_plan.memory["resident_weights"] == 0  # routers only, none here
     with pytest.raises(TypeError, match="unknown plan option"):
         make_plan(spec, torch.bfloat16, "cuda", 8 * GiB, wl, hardware="h200", waves=3)
 
@@ -441,7 +448,7 @@ def test_plan_summary_line_says_placement_sizes_prediction_and_why():
     assert line.startswith("plan (solver): ")
     assert f"wave {plan.wave_size}," in line and f"attention mb {plan.attn_micro_batch}" in line
     assert f"{plan.predicted['e2e_tok_s']:,.0f} tok/s end to end" in line
-    assert ("KV on the GPU" in line) == (plan.kv_placement == "gpu")
+    assert ("KV on the GPU" in line) == (plan.attention == "device-kv")
     assert "\n  bottleneck: " in line
 
 
@@ -461,14 +468,14 @@ def test_spread_order_and_pick_are_even_and_complete():
 def test_spread_residency_holds_the_same_bytes_over_more_layers_and_predicts_no_slower():
     spec, wl = spec_of("mixtral-8x7b", 8), Workload.uniform(1024, 256, 64)
     plans = {o: make_plan(spec, torch.bfloat16, "cuda", 24 * GiB, wl, hardware="h200", cpu_memory=100 * GiB,
-                          residency_order=o, kv_placement="gpu") for o in ("layer", "spread")}
+                          residency_order=o, attention="device-kv") for o in ("layer", "spread")}
     layer, spread = plans["layer"], plans["spread"]
     assert spread.residency_order == "spread" and layer.residency_order == "layer"
     # The model credits spread residency with no exposed resident stretch; with the same knobs it can
     # only be faster, so the solver's spread plan predicts at least the layer plan's figure.
     assert spread.predicted["e2e_tok_s"] >= layer.predicted["e2e_tok_s"]
     pinned = dict(wave_size=layer.wave_size, prefill_tokens=layer.prefill_tokens, attn_micro_batch=layer.attn_micro_batch,
-                  ffn_micro_tokens=layer.ffn_micro_tokens, kv_placement="gpu")
+                  ffn_micro_tokens=layer.ffn_micro_tokens, attention="device-kv")
     same = make_plan(spec, torch.bfloat16, "cuda", 24 * GiB, wl, hardware="h200", cpu_memory=100 * GiB,
                      residency_order="spread", **pinned)
     assert same.memory["resident_weights"] == layer.memory["resident_weights"]
@@ -497,7 +504,7 @@ def test_layer_order_exposes_only_the_resident_stretch_before_the_first_streamed
     left = chooser.fixed_bytes + 32 * ffn + shape.nbytes[(-1, "head")] + 8 * attn + 2 * attn
     hw = load_hardware("h200")
     knobs = Knobs(wave=205, prefill_tokens=8192, ffn_micro_tokens=1024, attn_micro_batch=205,
-                  kv_placement="gpu", decode_attention="gpu")
+                  attention="device-kv")
     steps = {}
     for order in ("layer", "spread"):
         res = chooser.choose(left, 205, order=order)
@@ -557,8 +564,7 @@ def test_probe_noise_does_not_change_the_plan(preset, layers, hw, cap, wl):
     for seed in (1, 2):
         noisy = make_plan(spec, torch.bfloat16, "cuda", cap * GiB, wl, hardware=perturbed(base_hw, seed),
                           cpu_memory=host)
-        assert (noisy.kv_placement, noisy.decode_attention, noisy.wave_size) == (
-            base.kv_placement, base.decode_attention, base.wave_size), seed
+        assert (noisy.attention, noisy.wave_size) == (base.attention, base.wave_size), seed
         priced_here = predict(noisy, shape_from_spec(spec, torch.bfloat16), base_hw, wl)
         assert priced_here["total_s"] <= base.predicted["total_s"] * (1 + TIE_TOLERANCE), seed
 
@@ -580,10 +586,10 @@ def test_a_near_tie_keeps_the_simpler_placement_and_says_so(tmp_path):
         hw = replace(h200, host=replace(h200.host, cpu_attn_bytes_s=h200.host.cpu_attn_bytes_s * factor,
                                         cpu_attn_contended_bytes_s=h200.host.cpu_attn_contended_bytes_s * factor))
         plans[factor] = make_plan(spec, torch.bfloat16, "cuda", 8 * GiB, WORKLOAD, hardware=hw, cpu_memory=100 * GiB)
-    assert {(p.kv_placement, p.decode_attention) for p in plans.values()} == {("host", "gpu")}
+    assert {p.attention for p in plans.values()} == {"host-kv-gpu"}
     assert plans[1.0].near_tie is None  # 3.4% apart: a clear choice
     tie = plans[1.1].near_tie
-    assert (tie["kv_placement"], tie["decode_attention"]) == ("host", "cpu") and tie["tolerance"] == 0.03
+    assert tie["attention"] == "host-kv-cpu" and tie["tolerance"] == 0.03
     assert tie["chosen_e2e_tok_s"] < tie["e2e_tok_s"] <= tie["chosen_e2e_tok_s"] * 1.03  # the rival priced faster
     assert "near-tie: within 3% of host KV with CPU attention" in plans[1.1].summary()
     # `offbatch plan` says it too, and writes it in the plan file.
@@ -632,12 +638,12 @@ def test_a_pinned_plan_is_checked_against_the_model_and_the_memory_before_packin
     # A wave of 4096 x 8192 tokens of Llama-3-8B KV is 4 TiB: more than the cap (GPU KV), more than any
     # host (host KV). Refused from the shape alone: no weight is packed.
     with pytest.raises(PlanFileError, match="more than the --gpu-memory cap"):
-        check_plan(replace(plan, wave_size=4096, max_len=8192, kv_placement="gpu"), shape, torch.device("cuda"), 8 * GiB)
+        check_plan(replace(plan, wave_size=4096, max_len=8192, attention="device-kv"), shape, torch.device("cuda"), 8 * GiB)
     with pytest.raises(PlanFileError, match="host KV .* more than this machine's"):
-        check_plan(replace(plan, wave_size=4096, max_len=8192, kv_placement="host"), shape, torch.device("cuda"),
+        check_plan(replace(plan, wave_size=4096, max_len=8192, attention="host-kv-gpu"), shape, torch.device("cuda"),
                    8 * GiB)
     with pytest.raises(PlanFileError, match="more than the device's memory"):
-        check_plan(replace(plan, device="cpu", wave_size=4096, max_len=8192, kv_placement="gpu"), shape,
+        check_plan(replace(plan, device="cpu", wave_size=4096, max_len=8192, attention="device-kv"), shape,
                    torch.device("cpu"))
 
 
@@ -662,19 +668,19 @@ def test_cpu_attention_noise_widens_the_tie_only_where_cpu_attention_is_in_the_c
         return make_plan(spec, torch.bfloat16, "cuda", cap, WORKLOAD, hardware=hw, cpu_memory=100 * GiB)
 
     quiet = plan(with_cpu(1.5, 0.0))
-    assert (quiet.kv_placement, quiet.decode_attention) == ("host", "cpu")  # clearly faster on a quiet machine
+    assert quiet.attention == "host-kv-cpu"  # clearly faster on a quiet machine
     noisy = plan(with_cpu(1.5, 0.3))
-    assert (noisy.kv_placement, noisy.decode_attention) == ("host", "gpu")
+    assert noisy.attention == "host-kv-gpu"
     tie = noisy.near_tie
-    assert tie["tolerance"] == 0.3 and (tie["kv_placement"], tie["decode_attention"]) == ("host", "cpu")
+    assert tie["tolerance"] == 0.3 and tie["attention"] == "host-kv-cpu"
     assert tie["chosen_e2e_tok_s"] * 1.03 < tie["e2e_tok_s"] <= tie["chosen_e2e_tok_s"] * 1.3
     assert "CPU attention rate is that noisy" in tie["words"]
     # Far enough ahead, CPU attention still wins on the noisy machine.
-    assert plan(with_cpu(4.0, 0.3)).decode_attention == "cpu"
+    assert plan(with_cpu(4.0, 0.3)).attention == "host-kv-cpu"
     # The noise does not touch choices that do not hang on CPU attention: at 24 GiB, KV on the GPU against
     # host KV with GPU attention is decided as on the quiet machine.
     a, b = plan(with_cpu(1.0, 0.0), 24 * GiB), plan(with_cpu(1.0, 0.5), 24 * GiB)
-    assert (a.kv_placement, a.decode_attention) == (b.kv_placement, b.decode_attention)
+    assert a.attention == b.attention
     # The field travels in profile files and is checked like every other.
     assert Hardware.from_dict(replace(h200, cpu_attn_noise=0.3).to_dict()).cpu_attn_noise == 0.3
     with pytest.raises(PlanFileError, match="cpu_attn_noise"):

@@ -25,7 +25,7 @@ def test_plan_json_for_another_machine():
     assert rep["bottleneck"] and rep["bottleneck_kind"] in ("pcie", "gpu", "cpu-attention", "host")
     plan = rep["plan"]
     assert plan["budget_bytes"] == 8 << 30 and sum(plan["memory"].values()) <= 0.9 * (8 << 30)
-    assert plan["kv_placement"] in ("gpu", "host") and plan["decode_attention"] in ("gpu", "cpu")
+    assert plan["attention"] in ("device-kv", "host-kv-gpu", "host-kv-cpu") and plan["format"] == 2
     assert rep["hardware"]["name"] == "h200" and rep["workload"]["num_requests"] == 1024
 
 

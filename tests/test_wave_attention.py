@@ -46,7 +46,7 @@ def test_prefill_then_decode_matches_per_sequence_attention(window, micro_batch,
         qd, kd, vd = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)
         lengths = [prompt_lens[s] + step for s in order]
         batch = decode_batch(kv, order, lengths, micro_batch, torch.device("cpu"), copy_kv=bool(writer_rows))
-        got = decode_attention(kv, layer, qd, kd, vd, batch, window)
+        got, _ = decode_attention(kv, layer, qd, kd, vd, batch, window)
         for j, s in enumerate(order):
             kk = torch.cat([keys[s][0], kd[j : j + 1]])
             vv = torch.cat([keys[s][1], vd[j : j + 1]])
@@ -90,14 +90,11 @@ def test_host_kv_writer_stores_ragged_spans_and_tokens_like_direct_writes():
         T = sum(lens)
         k, v = torch.randn(T, 2, 8).half(), torch.randn(T, 2, 8).half()
         writer.store_spans(layer, k, v, [(s, 0, n) for s, n in zip(slots, lens)])
-        row = 0
-        for s, n in zip(slots, lens):
-            direct.write_span(layer, s, 0, k[row : row + n], v[row : row + n])
-            row += n
+        direct.write_spans(layer, k, v, [(s, 0, n) for s, n in zip(slots, lens)])
         pos = [n for n in lens]
         kt, vt = torch.randn(4, 2, 8).half(), torch.randn(4, 2, 8).half()
         writer.store_tokens(layer, kt, vt, slots, pos)
-        direct.write_decode(layer, torch.tensor(slots), torch.tensor(pos), kt, vt)
+        direct.write_tokens(layer, torch.tensor(slots), torch.tensor(pos), kt, vt)
     kv.drain()
     for layer in range(2):
         assert torch.equal(kv.k[layer], direct.k[layer]) and torch.equal(kv.v[layer], direct.v[layer])
@@ -131,7 +128,7 @@ def test_copied_ranges_use_this_steps_token_before_host_kv_has_it():
     for s, n in zip(slots, lengths):
         kv.k[0][s, :, :n], kv.v[0][s, :, :n] = torch.randn(2, n, 8), torch.randn(2, n, 8)
     q, k, v = torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 8)
-    got = decode_attention(kv, 0, q, k, v, decode_batch(kv, slots, lengths, 3, torch.device("cpu"), copy_kv=True))
+    got, _ = decode_attention(kv, 0, q, k, v, decode_batch(kv, slots, lengths, 3, torch.device("cpu"), copy_kv=True))
     assert len(held) == 1 and torch.count_nonzero(kv.k[0][2, :, 3]) == 0  # host KV still lacks the token
     for j, (s, n) in enumerate(zip(slots, lengths)):
         kk = torch.cat([kv.k[0][s, :, :n].transpose(0, 1), k[j : j + 1]])

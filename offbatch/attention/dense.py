@@ -26,3 +26,31 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
         mask &= kpos[None, None, :] > qp[:, :, None] - window
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None])
     return out.reshape(b, nh, t, d)
+
+
+def grouped_lse(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_len: torch.Tensor,
+                window: int | None = None) -> torch.Tensor:
+    """The log-sum-exp of grouped_attention's scaled, masked scores, in float32: [b, nh, t]. Two
+    attentions over disjoint key sets merge exactly by it (merge_by_lse). Computed apart from the
+    product, which keeps SDPA's numerics."""
+    b, nh, t, d = q.shape
+    nkv, L = k.shape[1], k.shape[2]
+    rep = nh // nkv
+    qg = q.reshape(b, nkv, rep * t, d).float()
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * (d ** -0.5)  # [b, nkv, rep*t, L]
+    kpos = torch.arange(L, device=q.device)
+    qp = q_pos.repeat(1, rep)
+    mask = (kpos[None, None, :] <= qp[:, :, None]) & (kpos[None, None, :] < k_len[:, None, None])
+    if window:
+        mask &= kpos[None, None, :] > qp[:, :, None] - window
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    return torch.logsumexp(scores, dim=-1).reshape(b, nh, t)
+
+
+def merge_by_lse(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of disjoint key sets from each set's output [..., nh, d] and
+    log-sum-exp [..., nh]: each output weighted by its share of the total softmax mass. Returns the
+    merged output (in the outputs' dtype) and log-sum-exp."""
+    lse = torch.logsumexp(torch.stack(lses), dim=0)
+    out = sum(o.float() * torch.exp(s - lse)[..., None] for o, s in zip(outs, lses))
+    return out.to(outs[0].dtype), lse

@@ -3,11 +3,12 @@
 Decode: every query attends over its own sequence's keys. The wave's KV is laid out by slot, so a
 micro-batch is a contiguous range of slots read as one view (no gather copy); slots without a live
 query in the step get a dummy query over one key and their output is dropped. Where the KV lives
-and where the product runs are separate choices:
-  KV on the device           -> attention on the device, in place;
-  KV on the host, "gpu"      -> each micro-batch's KV range is copied over (contiguous, from pinned memory);
-  KV on the host, "cpu"      -> attention on the host threads; only q and the output cross PCIe.
+and where the product runs are separate choices (the attention backends built on these calls):
+  KV on the device (device-kv)        -> attention on the device, in place;
+  KV on the host, GPU (host-kv-gpu)   -> each micro-batch's KV range is copied over (contiguous, pinned);
+  KV on the host, CPU (host-kv-cpu)   -> attention on the host threads; only q and the output cross PCIe.
 Prefill: a fresh prompt attends only to itself, so it uses the step's own K/V; they are then stored.
+The KV is read and written only through WaveKV's methods.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from offbatch.attention.dense import grouped_attention
+from offbatch.attention.dense import grouped_attention, grouped_lse
 from offbatch.offload.kv import WaveKV
 
 
@@ -53,7 +54,7 @@ def decode_batch(kv: WaveKV, slots: list[int], lengths: list[int], micro_batch: 
                  copy_kv: bool | None = None) -> DecodeBatch:
     """copy_kv: None decides by the devices (KV on another device type than `where`); True forces
     the copy-then-patch path (tests run it on one device)."""
-    store = kv.k[0].device
+    store = kv.device
     if copy_kv is None:
         copy_kv = store.type != where.type  # (one device per engine: "cuda" and "cuda:0" are the same here)
     W = kv.slots
@@ -75,65 +76,56 @@ def decode_batch(kv: WaveKV, slots: list[int], lengths: list[int], micro_batch: 
                             _index(sel, where)))
         else:
             patches.append(None)
-    buffers = None
-    if copy_kv and ranges:
-        shape = (max(b - a for a, b, _ in ranges),) + tuple(kv.k[0].shape[1:])
-        buffers = (torch.empty(shape, dtype=kv.k[0].dtype, device=where),
-                   torch.empty(shape, dtype=kv.k[0].dtype, device=where))
+    buffers = kv.range_buffers(max(b - a for a, b, _ in ranges), where) if copy_kv and ranges else None
     return DecodeBatch(slots, lengths, where, copy_kv, _index(slots, store), _index(lengths, store),
                        _index(slots, where), _index(k_len, where), _index(q_pos, where), ranges, patches, buffers)
 
 
-def decode_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     batch: DecodeBatch, window: int | None = None) -> torch.Tensor:
+def decode_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: DecodeBatch,
+                     window: int | None = None, lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q: [b, nh, d]; k, v: [b, nkv, d] of the new token of each of batch's sequences. Stores k/v,
-    returns attention output [b, nh, d] on q's device."""
+    returns the attention output [b, nh, d] on q's device and, when asked, the log-sum-exp [b, nh]
+    (float32) of each query's scores (the product is the same either way), else None."""
     compute, where = q.device, batch.where
-    store = kv.k[layer].device
     kv.settle(layer)  # earlier asynchronous writes of this layer (last step's) are in place
     if batch.copy_kv and kv.writer is not None:
         # The device works on a copy of each range with the new tokens patched in: the host copy of
         # this step's tokens can land later (the next step settles it first).
         kv.writer.store_tokens(layer, k, v, batch.store_slots, batch.store_pos)  # host tensors, built per step
     else:
-        kv.write_decode(layer, batch.store_slots, batch.store_pos, k.to(store), v.to(store))
+        kv.write_tokens(layer, batch.store_slots, batch.store_pos, k, v)
     kw, vw = (k.to(where), v.to(where)) if batch.copy_kv else (None, None)
 
     W, (nh, d) = kv.slots, q.shape[1:]
     q_all = torch.zeros(W, nh, d, device=where, dtype=q.dtype)
     q_all[batch.where_slots] = q.to(where)
     out = torch.empty_like(q_all)
-    row = kv.k[layer][0, :, :1].numel() * kv.k[layer].element_size()  # one position of one slot
+    lse_all = torch.empty(W, nh, device=where, dtype=torch.float32) if lse else None
     for (a, b, L), patch in zip(batch.ranges, batch.patches):
-        kv.read_bytes += 2 * (b - a) * L * row
         if not batch.copy_kv:
-            kk, vv = kv.k[layer][a:b, :, :L], kv.v[layer][a:b, :, :L]
+            kk, vv = kv.read(layer, a, b, L)
         else:  # copy the whole (contiguous) slot range, then narrow
-            kbuf, vbuf = batch.kv_buffers
-            kk = kbuf[: b - a].copy_(kv.k[layer][a:b], non_blocking=True)[:, :, :L]
-            vv = vbuf[: b - a].copy_(kv.v[layer][a:b], non_blocking=True)[:, :, :L]
-            kv.copied_bytes += 2 * (b - a) * kv.max_len * row
+            kk, vv = kv.copy_range_to(layer, a, b, *batch.kv_buffers, L)
             rows, pos, sel = patch
             kk[rows, :, pos] = kw[sel]
             vv[rows, :, pos] = vw[sel]
-        o = grouped_attention(q_all[a:b, :, None, :], kk, vv, batch.q_pos[a:b, None], batch.k_len[a:b], window)
-        out[a:b] = o[:, :, 0, :]
-    return out[batch.where_slots].to(compute, non_blocking=True)
+        qr, q_pos, k_len = q_all[a:b, :, None, :], batch.q_pos[a:b, None], batch.k_len[a:b]
+        out[a:b] = grouped_attention(qr, kk, vv, q_pos, k_len, window)[:, :, 0, :]
+        if lse:
+            lse_all[a:b] = grouped_lse(qr, kk, q_pos, k_len, window)[:, :, 0]
+    got = out[batch.where_slots].to(compute, non_blocking=True)
+    return got, (lse_all[batch.where_slots].to(compute, non_blocking=True) if lse else None)
 
 
 def prefill_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       seqs: list[tuple[int, int]], groups: list[list[int]], window: int | None = None) -> torch.Tensor:
     """Fresh prompts. q: [T, nh, d], k/v: [T, nkv, d], rows of sequence j consecutive; seqs[j] = (slot,
     n). groups: lists of sequence indices attended together. Stores k/v at positions 0..n-1."""
-    store = kv.k[layer].device
+    spans = [(slot, 0, n) for slot, n in seqs]
     if kv.writer is not None:  # host KV filled from the device: stored off the compute stream's path
-        kv.writer.store_spans(layer, k, v, [(slot, 0, n) for slot, n in seqs])
+        kv.writer.store_spans(layer, k, v, spans)
     else:
-        k_store, v_store = (k, v) if store == k.device else (k.to(store), v.to(store))
-        row = 0
-        for slot, n in seqs:
-            kv.write_span(layer, slot, 0, k_store[row : row + n], v_store[row : row + n])
-            row += n
+        kv.write_spans(layer, k, v, spans)
     starts, row = [], 0
     for _, n in seqs:
         starts.append(row)

@@ -52,8 +52,9 @@ def command(
     """Run a synthetic batch job through the streaming engine and report what limited it."""
     import torch
 
+    from offbatch.attention import get_attention
     from offbatch.engine.benchmark import run_bench
-    from offbatch.models.reference import resolve_dtype
+    from offbatch.models.dtypes import resolve_dtype
     from offbatch.engine.select import resolve_device
     from offbatch.plan import load_plan_file
     from offbatch.planner.shape import shape_from_spec
@@ -117,7 +118,7 @@ def command(
                                                    f"{format_bytes(report['decode_kv_copied_bytes_per_step'])}", ""),
         ("decode floor with KV copies, achieved", f"{report['decode_floor_with_kv_copies_tok_s']:.1f} tok/s, "
                                                   f"{report['decode_achieved_over_floor_with_kv_copies']:.2f}", ""),
-        ("plan", f"{plan['kv_placement']} KV, {plan['decode_attention']} attention, wave {plan['wave_size']}, "
+        ("plan", f"{get_attention(plan['attention']).words}, wave {plan['wave_size']}, "
                  f"prefill {plan['prefill_tokens']} tok, attn mb {plan['attn_micro_batch']}, ffn mb "
                  f"{plan['ffn_micro_tokens']} ({'pinned' if pinned else plan.get('chosen_by', 'solver')})", ""),
         ("streamed per decode step", format_bytes(report["decode_bytes_per_step"]),

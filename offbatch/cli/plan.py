@@ -75,7 +75,7 @@ def command(
     """Choose placement and batch sizes for a job, predict its speed, and say what bounds it."""
     import torch
 
-    from offbatch.models.reference import resolve_dtype
+    from offbatch.models.dtypes import resolve_dtype
     from offbatch.planner.probe import probe_hardware
     from offbatch.planner.solve import make_plan, resolve_hardware
     from offbatch.planner.workload import Workload
@@ -131,11 +131,12 @@ def print_plan(report: dict, console: Console | None = None) -> None:
     t = Table(title="plan", show_header=False)
     t.add_column("what")
     t.add_column("value", justify="right")
-    attention = "on the GPU" if plan["kv_placement"] == "gpu" else (
-        "on the GPU, KV copied over per micro-batch" if plan["decode_attention"] == "gpu" else "on the CPU threads")
+    from offbatch.attention import get_attention
+
+    backend = get_attention(plan["attention"])
     rows = [
-        ("KV cache", "GPU" if plan["kv_placement"] == "gpu" else "pinned host memory"),
-        ("decode attention", attention),
+        ("KV cache", backend.kv_words),
+        ("decode attention", backend.attention_words),
         ("wave (sequences decoded together)", str(plan["wave_size"])),
         ("prompt tokens admitted per step", str(plan["prefill_tokens"])),
         ("attention micro-batch (sequences)", str(plan["attn_micro_batch"])),

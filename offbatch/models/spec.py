@@ -75,9 +75,6 @@ class ModelSpec:
     def is_moe_layer(self, i: int) -> bool:
         return bool(self.moe_layers) and self.moe_layers[i]
 
-    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        return 2 * self.num_layers * self.kv_size * dtype_bytes
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -24,6 +24,18 @@ import torch
 KV_STAGING_BUFFERS = 3  # staging buffers of the ring: how many layers' stores the device may run ahead
 
 
+def staging_rows(prefill_tokens: int, max_len: int, wave: int) -> int:
+    """Rows of one staging buffer: a step's tokens at most (a prefill budget, at least one whole prompt,
+    plus the wave's decode tokens)."""
+    return max(prefill_tokens, max_len) + wave
+
+
+def staging_bytes(fmt, spec, rows: int, buffers: int = KV_STAGING_BUFFERS) -> int:
+    """The staging ring's bytes (one allocation): K and V of `rows` tokens of one layer per buffer, in
+    the KV format `fmt`."""
+    return 2 * buffers * rows * fmt.row_bytes(spec)
+
+
 class HostKVWriter:
     def __init__(self, kv, rows: int, buffers: int = KV_STAGING_BUFFERS):
         """kv: a WaveKV in host memory; rows: the most K/V rows one staging buffer holds (a step's
@@ -35,12 +47,11 @@ class HostKVWriter:
         self._kv = weakref.ref(kv)
         self.rows = rows
         spec = kv.spec
-        shape = (rows, spec.num_kv_heads, spec.head_dim)
-        dtype = kv.k[0].dtype
-        pin = kv.k[0].is_pinned()
+        shape = (rows,) + tuple(kv.row_shape)
         # One allocation for the whole ring: the pinned allocator rounds each allocation to a power of two.
-        per = rows * spec.num_kv_heads * spec.head_dim
-        flat = torch.empty(2 * buffers * per, dtype=dtype, pin_memory=pin)
+        flat = torch.empty(staging_bytes(kv.format, spec, rows, buffers), dtype=torch.uint8,
+                           pin_memory=kv.pinned).view(kv.dtype)
+        per = flat.numel() // (2 * buffers)
         self._bufs = [(flat[(2 * i) * per : (2 * i + 1) * per].view(shape),
                        flat[(2 * i + 1) * per : (2 * i + 2) * per].view(shape)) for i in range(buffers)]
         self.staging_bytes = flat.numel() * flat.element_size()
@@ -163,14 +174,11 @@ class HostKVWriter:
                     if event is not None:
                         event.synchronize()
                     bk, bv = self._bufs[idx]
-                    if kind == "spans":
-                        for off, slot, start, m in dest[0]:
-                            kv.k[layer][slot, :, start : start + m] = bk[off : off + m].transpose(0, 1)
-                            kv.v[layer][slot, :, start : start + m] = bv[off : off + m].transpose(0, 1)
+                    if kind == "spans":  # the chunk's spans are consecutive rows from the buffer's start
+                        kv.write_spans(layer, bk[:n], bv[:n], [(slot, start, m) for _, slot, start, m in dest[0]])
                     else:
                         slots, pos = dest
-                        kv.k[layer][slots, :, pos] = bk[:n]
-                        kv.v[layer][slots, :, pos] = bv[:n]
+                        kv.write_tokens(layer, slots, pos, bk[:n], bv[:n])
                     self.rows_written += n
             except BaseException as e:  # surfaced to the compute thread at its next submit or settle
                 self._error = e

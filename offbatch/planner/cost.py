@@ -25,6 +25,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from offbatch.attention import get_attention
+from offbatch.offload.kv import kv_format
 from offbatch.planner.hardware import Hardware
 from offbatch.planner.memory import Knobs
 from offbatch.planner.residency import Residency
@@ -86,9 +88,10 @@ class StepModel:
         self.work = work_of(spec)
         self.L = spec.num_layers
         self.max_len = max_len
-        self.kv_row = 2 * spec.kv_size * shape.dsize  # K+V bytes of one position in one layer
-        self.host_kv = knobs.kv_placement == "host" and hw.device == "cuda"
-        self.cpu_attn = self.host_kv and knobs.decode_attention == "cpu"
+        self.kv_row = kv_format(knobs.kv_format, shape.dtype).layer_bytes_per_token(spec)  # K+V of a position, a layer
+        # The attention backend's terms; on a CPU it runs as KV on the compute device.
+        self.attention = get_attention(knobs.attention).for_device(hw.device)
+        self.cpu_attn = self.attention.attends_on_host
         self.overlap = hw.device == "cuda"
         self.embed_row = (spec.embed_proj_dim or spec.hidden_size) * shape.dsize
         # Streaming at all decides whether CPU attention shares host DRAM with copies.
@@ -124,43 +127,22 @@ class StepModel:
         # Slots of the micro-batches that hold a live sequence. Sequences admitted together take adjacent
         # slots and finish together, freeing them together, so live slots stay packed: ceil(decode / mb).
         covered = np.minimum(k.wave, np.ceil(decode / mb) * mb)
-        kv_h2d = covered * (self.max_len * self.kv_row * L) if (self.host_kv and not self.cpu_attn) else zero
-        d2h = T * (self.kv_row * L) if self.host_kv else zero  # new K/V stored to host KV
+        # The attention backend's part: KV over the link, new K/V stored back, the product's time.
+        att = self.attention.step_terms(self, decode, T, covered, ctx_mean, zero)
+        kv_h2d = att.kv_link_bytes
 
         # ---- device compute ---------------------------------------------------------------------
         flops = 2 * T * (w.attn_proj * L)
         gpu = flops / g(T)
         launches = L * (30 + 20 * np.ceil(covered / mb)) + 12 * w.dense_layers + 8 * admitted * L
-        if w.dense_layers:
-            f = 2 * T * (w.ffn * w.dense_layers)
-            gpu = gpu + f / g(np.minimum(T, k.ffn_micro_tokens))
-            flops = flops + f
-        if w.moe_layers:
-            f = 2 * T * (w.router * w.moe_layers)
-            per_expert = T * w.top_k / np.maximum(n_used, 1e-9)
-            f2 = 2 * T * (w.top_k * w.expert * w.moe_layers)
-            gpu = gpu + f / g(T) + f2 / g(np.minimum(per_expert, k.ffn_micro_tokens))
-            flops = flops + f + f2
-            if w.shared:
-                f3 = 2 * T * (w.shared * w.moe_layers)
-                gpu = gpu + f3 / g(np.minimum(T, k.ffn_micro_tokens))
-                flops = flops + f3
-            launches = launches + w.moe_layers * (12 + 9 * n_used)
-            # Gathering each expert's rows and adding its output back (index_add_, atomic in bf16).
-            gpu = gpu + T * (w.top_k * spec.hidden_size * w.moe_layers) * (4 * dsize / hw.mem_bytes_s + 1 / hw.scatter_elems_s)
+        gpu, flops, launches = self._ffn_compute(T, n_used, gpu, flops, launches)
         head_flops = 2 * S * w.head
         head_s = head_flops / g(np.maximum(S, 1))
         flops = flops + head_flops
-        # Attention: decode reads each covered slot's KV up to the longest live context of its
-        # micro-batch (sequences admitted together share a micro-batch: about the mean); prefill is a
-        # padded square per prompt (the masked product computes all of it).
-        attn_bytes = covered * ctx_mean * (self.kv_row * L)
-        if self.cpu_attn:
-            rate = hw.host.cpu_attn_contended_bytes_s if self.streams else hw.host.cpu_attn_bytes_s
-            cpu_attn = attn_bytes / rate
-        else:
-            cpu_attn = zero
-            gpu = gpu + attn_bytes / hw.mem_bytes_s
+        # Attention: decode as the backend says (on the GPU or the CPU); prefill is a padded square per
+        # prompt (the masked product computes all of it).
+        cpu_attn = att.cpu_s
+        gpu = gpu + att.gpu_s
         sq = admitted * prompt_len * prompt_len
         f = 4 * spec.q_size * sq * L
         gpu = gpu + f / hw.gemm_rate(prompt_len) + 2 * 4 * spec.num_heads * sq * L / hw.mem_bytes_s
@@ -170,17 +152,10 @@ class StepModel:
 
         # ---- serial parts of the chain ---------------------------------------------------------------
         serial = zero + w.moe_layers * hw.host.sync_s
-        kv_copy = zero
-        kv_store = zero
-        if self.host_kv:
-            # New K/V reach host KV through a pinned staging ring (device-to-host, the link's other
-            # direction) and a writer thread's scatter on the host: beside the chain, not in it.
-            kv_store = d2h / min(hw.d2h_bytes_s, hw.host.cpu_attn_contended_bytes_s)
-            if self.cpu_attn:  # q over and the output back every layer (waits), the new K/V stored at once
-                serial = serial + (decode > 0) * (L * 2 * hw.host.sync_s) + decode * (
-                    (spec.q_size * 2 + self.kv_row // dsize) * dsize * L) / hw.h2d_pageable_bytes_s
-            else:  # on the compute stream, sharing the link with the weight copies when there are any
-                kv_copy = kv_h2d / hw.h2d_pinned_bytes_s
+        for part in att.serial:  # the backend's waits in the chain (CPU attention: q over, output back)
+            serial = serial + part
+        kv_copy = att.kv_copy_s
+        kv_store = att.kv_store_s
         copy = (weight_bytes + kv_h2d) / hw.h2d_pinned_bytes_s
         chain = gpu + cpu_attn + kv_copy + serial
         host = (hw.host.step_s + hw.host.seq_s * S + admitted * (prompt_len * hw.host.prefill_token_s)
@@ -214,6 +189,31 @@ class StepModel:
             total = copy + chain + disk + host
         return {"total": total, "copy": copy, "disk": disk, "gpu": gpu, "cpu_attn": cpu_attn, "kv_copy": kv_copy, "serial": serial,
                 "host": host, "weight_bytes": weight_bytes, "kv_bytes": kv_h2d, "flops": flops, "T": T, "S": S}
+
+    def _ffn_compute(self, T, n_used, gpu, flops, launches):
+        """The FFN layers' device time, FLOPs and launches (dense layers, then MoE: router, experts,
+        shared expert, the gather and scatter of expert rows), added to the step's running sums."""
+        hw, w, k = self.hw, self.work, self.knobs
+        g = hw.gemm_rates
+        spec, dsize = self.shape.spec, self.shape.dsize
+        if w.dense_layers:
+            f = 2 * T * (w.ffn * w.dense_layers)
+            gpu = gpu + f / g(np.minimum(T, k.ffn_micro_tokens))
+            flops = flops + f
+        if w.moe_layers:
+            f = 2 * T * (w.router * w.moe_layers)
+            per_expert = T * w.top_k / np.maximum(n_used, 1e-9)
+            f2 = 2 * T * (w.top_k * w.expert * w.moe_layers)
+            gpu = gpu + f / g(T) + f2 / g(np.minimum(per_expert, k.ffn_micro_tokens))
+            flops = flops + f + f2
+            if w.shared:
+                f3 = 2 * T * (w.shared * w.moe_layers)
+                gpu = gpu + f3 / g(np.minimum(T, k.ffn_micro_tokens))
+                flops = flops + f3
+            launches = launches + w.moe_layers * (12 + 9 * n_used)
+            # Gathering each expert's rows and adding its output back (index_add_, atomic in bf16).
+            gpu = gpu + T * (w.top_k * spec.hidden_size * w.moe_layers) * (4 * dsize / hw.mem_bytes_s + 1 / hw.scatter_elems_s)
+        return gpu, flops, launches
 
     def step(self, decode: float, admitted: float, prompt_len: float, ctx_mean: float, ctx_max: float) -> StepTime:
         t = {k: float(v) for k, v in self.times(decode, admitted, prompt_len, ctx_mean, ctx_max).items()}

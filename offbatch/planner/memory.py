@@ -4,13 +4,15 @@ here is an upper bound of what the engine allocates for that use."""
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
-from offbatch.models.catalogue import DEFAULT_SLOTS  # noqa: F401 (the planner's slot policy)
+import torch
+
+from offbatch.attention import get_attention
+from offbatch.formats.base import dtype_bytes
 from offbatch.models.spec import ModelSpec
-from offbatch.offload.kv_writer import KV_STAGING_BUFFERS
+from offbatch.offload.kv import kv_format
 from offbatch.offload.weights import pinned_bytes
 from offbatch.plan import SCORE_BYTES
 from offbatch.planner.shape import ModelShape
@@ -21,35 +23,32 @@ HOST_RUNTIME = 2 << 30  # the Python process, torch and the CUDA context on the 
 
 @dataclass(frozen=True)
 class Knobs:
-    """The batch-size and placement choices of a plan (residency is derived from what is left)."""
+    """The batch-size and backend choices of a plan (residency is derived from what is left)."""
 
     wave: int  # KV slots: sequences decoded together
     prefill_tokens: int  # prompt tokens admitted per step
     ffn_micro_tokens: int  # tokens per FFN / expert call
     attn_micro_batch: int  # sequences per decode attention call
-    kv_placement: str = "gpu"  # "gpu": on the compute device; "host": pinned host memory
-    decode_attention: str = "gpu"  # with host KV: "gpu" copies micro-batches over, "cpu" attends on the host
+    attention: str = "device-kv"  # the attention backend (offbatch.attention): where KV lives, where decode attends
+    kv_format: str = "dense"  # how K/V are stored (offload.kv)
 
 
-def activation_bytes(spec: ModelSpec, tokens: int, ffn_tokens: int, attn_batch: int, max_len: int, dsize: int) -> int:
+def activation_bytes(spec: ModelSpec, tokens: int, ffn_tokens: int, attn_batch: int, max_len: int,
+                     dtype: torch.dtype) -> int:
     """Peak transient device memory of one step: hidden states and projections of all its tokens, one
     FFN micro-batch's intermediates, one attention micro-batch's K/V, mask and scores."""
-    H = spec.hidden_size
+    H, dsize = spec.hidden_size, dtype_bytes(dtype)
     inter = max(spec.intermediate_size, spec.moe.expert_intermediate_size if spec.moe else 0,
                 spec.moe.shared_expert_intermediate_size if spec.moe else 0)
     hidden = tokens * (4 * H + spec.q_size + 2 * spec.kv_size + spec.q_size) * dsize
     if spec.moe:
         hidden += tokens * spec.moe.top_k * (H * dsize + 16)  # routed copies, weights, indices
     ffn = ffn_tokens * (3 * inter + H) * dsize
-    kv = 2 * attn_batch * spec.kv_size * max_len * dsize
+    kv = 2 * kv_format("dense", dtype).tensor_bytes(spec, attn_batch, max_len)  # K/V as attention reads them
     # Scores (float32) and the mask of one attention call; prefill calls are cut to SCORE_BYTES.
     scores = min(SCORE_BYTES, attn_batch * spec.num_heads * max_len * max_len * 4)
     mask = scores // 4 // max(1, spec.num_kv_heads)
     return hidden + ffn + kv + 2 * scores + mask
-
-
-def kv_slot_bytes(shape: ModelShape, max_len: int) -> int:
-    return shape.kv_bytes_per_token() * max_len
 
 
 def step_tokens(knobs: Knobs, max_prompt_len: int) -> int:
@@ -59,25 +58,16 @@ def step_tokens(knobs: Knobs, max_prompt_len: int) -> int:
 
 def device_transient_bytes(shape: ModelShape, knobs: Knobs, max_prompt_len: int, max_len: int) -> dict[str, int]:
     """Device bytes that do not depend on residency: KV and activations."""
-    spec, dsize = shape.spec, shape.dsize
     mb = min(knobs.attn_micro_batch, knobs.wave)
-    act = activation_bytes(spec, step_tokens(knobs, max_prompt_len), knobs.ffn_micro_tokens, mb, max_len, dsize)
-    out = {"kv": 0, "activations": act}
-    if knobs.kv_placement == "gpu":
-        out["kv"] = knobs.wave * kv_slot_bytes(shape, max_len)
-    else:
-        # Decode attention over host KV keeps a query and an output row per slot on the device; with
-        # "gpu" attention a second micro-batch of copied K/V may be in flight beside the one in use.
-        out["activations"] += 3 * knobs.wave * spec.q_size * dsize + 24 * knobs.wave
-        if knobs.decode_attention == "gpu":
-            out["kv"] = 2 * mb * spec.kv_size * max_len * dsize
-    return out
+    act = activation_bytes(shape.spec, step_tokens(knobs, max_prompt_len), knobs.ffn_micro_tokens, mb, max_len,
+                           shape.dtype)
+    own = get_attention(knobs.attention).device_bytes(shape, knobs, max_len)  # the backend's KV and rows
+    return {"kv": own["kv"], "activations": act + own["activations"]}
 
 
-@functools.lru_cache(maxsize=4096)
-def _packed_equal(size: int, count: int) -> int:
-    """pinned_bytes of `count` tensors of one size (the solver asks for the same few often)."""
-    return pinned_bytes([size] * count)
+def kv_slot_bytes(shape: ModelShape, knobs: Knobs, max_len: int) -> int:
+    """One sequence's KV in the plan's KV format."""
+    return kv_format(knobs.kv_format, shape.dtype).slot_bytes(shape.spec, max_len)
 
 
 def _pinned(n: int) -> int:
@@ -97,19 +87,8 @@ def host_weight_bytes(shape: ModelShape, pinned: bool, exclude=frozenset()) -> i
 
 def host_bytes(shape: ModelShape, knobs: Knobs, max_len: int, pinned: bool, weights: int | None = None) -> dict[str, int]:
     """Host memory of a run: every weight packed (pinned when the device is CUDA), host KV, runtime."""
-    spec = shape.spec
-    size = _pinned if pinned else (lambda n: n)
     weights = host_weight_bytes(shape, pinned) if weights is None else weights
-    kv = 0
-    if knobs.kv_placement == "host":
-        per_tensor = knobs.wave * spec.num_kv_heads * max_len * spec.head_dim * shape.dsize
-        # Pinned host KV is packed into power-of-two chunks like the weights (offload/kv.py).
-        kv = _packed_equal(per_tensor, 2 * spec.num_layers) if pinned else 2 * spec.num_layers * per_tensor
-        if knobs.decode_attention == "cpu":  # float32 scores of one host micro-batch, and its output
-            mb = min(knobs.attn_micro_batch, knobs.wave)
-            kv += 3 * mb * spec.num_heads * max_len * 4
-        # The host KV writer's staging ring (one pinned allocation): K and V of a step's tokens per buffer.
-        kv += size(2 * KV_STAGING_BUFFERS * step_tokens(knobs, max_len) * spec.kv_size * shape.dsize)
+    kv = get_attention(knobs.attention).host_bytes(shape, knobs, max_len, pinned)
     return {"weights": weights, "kv": kv, "runtime": HOST_RUNTIME}
 
 

@@ -1,29 +1,30 @@
 """The solver: the plan that the cost model predicts finishes the job soonest, under the GPU and host
 budgets.
 
-Decisions: where the wave's KV lives and where decode attention runs (the placement), the wave size,
-the prefill token budget per step, the FFN and attention micro-batch sizes; residency follows from
-what memory is left (planner.residency). Search, per placement: the wave and the prefill budget
+Decisions: the attention backend (offbatch.attention: where the wave's KV lives and where decode
+attention runs), the wave size, the prefill token budget per step, the FFN and attention micro-batch
+sizes; residency follows from what memory is left (planner.residency). Search, per backend: the wave
+and the prefill budget
 jointly over fixed candidate lists (the wave also over the largest that fits and the sizes that split
 the requests into equal waves), then the two micro-batch sizes (each pair also with the largest wave
 that fits beside it), repeated until nothing improves; every
 candidate is priced by the whole job's schedule (planner.cost). The lists do not depend on the
 budget, so more memory never removes a candidate. Deterministic: fixed candidate orders, exact ties
-kept by the earlier (smaller) candidate, near-ties between placements by the fixed order below.
+kept by the earlier (smaller) candidate, near-ties between backends by their rank.
 Nothing here allocates weights.
 
-Near-ties: the search finds each placement's fastest candidate, but the figures carry the probe's noise
-(a few percent between two probes of one machine) and the model's own error, so placements predicted
+Near-ties: the search finds each backend's fastest candidate, but the figures carry the probe's noise
+(a few percent between two probes of one machine) and the model's own error, so backends predicted
 within TIE_TOLERANCE of the fastest are not told apart by it; taking the fastest let noise flip the plan
 between runs (two benches of Mixtral at one commit ran host KV with CPU attention, then GPU attention:
--14% end to end). So among the placements whose best is within TIE_TOLERANCE of the fastest, the solver
-takes the first in a fixed order, the simpler placement (PLACEMENTS: KV on the GPU, then host KV with GPU
-attention, then host KV with CPU attention), with that placement's fastest sizes. A plan that won such
-a near-tie says so (`Plan.near_tie`); it predicts at most TIE_TOLERANCE slower than the fastest.
-Between a placement with decode attention on the CPU and one without, the tolerance widens to the
-machine's CPU-attention noise (`Hardware.cpu_attn_noise`: 40% on a probed machine, whose CPU attention
-rate moved up to 38% from one probe to the next; 0 on the calibrated profiles).
-Within a placement the sizes are the fastest: a fixed order there (larger or smaller micro-batches,
+-14% end to end). So among the backends whose best is within TIE_TOLERANCE of the fastest, the solver
+takes the simplest, the lowest `rank` (device-kv, then host-kv-gpu, then host-kv-cpu), with that
+backend's fastest sizes. A plan that won such a near-tie says so (`Plan.near_tie`); it predicts at most
+TIE_TOLERANCE slower than the fastest. Between a backend with decode attention on the CPU and one
+without, the tolerance widens to the machine's CPU-attention noise (`Hardware.cpu_attn_noise`: 40% on a
+probed machine, whose CPU attention rate moved up to 38% from one probe to the next; 0 on the
+calibrated profiles).
+Within a backend the sizes are the fastest: a fixed order there (larger or smaller micro-batches,
 waves, prefill budgets) would take a size at the edge of the tolerance, exactly where noise moves a
 candidate in or out, and the sizes a little noise can swap (prefill budgets or micro-batches priced
 within a fraction of a percent of each other) run alike.
@@ -38,7 +39,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from offbatch.attention import ATTENTION_BACKENDS, get_attention
 from offbatch.errors import BudgetError, OffbatchError
+from offbatch.ffn import choose_moe
 from offbatch.models.spec import ModelSpec
 from offbatch.planner.cost import JobTime, StepModel, StepTime, admits_per_step, job_time
 from offbatch.planner.hardware import Hardware
@@ -51,7 +54,6 @@ from offbatch.planner.shape import ModelShape, shape_from_spec
 from offbatch.planner.workload import Workload
 from offbatch.units import format_bytes
 
-PLACEMENTS = (("gpu", "gpu"), ("host", "gpu"), ("host", "cpu"))
 MAX_WAVE = 4096
 HOST_SHARE = 0.8  # of the host's memory, when no --cpu-memory is given
 PREFILL_MULTIPLES = (1, 4, 16, 64)  # prompts per step (with 8192 tokens, the rules' budget)
@@ -60,10 +62,7 @@ FFN_CANDIDATES = (64, 1024, 2048, 4096)
 ATTN_CANDIDATES = (1, 16, 64, 256)
 START_MICRO_BATCHES = ((4096, 64), (1024, 256))  # (FFN tokens, attention sequences) the descents start from
 TIE_TOLERANCE = 0.03  # of the predicted job time: candidates this close count as a tie
-PLACEMENT_WORDS = {("gpu", "gpu"): "KV on the GPU", ("host", "gpu"): "host KV with GPU attention",
-                   ("host", "cpu"): "host KV with CPU attention"}
-PIN_NAMES = ("wave_size", "prefill_tokens", "ffn_micro_tokens", "attn_micro_batch", "kv_placement", "decode_attention",
-             "residency_order")
+PIN_NAMES = ("wave_size", "prefill_tokens", "ffn_micro_tokens", "attn_micro_batch", "attention", "residency_order")
 
 
 @dataclass
@@ -105,17 +104,17 @@ class Solver:
         self.kind_max = {kind: max(shape.nbytes[k] for k in keys) for kind, keys in shape.kinds().items()}
         self.cache: dict[Knobs, Evaluation | None] = {}
         self.fastest: Evaluation | None = None  # the fastest candidate found (solve)
-        self.best_by_placement: dict[tuple[str, str], Evaluation] = {}
+        self.best_by_backend: dict[str, Evaluation] = {}
 
     # ---- candidates --------------------------------------------------------------------------------
-    def placements(self) -> list[tuple[str, str]]:
-        options = list(PLACEMENTS) if self.cuda else [("gpu", "gpu")]
-        kv, attn = self.pins.get("kv_placement"), self.pins.get("decode_attention")
-        if kv is not None:
-            options = [o for o in options if o[0] == kv] or [(kv, "gpu")]
-        if attn is not None and (kv or "host") == "host":
-            options = [o for o in options if o[0] == "gpu" or o[1] == attn] or options
-        return options
+    def backends(self) -> list[str]:
+        """The attention backends to search, simplest first: every registered one that runs here (a
+        GPU-only one on a GPU), or the pinned one."""
+        if "attention" in self.pins:
+            get_attention(self.pins["attention"])  # an unknown name fails here, with the known ones
+            return [self.pins["attention"]]
+        usable = [c for c in ATTENTION_BACKENDS.values() if self.cuda or not c.needs_gpu]
+        return [c.name for c in sorted(usable, key=lambda c: (c.rank, c.name))]
 
     def prefill_candidates(self) -> list[int]:
         if "prefill_tokens" in self.pins:
@@ -215,7 +214,7 @@ class Solver:
                 best = e
         return best
 
-    def solve_placement(self, kv: str, attn: str) -> Evaluation | None:
+    def solve_backend(self, attention: str) -> Evaluation | None:
         """The wave and the prefill budget interact (admissions per step x generation length bound the
         wave that can be kept full), so they are searched jointly; then the two micro-batch sizes, also
         jointly (they share the activation memory); again until nothing improves. That descent can stall
@@ -227,7 +226,7 @@ class Solver:
         attn_mb = self.attn_candidates()
         best = None
         for f, a in START_MICRO_BATCHES:
-            start = Knobs(1, pre[0], f if f in ffn else ffn[0], a if a in attn_mb else attn_mb[0], kv, attn)
+            start = Knobs(1, pre[0], f if f in ffn else ffn[0], a if a in attn_mb else attn_mb[0], attention)
             if not self.fits(start):  # start from the smallest transients instead
                 start = replace(start, ffn_micro_tokens=min(ffn), attn_micro_batch=min(attn_mb))
             e = self._descend(start, pre, ffn, attn_mb)
@@ -271,56 +270,56 @@ class Solver:
         return options
 
     def solve(self) -> Evaluation:
-        best = {}  # each placement's fastest
-        for kv, attn in self.placements():
-            e = self.solve_placement(kv, attn)
+        best = {}  # each backend's fastest
+        for name in self.backends():
+            e = self.solve_backend(name)
             if e is not None:
-                best[(kv, attn)] = e
+                best[name] = e
         if not best:
             raise self.budget_error()
-        self.best_by_placement = best
+        self.best_by_backend = best
         self.fastest = min(best.values(), key=lambda e: e.total_s)
-        return min(self.near_ties(), key=lambda e: PLACEMENTS.index(placement(e)))
+        return min(self.near_ties(), key=lambda e: (backend(e).rank, backend(e).name))
 
     # ---- near-ties (see the module's docstring) ------------------------------------------------------
     def tie_tolerance(self, e: Evaluation) -> float:
         """How close e must come to the fastest to tie with it: TIE_TOLERANCE, or the machine's CPU
         attention noise where exactly one of the two runs decode attention on the CPU (the comparison then
         hangs on that rate)."""
-        on_cpu = {placement(x)[1] == "cpu" for x in (e, self.fastest)}
+        on_cpu = {backend(x).attends_on_host for x in (e, self.fastest)}
         return max(TIE_TOLERANCE, self.hw.cpu_attn_noise) if len(on_cpu) == 2 else TIE_TOLERANCE
 
     def near_ties(self) -> list[Evaluation]:
-        """Each placement's best that is within its tie tolerance of the fastest (the fastest among them)."""
-        return [e for e in self.best_by_placement.values()
+        """Each backend's best that is within its tie tolerance of the fastest (the fastest among them)."""
+        return [e for e in self.best_by_backend.values()
                 if e.total_s <= self.fastest.total_s * (1 + self.tie_tolerance(e))]
 
     def near_tie(self, chosen: Evaluation) -> dict | None:
-        """The fastest candidate of another placement that was inside the tolerance, as the plan reports
-        it; None when the chosen placement had no rival there."""
-        rivals = [e for e in self.near_ties() if placement(e) != placement(chosen)]
+        """The fastest candidate of another backend that was inside the tolerance, as the plan reports
+        it; None when the chosen backend had no rival there."""
+        rivals = [e for e in self.near_ties() if e.knobs.attention != chosen.knobs.attention]
         if not rivals:
             return None
         alt = min(rivals, key=lambda e: e.total_s)
         k, mine, theirs = alt.knobs, chosen.job.e2e_tok_s, alt.job.e2e_tok_s
-        # The chosen placement is the simplest of the near-ties, so the rival is always a less simple one.
+        # The chosen backend is the simplest of the near-ties, so the rival is always a less simple one.
         tol = max(self.tie_tolerance(alt), self.tie_tolerance(chosen))
         why = "" if tol == TIE_TOLERANCE else " (this machine's CPU attention rate is that noisy from probe to probe)"
-        words = (f"within {tol:.0%} of {PLACEMENT_WORDS[placement(alt)]} (wave {k.wave}: {theirs:,.0f} tok/s "
+        words = (f"within {tol:.0%} of {backend(alt).words} (wave {k.wave}: {theirs:,.0f} tok/s "
                  f"predicted against {mine:,.0f}); inside {tol:.0%}{why} the planner keeps the simpler "
                  "placement, so noise in the measured rates cannot flip the choice")
-        return {"kv_placement": k.kv_placement, "decode_attention": k.decode_attention, "wave_size": k.wave,
+        return {"attention": k.attention, "wave_size": k.wave,
                 "prefill_tokens": k.prefill_tokens, "ffn_micro_tokens": k.ffn_micro_tokens,
                 "attn_micro_batch": k.attn_micro_batch, "e2e_tok_s": theirs, "chosen_e2e_tok_s": mine,
                 "tolerance": tol, "words": words}
 
     # ---- the clear minimum --------------------------------------------------------------------------
-    def minimum_knobs(self, kv: str, attn: str) -> Knobs:
+    def minimum_knobs(self, attention: str) -> Knobs:
         return Knobs(int(self.pins.get("wave_size", 1)), min(self.prefill_candidates()), min(self.ffn_candidates()),
-                     min(self.attn_candidates()), kv, attn)
+                     min(self.attn_candidates()), attention)
 
     def budget_error(self) -> BudgetError:
-        options = [self.minimum_knobs(kv, attn) for kv, attn in self.placements()]
+        options = [self.minimum_knobs(name) for name in self.backends()]
         floor = lambda k: host_floor(self.shape, k, self.max_len, self.cuda, self.totals)  # noqa: E731
         if self.host_budget is not None and all(floor(k) > self.host_budget for k in options):
             k = min(options, key=floor)
@@ -332,16 +331,17 @@ class Solver:
         need = self.device_need(k)
         t = device_transient_bytes(self.shape, k, self.wl.max_prompt_len, self.max_len)
         budget = self.gpu_budget if self.gpu_budget is not None else 0
-        kv_note = (f"one sequence's KV {format_bytes(kv_slot_bytes(self.shape, self.max_len))}" if k.kv_placement == "gpu"
-                   else "KV in host memory")
+        kv_note = ("KV in host memory" if get_attention(k.attention).kv_on_host
+                   else f"one sequence's KV {format_bytes(kv_slot_bytes(self.shape, k, self.max_len))}")
         return BudgetError(
             f"--gpu-memory {format_bytes(budget)} is too small for this model: streaming needs at least "
             f"{format_bytes(math.ceil(need / SAFETY))} (weight buffers {format_bytes(self.chooser.weights_minimum())}, "
             f"{kv_note}, activations {format_bytes(t['activations'])}); give more GPU memory or shorter --max-tokens")
 
 
-def placement(e: Evaluation) -> tuple[str, str]:
-    return e.knobs.kv_placement, e.knobs.decode_attention
+def backend(e: Evaluation):
+    """The attention backend (class) of an evaluated candidate."""
+    return get_attention(e.knobs.attention)
 
 
 # ---- reports ----------------------------------------------------------------------------------------
@@ -420,13 +420,20 @@ def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
         device=solver.device, dtype=solver.shape.dtype, wave_size=k.wave, max_len=solver.max_len,
         prefill_tokens=k.prefill_tokens, attn_micro_batch=min(k.attn_micro_batch, k.wave),
         ffn_micro_tokens=k.ffn_micro_tokens, slots=dict(res.slots), resident=set(res.resident),
-        kv_placement=k.kv_placement, decode_attention=k.decode_attention, budget_bytes=solver.gpu_budget,
+        attention=k.attention, kv_format=k.kv_format, moe_ffn=moe_ffn_of(solver.shape),
+        weights=getattr(solver.shape, "weights", "dense"),
+        budget_bytes=solver.gpu_budget,
         memory={"kv": e.transient["kv"], "weight_slots": res.slot_bytes, "resident_weights": res.resident_bytes,
                 "activations": e.transient["activations"]},
         host_memory=host, predicted=prediction(e.model, solver.wl, e.job), hardware=solver.hw.name,
         chosen_by=chosen_by, disk=disk, staging_buffers=STAGING_BUFFERS, residency_order=solver.order,
         near_tie=solver.near_tie(e),
     )
+
+
+def moe_ffn_of(shape: ModelShape) -> str:
+    """The FFN backend of the model's MoE layers ("" for a dense model)."""
+    return choose_moe(shape.spec, shape.dtype)
 
 
 def disk_fraction(shape: ModelShape, resident: set, disk: set) -> float:
@@ -499,7 +506,7 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, device: str, gpu_memory: int 
               hardware: Hardware | str | None = None, cpu_memory: int | None = None, max_wave: int = MAX_WAVE,
               max_resident_bytes: int | None = None, shape: ModelShape | None = None, **pins) -> Plan:
     """The solver's plan for a job. `pins` fix knobs (wave_size, prefill_tokens, ffn_micro_tokens,
-    attn_micro_batch, kv_placement, decode_attention); the rest is chosen."""
+    attn_micro_batch, attention, residency_order); the rest is chosen."""
     hw = resolve_hardware(hardware, device)
     check_caps(hw, device, gpu_memory, cpu_memory)
     shape = shape or shape_from_spec(spec, dtype)
@@ -515,7 +522,7 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, device: str, gpu_memory: int 
 def predict(plan: Plan, shape: ModelShape, hw: Hardware, workload: Workload) -> dict:
     """The cost model's figures for any plan (a pinned one, the rules' one)."""
     knobs = Knobs(plan.wave_size, plan.prefill_tokens, plan.ffn_micro_tokens, plan.attn_micro_batch,
-                  plan.kv_placement, plan.decode_attention)
+                  plan.attention, plan.kv_format)
     res = residency_of(shape, plan.resident, plan.slots)
     model = StepModel(shape, hw, knobs, res, plan.max_len, disk_fraction(shape, res.resident, plan.disk))
     return prediction(model, workload, job_time(model, workload))

@@ -1,0 +1,56 @@
+"""host-kv-gpu: the wave's KV in pinned host memory; each decode micro-batch's slot range is copied to
+the device (one contiguous block, sharing the link with the weight copies) and attended there. New K/V
+go back through the host writer's staging ring (offload/kv_writer.py), off the compute stream's path."""
+
+from __future__ import annotations
+
+from offbatch.attention.backend import AttentionBackend, StepTerms, register_attention
+from offbatch.offload.kv import pinned_allocation_bytes
+from offbatch.offload.kv_writer import staging_bytes, staging_rows
+
+
+@register_attention
+class HostKVGPU(AttentionBackend):
+    name = "host-kv-gpu"
+    words = "host KV with GPU attention"
+    kv_words = "pinned host memory"
+    attention_words = "on the GPU, KV copied over per micro-batch"
+    kv_on_host = True
+    needs_gpu = True
+    rank = 1
+
+    @classmethod
+    def device_bytes(cls, shape, knobs, max_len: int) -> dict[str, int]:
+        # A query and an output row per slot stay on the device, and the K and V buffers a micro-batch's
+        # slot range is copied into (wave.decode_batch: one pair, reused by every range of the step).
+        mb = min(knobs.attn_micro_batch, knobs.wave)
+        rows = 3 * knobs.wave * shape.spec.q_size * shape.dsize + 24 * knobs.wave
+        return {"kv": 2 * cls.kv_format_of(shape, knobs).tensor_bytes(shape.spec, mb, max_len), "activations": rows}
+
+    @classmethod
+    def host_bytes(cls, shape, knobs, max_len: int, pinned: bool) -> int:
+        # Pinned host KV is packed into power-of-two chunks like the weights (offload/kv.py), plus the
+        # host KV writer's staging ring (one pinned allocation).
+        fmt, spec = cls.kv_format_of(shape, knobs), shape.spec
+        ring = staging_bytes(fmt, spec, staging_rows(knobs.prefill_tokens, max_len, knobs.wave))
+        return fmt.store_bytes(spec, knobs.wave, max_len, pinned) + (pinned_allocation_bytes(ring) if pinned else ring)
+
+    @classmethod
+    def kv_store_s(cls, m, T):
+        """New K/V reach host KV through a pinned staging ring (device-to-host, the link's other
+        direction) and a writer thread's scatter on the host: beside the chain, not in it."""
+        d2h = T * (m.kv_row * m.L)
+        return d2h, d2h / min(m.hw.d2h_bytes_s, m.hw.host.cpu_attn_contended_bytes_s)
+
+    @classmethod
+    def step_terms(cls, m, decode, T, covered, ctx_mean, zero) -> StepTerms:
+        kv_h2d = covered * (m.max_len * m.kv_row * m.L)  # each covered slot's whole range, every layer
+        d2h, store_s = cls.kv_store_s(m, T)
+        attn_bytes = covered * ctx_mean * (m.kv_row * m.L)
+        # The copies are issued on the compute stream, sharing the link with the weight copies.
+        return StepTerms(kv_link_bytes=kv_h2d, kv_store_bytes=d2h, gpu_s=attn_bytes / m.hw.mem_bytes_s, cpu_s=zero,
+                         kv_copy_s=kv_h2d / m.hw.h2d_pinned_bytes_s, kv_store_s=store_s)
+
+    @classmethod
+    def summary_words(cls, gpu: str) -> str:
+        return "KV in host memory, decode attention on the GPU"
