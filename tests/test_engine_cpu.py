@@ -7,7 +7,7 @@ from hf_factory import FAMILIES, save_hf_model
 from offbatch.engine.api import GenRequest, SamplingParams
 from offbatch.engine.build import engine_for_folder
 from offbatch.errors import BudgetError
-from offbatch.models.reference import ReferenceModel
+from offbatch.engine.reference import ReferenceModel
 
 PROMPTS = [[3, 5, 7, 9, 11, 13, 2], [4, 8, 15, 16, 23, 42, 1, 2, 3, 4, 5, 6], [99], list(range(1, 15)), [7, 7, 7]]
 NEW = 12

@@ -12,12 +12,12 @@ import torch
 from hf_factory import save_hf_model
 from offbatch.engine.api import GenRequest, SamplingParams
 from offbatch.engine.build import engine_for_folder
-from offbatch.engine.experts import Chunk, expert_items, plan_chunks, stacked, windows
+from offbatch.ffn.moe_grouped import Chunk, expert_items, plan_chunks, stacked, windows
 from offbatch.engine.streaming import LiveSeq, StreamingEngine
+from offbatch.formats import DENSE
 from offbatch.kernels import reference
-from offbatch.models.reference import ReferenceModel
+from offbatch.engine.reference import ReferenceModel
 from offbatch.offload.prefetch import Prefetcher
-from offbatch.offload.weights import make_layout
 
 CUDA = torch.cuda.is_available()
 PROMPTS = [[3, 5, 7, 9, 11, 13, 2], [4, 8, 15, 16, 23, 42, 1, 2, 3], [99], [7, 7, 7]]
@@ -156,14 +156,16 @@ def test_windows_clip_groups_and_drop_empty_ones():
 class TwoLayerExperts:
     """A store of 2 layers x 4 experts, gate/up [3, 2] and down [2, 3], each filled with its id."""
 
+    format = DENSE
+
     def __init__(self, dtype=torch.float32):
         self.dtype = dtype
         self.layouts, self.host = {}, {}
         for i in range(2):
             for e in range(4):
                 p = f"experts.{e}."
-                layout = make_layout([(p + "gate.weight", (3, 2)), (p + "up.weight", (3, 2)), (p + "down.weight", (2, 3))],
-                                     dtype)
+                layout = DENSE.layout([(p + "gate.weight", (3, 2)), (p + "up.weight", (3, 2)), (p + "down.weight", (2, 3))],
+                                      dtype)
                 flat = torch.zeros(layout.nbytes, dtype=torch.uint8)
                 for t in layout.views(flat).values():
                     t.copy_(torch.arange(t.numel(), dtype=dtype).view(t.shape) + 100 * i + 10 * e)
@@ -223,8 +225,8 @@ def test_grouped_path_only_for_gated_silu_experts_without_extras():
     assert expert_items(make(moe=None), store) is None
     biased = TwoLayerExperts()
     key = (1, "expert.2")
-    names = [(n, s) for n, s, _ in biased.layouts[key].items] + [("experts.2.up.bias", (3,))]
-    biased.layouts[key] = make_layout(names, torch.float32)
+    names = [(it.name, it.shape) for it in biased.layouts[key].items] + [("experts.2.up.bias", (3,))]
+    biased.layouts[key] = DENSE.layout(names, torch.float32)
     assert expert_items(make(), biased) is None
     assert expert_items(make(), TwoLayerExperts(torch.float64)) is None
 

@@ -598,7 +598,7 @@ def test_smollm_answers_paris(smollm_dir, smollm_tokenizer):
 def test_smollm_offbatch_reference_equals_transformers_and_says_paris(smollm_dir, smollm_tokenizer):
     """The real model through offbatch's own tokenizer, chat template and reference forward: the same
     prompt ids and greedy tokens as transformers, and the answer names Paris."""
-    from offbatch.models.reference import ReferenceModel
+    from offbatch.engine.reference import ReferenceModel
     from offbatch.models.tokenizer import load_tokenizer
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]

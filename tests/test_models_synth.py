@@ -7,7 +7,7 @@ import torch
 # Optional: a machine without transformers (the GPU image may lack it) skips this file at collection.
 AutoModelForCausalLM = pytest.importorskip("transformers").AutoModelForCausalLM
 
-from offbatch.models.reference import ReferenceModel
+from offbatch.engine.reference import ReferenceModel
 from offbatch.models.spec import SUPPORTED_FAMILIES
 from offbatch.tools.synth import synth_model
 from offbatch.models.tokenizer import load_tokenizer

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_factory import FAMILIES, save_hf_model
-from offbatch.models.reference import ReferenceModel
+from offbatch.engine.reference import ReferenceModel
 
 PROMPTS = [[3, 5, 7, 9, 11, 13, 2], [4, 8, 15, 16, 23, 42, 1, 2, 3, 4, 5, 6], [99]]
 

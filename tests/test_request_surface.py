@@ -20,7 +20,7 @@ from jobs_support import read_jsonl, write_jsonl
 from typer.testing import CliRunner
 
 from offbatch.cli.main import app
-from offbatch.models.reference import ReferenceModel
+from offbatch.engine.reference import ReferenceModel
 from offbatch.models.tokenizer import load_tokenizer
 
 ENGINES = ["reference", "streaming"]

@@ -125,7 +125,7 @@ def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts
                          "host_router_sync": t.router_sync_s, "host_cpu_attention": t.cpu_attention_s,
                          "host_router_sync_in_prefill_steps": t.prefill_router_sync_s,
                          "host_cpu_attention_in_prefill_steps": t.prefill_cpu_attention_s,
-                         "host_kv_store_wait": engine.kv.writer.wait_s if engine.kv.writer is not None else 0.0},
+                         "host_kv_store_wait": engine.attention.store_wait_s},
         "wasted_fetch_bytes": stats.wasted_bytes,
         **disk_report(engine),
         "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else 0,

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import torch
 
+from offbatch.attention import get_attention
 from offbatch.engine.streaming import StreamingEngine
 from offbatch.errors import BudgetError, OffbatchError, PlanFileError
+from offbatch.formats import get_format
+from offbatch.models.catalogue import module_kind
 from offbatch.models.loader import open_checkpoint
-from offbatch.models.reference import resolve_dtype
-from offbatch.offload.kv import WaveKV
-from offbatch.offload.weights import CheckpointSource, WeightSource, WeightStore, module_kind
+from offbatch.models.dtypes import resolve_dtype
+from offbatch.offload.kv import kv_format
+from offbatch.offload.weights import CheckpointSource, WeightSource, WeightStore
 from offbatch.plan import Plan
 from offbatch.planner.probe import device_memory_bytes
 from offbatch.planner.shape import ModelShape, shape_from_spec, shape_from_store
@@ -64,8 +67,8 @@ def check_plan(plan: Plan, shape: ModelShape, device: torch.device, gpu_memory: 
     for k, n in shape.nbytes.items():
         largest[module_kind(k[1])] = max(largest.get(module_kind(k[1]), 0), n)
     weights = sum(shape.nbytes[k] for k in plan.resident) + sum(n * largest.get(kind, 0) for kind, n in plan.slots.items())
-    kv = plan.wave_size * WaveKV.bytes_per_slot(spec, plan.max_len, shape.dsize)
-    host_kv = plan.kv_placement == "host" and device.type == "cuda"
+    kv = plan.wave_size * kv_format(plan.kv_format, shape.dtype).slot_bytes(spec, plan.max_len)
+    host_kv = get_attention(plan.attention).kv_on_host and device.type == "cuda"
     on_device = weights + (0 if host_kv else kv)
     limit = gpu_memory if gpu_memory is not None else device_memory_bytes(str(device))
     where = "the --gpu-memory cap" if gpu_memory is not None else "the device's memory"
@@ -91,7 +94,7 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
     without one it assumes num_requests prompts filling 3/4 of max_len.
     hardware: a Hardware, a profile name or file; None probes this machine (cached; on the CPU the
     fixed `cpu` profile). plan_options pin knobs (wave_size, prefill_tokens, ffn_micro_tokens,
-    attn_micro_batch, kv_placement, decode_attention) or bound them (max_wave, max_resident_bytes).
+    attn_micro_batch, attention, residency_order) or bound them (max_wave, max_resident_bytes).
     plan_overrides: replace fields of the chosen plan afterwards (experiments).
     store: reuse weights already packed (benchmark grids: packing a large model takes a while)."""
     dev = torch.device(device)
@@ -115,11 +118,14 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
         raise OffbatchError("the packed weights given are of another model or dtype")
     if store is not None and set(store.disk) != set(plan.disk):
         raise OffbatchError("the packed weights given were packed for another disk tier than the plan's")
+    fmt = get_format(plan.weights)
+    if store is not None and store.format.name != fmt.name:
+        raise OffbatchError(f"the packed weights given are in the {store.format.name} format, the plan's are {fmt.name}")
     # Every check before the weights are packed (which pins the model in host memory).
-    check_plan(plan, shape_from_store(store) if store is not None else shape_from_spec(spec, dtype), dev, gpu_memory)
+    check_plan(plan, shape_from_store(store) if store is not None else shape_from_spec(spec, dtype, fmt), dev, gpu_memory)
     cap_gpu_memory(dev, gpu_memory)
     if store is None:
-        store = WeightStore(source, dtype, pin=dev.type == "cuda", disk=plan.disk)
+        store = WeightStore(source, dtype, pin=dev.type == "cuda", disk=plan.disk, fmt=fmt)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         torch.cuda.reset_accumulated_memory_stats(dev)  # bench reports this engine's allocator retries

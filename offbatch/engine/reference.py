@@ -1,8 +1,9 @@
 """Reference forward in plain torch: the correctness oracle for every engine, and the CPU path.
 
-All weights are held on one device in one dtype. Sequences are ragged: a call takes, for each
-sequence, its KV cache and its new tokens (a whole prompt, a chunk of it, or one decode token),
-runs them flattened through the model, and returns logits.
+All weights are held on one device in one dtype, as the modules the engine streams; the forward is the
+engine's (engine/forward.py) with every module resident and a KV cache per sequence. Sequences are
+ragged: a call takes, for each sequence, its KV cache and its new tokens (a whole prompt, a chunk of
+it, or one decode token), runs them flattened through the model, and returns logits.
 """
 
 from __future__ import annotations
@@ -10,25 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from offbatch.engine.forward import Forward, embed
+from offbatch.ffn import LoopMoE, build_ffns
+from offbatch.formats import DENSE, ModuleWeights
 from offbatch.models import layers as L
+from offbatch.models.catalogue import ModuleKey, Part, modules_of
+from offbatch.models.dtypes import resolve_dtype
 from offbatch.models.loader import Checkpoint, check_finite, open_checkpoint
 from offbatch.models.spec import ModelSpec
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-          "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
-    if dtype is None:
-        return default
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32")
-    return DTYPES[dtype]
-
+UNCHUNKED = 1 << 62  # FFN rows per call: all of them
 
 class KVCache:
     """One sequence's keys and values for every layer, grown by doubling."""
@@ -63,30 +56,68 @@ class KVCache:
         self.length += n
 
 
-class ReferenceModel:
-    def __init__(self, spec: ModelSpec, globals_: dict[str, torch.Tensor], layer_weights: list[dict], device, dtype):
+class ResidentModules:
+    """Every module of the model held on the device: acquire hands it out, release and skip are nothing."""
+
+    def __init__(self, modules: dict[ModuleKey, ModuleWeights]):
+        self.modules = modules
+
+    def acquire(self, key: ModuleKey) -> ModuleWeights:
+        return self.modules[key]
+
+    def release(self, key: ModuleKey) -> None:
+        pass
+
+    def skip(self, keys) -> None:
+        pass
+
+    def norms(self, key: ModuleKey) -> ModuleWeights:
+        return self.modules[key]
+
+
+class CacheAttention:
+    """Attention over a KV cache per sequence; a step is (caches, new tokens per sequence), the rows of
+    each sequence consecutive. Ragged: any number of new tokens after any cache."""
+
+    def __init__(self, spec: ModelSpec):
         self.spec = spec
-        self.g = globals_
-        self.layers = layer_weights
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step) -> torch.Tensor:
+        caches, lens = step
+        outs, start = [], 0
+        for cache, n in zip(caches, lens):
+            kk, vv = cache.extend(layer, k[start : start + n], v[start : start + n])
+            outs.append(L.causal_attention(q[start : start + n], kk, vv, cache.length, self.spec.sliding_window))
+            start += n
+        return torch.cat(outs)
+
+
+class ReferenceModel:
+    def __init__(self, spec: ModelSpec, modules: dict[ModuleKey, ModuleWeights], device, dtype):
+        """modules: every module of the model (catalogue.modules_of), its tensors on `device`."""
+        self.spec = spec
+        self.modules = modules
         self.device = torch.device(device)
         self.dtype = dtype
         self.inv_freq = L.rope_inv_freq(spec) if spec.positions == "rope" else None
+        resident = ResidentModules(modules)
+        # The engine's forward with every module resident, one FFN call over all tokens, experts one by one.
+        self.fwd = Forward(spec, resident, CacheAttention(spec), build_ffns(spec, resident, UNCHUNKED, LoopMoE.name))
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, device="cpu", dtype=None) -> "ReferenceModel":
         spec = ckpt.spec
         dtype = resolve_dtype(dtype, ckpt.dtype())
 
-        def load(name):  # every tensor is read here anyway: refusing NaN/inf weights costs one more pass
-            return check_finite(ckpt, name, ckpt.get(name)).to(device=device, dtype=dtype)
+        def load(part: Part) -> torch.Tensor:  # every tensor is read here anyway: refusing NaN/inf weights costs one more pass
+            t = check_finite(ckpt, part.canonical, ckpt.get(part.canonical))
+            if part.rows is not None:
+                t = t[part.rows[0] : part.rows[1]]
+            return t.to(device=device, dtype=dtype)
 
-        globals_ = {c: load(c) for c in ("embed", "pos_embed", "project_in", "project_out",
-                                         "final_norm.weight", "final_norm.bias", "lm_head") if ckpt.has(c)}
-        layer_weights = []
-        for i in range(spec.num_layers):
-            prefix = f"layers.{i}."
-            layer_weights.append({c[len(prefix):]: load(c) for c in ckpt.entries if c.startswith(prefix)})
-        return cls(spec, globals_, layer_weights, device, dtype)
+        names = list(ckpt.entries) + (["lm_head"] if ckpt.has("lm_head") and "lm_head" not in ckpt.entries else [])
+        modules = {key: DENSE.weights({p.local: load(p) for p in parts}) for key, parts in modules_of(names, spec).items()}
+        return cls(spec, modules, device, dtype)
 
     @classmethod
     def load(cls, model_dir: str | Path, device="cpu", dtype=None) -> "ReferenceModel":
@@ -96,41 +127,6 @@ class ReferenceModel:
         return KVCache(self.spec, self.device, self.dtype, capacity)
 
     # ---- forward ---------------------------------------------------------
-    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(ids, self.g["embed"])
-        if "project_in" in self.g:
-            x = F.linear(x, self.g["project_in"])
-        if self.spec.positions == "learned":
-            x = x + F.embedding(positions + 2, self.g["pos_embed"])
-        return x
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
-        if spec.final_norm:
-            x = L.norm(x, self.g, "final_norm", spec)
-        if "project_out" in self.g:
-            x = F.linear(x, self.g["project_out"])
-        return F.linear(x, self.g["lm_head"]).float()
-
-    def attention(self, i: int, x: torch.Tensor, caches, lens, cos, sin) -> torch.Tensor:
-        spec, w = self.spec, self.layers[i]
-        q, k, v = L.attention_qkv(x, w, spec, cos, sin)
-        outs, start = [], 0
-        for cache, n in zip(caches, lens):
-            kk, vv = cache.extend(i, k[start : start + n], v[start : start + n])
-            outs.append(L.causal_attention(q[start : start + n], kk, vv, cache.length, spec.sliding_window))
-            start += n
-        return L.attention_output(torch.cat(outs), w)
-
-    def layer(self, i: int, x: torch.Tensor, caches, lens, cos, sin) -> torch.Tensor:
-        spec, w = self.spec, self.layers[i]
-        if spec.pre_norm:
-            x = x + self.attention(i, L.norm(x, w, "attn_norm", spec), caches, lens, cos, sin)
-            return x + L.ffn(L.norm(x, w, "ffn_norm", spec), w, spec, i)
-        # Post-norm (OPT-350m): normalise after each residual add.
-        x = L.norm(x + self.attention(i, x, caches, lens, cos, sin), w, "attn_norm", spec)
-        return L.norm(x + L.ffn(x, w, spec, i), w, "ffn_norm", spec)
-
     @torch.inference_mode()
     def forward(self, caches: list[KVCache], tokens: list[list[int]], all_logits: bool = False) -> torch.Tensor:
         """Run each sequence's new tokens after its cache. Returns float32 logits: of each sequence's
@@ -140,17 +136,16 @@ class ReferenceModel:
             raise ValueError("every sequence needs at least one new token")
         ids = torch.tensor([t for seq in tokens for t in seq], device=self.device, dtype=torch.long)
         positions = torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(caches, lens)]).to(self.device)
-        x = self.embed(ids, positions)
+        x = embed(self.spec, self.modules[(-1, "embed")], ids, positions)
         cos = sin = None
         if self.inv_freq is not None:
             cos, sin = L.rope_cos_sin(self.inv_freq, positions, self.dtype)
-        for i in range(self.spec.num_layers):
-            x = self.layer(i, x, caches, lens, cos, sin)
+        x = self.fwd.layers(x, (caches, lens), cos, sin)
         for c, n in zip(caches, lens):
             c.advance(n)
         if not all_logits:
             x = x[torch.tensor(lens, device=self.device).cumsum(0) - 1]
-        return self.head(x)
+        return self.fwd.head(x)
 
     @torch.inference_mode()
     def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 from offbatch.engine import sampler
 from offbatch.engine.api import GenOutput, GenRequest, GenStats
 from offbatch.engine.sequence import SeqState, sample_step
-from offbatch.models.reference import KVCache, ReferenceModel
+from offbatch.engine.reference import KVCache, ReferenceModel
 
 
 @dataclass

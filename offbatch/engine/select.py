@@ -88,7 +88,7 @@ def make_generator(model_dir: str | Path, tokenizer, options: EngineOptions | No
                                  max_len=workload.max_len if workload else 2048,
                                  eos_token_ids=tokenizer.eos_token_ids, **pinned)
     from offbatch.engine.reference_generator import ReferenceGenerator
-    from offbatch.models.reference import ReferenceModel
+    from offbatch.engine.reference import ReferenceModel
 
     # The reference holds the whole model on one device: the correctness path, not the fast one.
     model = ReferenceModel.load(model_dir, device=device, dtype=options.dtype)

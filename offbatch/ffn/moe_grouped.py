@@ -1,5 +1,5 @@
-"""A MoE layer's routed experts through the grouped kernels: each expert that got tokens runs once over
-all of its rows, a chunk of experts per launch, weights read in place from the prefetcher's banks.
+"""MoE experts through the grouped kernels: each expert that got tokens runs once over all of its rows,
+a chunk of experts per launch, weights read in place from the prefetcher's banks.
 
 The rows of the layer are sorted by expert (L.group_by_expert), so a chunk of consecutive experts owns
 one contiguous range of sorted rows and each expert one group in it. A chunk is taken from one bank (the
@@ -7,8 +7,8 @@ expert slot ring, or one layer's resident experts), seen as strided [rows, N, K]
 down; each group names its expert's row. Streamed chunks hold at most ring size - 1 experts, so while a
 chunk computes, the copy stream fills the free slot with the next expert.
 
-Only gated SiLU experts (every MoE family supported) take this path; the engine keeps its per-expert
-loop for anything else (see `expert_items`).
+Only gated SiLU experts stored dense (every MoE family supported) take this path; anything else runs
+the per-expert loop (moe_loop.py; see `expert_items`).
 """
 
 from __future__ import annotations
@@ -19,22 +19,28 @@ from dataclasses import dataclass
 import torch
 
 from offbatch import kernels
+from offbatch.ffn.base import register_ffn
+from offbatch.ffn.moe import MoEBackend
 from offbatch.kernels import reference
+from offbatch.models.catalogue import ModuleKey
 from offbatch.models.spec import ModelSpec
-from offbatch.offload.weights import ModuleKey, WeightStore
 
 # What every expert module must hold, once "experts.E." is stripped from its local names.
 EXPERT_TENSORS = ("down.weight", "gate.weight", "up.weight")
 Items = tuple[tuple[str, tuple[int, ...], int], ...]  # (stripped name, shape, byte offset)
 
 
-def expert_items(spec: ModelSpec, store: WeightStore) -> Items | None:
+def gated_silu(spec: ModelSpec, dtype) -> bool:
+    """The kernels' function (gated SiLU experts) in a dtype they take."""
+    return spec.moe is not None and spec.gated_ffn and spec.activation == "silu" and dtype in reference.GEMM_DTYPES
+
+
+def expert_items(spec: ModelSpec, store) -> Items | None:
     """The one layout shared by every routed expert of the model with its "experts.E." prefixes
     stripped, or None when the grouped path does not apply (not gated SiLU, extra tensors such as
-    biases, layouts that differ, a dtype the kernels do not take)."""
-    if spec.moe is None or not spec.gated_ffn or spec.activation != "silu":
-        return None
-    if store.dtype not in reference.GEMM_DTYPES:
+    biases or a format's scales, layouts that differ, a dtype the kernels do not take, weights stored
+    otherwise than dense in the compute dtype)."""
+    if not gated_silu(spec, store.dtype):
         return None
     shared: Items | None = None
     for key in store.keys():
@@ -42,8 +48,13 @@ def expert_items(spec: ModelSpec, store: WeightStore) -> Items | None:
             continue
         prefix = f"experts.{key[1].split('.', 1)[1]}."
         layout = store.layouts[key]
-        items = tuple((name.removeprefix(prefix), shape, off) for name, shape, off in layout.items)
+        if any(it.dtype != store.dtype for it in layout.items):
+            return None
+        items = tuple((it.name.removeprefix(prefix), tuple(it.shape), it.offset) for it in layout.items)
         if tuple(name for name, _, _ in items) != EXPERT_TENSORS or (shared is not None and items != shared):
+            return None
+        fmt = getattr(store, "format", None)
+        if fmt is not None and any(fmt.compresses(it.name, tuple(it.shape)) for it in layout.items):
             return None
         shared = items
     if shared is None:
@@ -115,20 +126,34 @@ def windows(bounds: tuple[int, ...], rows: list[int], step: int):
         yield lo, hi, offsets, slots
 
 
-class GroupedExperts:
-    """Runs a MoE layer's routed experts through grouped_swiglu + grouped_gemm.
+@register_ffn
+class GroupedMoE(MoEBackend):
+    """Runs a MoE layer's routed experts through grouped_swiglu + grouped_gemm, over a prefetcher's
+    banks (`modules.pf`; its store `modules.store`).
 
     `kernels` is offbatch.kernels (Triton on CUDA tensors) on a GPU and the torch twins on the CPU:
     Triton on the CPU is the interpreter, a test tool far slower than the twins. Tests set
     `kernels = offbatch.kernels` with TRITON_INTERPRET=1 to run the Triton kernels in the engine.
     """
 
-    def __init__(self, spec: ModelSpec, store: WeightStore, pf, device: torch.device, items: Items):
-        self.spec, self.store, self.pf, self.device = spec, store, pf, device
-        self.items = items
-        self.kernels = kernels if device.type == "cuda" else reference
+    name = "moe-grouped"
+
+    def __init__(self, spec: ModelSpec, modules, micro_tokens: int):
+        super().__init__(spec, modules, micro_tokens)
+        self.store, self.pf, self.device = modules.store, modules.pf, modules.device
+        self.items = expert_items(spec, self.store)
+        self.kernels = kernels if self.device.type == "cuda" else reference
         self._stacks: dict[int, dict[str, torch.Tensor]] = {}  # id(bank) -> stacked weights
         self.launches = 0  # grouped_swiglu calls, for tests and stats
+
+    @classmethod
+    def applies(cls, spec: ModelSpec, dtype) -> bool:
+        return gated_silu(spec, dtype)
+
+    @classmethod
+    def runs_on(cls, spec: ModelSpec, modules) -> bool:
+        """It reads experts in place from a prefetcher's banks, stored dense (`expert_items`)."""
+        return getattr(modules, "pf", None) is not None and expert_items(spec, modules.store) is not None
 
     def _stack(self, bank: torch.Tensor) -> dict[str, torch.Tensor]:
         s = self._stacks.get(id(bank))
@@ -142,13 +167,10 @@ class GroupedExperts:
             return max(1, self.pf.ring_size("expert") - 1)  # one slot left copying the next expert
         return 1 << 30  # resident: nothing to wait for
 
-    def run(self, layer: int, h: torch.Tensor, order: torch.Tensor, counts: list[int], flat_w: torch.Tensor,
-            out: torch.Tensor, acquire: Callable[[ModuleKey], object], micro_tokens: int) -> None:
-        """out[t] += sum over t's routed experts e of w(t, e) * expert_e(h[t]).
-
-        order: the flattened (token, k) pairs sorted by expert (L.group_by_expert); counts: their
-        number per expert, on the host; flat_w: routing weights [T*k]. Host work uses only `counts`;
-        offsets and bank rows travel to the device as one small non-blocking copy per window."""
+    def experts(self, layer: int, h: torch.Tensor, order: torch.Tensor, counts: list[int], flat_w: torch.Tensor,
+                out: torch.Tensor) -> None:
+        """Host work uses only `counts`; offsets and bank rows travel to the device as one small
+        non-blocking copy per window."""
         k = self.spec.moe.top_k
         rows_sorted = order // k
         w_sorted = flat_w[order]
@@ -158,10 +180,10 @@ class GroupedExperts:
 
         for chunk in plan_chunks(counts, lambda e: self.pf.bank_of(key(e)), self._max_experts):
             for e in chunk.experts:
-                acquire(key(e))  # the compute stream waits for each copy
+                self.mods.acquire(key(e))  # the compute stream waits for each copy
             placed = [self.pf.row_of(key(e)) for e in chunk.experts]
             w = self._stack(placed[0][0])
-            for lo, hi, offsets, slots in windows(chunk.bounds, [row for _, row in placed], micro_tokens):
+            for lo, hi, offsets, slots in windows(chunk.bounds, [row for _, row in placed], self.micro_tokens):
                 groups = torch.tensor(offsets + slots, dtype=torch.int32).to(self.device, non_blocking=True)
                 g_offsets, g_slots = groups[: len(offsets)], groups[len(offsets):]
                 x = h.index_select(0, rows_sorted[lo:hi])
@@ -170,4 +192,4 @@ class GroupedExperts:
                 out.index_add_(0, rows_sorted[lo:hi], y * w_sorted[lo:hi, None])
                 self.launches += 1
             for e in chunk.experts:
-                self.pf.release(key(e))  # after the chunk's launches were issued
+                self.mods.release(key(e))  # after the chunk's launches were issued
