@@ -30,7 +30,7 @@ SynthOpt = Annotated[
                                 "in memory), e.g. mixtral-8x7b.")
 ]
 SynthLayersOpt = Annotated[Optional[int], typer.Option("--layers", help="With --synth: number of layers.")]
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")  # offbatch.models.reference.DTYPES
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")  # offbatch.models.dtypes.DTYPES
 
 
 def compute_dtype(value: str | None) -> str | None:
