@@ -12,7 +12,7 @@ import torch
 from hf_factory import save_hf_model
 from offbatch.engine.api import GenRequest, SamplingParams
 from offbatch.engine.build import engine_for_folder
-from offbatch.ffn.moe_grouped import Chunk, expert_items, plan_chunks, stacked, windows
+from offbatch.ffn.moe_grouped import Chunk, expert_items, plan_chunks, windows
 from offbatch.engine.streaming import LiveSeq, StreamingEngine
 from offbatch.formats import DENSE
 from offbatch.kernels import reference
@@ -184,7 +184,7 @@ def test_banks_stack_ring_slots_and_a_layers_resident_experts():
     pf = Prefetcher(store, "cpu", {"expert": 3}, resident)
     spec = type("Spec", (), {"moe": True, "gated_ffn": True, "activation": "silu"})()
     items = expert_items(spec, store)
-    assert [name for name, _, _ in items] == ["down.weight", "gate.weight", "up.weight"]
+    assert [it.name for it in items] == ["down.weight", "gate.weight", "up.weight"]
     streamed = [(1, f"expert.{e}") for e in range(3)]
     pf.schedule(streamed)
     ring = pf.banks["expert"]
@@ -193,7 +193,7 @@ def test_banks_stack_ring_slots_and_a_layers_resident_experts():
         views = pf.acquire(key)
         bank, row = pf.row_of(key)
         assert bank is pf.bank_of(key) and (bank is ring) == (key not in resident)
-        w = stacked(bank, items, store.dtype)
+        w = DENSE.expert_stacks(bank, items)
         prefix = f"experts.{key[1].split('.')[1]}."
         for name in ("gate.weight", "up.weight", "down.weight"):
             assert w[name].shape[0] == bank.shape[0]

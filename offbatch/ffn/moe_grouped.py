@@ -21,13 +21,14 @@ import torch
 from offbatch import kernels
 from offbatch.ffn.base import register_ffn
 from offbatch.ffn.moe import MoEBackend
+from offbatch.formats import Item
 from offbatch.kernels import reference
 from offbatch.models.catalogue import ModuleKey
 from offbatch.models.spec import ModelSpec
 
 # What every expert module must hold, once "experts.E." is stripped from its local names.
 EXPERT_TENSORS = ("down.weight", "gate.weight", "up.weight")
-Items = tuple[tuple[str, tuple[int, ...], int], ...]  # (stripped name, shape, byte offset)
+Items = tuple[Item, ...]  # the experts' layout, "experts.E." stripped from the names
 
 
 def gated_silu(spec: ModelSpec, dtype) -> bool:
@@ -50,33 +51,20 @@ def expert_items(spec: ModelSpec, store) -> Items | None:
         layout = store.layouts[key]
         if any(it.dtype != store.dtype for it in layout.items):
             return None
-        items = tuple((it.name.removeprefix(prefix), tuple(it.shape), it.offset) for it in layout.items)
-        if tuple(name for name, _, _ in items) != EXPERT_TENSORS or (shared is not None and items != shared):
+        items = tuple(Item(it.name.removeprefix(prefix), tuple(it.shape), it.dtype, it.offset) for it in layout.items)
+        if tuple(it.name for it in items) != EXPERT_TENSORS or (shared is not None and items != shared):
             return None
-        fmt = getattr(store, "format", None)
-        if fmt is not None and any(fmt.compresses(it.name, tuple(it.shape)) for it in layout.items):
+        fmt = store.format
+        if not fmt.grouped_experts or any(fmt.compresses(it.name, tuple(it.shape)) for it in layout.items):
             return None
         shared = items
     if shared is None:
         return None
-    shapes = {name: shape for name, shape, _ in shared}
+    shapes = {it.name: it.shape for it in shared}
     inter, hidden = shapes["gate.weight"]
     if shapes["up.weight"] != (inter, hidden) or shapes["down.weight"] != (hidden, inter):
         return None
     return shared
-
-
-def stacked(bank: torch.Tensor, items: Items, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Each weight of a bank's modules as one strided [rows, *shape] tensor: row r is module r's."""
-    size = torch.tensor([], dtype=dtype).element_size()
-    flat = bank.view(dtype)  # [rows, row_bytes / size]; rows stay row_bytes apart
-    out = {}
-    for name, shape, off in items:
-        n = 1
-        for d in shape:
-            n *= d
-        out[name] = flat[:, off // size : off // size + n].view(bank.shape[0], *shape)
-    return out
 
 
 @dataclass(frozen=True)
@@ -158,7 +146,7 @@ class GroupedMoE(MoEBackend):
     def _stack(self, bank: torch.Tensor) -> dict[str, torch.Tensor]:
         s = self._stacks.get(id(bank))
         if s is None:
-            s = self._stacks[id(bank)] = stacked(bank, self.items, self.store.dtype)
+            s = self._stacks[id(bank)] = self.store.format.expert_stacks(bank, self.items)
         return s
 
     def _max_experts(self, bank) -> int:
@@ -187,8 +175,8 @@ class GroupedMoE(MoEBackend):
                 groups = torch.tensor(offsets + slots, dtype=torch.int32).to(self.device, non_blocking=True)
                 g_offsets, g_slots = groups[: len(offsets)], groups[len(offsets):]
                 x = h.index_select(0, rows_sorted[lo:hi])
-                a = self.kernels.grouped_swiglu(x, w["gate.weight"], w["up.weight"], g_offsets, g_slots)
-                y = self.kernels.grouped_gemm(a, w["down.weight"], g_offsets, g_slots)
+                a = self.store.format.grouped_swiglu(self.kernels, x, w, g_offsets, g_slots)
+                y = self.store.format.grouped_gemm(self.kernels, a, w, g_offsets, g_slots)
                 out.index_add_(0, rows_sorted[lo:hi], y * w_sorted[lo:hi, None])
                 self.launches += 1
             for e in chunk.experts:

@@ -125,6 +125,32 @@ class WeightFormat:
     def linear(self, x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
         return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
+    # ---- MoE experts through the grouped kernels (offbatch/ffn/moe_grouped.py) ------------------------
+    # A bank is a uint8 buffer [rows, row_bytes] holding one expert module per row, all with one layout;
+    # the grouped kernels take a chunk of experts as one [rows, N, K] stack per weight and a row per group.
+    grouped_experts = False  # whether this format's experts can run through the grouped kernels
+
+    def expert_stacks(self, bank: torch.Tensor, items: tuple[Item, ...]) -> dict[str, torch.Tensor]:
+        """Each stored tensor of a bank's modules as one strided [rows, *shape] view (row r: module r's);
+        items: the experts' layout with their "experts.E." prefixes stripped."""
+        out = {}
+        for it in items:
+            size = dtype_bytes(it.dtype)
+            flat = bank.view(it.dtype)  # [rows, row_bytes / size]; rows stay row_bytes apart
+            n = it.nbytes // size
+            out[it.name] = flat[:, it.offset // size : it.offset // size + n].view(bank.shape[0], *it.shape)
+        return out
+
+    def grouped_swiglu(self, kernels, x: torch.Tensor, stacks: dict[str, torch.Tensor], offsets: torch.Tensor,
+                       slots: torch.Tensor) -> torch.Tensor:
+        """silu(x @ gate.T) * (x @ up.T) per group, each group's rows through its expert's stack row."""
+        raise NotImplementedError(f"the {self.name} format has no grouped expert kernels")
+
+    def grouped_gemm(self, kernels, a: torch.Tensor, stacks: dict[str, torch.Tensor], offsets: torch.Tensor,
+                     slots: torch.Tensor) -> torch.Tensor:
+        """a @ down.T per group."""
+        raise NotImplementedError(f"the {self.name} format has no grouped expert kernels")
+
 
 FORMATS: dict[str, WeightFormat] = {}
 
