@@ -2,6 +2,7 @@
 # A/B of this checkout against a baseline checkout (BASE, e.g. a `git worktree` of the commit before a
 # change) on one shape: each side plans the job on this machine (one probe, cached, shared by both),
 # the two plans are compared, then each side benches under its own plan, alternating, ROUNDS times.
+# With PLAN=FILE both sides bench under that one plan file instead (it must be in a format both read).
 # Usage (GPU machine, repo root): BASE=.base bash scripts/ab_commits.sh NAME ROUNDS BENCH-SHAPE-ARGS...
 # e.g.  BASE=.base bash scripts/ab_commits.sh mixtral 2 --synth mixtral-8x7b --layers 8 --gpu-memory 8GiB \
 #         --prompts 1024 --prompt-len 256 --gen-len 64
@@ -29,7 +30,7 @@ PY
 for r in $(seq 1 "$rounds"); do
   for side in base new; do
     dir=$PWD; [ "$side" = base ] && dir=$BASE
-    (cd "$dir" && PYTHONPATH=$PWD timeout 240 python -m offbatch.cli.main bench "$@" --plan "/tmp/plan-$name-$side.json" \
+    (cd "$dir" && PYTHONPATH=$PWD timeout 240 python -m offbatch.cli.main bench "$@" --plan "${PLAN:-/tmp/plan-$name-$side.json}" \
        --out "$OUT/ab-$name-$side-$r.json" > "/tmp/ab-$name-$side-$r.log" 2>&1) || { echo "$side round $r failed"; tail -5 "/tmp/ab-$name-$side-$r.log"; }
     python - "$OUT/ab-$name-$side-$r.json" "$name $side" "$r" <<'PY'
 import json, sys

@@ -9,9 +9,6 @@ from offbatch.errors import OutputFileError
 from offbatch.units import parse_bytes
 
 ModelDirArg = Annotated[Path, typer.Argument(help="Hugging Face model folder (config.json + safetensors).")]
-OptionalModelDirArg = Annotated[
-    Optional[Path], typer.Argument(help="Hugging Face model folder; default: the embedded SmolLM2-135M-Instruct.")
-]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
 GpuMemoryOpt = Annotated[

@@ -77,10 +77,3 @@ def finish_choice(tokenizer, out: GenOutput, stops: tuple[str, ...], params: Sam
         text = text[:cut]
         finish = "stop"
     return text, finish, ids
-
-
-def final_text(tokenizer, out: GenOutput, stops: tuple[str, ...], params: SamplingParams,
-               eos_token_ids: tuple[int, ...], skip_special_tokens: bool = True) -> tuple[str, str]:
-    """(text, finish_reason) of a finished sequence."""
-    text, finish, _ = finish_choice(tokenizer, out, stops, params, eos_token_ids, skip_special_tokens)
-    return text, finish

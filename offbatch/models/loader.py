@@ -23,7 +23,6 @@ from offbatch.models.names import IGNORABLE_SUFFIXES, TensorInfo, expected_tenso
 from offbatch.models.spec import ModelSpec, load_spec
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
 
 
 @dataclass(frozen=True)

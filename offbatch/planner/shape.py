@@ -37,11 +37,6 @@ class ModelShape:
     def total_bytes(self) -> int:
         return sum(self.nbytes.values())
 
-    @property
-    def device_keys(self) -> list[ModuleKey]:
-        """Modules that run on the compute device (the embedding table stays in host memory)."""
-        return [k for k in self.nbytes if k[1] != "embed"]
-
     def kind_of(self, key: ModuleKey) -> str:
         return module_kind(key[1])
 

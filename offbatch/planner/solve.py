@@ -46,7 +46,7 @@ from offbatch.models.spec import ModelSpec
 from offbatch.planner.cost import JobTime, StepModel, StepTime, admits_per_step, job_time
 from offbatch.planner.hardware import Hardware
 from offbatch.planner.memory import (SAFETY, STAGING_BUFFERS, HostTier, Knobs, choose_disk, device_transient_bytes,
-                                     WeightTotals, host_bytes, host_floor, host_tier,
+                                     WeightTotals, host_floor, host_tier,
                                      kv_slot_bytes)
 from offbatch.plan import Plan
 from offbatch.planner.residency import RESIDENCY_ORDERS, Residency, ResidencyChooser, residency_of
@@ -154,10 +154,6 @@ class Solver:
     def device_need(self, knobs: Knobs) -> int:
         t = device_transient_bytes(self.shape, knobs, self.wl.max_prompt_len, self.max_len)
         return sum(t.values()) + self.chooser.weights_minimum()
-
-    def host_need(self, knobs: Knobs) -> int:
-        """Host bytes with every weight pinned (no disk tier)."""
-        return sum(host_bytes(self.shape, knobs, self.max_len, self.cuda, self.totals.all_weights).values())
 
     def fits(self, knobs: Knobs) -> bool:
         if self.usable is not None and self.device_need(knobs) > self.usable:
