@@ -56,6 +56,15 @@ def close_engines() -> None:
             obj.close()
 
 
+@pytest.fixture(scope="session")
+def probed_once():
+    """This machine's probe, made (and cached) before the first GPU test: a build that probes inside a
+    test would measure the probe's allocations along with its engine."""
+    from offbatch.planner.probe import probe_hardware
+
+    probe_hardware("cuda")
+
+
 @pytest.fixture(autouse=True)
 def isolated_gpu_memory(request):
     """Around every GPU test: nothing reserved, no cap, fresh peak statistics; the test then asserts what
@@ -63,6 +72,7 @@ def isolated_gpu_memory(request):
     if "gpu" not in request.keywords or not torch.cuda.is_available():
         yield
         return
+    request.getfixturevalue("probed_once")
     release_gpu_memory()
     yield
     close_engines()

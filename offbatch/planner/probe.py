@@ -151,6 +151,17 @@ def device_memory_bytes(device: str) -> int:
     return host_memory_bytes()
 
 
+def release_probe_memory(dev: torch.device) -> None:
+    """Give back what the probe left in the caching allocator - its buffers and the cuBLAS workspaces of
+    its GEMMs, which empty_cache keeps - so that none of it counts against the engine's cap afterwards (a
+    probe run inside a capped build left a 64 MiB cap with 250 MiB already reserved)."""
+    torch.cuda.synchronize(dev)
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces is not None:
+        clear_workspaces()
+    torch.cuda.empty_cache()
+
+
 # ---- the whole probe ----------------------------------------------------------------------------
 def measure(device: str | None = None) -> Hardware:
     """Probe this machine with `device` as the compute device (cuda when present)."""
@@ -180,7 +191,7 @@ def measure(device: str | None = None) -> Hardware:
         contendeds = [cpu_attention_rate(during=copies) for _ in range(3)]
         torch.cuda.synchronize(dev)
         del src, dst
-        torch.cuda.empty_cache()  # the probe's buffers must not sit in the allocator under the engine's cap
+        release_probe_memory(dev)
         hw = Hardware(
             name=f"probed:{props.name}", device="cuda", gpu_name=props.name, gpu_memory_bytes=props.total_memory,
             pcie="", h2d_pinned_bytes_s=pinned, h2d_pageable_bytes_s=pageable, d2h_bytes_s=d2h, gemm_flop_s=gemm,
