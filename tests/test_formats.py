@@ -175,8 +175,13 @@ def test_the_streaming_engine_runs_a_toy_format_with_the_reference_tokens(model)
 
     expected = ReferenceModel.load(model, dtype="float32").greedy(PROMPTS, NEW)
     eng = engine_for_folder(model, device="cpu", dtype="float32", num_requests=len(PROMPTS), max_len=32,
-                            max_resident_bytes=0, plan_overrides={"weights": TOY.name})
+                            max_resident_bytes=0, weights=TOY.name)
     assert eng.store.format is TOY and eng.plan.weights == TOY.name
+    # The planner sized the slots by the format's modules, which are larger than dense ones here.
+    dense = engine_for_folder(model, device="cpu", dtype="float32", num_requests=len(PROMPTS), max_len=32,
+                              max_resident_bytes=0)
+    assert dense.plan.weights == "dense" and eng.plan.memory["weight_slots"] > dense.plan.memory["weight_slots"]
+    assert eng.plan.memory["weight_slots"] + eng.plan.memory["resident_weights"] == eng.pf.device_bytes
     before = TOY.decoded
     reqs = [GenRequest(i, p, SamplingParams(max_tokens=NEW, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
     outs = {o.key: o.token_ids for o in eng.generate(reqs)}

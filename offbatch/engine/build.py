@@ -94,7 +94,8 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
     without one it assumes num_requests prompts filling 3/4 of max_len.
     hardware: a Hardware, a profile name or file; None probes this machine (cached; on the CPU the
     fixed `cpu` profile). plan_options pin knobs (wave_size, prefill_tokens, ffn_micro_tokens,
-    attn_micro_batch, attention, residency_order) or bound them (max_wave, max_resident_bytes).
+    attn_micro_batch, attention, residency_order) or bound them (max_wave, max_resident_bytes), or
+    name the weight format to plan for and pack in (weights; default dense).
     plan_overrides: replace fields of the chosen plan afterwards (experiments).
     store: reuse weights already packed (benchmark grids: packing a large model takes a while)."""
     dev = torch.device(device)

@@ -41,6 +41,7 @@ import torch
 
 from offbatch.attention import ATTENTION_BACKENDS, get_attention
 from offbatch.errors import BudgetError, OffbatchError
+from offbatch.formats import get_format
 from offbatch.ffn import choose_moe
 from offbatch.models.spec import ModelSpec
 from offbatch.planner.cost import JobTime, StepModel, StepTime, admits_per_step, job_time
@@ -417,7 +418,7 @@ def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
         prefill_tokens=k.prefill_tokens, attn_micro_batch=min(k.attn_micro_batch, k.wave),
         ffn_micro_tokens=k.ffn_micro_tokens, slots=dict(res.slots), resident=set(res.resident),
         attention=k.attention, kv_format=k.kv_format, moe_ffn=moe_ffn_of(solver.shape),
-        weights=getattr(solver.shape, "weights", "dense"),
+        weights=solver.shape.weights,
         budget_bytes=solver.gpu_budget,
         memory={"kv": e.transient["kv"], "weight_slots": res.slot_bytes, "resident_weights": res.resident_bytes,
                 "activations": e.transient["activations"]},
@@ -500,12 +501,16 @@ def refuse_caps(whose: str, gpu_total: int, host_total: int, gpu_name: str, devi
 
 def make_plan(spec: ModelSpec, dtype: torch.dtype, device: str, gpu_memory: int | None, workload: Workload,
               hardware: Hardware | str | None = None, cpu_memory: int | None = None, max_wave: int = MAX_WAVE,
-              max_resident_bytes: int | None = None, shape: ModelShape | None = None, **pins) -> Plan:
+              max_resident_bytes: int | None = None, shape: ModelShape | None = None, weights: str = "dense",
+              **pins) -> Plan:
     """The solver's plan for a job. `pins` fix knobs (wave_size, prefill_tokens, ffn_micro_tokens,
-    attn_micro_batch, attention, residency_order); the rest is chosen."""
+    attn_micro_batch, attention, residency_order); the rest is chosen. weights: the weight format the
+    model is stored in (its module sizes are what the plan places and streams)."""
     hw = resolve_hardware(hardware, device)
     check_caps(hw, device, gpu_memory, cpu_memory)
-    shape = shape or shape_from_spec(spec, dtype)
+    if shape is not None and shape.weights != weights:
+        raise OffbatchError(f"the model's shape is of the {shape.weights} format, not {weights}")
+    shape = shape or shape_from_spec(spec, dtype, get_format(weights))
     if workload.max_len > spec.max_position:
         raise OffbatchError(f"the job needs a context of {workload.max_len} tokens; the model's is {spec.max_position}")
     if torch.device(device).type == "cuda" and gpu_memory is None:
