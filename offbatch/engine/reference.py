@@ -14,7 +14,7 @@ import torch
 
 from offbatch.engine.forward import Forward, embed
 from offbatch.ffn import LoopMoE, build_ffns
-from offbatch.formats import DENSE, ModuleWeights
+from offbatch.formats import ModuleWeights, WeightFormat, get_format
 from offbatch.models import layers as L
 from offbatch.models.catalogue import ModuleKey, Part, modules_of
 from offbatch.models.dtypes import resolve_dtype
@@ -105,23 +105,32 @@ class ReferenceModel:
         self.fwd = Forward(spec, resident, CacheAttention(spec), build_ffns(spec, resident, UNCHUNKED, LoopMoE.name))
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, device="cpu", dtype=None) -> "ReferenceModel":
+    def from_checkpoint(cls, ckpt: Checkpoint, device="cpu", dtype=None,
+                        weights: str | WeightFormat = "dense") -> "ReferenceModel":
+        """weights: the format the modules are stored in (a name or a format), encoded as the weight
+        store encodes them, so the engine over a format can be checked against the reference over it."""
         spec = ckpt.spec
         dtype = resolve_dtype(dtype, ckpt.dtype())
+        fmt = get_format(weights) if isinstance(weights, str) else weights
 
-        def load(part: Part) -> torch.Tensor:  # every tensor is read here anyway: refusing NaN/inf weights costs one more pass
+        def load(part: Part) -> dict[str, torch.Tensor]:
+            # Every tensor is read here anyway: refusing NaN/inf weights costs one more pass.
             t = check_finite(ckpt, part.canonical, ckpt.get(part.canonical))
             if part.rows is not None:
                 t = t[part.rows[0] : part.rows[1]]
-            return t.to(device=device, dtype=dtype)
+            if fmt.unchanged(part.local, tuple(t.shape), dtype):
+                return {part.local: t.to(device=device, dtype=dtype)}
+            return {name: s.to(device) for name, s in fmt.encode(part.local, t, dtype).items()}
 
         names = list(ckpt.entries) + (["lm_head"] if ckpt.has("lm_head") and "lm_head" not in ckpt.entries else [])
-        modules = {key: DENSE.weights({p.local: load(p) for p in parts}) for key, parts in modules_of(names, spec).items()}
+        modules = {key: fmt.weights({k: v for p in parts for k, v in load(p).items()})
+                   for key, parts in modules_of(names, spec).items()}
         return cls(spec, modules, device, dtype)
 
     @classmethod
-    def load(cls, model_dir: str | Path, device="cpu", dtype=None) -> "ReferenceModel":
-        return cls.from_checkpoint(open_checkpoint(model_dir), device, dtype)
+    def load(cls, model_dir: str | Path, device="cpu", dtype=None,
+             weights: str | WeightFormat = "dense") -> "ReferenceModel":
+        return cls.from_checkpoint(open_checkpoint(model_dir), device, dtype, weights)
 
     def new_cache(self, capacity: int = 16) -> KVCache:
         return KVCache(self.spec, self.device, self.dtype, capacity)
