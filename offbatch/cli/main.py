@@ -40,6 +40,7 @@ COMMANDS = [
     ("import-gguf", "import_gguf"),
     ("synth", "synth"),
     ("plan", "plan"),
+    ("eval-ppl", "eval_ppl"),
 ]
 
 

@@ -1,0 +1,104 @@
+"""Quality of a model, measured: perplexity over fixed token windows of a text, and how often a model's
+greedy token agrees with another's (a compressed format against the dense model) on the same windows.
+
+A window is scored on its own (a fresh cache): token i is predicted from tokens 0..i-1 of the same window.
+Windows overlap when stride < window; then a window scores only the tokens the previous one did not
+(its last `stride`), each with `window - stride` tokens or more of context, so no token counts twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Window:
+    ids: tuple[int, ...]
+    first: int  # index (in ids) of the first token scored; every token from there to the end is
+
+    @property
+    def scored(self) -> int:
+        return len(self.ids) - self.first
+
+
+def windows(ids: Sequence[int], window: int, stride: int | None = None,
+            max_windows: int | None = None) -> list[Window]:
+    """Windows of `window` tokens starting every `stride` tokens (default: window, no overlap) while a
+    whole window fits; at most max_windows of them. Fewer than `window` ids give no window."""
+    stride = window if stride is None else stride
+    if window < 2:
+        raise ValueError("a window needs at least 2 tokens (one to predict from, one to predict)")
+    if stride < 1:
+        raise ValueError("the stride must be at least 1 token")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError("max_windows must be at least 1")
+    first_overlapped = max(window - stride, 1)  # a window after the first scores its new tokens only
+    out = []
+    for k, start in enumerate(range(0, len(ids) - window + 1, stride)):
+        if max_windows is not None and k >= max_windows:
+            break
+        out.append(Window(tuple(ids[start : start + window]), 1 if k == 0 else first_overlapped))
+    return out
+
+
+@dataclass
+class Scores:
+    """One model over a list of windows: the summed negative log-likelihood (nats) of the scored tokens,
+    their count, and the greedy token the model predicted for each of them (per window)."""
+
+    nll_sum: float = 0.0
+    tokens: int = 0
+    greedy: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def nll(self) -> float:
+        """Mean negative log-likelihood per scored token (nats)."""
+        return self.nll_sum / self.tokens if self.tokens else float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+
+@torch.inference_mode()
+def score(model, wins: Sequence[Window], on_window: Callable[[int], None] | None = None) -> Scores:
+    """Run `model` (a ReferenceModel, or anything with new_cache and forward(caches, tokens, all_logits))
+    over each window; on_window(k) is called after window k (progress)."""
+    out = Scores()
+    for k, w in enumerate(wins):
+        logits = model.forward([model.new_cache(len(w.ids))], [list(w.ids)], all_logits=True)
+        # The logits at position i predict token i + 1.
+        pred = logits[w.first - 1 : len(w.ids) - 1].float()
+        target = torch.tensor(w.ids[w.first :], dtype=torch.long, device=pred.device)
+        out.nll_sum += F.cross_entropy(pred, target, reduction="sum").item()
+        out.tokens += w.scored
+        out.greedy.append(pred.argmax(-1).cpu())
+        if on_window is not None:
+            on_window(k)
+    return out
+
+
+def agreement_of(a: Scores, b: Scores) -> float:
+    """The share of scored positions where both models' greedy tokens are the same."""
+    if len(a.greedy) != len(b.greedy) or any(x.shape != y.shape for x, y in zip(a.greedy, b.greedy)):
+        raise ValueError("the two scores are not over the same windows")
+    if not a.greedy:
+        return float("nan")
+    same = sum(int((x == y).sum()) for x, y in zip(a.greedy, b.greedy))
+    return same / sum(x.numel() for x in a.greedy)
+
+
+def perplexity(model, wins: Sequence[Window]) -> tuple[float, float, int]:
+    """(perplexity, mean NLL per token in nats, tokens scored) of `model` over the windows."""
+    s = score(model, wins)
+    return s.perplexity, s.nll, s.tokens
+
+
+def agreement(model_a, model_b, wins: Sequence[Window]) -> float:
+    """Greedy-token agreement of two models over the same windows (1.0: always the same argmax)."""
+    return agreement_of(score(model_a, wins), score(model_b, wins))
