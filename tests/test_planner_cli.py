@@ -141,3 +141,20 @@ def test_bench_reports_where_the_host_was_blocked():
     assert split["host_router_sync"] > 0 and split["host_cpu_attention"] == 0 == split["host_kv_store_wait"]
     assert split["host_router_sync"] < split["other (compute, host)"] + split["weight_wait"]
     assert 0 < split["host_router_sync_in_prefill_steps"] < split["host_router_sync"]
+
+
+def test_plan_and_bench_pack_the_weights_in_the_format_asked():
+    shape = ["--synth", "mixtral-8x7b", "--layers", "8", "--gpu-memory", "8GiB", "--hardware", "h200",
+             "--num-prompts", "1024", "--prompt-len", "256", "--gen-len", "64"]
+    dense, int4 = plan_json(*shape), plan_json(*shape, "--weights", "int4")
+    assert dense["plan"]["weights"] == "dense" and int4["plan"]["weights"] == "int4"
+    # The planner sized the modules as the format stores them: about a quarter of bf16's bytes stream.
+    streamed = lambda rep: rep["predicted"]["decode_step"]["weight_bytes"]  # noqa: E731
+    assert 0 < streamed(int4) < streamed(dense) / 3.5
+    common = ["--synth", "mixtral", "--gen-len", "3", "--prompts", "4", "--prompt-len", "6", "--device", "cpu"]
+    r = runner.invoke(app, ["bench", *common, "--weights", "int4", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["plan"]["weights"] == "int4" and rep["decode_tok_s"] > 0
+    r = runner.invoke(app, ["bench", *common, "--weights", "int3"])
+    assert r.exit_code == 2 and "int4" in r.output  # names the formats it knows

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, ModelOrSynthArg,
-                                  SynthLayersOpt, SynthOpt, byte_size, open_report, write_report)
+                                  SynthLayersOpt, SynthOpt, WeightsOpt, byte_size, open_report, write_report)
 from offbatch.cli.plan import HardwareOpt
 from offbatch.errors import OffbatchError
 from offbatch.units import format_bytes
@@ -46,6 +46,7 @@ def command(
     plan_file: Annotated[Optional[Path], typer.Option("--plan", help="Pin this plan (a `plan --json` file) instead of "
                                                       "planning.")] = None,
     hardware: HardwareOpt = None,
+    weights: WeightsOpt = None,
     as_json: JsonOpt = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON report here.")] = None,
 ):
@@ -54,6 +55,7 @@ def command(
 
     from offbatch.attention import get_attention
     from offbatch.engine.benchmark import run_bench
+    from offbatch.formats import get_format
     from offbatch.models.dtypes import resolve_dtype
     from offbatch.engine.select import resolve_device
     from offbatch.plan import load_plan_file
@@ -73,6 +75,8 @@ def command(
     check_caps(hw, device, cap, host_cap)  # a pinned plan never meets the planner, which checks them too
     if pinned is not None and host_cap is not None:
         raise OffbatchError("--cpu-memory plans the host side; a pinned --plan already has its own")
+    if pinned is not None and weights is not None and weights != pinned.weights:
+        raise OffbatchError(f"--weights {weights}: the pinned plan is for {pinned.weights} weights")
     if pinned is not None and pinned.max_len < prompt_len + gen_len:
         raise OffbatchError(f"the plan's context is {pinned.max_len} tokens; this job needs {prompt_len + gen_len}")
     if prompts * prompt_len > MAX_BENCH_PROMPT_TOKENS:  # bench draws every prompt up front, in host memory
@@ -81,12 +85,14 @@ def command(
     report_file = open_report(out)  # before the bench, which takes minutes
     report = run_bench(source, device, cap, prompts, prompt_len, gen_len, dtype=dtype, default_dtype=default_dtype,
                        plan=pinned, workload=workload, hardware=hw,
-                       **({"cpu_memory": host_cap} if host_cap is not None else {}))
+                       **({"cpu_memory": host_cap} if host_cap is not None else {}),
+                       **({"weights": weights} if weights is not None and pinned is None else {}))
     # What the cost model expected of the plan that ran (the solver's own figures, or for a pinned plan,
     # the model applied to it), on the hardware profile used for planning.
     plan_pred = report["plan"].get("predicted") or {}
     if pinned is not None:
-        plan_pred = predict(pinned, shape_from_spec(spec, resolve_dtype(dtype, default_dtype)), hw, workload)
+        shape = shape_from_spec(spec, resolve_dtype(dtype, default_dtype), get_format(pinned.weights))
+        plan_pred = predict(pinned, shape, hw, workload)
     report["predicted"] = {k: v for k, v in plan_pred.items() if k not in ("decode_step", "prefill_step")}
     report["hardware_profile"] = hw.name
     report["prediction_error"] = {

@@ -71,3 +71,19 @@ def write_report(handle, text: str, flag: str = "--out") -> None:
             handle.write(text)
     except OSError as e:
         raise OutputFileError(f"writing {flag} {handle.name} failed: {e.strerror or e}") from None
+
+
+def weight_format(value: str | None) -> str | None:
+    """--weights checked where it is parsed: a weight format offbatch knows, else a usage error."""
+    from offbatch.formats import FORMATS
+
+    if value is not None and value not in FORMATS:
+        raise typer.BadParameter(f"{value!r} is not a weight format (known: {', '.join(sorted(FORMATS))})")
+    return value
+
+
+WeightsOpt = Annotated[
+    Optional[str], typer.Option("--weights", callback=weight_format,
+                                help="Weight format to pack the model in at load (dense, int8, int4, ...); "
+                                     "default: dense.")
+]

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, ModelOrSynthArg,
-                                  SynthLayersOpt, SynthOpt, byte_size, open_report, write_report)
+                                  SynthLayersOpt, SynthOpt, WeightsOpt, byte_size, open_report, write_report)
 from offbatch.errors import InputFileError, OffbatchError
 from offbatch.units import format_bytes
 
@@ -69,6 +69,7 @@ def command(
     reprobe: Annotated[bool, typer.Option("--reprobe", help="Measure this machine again (else the cached probe).")] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    weights: WeightsOpt = None,
     as_json: JsonOpt = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON report (a plan file) here.")] = None,
 ):
@@ -96,7 +97,8 @@ def command(
     else:
         workload = Workload.uniform(num_prompts, prompt_len, gen_len or 256)
     gpu_cap = byte_size(gpu_memory, "--gpu-memory")
-    plan = make_plan(spec, cdtype, device, gpu_cap, workload, hardware=hw, cpu_memory=byte_size(cpu_memory, "--cpu-memory"))
+    plan = make_plan(spec, cdtype, device, gpu_cap, workload, hardware=hw, cpu_memory=byte_size(cpu_memory, "--cpu-memory"),
+                     weights=weights or "dense")
     report = {
         "model": {"family": spec.family, "layers": spec.num_layers, "hidden_size": spec.hidden_size,
                   "source": str(model_dir) if model_dir else f"synth:{synth}"},
