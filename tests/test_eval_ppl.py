@@ -3,6 +3,7 @@ same windows, greedy agreement, the CLI's JSON and table, and its errors."""
 
 import inspect
 import json
+import os
 import math
 
 import pytest
@@ -168,6 +169,9 @@ def test_cli_errors(folder, text, tmp_path):
 
     fails(3, "no such text file", folder, tmp_path / "missing.txt")
     fails(3, "is a folder", folder, tmp_path)
+    os.mkfifo(tmp_path / "fifo")  # would block a plain read
+    fails(3, "named pipe", folder, tmp_path / "fifo")
+    fails(3, "a device", folder, "/dev/zero")  # would never end
     (tmp_path / "empty.txt").write_text("  \n")
     fails(3, "is empty", folder, tmp_path / "empty.txt")
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))

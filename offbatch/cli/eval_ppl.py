@@ -12,21 +12,22 @@ from typing import Annotated, Optional
 import typer
 
 from offbatch.cli.options import DeviceOpt, DtypeOpt, JsonOpt
-from offbatch.errors import InputFileError, OffbatchError
+from offbatch.errors import InputFileError, ModelFolderError, OffbatchError
+from offbatch.models import files
 
 DENSE_NAME = "dense"
+MAX_TEXT_BYTES = 256 << 20  # a text to score (a whole book is a few hundred kB)
 
 
 def read_text_file(path: Path) -> str:
-    """The whole file as UTF-8 text, or one InputFileError: missing, not a file, unreadable, not UTF-8, empty."""
+    """The whole file as UTF-8 text, or one InputFileError: missing, not a regular file (a FIFO or a device
+    would block or never end), over MAX_TEXT_BYTES, unreadable, not UTF-8, empty."""
+    if not files.exists(path):
+        raise InputFileError(f"{path}: no such text file")
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputFileError(f"{path}: no such text file") from None
-    except IsADirectoryError:
-        raise InputFileError(f"{path} is a folder, not a text file") from None
-    except OSError as e:
-        raise InputFileError(f"{path} cannot be read: {e.strerror or e}") from None
+        data = files.read_bytes(path, MAX_TEXT_BYTES)
+    except ModelFolderError as e:
+        raise InputFileError(str(e)) from None
     try:
         text = data.decode("utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError as e:
