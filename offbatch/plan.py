@@ -201,14 +201,22 @@ def _backends(d: dict) -> dict[str, str]:
     more of them, or a typo, is one clear error)."""
     from offbatch.attention import attention_names
     from offbatch.ffn import FFN_BACKENDS
-    from offbatch.formats import FORMATS
     from offbatch.offload.kv import KV_FORMATS
 
     moe = [""] + sorted(n for n, c in FFN_BACKENDS.items() if c.moe)
     return {"attention": _choice(d, "attention", tuple(attention_names()), "device-kv"),
-            "weights": _choice(d, "weights", tuple(sorted(FORMATS)), "dense"),
+            "weights": _format_name(d),
             "kv_format": _choice(d, "kv_format", tuple(sorted(KV_FORMATS)), "dense"),
             "moe_ffn": _choice(d, "moe_ffn", tuple(moe), "")}
+
+
+def _format_name(d: dict) -> str:
+    from offbatch.formats import format_names, known_format
+
+    value = _field(d, "weights", "dense")
+    if not known_format(value):
+        raise PlanFileError(f"a plan's weights is a weight format ({format_names()}), not {_shown(value)}")
+    return value
 
 
 def _text(d: dict, name: str, default: str) -> str:

@@ -47,10 +47,10 @@ def load_model(model_dir: Path, device: str, dtype: str | None, weights: str):
 
 
 def _check_format(weights: str | None) -> None:
-    from offbatch.formats import FORMATS
+    from offbatch.formats import format_names, known_format
 
-    if weights is not None and weights not in FORMATS:
-        raise typer.BadParameter(f"{weights!r} is not a weight format (known: {', '.join(sorted(FORMATS))})",
+    if weights is not None and not known_format(weights):
+        raise typer.BadParameter(f"{weights!r} is not a weight format (known: {format_names()})",
                                  param_hint="--weights")
 
 

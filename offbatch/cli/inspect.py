@@ -28,6 +28,7 @@ def inspect_report(model_dir) -> dict:
         "model_dir": str(model_dir),
         "family": spec.family,
         "dtype": str(ckpt.dtype()).replace("torch.", ""),
+        "weights": ckpt.format.name,  # the weight format the folder is stored in
         "parameters": ckpt.num_params,
         "bytes": ckpt.total_bytes,
         "layers": spec.num_layers,
@@ -64,7 +65,7 @@ def command(model_dir: ModelDirArg, as_json: JsonOpt = False):
     head.add_row("family", r["family"])
     head.add_row("dtype", r["dtype"])
     head.add_row("parameters", f"{r['parameters'] / 1e9:.3f} B" if r["parameters"] > 1e8 else f"{r['parameters']:,}")
-    head.add_row("weights", format_bytes(r["bytes"]))
+    head.add_row("weights", format_bytes(r["bytes"]) + ("" if r["weights"] == "dense" else f" (stored in {r['weights']})"))
     head.add_row("layers x hidden", f"{r['layers']} x {r['hidden_size']}")
     head.add_row("heads / kv heads / head dim", f"{r['heads']} / {r['kv_heads']} / {r['head_dim']}")
     if r["experts"]:

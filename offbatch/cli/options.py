@@ -75,15 +75,16 @@ def write_report(handle, text: str, flag: str = "--out") -> None:
 
 def weight_format(value: str | None) -> str | None:
     """--weights checked where it is parsed: a weight format offbatch knows, else a usage error."""
-    from offbatch.formats import FORMATS
+    from offbatch.formats import format_names, known_format
 
-    if value is not None and value not in FORMATS:
-        raise typer.BadParameter(f"{value!r} is not a weight format (known: {', '.join(sorted(FORMATS))})")
+    if value is not None and not known_format(value):
+        raise typer.BadParameter(f"{value!r} is not a weight format (known: {format_names()})")
     return value
 
 
 WeightsOpt = Annotated[
     Optional[str], typer.Option("--weights", callback=weight_format,
-                                help="Weight format to pack the model in at load (dense, int8, int4, ...); "
-                                     "default: dense.")
+                                help="Weight format to pack the model in at load (dense, int8, int4, int4-g32, "
+                                     "int4-asym, nf4, ...); lossy: see `offbatch eval-ppl`. Default: the "
+                                     "folder's own (dense, or the format `offbatch convert` wrote).")
 ]

@@ -53,6 +53,16 @@ def workload_from_file(model_dir: Path, prompts: Path, gen_len: Optional[int], c
     return Workload.from_lengths(prompt_lens, gen_lens)
 
 
+def _folder_format(model_dir: Optional[Path]) -> str:
+    """The format a model folder is stored in (dense for synth shapes and unconverted folders)."""
+    if model_dir is None:
+        return "dense"
+    from offbatch.models.converted import folder_format
+    from offbatch.models.spec import read_config
+
+    return folder_format(read_config(model_dir)).name
+
+
 def command(
     model_dir: ModelOrSynthArg = None,
     synth: SynthOpt = None,
@@ -98,7 +108,7 @@ def command(
         workload = Workload.uniform(num_prompts, prompt_len, gen_len or 256)
     gpu_cap = byte_size(gpu_memory, "--gpu-memory")
     plan = make_plan(spec, cdtype, device, gpu_cap, workload, hardware=hw, cpu_memory=byte_size(cpu_memory, "--cpu-memory"),
-                     weights=weights or "dense")
+                     weights=weights or _folder_format(model_dir))
     report = {
         "model": {"family": spec.family, "layers": spec.num_layers, "hidden_size": spec.hidden_size,
                   "source": str(model_dir) if model_dir else f"synth:{synth}"},

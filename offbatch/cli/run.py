@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from offbatch.cli.options import CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, QuietOpt, byte_size
+from offbatch.cli.options import CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, QuietOpt, WeightsOpt, byte_size
 from offbatch.jobs.params import ParamError, validate
 
 
@@ -70,6 +70,7 @@ def command(
     errors: Annotated[Optional[str], typer.Option("--errors", help="Write error records to this file instead of "
                                                   "the results file.")] = None,
     gpu_memory: GpuMemoryOpt = None,
+    weights: WeightsOpt = None,
     cpu_memory: CpuMemoryOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -166,7 +167,7 @@ def command(
 
     engine = EngineOptions(device=device, dtype=dtype, gpu_memory=byte_size(gpu_memory, "--gpu-memory"),
                            cpu_memory=byte_size(cpu_memory, "--cpu-memory"), max_batch=max_batch,
-                           engine=engine_kind, plan_file=plan_file)
+                           engine=engine_kind, plan_file=plan_file, weights=weights)
     progress = Progress(pick_mode(log_format.value, quiet), interval=log_interval)
     try:
         device, _, _ = check_options(engine)

@@ -14,9 +14,9 @@ import torch
 from offbatch.attention import get_attention
 from offbatch.engine.streaming import StreamingEngine
 from offbatch.errors import BudgetError, OffbatchError, PlanFileError
-from offbatch.formats import get_format
+from offbatch.formats import DENSE, get_format
 from offbatch.models.catalogue import module_kind
-from offbatch.models.loader import open_checkpoint
+from offbatch.models.loader import check_format, open_checkpoint
 from offbatch.models.dtypes import resolve_dtype
 from offbatch.offload.kv import kv_format
 from offbatch.offload.weights import CheckpointSource, WeightSource, WeightStore
@@ -101,7 +101,15 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
     dev = torch.device(device)
     dtype = resolve_dtype(dtype, default_dtype)
     spec = source.spec
+    held = getattr(getattr(source, "ckpt", None), "format", None)  # a folder's own format
+    asked = plan_options.pop("weights", None)
+    if plan is not None and asked not in (None, plan.weights):
+        raise OffbatchError(f"weights {asked}: the pinned plan is for {plan.weights} weights")
+    weights = plan.weights if plan is not None else asked or (held or DENSE).name
+    if held is not None:
+        check_format(source.ckpt, get_format(weights))
     if plan is None:
+        plan_options["weights"] = weights
         max_len = min(max_len, spec.max_position)
         if workload is None:
             workload = Workload.guess(num_requests, max_len)
@@ -133,9 +141,12 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
     return StreamingEngine(store, plan, eos_token_ids, timing=timing)
 
 
-def engine_for_folder(model_dir: str | Path, **kwargs) -> StreamingEngine:
+def engine_for_folder(model_dir: str | Path, weights: str | None = None, **kwargs) -> StreamingEngine:
+    """weights: the format to plan for and run in (None: the folder's own; a pinned plan names its own)."""
     ckpt = open_checkpoint(model_dir)
     kwargs.setdefault("default_dtype", ckpt.dtype())
+    if weights is not None:
+        kwargs["weights"] = weights
     if kwargs.get("hardware") is None and kwargs.get("plan") is None:
         # This machine as `plan MODEL_DIR` and `bench MODEL_DIR` see it: the cached probe with the disk
         # read rate of the folder's file system, so that `run` plans what they plan.

@@ -18,7 +18,7 @@ from offbatch.formats import ModuleWeights, WeightFormat, get_format
 from offbatch.models import layers as L
 from offbatch.models.catalogue import ModuleKey, Part, modules_of
 from offbatch.models.dtypes import resolve_dtype
-from offbatch.models.loader import Checkpoint, check_finite, open_checkpoint
+from offbatch.models.loader import Checkpoint, check_finite, check_format, open_checkpoint
 from offbatch.models.spec import ModelSpec
 
 UNCHUNKED = 1 << 62  # FFN rows per call: all of them
@@ -106,15 +106,22 @@ class ReferenceModel:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, device="cpu", dtype=None,
-                        weights: str | WeightFormat = "dense") -> "ReferenceModel":
-        """weights: the format the modules are stored in (a name or a format), encoded as the weight
-        store encodes them, so the engine over a format can be checked against the reference over it."""
+                        weights: str | WeightFormat | None = None) -> "ReferenceModel":
+        """weights: the format the modules are stored in (a name or a format; default: the folder's own),
+        encoded as the weight store encodes them, so the engine over a format can be checked against
+        the reference over it. A folder in a format, read in it, is used as it is stored."""
         spec = ckpt.spec
         dtype = resolve_dtype(dtype, ckpt.dtype())
-        fmt = get_format(weights) if isinstance(weights, str) else weights
+        fmt = ckpt.format if weights is None else get_format(weights) if isinstance(weights, str) else weights
+        check_format(ckpt, fmt)
+        as_stored = ckpt.format.name == fmt.name
 
         def load(part: Part) -> dict[str, torch.Tensor]:
             # Every tensor is read here anyway: refusing NaN/inf weights costs one more pass.
+            if as_stored and ckpt.entry(part.canonical).stored:
+                held = {part.local + sfx: check_finite(ckpt, part.canonical, t)
+                        for sfx, t in ckpt.get_stored(part.canonical).items()}
+                return {n: (t if part.rows is None else t[part.rows[0] : part.rows[1]]).to(device) for n, t in held.items()}
             t = check_finite(ckpt, part.canonical, ckpt.get(part.canonical))
             if part.rows is not None:
                 t = t[part.rows[0] : part.rows[1]]
@@ -129,7 +136,7 @@ class ReferenceModel:
 
     @classmethod
     def load(cls, model_dir: str | Path, device="cpu", dtype=None,
-             weights: str | WeightFormat = "dense") -> "ReferenceModel":
+             weights: str | WeightFormat | None = None) -> "ReferenceModel":
         return cls.from_checkpoint(open_checkpoint(model_dir), device, dtype, weights)
 
     def new_cache(self, capacity: int = 16) -> KVCache:

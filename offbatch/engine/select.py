@@ -21,6 +21,7 @@ class EngineOptions:
     prompt_lens: list[int] | None = None
     gen_lens: list[int] | None = None
     plan_file: Path | None = None  # pin this plan (streaming engine) instead of planning
+    weights: str | None = None  # the weight format to run in; None: the folder's own (dense, or as converted)
 
 
 def resolve_device(device: str | None) -> str:
@@ -55,6 +56,8 @@ def check_options(options: EngineOptions) -> tuple[str, str, object]:
                                 "(the CPU default): add --engine streaming")
         if options.cpu_memory is not None:
             raise OffbatchError("--cpu-memory plans the host side; a pinned --plan already has its own")
+        if options.weights is not None:
+            raise OffbatchError("--weights picks the format the planner plans for; a pinned --plan names its own")
         from offbatch.plan import load_plan_file
 
         return device, kind, load_plan_file(options.plan_file)
@@ -86,10 +89,10 @@ def make_generator(model_dir: str | Path, tokenizer, options: EngineOptions | No
                                  cpu_memory=options.cpu_memory, workload=workload,
                                  num_requests=workload.num_requests if workload else 64,
                                  max_len=workload.max_len if workload else 2048,
-                                 eos_token_ids=tokenizer.eos_token_ids, **pinned)
+                                 eos_token_ids=tokenizer.eos_token_ids, weights=options.weights, **pinned)
     from offbatch.engine.reference_generator import ReferenceGenerator
     from offbatch.engine.reference import ReferenceModel
 
     # The reference holds the whole model on one device: the correctness path, not the fast one.
-    model = ReferenceModel.load(model_dir, device=device, dtype=options.dtype)
+    model = ReferenceModel.load(model_dir, device=device, dtype=options.dtype, weights=options.weights)
     return ReferenceGenerator(model, tokenizer.eos_token_ids, max_batch=options.max_batch)

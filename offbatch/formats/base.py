@@ -12,7 +12,7 @@ A new format is one file: a `WeightFormat` subclass, registered with `register_f
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -153,6 +153,8 @@ class WeightFormat:
 
 
 FORMATS: dict[str, WeightFormat] = {}
+# Formats with parameters in their names ("int4-asym-g32"): a parser per family builds one on first use.
+FAMILIES: list[Callable[[str], WeightFormat | None]] = []
 
 
 def register_format(fmt: WeightFormat) -> WeightFormat:
@@ -161,7 +163,33 @@ def register_format(fmt: WeightFormat) -> WeightFormat:
     return fmt
 
 
+def register_family(parse: Callable[[str], "WeightFormat | None"]) -> None:
+    """A parser of a family's format names (None: not one of its names)."""
+    FAMILIES.append(parse)
+
+
+def known_format(name: object) -> bool:
+    """Whether `name` names a format (registered, or one a family builds)."""
+    if not isinstance(name, str):
+        return False
+    try:
+        get_format(name)
+    except KeyError:
+        return False
+    return True
+
+
+def format_names() -> str:
+    """The format names for an error message: the registered ones and the families' patterns."""
+    return ", ".join(sorted(FORMATS)) + " (int4 and int8 take a group: int4-g32, int4-asym-g128, int8-g32)"
+
+
 def get_format(name: str) -> WeightFormat:
     if name not in FORMATS:
-        raise KeyError(f"unknown weight format {name!r} (known: {', '.join(sorted(FORMATS))})")
+        for parse in FAMILIES:
+            fmt = parse(name)
+            if fmt is not None:
+                return register_format(fmt)
+    if name not in FORMATS:
+        raise KeyError(f"unknown weight format {name!r} (known: {format_names()})")
     return FORMATS[name]

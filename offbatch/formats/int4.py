@@ -18,12 +18,13 @@ scales and minimums to float32, combined, rounded once to the compute dtype, the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
-from offbatch.formats.base import WeightFormat, register_format
+from offbatch.formats.base import WeightFormat, register_family, register_format
 from offbatch.formats.int8 import quantizable, safe
 
 DEFAULT_GROUP = 64
@@ -107,5 +108,15 @@ class Int4Format(WeightFormat):
         return F.linear(x, self.dequantize(w, f"{name}.weight", x.dtype, x.shape[-1]), w.get(f"{name}.bias"))
 
 
+def parse_int4(name: str) -> Int4Format | None:
+    """"int4", "int4-asym", "int4-g32", "int4-asym-g128": a group of 32 to 1024 inputs."""
+    m = re.fullmatch(r"int4(-asym)?(?:-g(\d+))?", name)
+    if m is None or (m.group(2) is not None and not (32 <= int(m.group(2)) <= 1024 and int(m.group(2)) % 32 == 0)):
+        return None
+    fmt = Int4Format(int(m.group(2) or DEFAULT_GROUP), asymmetric=m.group(1) is not None)
+    return fmt if fmt.name == name else None  # one name per format ("int4-g64" is "int4")
+
+
+register_family(parse_int4)
 INT4 = register_format(Int4Format())
 INT4_ASYM = register_format(Int4Format(asymmetric=True))

@@ -1,5 +1,12 @@
-"""The int8 format: each linear layer's weight W [N, K] as int8 values q [N, K] and one float32 scale per
-output row [N, 1], symmetric (no zero point): W ~ q * scale, scale = max|W[n]| / 127, q in [-127, 127].
+"""The int8 formats: each linear layer's weight W [N, K] as int8 values q, symmetric (no zero point):
+W ~ q * scale, scale = max|W| / 127 over the scale's inputs, q in [-127, 127] (-128 decodes too: GGUF Q8_0
+blocks may hold it).
+
+- "int8": one float32 scale per output row, "<w>.q8" int8 [N, K], "<w>.scale" float32 [N, 1];
+- "int8-g32" (a group of 32 to 1024): one float16 scale per group of `group` consecutive inputs of a row,
+  "<w>.q8" int8 [N, Kp], "<w>.scale" float16 [N, Kp / group] (GGUF Q8_0's arithmetic: its blocks map on
+  exactly); Kp is K rounded up to whole groups, the pads repeat the row's last value and are cut off at
+  `dequantize` (as int4's).
 
 Only the linear layers' 2-D weights that carry the model's bulk are quantized: attention q/k/v/o, the
 FFN's gate/up/down, every routed expert's and the shared expert's. The router and the shared-expert gate
@@ -13,12 +20,13 @@ scales to float32, multiplied, rounded once to the compute dtype, then the GEMM.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
-from offbatch.formats.base import WeightFormat, register_format
+from offbatch.formats.base import WeightFormat, register_family, register_format
 
 KEEP_DENSE = ("router", "shared_gate")  # linear layers whose weights are never quantized
 
@@ -36,37 +44,69 @@ def safe(scale: torch.Tensor) -> torch.Tensor:
 
 
 class Int8Format(WeightFormat):
-    name = "int8"
     qmax = 127
-    scale_dtype = torch.float32  # 4 bytes per row of K bytes: free, and no rounding of the scale
+
+    def __init__(self, group: int | None = None):
+        """group None: a float32 scale per row (4 bytes per row of K bytes: free, and no rounding of the
+        scale); else float16 scales per group of `group` inputs."""
+        if group is not None and (group <= 0):
+            raise ValueError(f"an int8 group holds a positive number of inputs, not {group}")
+        self.group = group
+        self.scale_dtype = torch.float32 if group is None else torch.float16
+        self.name = "int8" if group is None else f"int8-g{group}"
 
     def compresses(self, local, shape):
         return quantizable(local, tuple(shape))
+
+    def width(self, k: int) -> int:
+        """Stored inputs per row: K, or K rounded up to whole groups."""
+        return k if self.group is None else -(-k // self.group) * self.group
 
     def stored(self, local, shape, dtype):
         if not self.compresses(local, shape):
             return super().stored(local, shape, dtype)
         n, k = shape
-        return [(f"{local}.q8", (n, k), torch.int8), (f"{local}.scale", (n, 1), self.scale_dtype)]
+        kp = self.width(k)
+        groups = 1 if self.group is None else kp // self.group
+        return [(f"{local}.q8", (n, kp), torch.int8), (f"{local}.scale", (n, groups), self.scale_dtype)]
 
     def encode(self, local, tensor, dtype):
         if not self.compresses(local, tuple(tensor.shape)):
             return super().encode(local, tensor, dtype)
+        n, k = tensor.shape
         t = tensor.float()
-        scale = (t.abs().amax(dim=1, keepdim=True) / self.qmax).to(self.scale_dtype)
+        kp = self.width(k)
+        if kp > k:
+            t = torch.cat([t, t[:, -1:].expand(n, kp - k)], dim=1)
+        t = t.reshape(n, -1, kp if self.group is None else self.group)
+        scale = (t.abs().amax(dim=-1) / self.qmax).to(self.scale_dtype)
         if not torch.isfinite(scale).all():
             raise ValueError(f"{local}: weights too large (or not finite) for {self.name} scales")
-        q = torch.round(t / safe(scale.float())).clamp_(-self.qmax, self.qmax)
-        return {f"{local}.q8": q.to(torch.int8), f"{local}.scale": scale}
+        q = torch.round(t / safe(scale.float())[..., None]).clamp_(-self.qmax, self.qmax)
+        return {f"{local}.q8": q.to(torch.int8).view(n, kp), f"{local}.scale": scale}
 
-    def dequantize(self, w: Mapping[str, torch.Tensor], local: str, dtype: torch.dtype) -> torch.Tensor:
-        """The weight `local` ("q.weight") back in `dtype`: q * scale in float32, rounded once."""
-        return (w[f"{local}.q8"].float() * w[f"{local}.scale"].float()).to(dtype)
+    def dequantize(self, w: Mapping[str, torch.Tensor], local: str, dtype: torch.dtype,
+                   in_features: int | None = None) -> torch.Tensor:
+        """The weight `local` ("q.weight") back in `dtype`, its first in_features inputs (default: all):
+        q * scale in float32, rounded once."""
+        q, scale = w[f"{local}.q8"], w[f"{local}.scale"].float()
+        n, kp = q.shape
+        t = q.float().view(n, scale.shape[1], -1) * scale[..., None]
+        return t.view(n, kp)[:, :in_features].to(dtype)
 
     def linear(self, x, w, name):
         if f"{name}.weight.q8" not in w:
             return super().linear(x, w, name)
-        return F.linear(x, self.dequantize(w, f"{name}.weight", x.dtype), w.get(f"{name}.bias"))
+        return F.linear(x, self.dequantize(w, f"{name}.weight", x.dtype, x.shape[-1]), w.get(f"{name}.bias"))
 
 
+def parse_int8(name: str) -> Int8Format | None:
+    """"int8-g32" ... "int8-g1024" (groups of a multiple of 32 inputs)."""
+    m = re.fullmatch(r"int8-g(\d+)", name)
+    if m is None or not (32 <= int(m.group(1)) <= 1024 and int(m.group(1)) % 32 == 0):
+        return None
+    return Int8Format(int(m.group(1)))
+
+
+register_family(parse_int8)
 INT8 = register_format(Int8Format())

@@ -484,13 +484,16 @@ def _sync_dir(folder: Path) -> None:
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def job_key(model_dir: str | Path, dtype: str | None, defaults) -> JobKey:
+def job_key(model_dir: str | Path, dtype: str | None, defaults, weights: str | None = None) -> JobKey:
     """The JobKey of a run: the model folder's fingerprint, the compute dtype asked for (None: the
-    checkpoint's own, which the fingerprint covers) and the command-wide sampling defaults."""
+    checkpoint's own, which the fingerprint covers) with the weight format asked for (None: the
+    folder's own, which config.json records), and the command-wide sampling defaults."""
     from offbatch.jobs.fingerprint import model_fingerprint
 
     values = {**defaults.values, "seed": defaults.base_seed}
     name = DTYPE_NAMES.get(dtype, dtype) if dtype else "checkpoint"
+    if weights is not None:  # results in another format are other results (dense keys stay as they were)
+        name += f" in {weights} weights"
     return JobKey(model=model_fingerprint(model_dir), dtype=name, defaults=values)
 
 

@@ -19,10 +19,14 @@ import torch
 
 from offbatch.errors import ModelFolderError
 from offbatch.models.files import exists, file_in_folder, json_type, open_regular, parse_json, read_json_object
-from offbatch.models.names import IGNORABLE_SUFFIXES, TensorInfo, expected_tensors
-from offbatch.models.spec import ModelSpec, load_spec
+from offbatch.formats import DENSE, WeightFormat
+from offbatch.models.converted import folder_format, stored_tensors
+from offbatch.models.names import IGNORABLE_SUFFIXES
+from offbatch.models.spec import ModelSpec, load_spec, read_config
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+# The dtypes a weight format's stored tensors may have (values, scales, bitmaps).
+STORED_DTYPES = {**SAFETENSORS_DTYPES, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32}
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,11 @@ class TensorEntry:
     name: str  # checkpoint name
     canonical: str
     file: Path
-    dtype: str  # safetensors dtype string
-    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype string ("stored" for a tensor held as a format's stored tensors)
+    shape: tuple[int, ...]  # the logical tensor's shape
     offset: int  # absolute byte offset of the data in `file`
     nbytes: int
+    stored: tuple[tuple[str, "TensorEntry"], ...] = ()  # (suffix, its entry) in a folder in a format
 
 
 # Every dtype the safetensors format has, with its bytes per element: a file's layout is checked for
@@ -193,11 +198,13 @@ def weight_files(model_dir: Path, weight_map: dict[str, str] | None = None) -> l
 class Checkpoint:
     """A validated, lazily-read checkpoint. `get(canonical)` returns a CPU tensor backed by mmap."""
 
-    def __init__(self, model_dir: Path, spec: ModelSpec, entries: dict[str, TensorEntry], tied: bool):
+    def __init__(self, model_dir: Path, spec: ModelSpec, entries: dict[str, TensorEntry], tied: bool,
+                 fmt: WeightFormat = DENSE):
         self.model_dir = model_dir
         self.spec = spec
         self.entries = entries  # canonical name -> entry
         self.tied = tied  # lm_head shares the embedding's storage
+        self.format = fmt  # the format the folder's weights are stored in (models/converted.py)
         self._handles: dict[Path, object] = {}
 
     def _handle(self, path: Path):
@@ -220,8 +227,17 @@ class Checkpoint:
         return self.entries[canonical]
 
     def get(self, canonical: str) -> torch.Tensor:
+        """The logical tensor; one stored in a format is decoded (float32) by the format's twin."""
         e = self.entry(canonical)
+        if e.stored:
+            local = "w"  # any name: the format decodes the stored tensors it is handed
+            stored = {local + suffix: t for suffix, t in self.get_stored(canonical).items()}
+            return self.format.dequantize(stored, local, torch.float32, e.shape[-1])
         return self._handle(e.file).get_tensor(e.name)
+
+    def get_stored(self, canonical: str) -> dict[str, torch.Tensor]:
+        """A tensor held in the folder's format: its stored tensors by suffix (".q4", ".scale", ...)."""
+        return {suffix: self._handle(s.file).get_tensor(s.name) for suffix, s in self.entry(canonical).stored}
 
     def nbytes(self, canonical: str) -> int:
         return self.entry(canonical).nbytes
@@ -247,12 +263,16 @@ class Checkpoint:
 
 def open_checkpoint(model_dir: str | Path, spec: ModelSpec | None = None) -> Checkpoint:
     """Every weight file's header and layout checked against config.json (and the shard index), before
-    any tensor is read: a folder that opens here is one `run` can read."""
+    any tensor is read: a folder that opens here is one `run` can read. A folder in a weight format
+    (config.json's quantization_config, models/converted.py) holds each compressed tensor as the
+    format's stored tensors, each checked for its exact shape and dtype."""
     model_dir = Path(model_dir)
     spec = spec or load_spec(model_dir)
-    expected: dict[str, TensorInfo] = expected_tensors(spec)
+    fmt = folder_format(read_config(model_dir))
+    expected = stored_tensors(spec, fmt)
     indexed = index_map(model_dir)
     found: dict[str, TensorEntry] = {}
+    parts: dict[str, list[tuple[str, TensorEntry]]] = {}
     seen_in: dict[str, Path] = {}  # every tensor name of every file -> its file
     unexpected: list[tuple[str, Path]] = []
     files = weight_files(model_dir, indexed)
@@ -273,33 +293,61 @@ def open_checkpoint(model_dir: str | Path, spec: ModelSpec | None = None) -> Che
                 if not name.endswith(IGNORABLE_SUFFIXES):
                     unexpected.append((name, path))
                 continue
-            dtype = meta["dtype"]
-            if dtype not in SAFETENSORS_DTYPES:
+            dtype, shape = meta["dtype"], tuple(meta["shape"])
+            if info.dtype is None and dtype not in SAFETENSORS_DTYPES:
                 raise ModelFolderError(
                     f"tensor {name} in {path.name} has dtype {dtype}; supported: bfloat16, float16, float32"
                 )
-            shape = tuple(meta["shape"])
+            if info.dtype is not None and STORED_DTYPES.get(dtype) != info.dtype:
+                raise ModelFolderError(f"tensor {name} in {path.name} has dtype {dtype}, but the {fmt.name} "
+                                       f"format stores it as {str(info.dtype).replace('torch.', '')}")
             if shape != info.shape:
+                implied = "config.json implies" if info.dtype is None else f"config.json and the {fmt.name} format imply"
                 raise ModelFolderError(
-                    f"tensor {name} in {path.name} has shape {list(shape)}, but config.json implies {list(info.shape)}"
+                    f"tensor {name} in {path.name} has shape {list(shape)}, but {implied} {list(info.shape)}"
                 )
             begin, stop = meta["data_offsets"]
-            found[info.canonical] = TensorEntry(name, info.canonical, path, dtype, shape, data_start + begin,
-                                                stop - begin)
+            entry = TensorEntry(name, info.canonical, path, dtype, shape, data_start + begin, stop - begin)
+            if info.dtype is None:
+                found[info.canonical] = entry
+            else:
+                parts.setdefault(info.canonical, []).append((info.suffix, entry))
     if unexpected:
         names = ", ".join(f"{n} ({p.name})" for n, p in unexpected[:5])
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        hint = ("" if fmt is DENSE else f" stored in the {fmt.name} format")
         raise ModelFolderError(
-            f"unexpected tensors for a {spec.family} model with this config.json: {names}{more}"
+            f"unexpected tensors for a {spec.family} model with this config.json{hint}: {names}{more}"
         )
+    _add_stored(found, parts, expected)
     # Tied embeddings: lm_head is not stored and reads the embedding.
     tied = "lm_head" not in found and spec.tie_word_embeddings
-    missing = [n for n, info in expected.items() if info.canonical not in found and not (tied and info.canonical == "lm_head")]
+    missing = [n for n, info in expected.items() if n not in seen_in and not (tied and info.canonical == "lm_head")]
     if missing:
         listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         names = ", ".join(p.name for p in files)
         raise ModelFolderError(f"missing tensors in {names}: {listed}")
-    return Checkpoint(model_dir, spec, found, tied)
+    return Checkpoint(model_dir, spec, found, tied, fmt)
+
+
+def _add_stored(found: dict[str, TensorEntry], parts: dict[str, list[tuple[str, TensorEntry]]], expected) -> None:
+    """One logical entry for each tensor held as a format's stored tensors (all of them: the caller
+    reports missing ones)."""
+    shapes = {info.canonical: info.logical for info in expected.values()}
+    for canonical, got in parts.items():
+        got = sorted(got)
+        first = got[0][1]
+        found[canonical] = TensorEntry(first.name.removesuffix(got[0][0]), canonical, first.file, "stored",
+                                       shapes[canonical], first.offset, sum(e.nbytes for _, e in got), tuple(got))
+
+
+def check_format(ckpt: Checkpoint, fmt: WeightFormat) -> None:
+    """A folder stored in a format runs in it, or expanded (dense); quantizing its already quantized
+    weights again into another format would stack two roundings, so that is refused."""
+    if ckpt.format is not DENSE and fmt.name not in (ckpt.format.name, DENSE.name):
+        raise ModelFolderError(f"{ckpt.model_dir} is stored in the {ckpt.format.name} weight format: run it in "
+                               f"that format (the default) or as dense, not as {fmt.name} (convert the "
+                               "unquantized model to that format instead)")
 
 
 def check_finite(ckpt: Checkpoint, canonical: str, tensor: torch.Tensor) -> torch.Tensor:

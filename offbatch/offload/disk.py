@@ -45,8 +45,9 @@ class TensorRead:
 
 
 def module_reads(source, layout: Layout, parts: list[Part], dtype: torch.dtype, fmt: WeightFormat) -> list[TensorRead]:
-    """How to fill a module's flat buffer from the checkpoint: a tensor is read as it is only where the
-    format stores it unchanged and the checkpoint holds it in the compute dtype."""
+    """How to fill a module's flat buffer from the checkpoint: a tensor is read as it is where the format
+    stores it unchanged and the checkpoint holds it in the compute dtype, or where the folder holds it
+    in this format already (each stored tensor read as it is)."""
     from offbatch.models.loader import SAFETENSORS_DTYPES
 
     ckpt = getattr(source, "ckpt", None)
@@ -57,14 +58,22 @@ def module_reads(source, layout: Layout, parts: list[Part], dtype: torch.dtype, 
     for part in parts:
         e = ckpt.entry(part.canonical)
         shape = part.shape(e.shape)
-        direct = SAFETENSORS_DTYPES[e.dtype] == dtype and fmt.unchanged(part.local, shape, dtype)
-        offset, nbytes = e.offset, e.nbytes
-        if part.rows is not None:  # rows of a row-major tensor: one contiguous range of its bytes
-            row = e.nbytes // e.shape[0]
-            offset, nbytes = e.offset + part.rows[0] * row, shape[0] * row
-        buf = layout.item(part.local).offset if direct else -1
-        reads.append(TensorRead(part.canonical, str(e.file), offset, nbytes, buf, direct, part))
+        if e.stored and ckpt.format.name == fmt.name:
+            reads += [_read(part, s, layout.item(part.local + suffix).offset, True) for suffix, s in e.stored]
+            continue
+        direct = not e.stored and SAFETENSORS_DTYPES[e.dtype] == dtype and fmt.unchanged(part.local, shape, dtype)
+        reads.append(_read(part, e, layout.item(part.local).offset if direct else -1, direct))
     return sorted(reads, key=lambda r: (r.file, r.file_offset))
+
+
+def _read(part: Part, e, buf: int, direct: bool) -> TensorRead:
+    """A TensorRead of a whole tensor, or of the part's rows (one contiguous range of a row-major
+    tensor's bytes)."""
+    offset, nbytes = e.offset, e.nbytes
+    if part.rows is not None:
+        row = e.nbytes // e.shape[0]
+        offset, nbytes = e.offset + part.rows[0] * row, (part.rows[1] - part.rows[0]) * row
+    return TensorRead(part.canonical, str(e.file), offset, nbytes, buf, direct, part)
 
 
 class ModuleFiles:

@@ -52,6 +52,19 @@ class CheckpointSource:
     def get(self, canonical: str) -> torch.Tensor:
         return self.ckpt.get(canonical)
 
+    def stored(self, canonical: str, fmt: WeightFormat) -> dict[str, torch.Tensor] | None:
+        """The tensor's stored tensors by suffix, when the folder holds it in `fmt` already (a converted
+        folder read in its own format): copied as they are, never decoded and encoded again."""
+        if self.ckpt.format.name != fmt.name or not self.ckpt.entry(canonical).stored:
+            return None
+        return self.ckpt.get_stored(canonical)
+
+
+def stored_in(source: WeightSource, canonical: str, fmt: WeightFormat) -> dict[str, torch.Tensor] | None:
+    """A source's tensor as `fmt`'s stored tensors, where the source holds it so (else None)."""
+    stored = getattr(source, "stored", None)
+    return None if stored is None else stored(canonical, fmt)
+
 
 # torch's pinned-memory allocator rounds every allocation up to a power of two: a 352 MB expert pinned on
 # its own holds 512 MiB. So pinned modules are packed, in key order, into chunks whose sizes are powers
@@ -163,6 +176,11 @@ class WeightStore:
         converted to the compute dtype) where the format stores a tensor as it is, else encoded."""
         views = self.layouts[key].views(flat)
         for part in parts:
+            held = stored_in(self.source, part.canonical, self.format)
+            if held is not None:  # row-wise formats: a row slice of a weight is a row slice of each stored tensor
+                for suffix, t in held.items():
+                    views[part.local + suffix].copy_(t if part.rows is None else t[part.rows[0] : part.rows[1]])
+                continue
             t = self.source.get(part.canonical)
             if part.rows is not None:
                 t = t[part.rows[0] : part.rows[1]]
