@@ -122,6 +122,13 @@ class WeightFormat:
     def weights(self, views: dict[str, torch.Tensor]) -> ModuleWeights:
         return ModuleWeights(views, self)
 
+    # ---- what the planner prices (planner/cost.py) ------------------------------------------------------
+    # A compressed weight is expanded on the device at each use: into a compute-dtype scratch before a
+    # cuBLAS GEMM (reading the stored bytes, writing the dense ones), or, for micro-batches of at most
+    # `fused_rows` rows, inside a fused dequant-GEMM that costs about what the dense GEMM does.
+    expands = False
+    fused_rows = 0
+
     def linear(self, x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
         return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 

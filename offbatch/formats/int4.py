@@ -42,6 +42,8 @@ def unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
 
 class Int4Format(WeightFormat):
     scale_dtype = torch.float16  # 2 bytes per group of `group` / 2 bytes: ~1/3.8 of bf16 at group 64
+    expands = True
+    fused_rows = 128  # kernels/quant_triton.py FUSE_MAX_ROWS
 
     def __init__(self, group: int = DEFAULT_GROUP, asymmetric: bool = False, name: str | None = None):
         if group <= 0 or group % 2:

@@ -45,6 +45,8 @@ def safe(scale: torch.Tensor) -> torch.Tensor:
 
 class Int8Format(WeightFormat):
     qmax = 127
+    expands = True
+    fused_rows = 128  # kernels/quant_triton.py FUSE_MAX_ROWS
 
     def __init__(self, group: int | None = None):
         """group None: a float32 scale per row (4 bytes per row of K bytes: free, and no rounding of the

@@ -26,11 +26,12 @@ from functools import lru_cache
 import numpy as np
 
 from offbatch.attention import get_attention
+from offbatch.formats import DENSE, get_format
 from offbatch.offload.kv import kv_format
 from offbatch.planner.hardware import Hardware
 from offbatch.planner.memory import Knobs
 from offbatch.planner.residency import Residency
-from offbatch.planner.shape import ModelShape, work_of
+from offbatch.planner.shape import ModelShape, shape_from_spec, work_of
 from offbatch.planner.workload import Workload
 
 
@@ -77,6 +78,18 @@ class StepTime:
                 "bottleneck": self.bottleneck()}
 
 
+def expansion_bytes(shape: ModelShape) -> dict[str, float]:
+    """Device bytes of expanding one module of each kind (layer 0's; an expert's): its stored bytes read
+    plus its dense bytes written."""
+    dense = shape_from_spec(shape.spec, shape.dtype, DENSE).nbytes if shape.weights != DENSE.name else shape.nbytes
+    out: dict[str, float] = {}
+    for key, n in shape.nbytes.items():
+        kind = "expert" if key[1].startswith("expert.") else key[1]
+        if key[0] >= 0 and kind not in out and kind != "router":
+            out[kind] = float(n + dense[key])
+    return out
+
+
 class StepModel:
     """Step times of one plan (knobs + residency) on one machine."""
 
@@ -101,6 +114,11 @@ class StepModel:
         # meanwhile: fill the slot rings, no further (copies run in use order, each waits for a slot).
         self.lead_share = res.lead_layers / self.L if self.streams else 0.0
         self.ring_fill_s = res.slot_bytes / hw.h2d_pinned_bytes_s
+        self.fmt = get_format(shape.weights)
+        if self.fmt.expands and self.overlap:
+            self.expand = shape.__dict__.get("_expansion") or shape.__dict__.setdefault("_expansion", expansion_bytes(shape))
+        else:
+            self.expand = {}
 
     def times(self, decode, admitted, prompt_len: float, ctx_mean, ctx_max) -> dict[str, np.ndarray]:
         """Vectorised over steps: every argument but prompt_len an array (or scalar) of the same shape."""
@@ -136,6 +154,7 @@ class StepModel:
         gpu = flops / g(T)
         launches = L * (30 + 20 * np.ceil(covered / mb)) + 12 * w.dense_layers + 8 * admitted * L
         gpu, flops, launches = self._ffn_compute(T, n_used, gpu, flops, launches)
+        gpu = gpu + self._expansion_s(T, n_used)
         head_flops = 2 * S * w.head
         head_s = head_flops / g(np.maximum(S, 1))
         flops = flops + head_flops
@@ -214,6 +233,27 @@ class StepModel:
             # Gathering each expert's rows and adding its output back (index_add_, atomic in bf16).
             gpu = gpu + T * (w.top_k * spec.hidden_size * w.moe_layers) * (4 * dsize / hw.mem_bytes_s + 1 / hw.scatter_elems_s)
         return gpu, flops, launches
+
+    def _expansion_s(self, T, n_used):
+        """Expanding compressed weights on the device (planner's view of WeightFormat.expands): each use of
+        a module whose micro-batch is too large for the fused dequant-GEMM reads its stored bytes and
+        writes the dense ones; the GEMM that follows is priced as dense."""
+        if not self.expand:
+            return 0.0
+        fused, micro, w = self.fmt.fused_rows, self.knobs.ffn_micro_tokens, self.work
+        rate = self.hw.mem_bytes_s
+        t = np.where(T > fused, self.expand.get("attn", 0.0) * self.L, 0.0)
+        if w.dense_layers:
+            rows = np.minimum(T, micro)
+            t = t + np.where(rows > fused, self.expand.get("ffn", 0.0) * w.dense_layers * np.ceil(T / micro), 0.0)
+        if w.moe_layers:
+            per_expert = T * w.top_k / np.maximum(n_used, 1e-9)
+            if not self.fmt.grouped_experts:  # grouped kernels take the stored experts as they are
+                t = t + np.where(np.minimum(per_expert, micro) > fused,
+                                 self.expand.get("expert", 0.0) * n_used * w.moe_layers, 0.0)
+            if w.shared:
+                t = t + np.where(np.minimum(T, micro) > fused, self.expand.get("shared", 0.0) * w.moe_layers, 0.0)
+        return t / rate
 
     def step(self, decode: float, admitted: float, prompt_len: float, ctx_mean: float, ctx_max: float) -> StepTime:
         t = {k: float(v) for k, v in self.times(decode, admitted, prompt_len, ctx_mean, ctx_max).items()}

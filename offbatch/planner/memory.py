@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from offbatch.attention import get_attention
+from offbatch.formats import get_format
 from offbatch.formats.base import dtype_bytes
 from offbatch.models.spec import ModelSpec
 from offbatch.offload.kv import kv_format
@@ -62,7 +63,17 @@ def device_transient_bytes(shape: ModelShape, knobs: Knobs, max_prompt_len: int,
     act = activation_bytes(shape.spec, step_tokens(knobs, max_prompt_len), knobs.ffn_micro_tokens, mb, max_len,
                            shape.dtype)
     own = get_attention(knobs.attention).device_bytes(shape, knobs, max_len)  # the backend's KV and rows
-    return {"kv": own["kv"], "activations": act + own["activations"]}
+    return {"kv": own["kv"], "activations": act + own["activations"] + expansion_scratch_bytes(shape)}
+
+
+def expansion_scratch_bytes(shape: ModelShape) -> int:
+    """A format that expands its weights before a GEMM holds one dense weight at a time: the largest."""
+    if not get_format(shape.weights).expands:
+        return 0
+    spec, H = shape.spec, shape.spec.hidden_size
+    inter = max(spec.intermediate_size, spec.moe.expert_intermediate_size if spec.moe else 0,
+                spec.moe.shared_expert_intermediate_size if spec.moe else 0)
+    return max(inter, spec.q_size, spec.kv_size) * H * shape.dsize
 
 
 def kv_slot_bytes(shape: ModelShape, knobs: Knobs, max_len: int) -> int:
