@@ -107,8 +107,11 @@ def command(
     else:
         workload = Workload.uniform(num_prompts, prompt_len, gen_len or 256)
     gpu_cap = byte_size(gpu_memory, "--gpu-memory")
-    plan = make_plan(spec, cdtype, device, gpu_cap, workload, hardware=hw, cpu_memory=byte_size(cpu_memory, "--cpu-memory"),
-                     weights=weights or _folder_format(model_dir))
+    fmt = weights or _folder_format(model_dir)
+    planned = {name: make_plan(spec, cdtype, device, gpu_cap, workload, hardware=hw,
+                               cpu_memory=byte_size(cpu_memory, "--cpu-memory"), weights=name)
+               for name in dict.fromkeys([fmt, "dense"])}  # a compressed format is shown against dense
+    plan = planned[fmt]
     report = {
         "model": {"family": spec.family, "layers": spec.num_layers, "hidden_size": spec.hidden_size,
                   "source": str(model_dir) if model_dir else f"synth:{synth}"},
@@ -119,6 +122,11 @@ def command(
         "bottleneck": plan.predicted["bottleneck"],
         "bottleneck_kind": plan.predicted["bottleneck_kind"],
     }
+    if fmt != "dense":
+        dense = planned["dense"].predicted
+        report["dense"] = {"weight_bytes": _weight_bytes(spec, cdtype, "dense"), "decode_step": dense["decode_step"],
+                           **{k: dense[k] for k in ("decode_tok_s", "e2e_tok_s", "prefill_tok_s")}}
+        report["weight_bytes"] = _weight_bytes(spec, cdtype, fmt)
     text = json.dumps(report, indent=2)
     if out:
         write_report(open_report(out), text + "\n")
@@ -126,6 +134,13 @@ def command(
         typer.echo(text)
         return
     print_plan(report)
+
+
+def _weight_bytes(spec, dtype, fmt: str) -> int:
+    from offbatch.formats import get_format
+    from offbatch.planner.shape import shape_from_spec
+
+    return shape_from_spec(spec, dtype, get_format(fmt)).total_bytes
 
 
 def _rate(x: float) -> str:
@@ -195,6 +210,21 @@ def print_plan(report: dict, console: Console | None = None) -> None:
     ]:
         p.add_row(k, v)
     console.print(p)
+    if "dense" in report:  # a compressed format: what it changes against the same job in dense weights
+        d, dd = report["dense"], report["dense"]["decode_step"]
+        c = Table(title=f"{plan['weights']} against dense (each planned for this job)")
+        for col in ("", plan["weights"], "dense", "ratio"):
+            c.add_column(col, justify="right")
+        for name, a, b, fmt in [
+            ("model weights", report["weight_bytes"], d["weight_bytes"], format_bytes),
+            ("weight bytes per decode step", dstep["weight_bytes"], dd["weight_bytes"], format_bytes),
+            ("decode tok/s", pred["decode_tok_s"], d["decode_tok_s"], _rate),
+            ("end-to-end tok/s", pred["e2e_tok_s"], d["e2e_tok_s"], _rate),
+        ]:
+            c.add_row(name, fmt(a), fmt(b), f"{a / b:.2f}" if b else "-")
+        console.print(c)
+        console.print(f"{plan['weights']} is lossy: measure its quality with `offbatch eval-ppl MODEL TEXT --weights "
+                      f"{plan['weights']}` (perplexity and agreement with dense)")
     console.print(f"bottleneck: {report['bottleneck']}")
     if plan.get("near_tie"):  # the placement won inside the solver's tie tolerance (planner.solve)
         console.print(f"near-tie: {plan['near_tie']['words']}")
