@@ -134,7 +134,8 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
     check_plan(plan, shape_from_store(store) if store is not None else shape_from_spec(spec, dtype, fmt), dev, gpu_memory)
     cap_gpu_memory(dev, gpu_memory)
     if store is None:
-        store = WeightStore(source, dtype, pin=dev.type == "cuda", disk=plan.disk, fmt=fmt)
+        store = WeightStore(source, dtype, pin=dev.type == "cuda", disk=plan.disk, fmt=fmt,
+                            encode_on=dev if dev.type == "cuda" else "cpu")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         torch.cuda.reset_accumulated_memory_stats(dev)  # bench reports this engine's allocator retries

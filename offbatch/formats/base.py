@@ -128,6 +128,9 @@ class WeightFormat:
     # `fused_rows` rows, inside a fused dequant-GEMM that costs about what the dense GEMM does.
     expands = False
     fused_rows = 0
+    # Whether `encode` gives the same bytes on any device (plain torch arithmetic): then the store may
+    # encode on the GPU. A library's quantizer may round ties differently per device: it encodes on the host.
+    encodes_anywhere = True
 
     def linear(self, x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
         return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))

@@ -93,6 +93,7 @@ class Bnb4Format(WeightFormat):
     absmax_dtype = torch.float32  # what bitsandbytes' kernels read; 4 bytes per block of blocksize / 2 bytes
     expands = True
     fused_rows = 1  # matmul_4bit's fused 4-bit kernel serves one row; more expand into a temporary
+    encodes_anywhere = False  # bitsandbytes' CPU and CUDA quantizers are separate kernels
 
     def __init__(self, quant_type: str = "nf4", blocksize: int = DEFAULT_BLOCKSIZE, name: str | None = None):
         if quant_type not in CODE_VALUES:
