@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, kernel timings, then the engine-vs-accelerate comparison.
-# Usage (on the GPU machine, repo root): bash scripts/gpu_session.sh PART...  (PART: tests suite stability kernels quick mixtral mixtral-synth llama-synth grid8 grid24 llama-grid8 llama-grid24 mixtral-grids llama-grids disk llama)
+# Usage (on the GPU machine, repo root): bash scripts/gpu_session.sh PART...  (PART: tests suite stability kernels quant-tests quant-kernels formats-mixtral formats-llama formats-mixtral-std formats-llama-std formats-mixtral-full quick mixtral mixtral-synth llama-synth grid8 grid24 llama-grid8 llama-grid24 mixtral-grids llama-grids disk llama)
 # Grids print each point as it is measured and rewrite their JSON after each (a timeout loses no point).
 # GRID_CAPS=24GiB,8GiB picks the caps (and their order) of mixtral-grids and llama-grids.
 # GRID_TIMEOUT=S kills a grid after S seconds; GRID_BUDGET=S overrides a grid's time budget (seconds after which it starts no new point).
@@ -8,6 +8,11 @@
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# bitsandbytes is not on the image: install the carried wheel (.wheels/, no index) into a private folder.
+BNB_WHEEL=$(ls .wheels/bitsandbytes-*.whl 2>/dev/null | head -1)
+if [ -n "$BNB_WHEEL" ] && ! python -c "import bitsandbytes" 2>/dev/null; then
+  pip install -q --no-deps --no-index --target /tmp/bnb "$BNB_WHEEL" >/dev/null 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/bnb
+fi
 python -c "import torch, triton, transformers, accelerate; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, torch.cuda.get_device_name())"
 for part in "$@"; do
   echo "=== $part $(date +%T)"
@@ -31,6 +36,29 @@ for part in "$@"; do
              done
            done ;;
     kernels) timeout 120 python scripts/bench_kernels.py 2>&1 | tail -20 ;;
+    quant-tests) # The weight formats' GPU tests: Triton kernels in bf16 against their twins, bitsandbytes on CUDA, engine tokens.
+           set -o pipefail
+           timeout 240 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_quant.py tests/test_formats_bnb4.py \
+             tests/test_formats_int.py tests/test_converted_folder.py -rfE --tb=short 2>&1 | tail -40 \
+             || { echo "=== format GPU tests failed: stopping"; exit 1; }
+           set +o pipefail ;;
+    quant-kernels) timeout 120 python scripts/bench_quant_kernels.py 2>&1 | tail -40 ;;
+    # One shape in several formats, side by side (FORMATS="dense int4 nf4"; the first is the baseline).
+    formats-mixtral|formats-llama|formats-mixtral-std|formats-llama-std|formats-mixtral-full)
+           case $part in
+             formats-mixtral) shape="--synth mixtral-8x7b --layers 8"; job="--prompts 1024 --prompt-len 64 --gen-len 32" ;;
+             formats-llama) shape="--synth llama-3-8b"; job="--prompts 1024 --prompt-len 64 --gen-len 32" ;;
+             formats-mixtral-std) shape="--synth mixtral-8x7b --layers 8"; job="--prompts 1024 --prompt-len 256 --gen-len 64" ;;
+             formats-llama-std) shape="--synth llama-3-8b"; job="--prompts 1024 --prompt-len 256 --gen-len 64" ;;
+             formats-mixtral-full) shape="--synth mixtral-8x7b"; job="--prompts 1024 --prompt-len 64 --gen-len 32" ;;
+           esac
+           reports=()
+           for w in ${FORMATS:-dense int4}; do
+             timeout ${FORMAT_TIMEOUT:-200} python -m offbatch.cli.main bench $shape --gpu-memory ${CAP:-8GiB} $job --weights $w \
+               --out "$OUT/$part-$w.json" 2>&1 | grep -E "decode|floor|plan|bottleneck|error" | head -12
+             reports+=("$OUT/$part-$w.json")
+           done
+           python scripts/format_table.py "${reports[@]}" ;;
     quick) timeout 150 python -m offbatch.cli.main bench --synth mixtral-8x7b --layers 2 --gpu-memory 8GiB \
              --prompts 256 --prompt-len 256 --gen-len 16 --out "$OUT/quick.json" 2>&1 | tail -22 ;;
     mixtral) timeout 440 python scripts/bench_vs_accelerate.py --preset mixtral-8x7b --layers 8 --gpu-memory 8GiB \

@@ -1,6 +1,7 @@
 """`offbatch eval-ppl MODEL TEXT_FILE`: perplexity of a model over fixed token windows of a plain-text
-file, and with --weights FORMAT the same for the model packed in that format, with its greedy-token
-agreement against the dense model (offbatch/tools/quality.py does the arithmetic)."""
+file, and with --weights FORMAT (repeatable) the same for the model packed in each format, with its
+greedy-token agreement against the model as its folder stores it (dense, or the format `offbatch convert`
+wrote); offbatch/tools/quality.py does the arithmetic."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from offbatch.cli.options import DeviceOpt, DtypeOpt, JsonOpt
 from offbatch.errors import InputFileError, ModelFolderError, OffbatchError
 from offbatch.models import files
 
-DENSE_NAME = "dense"
 MAX_TEXT_BYTES = 256 << 20  # a text to score (a whole book is a few hundred kB)
 
 
@@ -52,6 +52,13 @@ def _check_format(weights: str | None) -> None:
     if weights is not None and not known_format(weights):
         raise typer.BadParameter(f"{weights!r} is not a weight format (known: {format_names()})",
                                  param_hint="--weights")
+
+
+def _stored_format(model_dir: Path) -> str:
+    from offbatch.models.converted import folder_format
+    from offbatch.models.spec import read_config
+
+    return folder_format(read_config(model_dir)).name
 
 
 def _windows(text: str, text_file: Path, model_dir: Path, window: int, stride: int | None,
@@ -108,8 +115,9 @@ def command(
                                                   "(default: --window, no overlap).")] = None,
     max_windows: Annotated[Optional[int], typer.Option("--max-windows", min=1, help="Score at most this many "
                                                        "windows (from the start of the text).")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="Also score the model packed in this weight "
-                                                   "format, and its greedy agreement with dense.")] = None,
+    weights: Annotated[Optional[list[str]], typer.Option("--weights", help="Also score the model packed in this "
+                                                         "weight format, and its greedy agreement with the model as "
+                                                         "stored (repeatable: one table, the base scored once).")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
@@ -119,12 +127,14 @@ def command(
     from offbatch.tools.default_model import model_folder
     from offbatch.tools.quality import agreement_of, score
 
-    _check_format(weights)
+    for name in weights or ():
+        _check_format(name)
     device = resolve_device(device)
     text = read_text_file(text_file)  # before a GGUF model is imported: a bad text fails at once
     model_dir = Path(model_folder(model, dtype))
     ids, wins = _windows(text, text_file, model_dir, window, stride, max_windows)
-    names = [DENSE_NAME] + ([weights] if weights not in (None, DENSE_NAME) else [])
+    stored = _stored_format(model_dir)  # the base: the model as its folder stores it (dense, or converted)
+    names = [stored] + [n for n in dict.fromkeys(weights or ()) if n != stored]
     results, dense_scores, used_dtype = [], None, dtype
     with _progress(not as_json) as bar:
         for name in names:  # one model in memory at a time: a score keeps only the greedy tokens
