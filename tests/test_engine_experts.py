@@ -153,6 +153,9 @@ def test_windows_clip_groups_and_drop_empty_ones():
     assert list(windows((0, 5), [1], 100)) == [(0, 5, [0, 5], [1])]
 
 
+EXPERT_SHAPE = type("MoE", (), {"expert_intermediate_size": 3})()  # TwoLayerExperts' experts: [3, 2] / [2, 3]
+
+
 class TwoLayerExperts:
     """A store of 2 layers x 4 experts, gate/up [3, 2] and down [2, 3], each filled with its id."""
 
@@ -182,7 +185,7 @@ def test_banks_stack_ring_slots_and_a_layers_resident_experts():
     store = TwoLayerExperts()
     resident = {(0, "expert.1"), (0, "expert.3")}
     pf = Prefetcher(store, "cpu", {"expert": 3}, resident)
-    spec = type("Spec", (), {"moe": True, "gated_ffn": True, "activation": "silu"})()
+    spec = type("Spec", (), {"moe": EXPERT_SHAPE, "hidden_size": 2, "gated_ffn": True, "activation": "silu"})()
     items = expert_items(spec, store)
     assert [it.name for it in items] == ["down.weight", "gate.weight", "up.weight"]
     streamed = [(1, f"expert.{e}") for e in range(3)]
@@ -217,7 +220,7 @@ def test_a_chunk_holding_slots_still_gets_the_next_expert_after_unused_ones_left
 
 def test_grouped_path_only_for_gated_silu_experts_without_extras():
     store = TwoLayerExperts()
-    gated = dict(moe=True, gated_ffn=True, activation="silu")
+    gated = dict(moe=EXPERT_SHAPE, hidden_size=2, gated_ffn=True, activation="silu")
     make = lambda **kw: type("Spec", (), dict(gated, **kw))()
     assert expert_items(make(), store) is not None
     assert expert_items(make(activation="gelu"), store) is None

@@ -7,7 +7,8 @@ expert slot ring, or one layer's resident experts), seen as strided [rows, N, K]
 down; each group names its expert's row. Streamed chunks hold at most ring size - 1 experts, so while a
 chunk computes, the copy stream fills the free slot with the next expert.
 
-Only gated SiLU experts stored dense (every MoE family supported) take this path; anything else runs
+Only gated SiLU experts (every MoE family supported) of exactly gate, up and down, stored in a format with
+grouped kernels (dense, int8, int4: `WeightFormat.grouped_experts`), take this path; anything else runs
 the per-expert loop (moe_loop.py; see `expert_items`).
 """
 
@@ -26,8 +27,6 @@ from offbatch.kernels import reference
 from offbatch.models.catalogue import ModuleKey
 from offbatch.models.spec import ModelSpec
 
-# What every expert module must hold, once "experts.E." is stripped from its local names.
-EXPERT_TENSORS = ("down.weight", "gate.weight", "up.weight")
 Items = tuple[Item, ...]  # the experts' layout, "experts.E." stripped from the names
 
 
@@ -38,32 +37,24 @@ def gated_silu(spec: ModelSpec, dtype) -> bool:
 
 def expert_items(spec: ModelSpec, store) -> Items | None:
     """The one layout shared by every routed expert of the model with its "experts.E." prefixes
-    stripped, or None when the grouped path does not apply (not gated SiLU, extra tensors such as
-    biases or a format's scales, layouts that differ, a dtype the kernels do not take, weights stored
-    otherwise than dense in the compute dtype)."""
+    stripped, or None when the grouped path does not apply (not gated SiLU, a dtype the kernels do not
+    take, a format without grouped kernels, tensors besides gate, up and down such as biases, layouts
+    that differ)."""
     if not gated_silu(spec, store.dtype):
         return None
+    inter, hidden = spec.moe.expert_intermediate_size, spec.hidden_size
+    expected = store.format.layout([("down.weight", (hidden, inter)), ("gate.weight", (inter, hidden)),
+                                    ("up.weight", (inter, hidden))], store.dtype).items
     shared: Items | None = None
     for key in store.keys():
         if not key[1].startswith("expert."):
             continue
         prefix = f"experts.{key[1].split('.', 1)[1]}."
         layout = store.layouts[key]
-        if any(it.dtype != store.dtype for it in layout.items):
-            return None
         items = tuple(Item(it.name.removeprefix(prefix), tuple(it.shape), it.dtype, it.offset) for it in layout.items)
-        if tuple(it.name for it in items) != EXPERT_TENSORS or (shared is not None and items != shared):
-            return None
-        fmt = store.format
-        if not fmt.grouped_experts or any(fmt.compresses(it.name, tuple(it.shape)) for it in layout.items):
+        if not store.format.grouped_experts or items != expected or (shared is not None and items != shared):
             return None
         shared = items
-    if shared is None:
-        return None
-    shapes = {it.name: it.shape for it in shared}
-    inter, hidden = shapes["gate.weight"]
-    if shapes["up.weight"] != (inter, hidden) or shapes["down.weight"] != (hidden, inter):
-        return None
     return shared
 
 
@@ -140,7 +131,7 @@ class GroupedMoE(MoEBackend):
 
     @classmethod
     def runs_on(cls, spec: ModelSpec, modules) -> bool:
-        """It reads experts in place from a prefetcher's banks, stored dense (`expert_items`)."""
+        """It reads experts in place from a prefetcher's banks, in a format with grouped kernels (`expert_items`)."""
         return getattr(modules, "pf", None) is not None and expert_items(spec, modules.store) is not None
 
     def _stack(self, bank: torch.Tensor) -> dict[str, torch.Tensor]:

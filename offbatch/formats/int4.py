@@ -43,7 +43,7 @@ def unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
 class Int4Format(WeightFormat):
     scale_dtype = torch.float16  # 2 bytes per group of `group` / 2 bytes: ~1/3.8 of bf16 at group 64
     expands = True
-    fused_rows = 128  # kernels/quant_triton.py FUSE_MAX_ROWS
+    fused_rows = 128  # offbatch.kernels.FUSE_MAX_ROWS
 
     def __init__(self, group: int = DEFAULT_GROUP, asymmetric: bool = False, name: str | None = None):
         if group <= 0 or group % 2:
@@ -107,7 +107,32 @@ class Int4Format(WeightFormat):
     def linear(self, x, w, name):
         if f"{name}.weight.q4" not in w:
             return super().linear(x, w, name)
+        if x.is_cuda:
+            return self.kernel_linear(x, w, name)
         return F.linear(x, self.dequantize(w, f"{name}.weight", x.dtype, x.shape[-1]), w.get(f"{name}.bias"))
+
+    def kernel_linear(self, x, w, name):
+        """linear through offbatch.kernels (Triton on the GPU; the interpreter or the twins elsewhere):
+        a fused dequant-GEMM for few rows, else the weight expanded into a scratch and cuBLAS."""
+        from offbatch import kernels
+
+        q4, scale, low, bias = w[f"{name}.weight.q4"], w[f"{name}.weight.scale"], w.get(f"{name}.weight.min"), w.get(f"{name}.bias")
+        if kernels.should_fuse(x.numel() // x.shape[-1], q4.shape[0], x.shape[-1]):
+            return kernels.int4_linear(x, q4, scale, low, self.group, bias)
+        return F.linear(x, kernels.dequant_int4(q4, scale, low, self.group, x.shape[-1], x.dtype), bias)
+
+    # MoE experts: the grouped kernels take each weight's stored tensors as [experts, ...] stacks.
+    grouped_experts = True
+
+    def _stack(self, stacks, weight):
+        return (stacks[f"{weight}.q4"], stacks[f"{weight}.scale"], stacks.get(f"{weight}.min"))
+
+    def grouped_swiglu(self, kernels, x, stacks, offsets, slots):
+        return kernels.grouped_swiglu_int4(x, self._stack(stacks, "gate.weight"), self._stack(stacks, "up.weight"),
+                                           offsets, slots, self.group)
+
+    def grouped_gemm(self, kernels, a, stacks, offsets, slots):
+        return kernels.grouped_gemm_int4(a, self._stack(stacks, "down.weight"), offsets, slots, self.group)
 
 
 def parse_int4(name: str) -> Int4Format | None:

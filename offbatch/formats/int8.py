@@ -46,7 +46,7 @@ def safe(scale: torch.Tensor) -> torch.Tensor:
 class Int8Format(WeightFormat):
     qmax = 127
     expands = True
-    fused_rows = 128  # kernels/quant_triton.py FUSE_MAX_ROWS
+    fused_rows = 128  # offbatch.kernels.FUSE_MAX_ROWS
 
     def __init__(self, group: int | None = None):
         """group None: a float32 scale per row (4 bytes per row of K bytes: free, and no rounding of the
@@ -99,7 +99,27 @@ class Int8Format(WeightFormat):
     def linear(self, x, w, name):
         if f"{name}.weight.q8" not in w:
             return super().linear(x, w, name)
+        if x.is_cuda:
+            return self.kernel_linear(x, w, name)
         return F.linear(x, self.dequantize(w, f"{name}.weight", x.dtype, x.shape[-1]), w.get(f"{name}.bias"))
+
+    def kernel_linear(self, x, w, name):
+        """linear through offbatch.kernels (as int4's: fused for few rows, else expanded + cuBLAS)."""
+        from offbatch import kernels
+
+        q8, scale, bias = w[f"{name}.weight.q8"], w[f"{name}.weight.scale"], w.get(f"{name}.bias")
+        if kernels.should_fuse(x.numel() // x.shape[-1], q8.shape[0], x.shape[-1]):
+            return kernels.int8_linear(x, q8, scale, bias)
+        return F.linear(x, kernels.dequant_int8(q8, scale, x.dtype, k=x.shape[-1]), bias)
+
+    grouped_experts = True
+
+    def grouped_swiglu(self, kernels, x, stacks, offsets, slots):
+        return kernels.grouped_swiglu_int8(x, (stacks["gate.weight.q8"], stacks["gate.weight.scale"], None),
+                                           (stacks["up.weight.q8"], stacks["up.weight.scale"], None), offsets, slots)
+
+    def grouped_gemm(self, kernels, a, stacks, offsets, slots):
+        return kernels.grouped_gemm_int8(a, (stacks["down.weight.q8"], stacks["down.weight.scale"], None), offsets, slots)
 
 
 def parse_int8(name: str) -> Int8Format | None:

@@ -1,4 +1,5 @@
-"""Triton kernels, each with a plain-torch twin of the same signature (offbatch/kernels/reference.py).
+"""Triton kernels, each with a plain-torch twin of the same signature (offbatch/kernels/reference.py;
+quant_reference.py for the quantized-weight kernels of quant_triton.py).
 
 Call the kernels through this module: it runs the Triton version when the tensors are on CUDA (or when
 TRITON_INTERPRET=1, so tests can run Triton on the CPU) and the torch twin otherwise. The Triton
@@ -18,7 +19,8 @@ import os
 
 import torch
 
-from offbatch.kernels import reference
+from offbatch.kernels import reference  # first: it gathers quant_reference's twins too
+from offbatch.kernels import quant_reference
 
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -32,10 +34,14 @@ def backend(x: torch.Tensor) -> str:
     return "torch"
 
 
-def _impl(module: str, name: str, x: torch.Tensor):
+def _impl(module: str, name: str, x: torch.Tensor, twins=reference):
     if backend(x) == "triton":
         return getattr(importlib.import_module(f"offbatch.kernels.{module}"), name)
-    return getattr(reference, name)
+    return getattr(twins, name)
+
+
+def _quant(name: str, x: torch.Tensor):
+    return _impl("quant_triton", name, x, quant_reference)
 
 
 def grouped_gemm(x, w, group_offsets, group_slots, out=None):
@@ -46,6 +52,49 @@ def grouped_gemm(x, w, group_offsets, group_slots, out=None):
 def grouped_swiglu(x, w_gate, w_up, group_offsets, group_slots, out=None):
     """h[rows of g] = silu(x_g @ w_gate[s].T) * (x_g @ w_up[s].T); see offbatch/kernels/reference.py."""
     return _impl("grouped_gemm_triton", "grouped_swiglu", x)(x, w_gate, w_up, group_offsets, group_slots, out)
+
+
+# ---- quantized weights (offbatch/formats/int4.py, int8.py): see quant_reference.py for the contracts ------
+# Micro-batches of at most this many rows multiply through the fused dequant-GEMM; larger ones expand the
+# weight into a compute-dtype scratch and call cuBLAS (quant_triton.py says why; the formats' planner
+# terms use it too).
+FUSE_MAX_ROWS = 128
+
+
+def should_fuse(m: int, n: int, k: int) -> bool:
+    return m <= FUSE_MAX_ROWS
+
+
+def dequant_int4(q4, scale, minimum, group, k, dtype, out=None):
+    return _quant("dequant_int4", q4)(q4, scale, minimum, group, k, dtype, out)
+
+
+def dequant_int8(q8, scale, dtype, out=None, k=None):
+    return _quant("dequant_int8", q8)(q8, scale, dtype, out, k)
+
+
+def int4_linear(x, q4, scale, minimum, group, bias=None):
+    return _quant("int4_linear", x)(x, q4, scale, minimum, group, bias)
+
+
+def int8_linear(x, q8, scale, bias=None):
+    return _quant("int8_linear", x)(x, q8, scale, bias)
+
+
+def grouped_swiglu_int4(x, w_gate, w_up, group_offsets, group_slots, group, out=None):
+    return _quant("grouped_swiglu_int4", x)(x, w_gate, w_up, group_offsets, group_slots, group, out)
+
+
+def grouped_gemm_int4(x, w, group_offsets, group_slots, group, out=None):
+    return _quant("grouped_gemm_int4", x)(x, w, group_offsets, group_slots, group, out)
+
+
+def grouped_swiglu_int8(x, w_gate, w_up, group_offsets, group_slots, out=None):
+    return _quant("grouped_swiglu_int8", x)(x, w_gate, w_up, group_offsets, group_slots, out)
+
+
+def grouped_gemm_int8(x, w, group_offsets, group_slots, out=None):
+    return _quant("grouped_gemm_int8", x)(x, w, group_offsets, group_slots, out)
 
 
 def warm_up_grouped(hidden: int, inter: int, dtype: torch.dtype, device, groups: int = 2) -> int:
@@ -73,4 +122,6 @@ def warm_up_grouped(hidden: int, inter: int, dtype: torch.dtype, device, groups:
     return launches
 
 
-__all__ = ["backend", "grouped_gemm", "grouped_swiglu", "warm_up_grouped"]
+__all__ = ["FUSE_MAX_ROWS", "backend", "dequant_int4", "dequant_int8", "grouped_gemm", "grouped_gemm_int4",
+           "grouped_gemm_int8", "grouped_swiglu", "grouped_swiglu_int4", "grouped_swiglu_int8", "int4_linear",
+           "int8_linear", "should_fuse", "warm_up_grouped"]

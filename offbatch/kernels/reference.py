@@ -131,3 +131,13 @@ def grouped_swiglu(
     for start, end, (gate, up) in _group_products(x, (w_gate, w_up), group_offsets, group_slots):
         h[start:end] = (F.silu(gate) * up).to(h.dtype)
     return h
+
+
+# The quantized-weight twins (quant_reference.py), so that this module stands for every kernel where the
+# engine runs the twins (the CPU); imported last: quant_reference reads this module's GEMM_DTYPES.
+from offbatch.kernels.quant_reference import (  # noqa: E402
+    dequant_int4, dequant_int8, grouped_gemm_int4, grouped_gemm_int8, grouped_swiglu_int4, grouped_swiglu_int8,
+    int4_linear, int8_linear)
+
+__all__ = ["dequant_int4", "dequant_int8", "grouped_gemm_int4", "grouped_gemm_int8", "grouped_swiglu_int4",
+           "grouped_swiglu_int8", "int4_linear", "int8_linear"]

@@ -1,0 +1,86 @@
+"""The int4 and int8 formats computing through the Triton kernels (interpreted on the CPU, compiled on a
+GPU): `linear` on both of its paths (fused for few rows, expanded + GEMM for many) equals the format's
+torch twin, and the streaming engine whose grouped experts run the quantized Triton kernels gives the
+reference forward's greedy tokens over the same quantized weights."""
+
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import offbatch.kernels
+from hf_factory import save_hf_model
+from offbatch.formats import get_format
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+PROMPTS = [[3, 5, 7, 9, 11, 13, 2], [4, 8, 15, 16, 23, 42, 1, 2, 3], [99], [7, 7, 7]]
+
+
+@pytest.fixture
+def triton_quant(monkeypatch):
+    """offbatch.kernels dispatching to quant_triton (the interpreter on the CPU), counting its launches."""
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    module = importlib.import_module("offbatch.kernels.quant_triton")
+    if not CUDA and not module.INTERPRETED:
+        module = importlib.reload(module)
+    calls: dict[str, int] = {}
+    for name in ("int4_linear", "int8_linear", "dequant_int4", "dequant_int8", "grouped_swiglu_int4",
+                 "grouped_gemm_int4", "grouped_swiglu_int8", "grouped_gemm_int8"):
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(module, name, spy)
+    assert offbatch.kernels.backend(torch.empty(1, device=DEVICE)) == "triton"
+    return calls
+
+
+@pytest.mark.parametrize("name", ["int4", "int4-asym-g32", "int8", "int8-g32"])
+@pytest.mark.parametrize("rows", [3, 200], ids=["fused", "expanded"])
+def test_linear_through_the_kernels_equals_the_twin(name, rows, triton_quant):
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(rows)
+    n, k = 40, 100  # ragged: k is not a multiple of the groups
+    w = {s: t.to(DEVICE) for s, t in fmt.encode("q.weight", torch.randn(n, k, generator=g), torch.float32).items()}
+    w["q.bias"] = torch.randn(n, generator=g).to(DEVICE)
+    x = torch.randn(rows, k, generator=g).to(DEVICE)
+    got = fmt.kernel_linear(x, w, "q")
+    twin = F.linear(x, fmt.dequantize(w, "q.weight", torch.float32, k), w["q.bias"])
+    assert got.shape == (rows, n) and ((got - twin).norm() / twin.norm()).item() < 1e-5
+    bits = "int4" if name.startswith("int4") else "int8"
+    assert triton_quant == ({f"{bits}_linear": 1} if rows <= offbatch.kernels.FUSE_MAX_ROWS else {f"dequant_{bits}": 1})
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mixtral")
+    save_hf_model("mixtral", path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["int4"])  # int8's grouped kernels: tests/test_kernels_quant.py
+def test_engine_experts_run_the_quantized_grouped_kernels(mixtral, name, triton_quant):
+    from offbatch.engine.api import GenRequest, SamplingParams
+    from offbatch.engine.build import engine_for_folder
+    from offbatch.engine.reference import ReferenceModel
+
+    expected = ReferenceModel.load(mixtral, dtype="float32", weights=name).greedy(PROMPTS, 4)
+    eng = engine_for_folder(mixtral, device=DEVICE, dtype="float32", num_requests=len(PROMPTS), max_len=32,
+                            max_resident_bytes=0, weights=name)
+    assert eng.experts is not None
+    eng.experts.kernels = offbatch.kernels  # on the CPU the engine takes the twins; here Triton
+    reqs = [GenRequest(i, p, SamplingParams(max_tokens=4, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+    outs = {o.key: o.token_ids for o in eng.generate(reqs)}
+    assert [outs[i] for i in range(len(PROMPTS))] == expected
+    assert triton_quant.get(f"grouped_swiglu_{name}", 0) > 0 and triton_quant.get(f"grouped_gemm_{name}", 0) > 0
+
+
+def test_the_interpreter_is_what_ran_on_the_cpu():
+    if not CUDA:
+        assert os.environ.get("TRITON_INTERPRET") == "1"
