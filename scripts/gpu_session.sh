@@ -53,6 +53,10 @@ for part in "$@"; do
              formats-mixtral-full) shape="--synth mixtral-8x7b"; job="--prompts 1024 --prompt-len 64 --gen-len 32" ;;
            esac
            reports=()
+           for w in ${FORMATS:-dense int4}; do  # warm Triton's on-disk cache first: one layer, the same job
+             [ "$w" = dense ] || timeout 120 python -m offbatch.cli.main bench ${shape% --layers 8} --layers 1 --gpu-memory ${CAP:-8GiB} \
+               ${job% --gen-len *} --gen-len 4 --weights $w > /dev/null 2>&1
+           done
            for w in ${FORMATS:-dense int4}; do
              timeout ${FORMAT_TIMEOUT:-200} python -m offbatch.cli.main bench $shape --gpu-memory ${CAP:-8GiB} $job --weights $w \
                --out "$OUT/$part-$w.json" 2>&1 | grep -E "decode|floor|plan|bottleneck|error" | head -12
