@@ -43,7 +43,8 @@ def load_model(model_dir: Path, device: str, dtype: str | None, weights: str):
     """The reference model (every weight resident on `device`), its weights packed in `weights`."""
     from offbatch.engine.reference import ReferenceModel
 
-    return ReferenceModel.load(model_dir, device=device, dtype=dtype, weights=weights)
+    # On the CPU a format is decoded once at load: the same products as at each use, 3x faster there.
+    return ReferenceModel.load(model_dir, device=device, dtype=dtype, weights=weights, expand=device == "cpu")
 
 
 def _check_format(weights: str | None) -> None:

@@ -106,10 +106,12 @@ class ReferenceModel:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, device="cpu", dtype=None,
-                        weights: str | WeightFormat | None = None) -> "ReferenceModel":
+                        weights: str | WeightFormat | None = None, expand: bool = False) -> "ReferenceModel":
         """weights: the format the modules are stored in (a name or a format; default: the folder's own),
         encoded as the weight store encodes them, so the engine over a format can be checked against
-        the reference over it. A folder in a format, read in it, is used as it is stored."""
+        the reference over it. A folder in a format, read in it, is used as it is stored.
+        expand: decode the format's weights once here into the compute dtype (the twin's own arithmetic,
+        so the same products) instead of at every use: on the CPU, where nothing streams, 3x faster."""
         spec = ckpt.spec
         dtype = resolve_dtype(dtype, ckpt.dtype())
         fmt = ckpt.format if weights is None else get_format(weights) if isinstance(weights, str) else weights
@@ -129,15 +131,22 @@ class ReferenceModel:
                 return {part.local: t.to(device=device, dtype=dtype)}
             return {name: s.to(device) for name, s in fmt.encode(part.local, t, dtype).items()}
 
+        def expanded(part: Part) -> dict[str, torch.Tensor]:
+            held = load(part)
+            if part.local in held:  # stored as it is
+                return held
+            return {part.local: fmt.dequantize(held, part.local, dtype, ckpt.entry(part.canonical).shape[-1])}
+
         names = list(ckpt.entries) + (["lm_head"] if ckpt.has("lm_head") and "lm_head" not in ckpt.entries else [])
-        modules = {key: fmt.weights({k: v for p in parts for k, v in load(p).items()})
+        read, kept = (expanded, get_format("dense")) if expand else (load, fmt)
+        modules = {key: kept.weights({k: v for p in parts for k, v in read(p).items()})
                    for key, parts in modules_of(names, spec).items()}
         return cls(spec, modules, device, dtype)
 
     @classmethod
     def load(cls, model_dir: str | Path, device="cpu", dtype=None,
-             weights: str | WeightFormat | None = None) -> "ReferenceModel":
-        return cls.from_checkpoint(open_checkpoint(model_dir), device, dtype, weights)
+             weights: str | WeightFormat | None = None, expand: bool = False) -> "ReferenceModel":
+        return cls.from_checkpoint(open_checkpoint(model_dir), device, dtype, weights, expand)
 
     def new_cache(self, capacity: int = 16) -> KVCache:
         return KVCache(self.spec, self.device, self.dtype, capacity)

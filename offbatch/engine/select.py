@@ -94,5 +94,9 @@ def make_generator(model_dir: str | Path, tokenizer, options: EngineOptions | No
     from offbatch.engine.reference import ReferenceModel
 
     # The reference holds the whole model on one device: the correctness path, not the fast one.
-    model = ReferenceModel.load(model_dir, device=device, dtype=options.dtype, weights=options.weights)
+    import torch
+
+    # On the CPU a compressed format is decoded once at load (the same products as decoding at each use).
+    model = ReferenceModel.load(model_dir, device=device, dtype=options.dtype, weights=options.weights,
+                                expand=torch.device(device).type == "cpu")
     return ReferenceGenerator(model, tokenizer.eos_token_ids, max_batch=options.max_batch)

@@ -141,9 +141,10 @@ class Bnb4Format(WeightFormat):
             code=code_book(self.quant_type, absmax.device), blocksize=self.blocksize,
             quant_type=self.quant_type, dtype=dtype)
 
-    def dequantize(self, w: Mapping[str, torch.Tensor], local: str, dtype: torch.dtype) -> torch.Tensor:
+    def dequantize(self, w: Mapping[str, torch.Tensor], local: str, dtype: torch.dtype,
+                   in_features: int | None = None) -> torch.Tensor:
         """The weight `local` ("q.weight") back in `dtype`, by bitsandbytes: code[q] * absmax in float32,
-        rounded once."""
+        rounded once (in_features: as the other formats take it; nothing is padded here)."""
         bnb = bitsandbytes_module(self.name)
         # As one column [N * K / 2, 1]: bitsandbytes transposes its output for a packed tensor of one row.
         packed = w[f"{local}.{self.quant_type}"].reshape(-1, 1)
