@@ -84,3 +84,36 @@ def test_engine_experts_run_the_quantized_grouped_kernels(mixtral, name, triton_
 def test_the_interpreter_is_what_ran_on_the_cpu():
     if not CUDA:
         assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("name", ["int4", "int4-asym-g32", "int8"])
+@pytest.mark.parametrize("rows", [(2, 0, 3), (40, 0, 70, 33)], ids=["fused", "expanded"])
+def test_grouped_experts_on_both_paths_equal_the_dense_twin(name, rows):
+    """Few rows per expert: the fused grouped kernels; many: experts expanded EXPAND_EXPERTS at a time into
+    the dense grouped kernels. Both equal the dense grouped twin over the decoded experts (the twins here:
+    the Triton side of both paths is in tests/test_kernels_quant.py)."""
+    from offbatch.kernels import reference
+
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(len(rows))
+    hidden, inter, experts = 64, 48, 4
+    shapes = [("down.weight", (hidden, inter)), ("gate.weight", (inter, hidden)), ("up.weight", (inter, hidden))]
+    layout = fmt.layout(shapes, torch.float32)
+    bank = torch.zeros(experts, layout.nbytes, dtype=torch.uint8)
+    dense = {n: torch.empty(experts, *s) for n, s in shapes}
+    for e in range(experts):
+        views = layout.views(bank[e])
+        for n, s in shapes:
+            for stored, t in fmt.encode(n, torch.randn(*s, generator=g) / 8, torch.float32).items():
+                views[stored].copy_(t)
+            dense[n][e] = fmt.dequantize(views, n, torch.float32, s[1])
+    stacks = fmt.expert_stacks(bank, layout.items)
+    sizes = list(rows)
+    offsets = torch.tensor([0] + [sum(sizes[: i + 1]) for i in range(len(sizes))], dtype=torch.int32)
+    slots = torch.tensor([3, 1, 0, 2][: len(sizes)], dtype=torch.int32)
+    x = torch.randn(sum(sizes), hidden, generator=g)
+    h = fmt.grouped_swiglu(reference, x, stacks, offsets, slots)
+    want_h = reference.grouped_swiglu(x, dense["gate.weight"], dense["up.weight"], offsets, slots)
+    assert torch.allclose(h, want_h, rtol=1e-5, atol=1e-6)
+    y = fmt.grouped_gemm(reference, h, stacks, offsets, slots)
+    assert torch.allclose(y, reference.grouped_gemm(h, dense["down.weight"], offsets, slots), rtol=1e-5, atol=1e-6)

@@ -138,7 +138,7 @@ class ReferenceModel:
             return {part.local: fmt.dequantize(held, part.local, dtype, ckpt.entry(part.canonical).shape[-1])}
 
         names = list(ckpt.entries) + (["lm_head"] if ckpt.has("lm_head") and "lm_head" not in ckpt.entries else [])
-        read, kept = (expanded, get_format("dense")) if expand else (load, fmt)
+        read, kept = (expanded, get_format("dense")) if expand and fmt.expands else (load, fmt)
         modules = {key: kept.weights({k: v for p in parts for k, v in read(p).items()})
                    for key, parts in modules_of(names, spec).items()}
         return cls(spec, modules, device, dtype)

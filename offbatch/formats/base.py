@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 ALIGN = 256  # bytes; every stored tensor starts aligned for vectorised loads
+EXPAND_EXPERTS = 2  # compressed experts expanded into scratch at once (WeightFormat.grouped_expanded)
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,34 @@ class WeightFormat:
                      slots: torch.Tensor) -> torch.Tensor:
         """a @ down.T per group."""
         raise NotImplementedError(f"the {self.name} format has no grouped expert kernels")
+
+    # ---- compressed experts with many rows: expanded, then the dense grouped kernels ---------------------
+    def expand_stack(self, kernels, stacks: dict[str, torch.Tensor], weight: str, rows: torch.Tensor, k: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+        """The experts `rows` (bank rows, a device tensor) of a weight ("gate.weight") as a dense
+        [len(rows), N, k] stack in `dtype`."""
+        raise NotImplementedError(f"the {self.name} format does not expand its experts")
+
+    def grouped_expanded(self, kernels, x: torch.Tensor, stacks: dict[str, torch.Tensor], offsets: torch.Tensor,
+                         slots: torch.Tensor, weights: tuple[str, ...]) -> torch.Tensor:
+        """The dense grouped kernel (SwiGLU over gate and up, or the plain GEMM over down) over the chunk's
+        experts expanded into a compute-dtype scratch, EXPAND_EXPERTS experts at a time: past a few dozen
+        rows per expert the fused kernel's thin tiles lose to expanding once and running the dense kernel
+        (scripts/bench_quant_kernels.py); the scratch stays a couple of experts' dense weights."""
+        groups, k = slots.numel(), x.shape[-1]
+        out = None
+        for g0 in range(0, groups, EXPAND_EXPERTS):
+            part = slots[g0 : g0 + EXPAND_EXPERTS]
+            dense = [self.expand_stack(kernels, stacks, w, part, k, x.dtype) for w in weights]
+            if out is None:
+                out = x.new_empty(x.shape[0], dense[0].shape[1])
+            local = torch.arange(part.numel(), dtype=slots.dtype, device=slots.device)
+            span = offsets[g0 : g0 + part.numel() + 1]
+            if len(dense) == 2:
+                kernels.grouped_swiglu(x, dense[0], dense[1], span, local, out=out)
+            else:
+                kernels.grouped_gemm(x, dense[0], span, local, out=out)
+        return out if out is not None else x.new_empty(x.shape[0], 0)
 
 
 FORMATS: dict[str, WeightFormat] = {}

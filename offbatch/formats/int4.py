@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from offbatch.formats.base import WeightFormat, register_family, register_format
+from offbatch.kernels import FUSE_MAX_ROWS
 from offbatch.formats.int8 import quantizable, safe
 
 DEFAULT_GROUP = 64
@@ -43,7 +44,7 @@ def unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
 class Int4Format(WeightFormat):
     scale_dtype = torch.float16  # 2 bytes per group of `group` / 2 bytes: ~1/3.8 of bf16 at group 64
     expands = True
-    fused_rows = 128  # offbatch.kernels.FUSE_MAX_ROWS
+    fused_rows = FUSE_MAX_ROWS  # few rows: the fused dequant-GEMM; more: expanded + the dense GEMM
 
     def __init__(self, group: int = DEFAULT_GROUP, asymmetric: bool = False, name: str | None = None):
         if group <= 0 or group % 2:
@@ -128,11 +129,19 @@ class Int4Format(WeightFormat):
         return (stacks[f"{weight}.q4"], stacks[f"{weight}.scale"], stacks.get(f"{weight}.min"))
 
     def grouped_swiglu(self, kernels, x, stacks, offsets, slots):
+        if x.shape[0] > FUSE_MAX_ROWS * slots.numel():  # rows per expert, on average
+            return self.grouped_expanded(kernels, x, stacks, offsets, slots, ("gate.weight", "up.weight"))
         return kernels.grouped_swiglu_int4(x, self._stack(stacks, "gate.weight"), self._stack(stacks, "up.weight"),
                                            offsets, slots, self.group)
 
     def grouped_gemm(self, kernels, a, stacks, offsets, slots):
+        if a.shape[0] > FUSE_MAX_ROWS * slots.numel():
+            return self.grouped_expanded(kernels, a, stacks, offsets, slots, ("down.weight",))
         return kernels.grouped_gemm_int4(a, self._stack(stacks, "down.weight"), offsets, slots, self.group)
+
+    def expand_stack(self, kernels, stacks, weight, rows, k, dtype):
+        q4, scale, low = self._stack(stacks, weight)
+        return kernels.dequant_int4(q4[rows], scale[rows], None if low is None else low[rows], self.group, k, dtype)
 
 
 def parse_int4(name: str) -> Int4Format | None:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from offbatch.formats.base import WeightFormat, register_family, register_format
+from offbatch.kernels import FUSE_MAX_ROWS
 
 KEEP_DENSE = ("router", "shared_gate")  # linear layers whose weights are never quantized
 
@@ -46,7 +47,7 @@ def safe(scale: torch.Tensor) -> torch.Tensor:
 class Int8Format(WeightFormat):
     qmax = 127
     expands = True
-    fused_rows = 128  # offbatch.kernels.FUSE_MAX_ROWS
+    fused_rows = FUSE_MAX_ROWS  # few rows: the fused dequant-GEMM; more: expanded + the dense GEMM
 
     def __init__(self, group: int | None = None):
         """group None: a float32 scale per row (4 bytes per row of K bytes: free, and no rounding of the
@@ -115,11 +116,18 @@ class Int8Format(WeightFormat):
     grouped_experts = True
 
     def grouped_swiglu(self, kernels, x, stacks, offsets, slots):
+        if x.shape[0] > FUSE_MAX_ROWS * slots.numel():  # rows per expert, on average
+            return self.grouped_expanded(kernels, x, stacks, offsets, slots, ("gate.weight", "up.weight"))
         return kernels.grouped_swiglu_int8(x, (stacks["gate.weight.q8"], stacks["gate.weight.scale"], None),
                                            (stacks["up.weight.q8"], stacks["up.weight.scale"], None), offsets, slots)
 
     def grouped_gemm(self, kernels, a, stacks, offsets, slots):
+        if a.shape[0] > FUSE_MAX_ROWS * slots.numel():
+            return self.grouped_expanded(kernels, a, stacks, offsets, slots, ("down.weight",))
         return kernels.grouped_gemm_int8(a, (stacks["down.weight.q8"], stacks["down.weight.scale"], None), offsets, slots)
+
+    def expand_stack(self, kernels, stacks, weight, rows, k, dtype):
+        return kernels.dequant_int8(stacks[f"{weight}.q8"][rows], stacks[f"{weight}.scale"][rows], dtype, k=k)
 
 
 def parse_int8(name: str) -> Int8Format | None:

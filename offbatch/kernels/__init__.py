@@ -55,10 +55,11 @@ def grouped_swiglu(x, w_gate, w_up, group_offsets, group_slots, out=None):
 
 
 # ---- quantized weights (offbatch/formats/int4.py, int8.py): see quant_reference.py for the contracts ------
-# Micro-batches of at most this many rows multiply through the fused dequant-GEMM; larger ones expand the
-# weight into a compute-dtype scratch and call cuBLAS (quant_triton.py says why; the formats' planner
-# terms use it too).
-FUSE_MAX_ROWS = 128
+# Micro-batches of at most this many rows (per expert, for grouped experts) multiply through the fused
+# dequant-GEMM; larger ones expand the weight into a compute-dtype scratch and call cuBLAS or the dense
+# grouped kernel. The crossover measured on the H200 (scripts/bench_quant_kernels.py, BENCHMARKS.md):
+# 16-32 rows for the Mixtral and Llama-3-8B shapes. The formats' planner terms use it too.
+FUSE_MAX_ROWS = 32
 
 
 def should_fuse(m: int, n: int, k: int) -> bool:

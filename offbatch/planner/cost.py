@@ -248,9 +248,7 @@ class StepModel:
             t = t + np.where(rows > fused, self.expand.get("ffn", 0.0) * w.dense_layers * np.ceil(T / micro), 0.0)
         if w.moe_layers:
             per_expert = T * w.top_k / np.maximum(n_used, 1e-9)
-            if not self.fmt.grouped_experts:  # grouped kernels take the stored experts as they are
-                t = t + np.where(np.minimum(per_expert, micro) > fused,
-                                 self.expand.get("expert", 0.0) * n_used * w.moe_layers, 0.0)
+            t = t + np.where(np.minimum(per_expert, micro) > fused, self.expand.get("expert", 0.0) * n_used * w.moe_layers, 0.0)
             if w.shared:
                 t = t + np.where(np.minimum(T, micro) > fused, self.expand.get("shared", 0.0) * w.moe_layers, 0.0)
         return t / rate
