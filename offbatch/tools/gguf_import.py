@@ -1,15 +1,30 @@
 """Import a llama.cpp GGUF file as a Hugging Face model folder.
 
-The GGUF is read with the `gguf` package (GGUFReader, gguf.quants.dequantize): every tensor is
-dequantised to float32, put back into the Hugging Face layout, cast to the output dtype and written
-as safetensors beside config.json, generation_config.json, tokenizer.json (built with `tokenizers`
-from the tokenizer.ggml.* metadata), tokenizer_config.json and chat_template.jinja.
+The GGUF is read with the `gguf` package (GGUFReader, gguf.quants.dequantize) and written as safetensors
+beside config.json, generation_config.json, tokenizer.json (built with `tokenizers` from the
+tokenizer.ggml.* metadata), tokenizer_config.json and chat_template.jinja. Its weights either:
+- stay quantized ("kept"): when every bulk linear weight (the ones a weight format compresses: attention
+  q/k/v/o, the FFN's gate/up/down) is of one of the block types that are exactly one of offbatch's formats,
+  the blocks are rearranged into that format's stored tensors without expanding them, and config.json
+  names the format (offbatch/models/converted.py). Q4_0 is "int4-g32" (W = (q - 8) * d), Q4_1
+  "int4-asym-g32" (W = q * d + m), Q8_0 "int8-g32" (W = q * d): the same float16 scales, the same codes, the
+  same arithmetic, so the folder computes with exactly the values llama.cpp's blocks hold. The other
+  tensors (embedding, norms, output head) are expanded to the output dtype, as below. The K-quants are
+  not kept: their scales are products of two numbers (Q4_K: d * sc with a 6-bit sc) that float16 does not
+  hold exactly, and Q4_K_M files mix Q4_K with Q6_K while a folder holds one format;
+- or are expanded: every tensor dequantised to float32, put back into the Hugging Face layout and cast to
+  the output dtype (a folder any tool reads).
+By default (`weights="auto"`) a file is kept where it can be, else expanded (saying why, when it holds
+quantized weights); "keep" refuses a file that cannot be kept, "expand" always expands.
 
 Two things llama.cpp changes on the way in, and we undo:
 - its convert script permutes the rows of q_proj/k_proj of "llama" models so that rope pairs
   adjacent elements (GPT-J style) instead of the two halves of each head (GPT-NeoX style);
 - Llama 3.1-style rope scaling is stored as a `rope_freqs` tensor of per-frequency divisors,
   not as config keys; we recognise the standard Llama 3 parameters from it.
+
+Both are undone on kept weights too: the permutation moves whole rows, and a row's blocks (codes,
+scales and minimums) move with it.
 
 Everything is written into a hidden temp folder next to the target and renamed at the end, so a crash
 never leaves a half-written model folder, and two processes importing the same file cannot mix files.
@@ -19,14 +34,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +49,31 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType
 from gguf.quants import dequantize
-from safetensors.torch import save_file
 
 from offbatch.errors import ModelFolderError
+from offbatch.formats import WeightFormat, get_format
+from offbatch.formats.int4 import pack_nibbles
 from offbatch.models.chat_template import MAX_TEMPLATE_CHARS
+from offbatch.models.converted import quantization_config, stored_tensors
 from offbatch.models.files import json_type
 from offbatch.models.names import expected_tensors
 from offbatch.models.spec import (CONFIG_FIELDS, MAX_POSITION, MAX_TOKEN_ID, MAX_VOCAB, ROPE_FIELDS, Field,
                                   spec_from_config)
+from offbatch.tools.folder_writer import (DEFAULT_MAX_SHARD_BYTES, TensorGroup, atomic_folder, check_target,
+                                          tensor_bytes, write_weights)
 
-IMPORTER_VERSION = 1  # bump when the output of the same GGUF file changes (invalidates caches)
+IMPORTER_VERSION = 2  # bump when the output of the same GGUF file changes (invalidates caches); 2: kept blocks
 MARKER_FILE = ".offbatch-import.json"  # written last: its presence means the folder is complete
-DEFAULT_MAX_SHARD_BYTES = 2 * 1000**3
 
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SUPPORTED_TENSOR_TYPES = (
     QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,
     QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K,
 )  # fmt: skip
+FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
+# The block types that are one of offbatch's weight formats exactly (the same codes, scales and arithmetic).
+KEPT_FORMATS = {QT.Q4_0: "int4-g32", QT.Q4_1: "int4-asym-g32", QT.Q8_0: "int8-g32"}
+WEIGHT_MODES = ("auto", "keep", "expand")
 
 
 @dataclass(frozen=True)
@@ -104,6 +124,7 @@ class ImportSummary:
     tensor_types: dict[str, int]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    weights: str = "dense"  # the weight format of the folder: dense (expanded), or the format kept
 
 
 # ---------------------------------------------------------------------------
@@ -391,53 +412,112 @@ def plan_tensors(reader, cfg: dict) -> list[tuple[str, Any]]:
     return [(name, mapped[name]) for name in expected]  # expected_tensors' order: embed, layers, head
 
 
+def _permuted_heads(t, cfg: dict, permuted_qk: bool) -> int | None:
+    """The heads whose rows llama.cpp permuted in this tensor (q/k of "llama" files), else None."""
+    if permuted_qk and re.fullmatch(r"blk\.\d+\.attn_[qk]\.(weight|bias)", t.name):
+        return cfg["num_attention_heads"] if ".attn_q." in t.name else cfg["num_key_value_heads"]
+    return None
+
+
 def load_tensor(t, cfg: dict, permuted_qk: bool, dtype: torch.dtype) -> torch.Tensor:
     """One GGUF tensor, dequantised, in HF layout, cast to `dtype`."""
     w = dequantize(t.data, t.tensor_type)  # float32, rows = HF rows
     w = w.reshape(_hf_shape(t))
-    if permuted_qk and re.fullmatch(r"blk\.\d+\.attn_[qk]\.(weight|bias)", t.name):
-        heads = cfg["num_attention_heads"] if ".attn_q." in t.name else cfg["num_key_value_heads"]
+    heads = _permuted_heads(t, cfg, permuted_qk)
+    if heads is not None:
         w = unpermute_qk(w, heads)
     if not w.flags.writeable:  # F32 tensors come back as views of the read-only file mapping
         w = w.copy()
     return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(dtype)
 
 
-def _shards(plan: list[tuple[str, Any]], itemsize: int, max_bytes: int) -> list[list[tuple[str, Any]]]:
-    shards: list[list[tuple[str, Any]]] = [[]]
-    size = 0
+def _half(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The float16 at byte `at` of every block: [rows, blocks, bytes] -> [rows, blocks]."""
+    return np.ascontiguousarray(blocks[..., at : at + 2]).view(np.float16)[..., 0]
+
+
+def kept_tensors(t, name: str, cfg: dict, permuted_qk: bool) -> dict[str, torch.Tensor]:
+    """A Q4_0 / Q4_1 / Q8_0 weight as the stored tensors of its format (KEPT_FORMATS), not expanded: the
+    blocks' float16 scales (and minimums) as they are, one per group of 32 inputs; Q8_0's int8 codes as
+    they are; the 4-bit codes moved from GGUF's order (in a block of 32, byte j holds input j in its low
+    nibble and input j + 16 in its high one) to the int4 format's (byte j of a row: inputs 2j, 2j + 1);
+    then rows put back in HF order where llama.cpp permuted them."""
+    n, k = _hf_shape(t)
+    qtype = t.tensor_type
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = np.asarray(t.data).view(np.uint8).reshape(n, k // block, type_size)
+    if qtype == QT.Q8_0:  # d (f16), 32 x int8
+        out = {".q8": np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, k), ".scale": _half(blocks, 0)}
+    else:  # Q4_0: d (f16), 16 bytes of codes; Q4_1: d (f16), m (f16), 16 bytes of codes
+        codes = blocks[..., 4:] if qtype == QT.Q4_1 else blocks[..., 2:]
+        q = np.concatenate([codes & 15, codes >> 4], axis=-1).reshape(n, k)  # inputs in order, one per byte
+        out = {".q4": pack_nibbles(torch.from_numpy(q)).numpy(), ".scale": _half(blocks, 0)}
+        if qtype == QT.Q4_1:
+            out[".min"] = _half(blocks, 2)
+    heads = _permuted_heads(t, cfg, permuted_qk)
+    if heads is not None:
+        out = {suffix: unpermute_qk(a, heads) for suffix, a in out.items()}
+    return {name + suffix: torch.from_numpy(np.array(a, copy=True, order="C")) for suffix, a in out.items()}
+
+
+def _float_types(types) -> bool:
+    return all(q in FLOAT_TYPES for q in types)
+
+
+def keep_format(plan: list[tuple[str, Any]], spec, weights: str) -> tuple[WeightFormat | None, str | None]:
+    """The format the file's bulk weights are kept in (None: expand them), and why they are expanded when
+    the file holds quantized ones (None when kept, or nothing was quantized, or expanding was asked)."""
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {WEIGHT_MODES}, not {weights!r}")
+    if weights == "expand":
+        return None, None
+    # Every kept format compresses the same tensors (int8.py's `quantizable`): ask one of them which.
+    stored = stored_tensors(spec, get_format("int8-g32"))
+    bulk = {name[: -len(st.suffix)] for name, st in stored.items() if st.suffix}
+    types = Counter(t.tensor_type for name, t in plan if name in bulk)
+    kinds = sorted(types, key=lambda q: q.name)
+    if len(kinds) == 1 and kinds[0] in KEPT_FORMATS:
+        return get_format(KEPT_FORMATS[kinds[0]]), None
+    found = ", ".join(f"{types[q]} {q.name}" for q in kinds) or "none"
+    kept_names = ", ".join(q.name for q in KEPT_FORMATS)
+    if _float_types(kinds):
+        if weights == "auto":  # nothing quantized to keep: nothing to say
+            return None, None
+        why = f"its bulk linear weights are not quantized ({found})"
+    elif len(kinds) > 1:
+        why = (f"its bulk linear weights mix block types ({found}), and a folder holds one weight format; "
+               f"a file is kept quantized when they are all {kept_names}, all of one type")
+    else:
+        why = (f"its bulk linear weights are {found}, which is not exactly one of offbatch's weight formats "
+               f"(only {kept_names} are; the K-quants' scales are products that float16 does not hold exactly)")
+    if weights == "keep":
+        raise ModelFolderError(f"cannot keep this GGUF file quantized: {why}; import it without --keep-quantized "
+                               "to expand it")
+    return None, f"weights expanded to the output dtype: {why}"
+
+
+def _groups(plan, cfg: dict, permuted_qk: bool, dtype: torch.dtype, fmt: WeightFormat | None,
+            spec) -> list[TensorGroup]:
+    """What the folder's weight files hold, tensor by tensor (made when their shard is written)."""
+    kept: dict[str, list[tuple[str, Any]]] = {}
+    if fmt is not None:
+        for fname, st in stored_tensors(spec, fmt).items():
+            if st.suffix:
+                kept.setdefault(fname[: -len(st.suffix)], []).append((fname, st))
+    groups = []
     for name, t in plan:
-        nbytes = int(np.prod(_hf_shape(t))) * itemsize
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, t))
-        size += nbytes
-    return shards
+        if name in kept:
+            names = tuple(f for f, _ in kept[name])
+            nbytes = sum(tensor_bytes(st.shape, st.dtype) for _, st in kept[name])
+            groups.append(TensorGroup(names, nbytes, partial(kept_tensors, t, name, cfg, permuted_qk)))
+        else:
+            nbytes = tensor_bytes(_hf_shape(t), dtype)
+            groups.append(TensorGroup((name,), nbytes, partial(_dense_tensor, t, name, cfg, permuted_qk, dtype)))
+    return groups
 
 
-def _write_weights(folder: Path, plan, cfg, permuted_qk, dtype, max_shard_bytes, progress) -> int:
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    shards = _shards(plan, itemsize, max_shard_bytes)
-    weight_map: dict[str, str] = {}
-    total = done = 0
-    for k, shard in enumerate(shards):
-        # One shard in memory at a time: bounded by max_shard_bytes, whatever the model size.
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for name, t in shard:
-            tensors[name] = load_tensor(t, cfg, permuted_qk, dtype)
-            total += tensors[name].numel() * itemsize
-            weight_map[name] = fname
-            done += 1
-            if progress:
-                progress(done, len(plan))
-        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
-        del tensors
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return total
+def _dense_tensor(t, name: str, cfg: dict, permuted_qk: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {name: load_tensor(t, cfg, permuted_qk, dtype)}
 
 
 # ---------------------------------------------------------------------------
@@ -583,7 +663,7 @@ def build_tokenizer(meta: dict, notes: list[str]):
 
 
 # ---------------------------------------------------------------------------
-def source_stamp(path: Path, dtype: str) -> dict:
+def source_stamp(path: Path, dtype: str, weights: str = "auto") -> dict:
     """What the marker file records: a folder is current when its marker equals this."""
     st = path.stat()
     return {
@@ -591,6 +671,7 @@ def source_stamp(path: Path, dtype: str) -> dict:
         "source_size": st.st_size,
         "source_mtime_ns": st.st_mtime_ns,
         "dtype": dtype,
+        "weights": weights,
         "importer_version": IMPORTER_VERSION,
     }
 
@@ -607,17 +688,19 @@ def import_gguf(
     out_dir: str | Path,
     dtype: str = "bfloat16",
     *,
+    weights: str = "auto",
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: Callable[[int, int], None] | None = None,
 ) -> ImportSummary:
-    """Turn a GGUF file into a Hugging Face model folder at `out_dir` (created atomically)."""
+    """Turn a GGUF file into a Hugging Face model folder at `out_dir` (created atomically). weights: "auto"
+    (keep the bulk weights quantized where they are exactly a weight format, else expand), "keep" (refuse a
+    file that cannot be kept), "expand" (every tensor dequantised to `dtype`)."""
     start = time.perf_counter()
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if dtype not in OUTPUT_DTYPES:
         raise ModelFolderError(f"output dtype {dtype!r} is not supported; supported: {', '.join(OUTPUT_DTYPES)}")
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ModelFolderError(f"{out_dir} already exists and is not empty (use --force to replace it)")
+    check_target(out_dir, overwrite, "--force", ModelFolderError)
 
     reader = open_gguf(gguf_path)
     meta = read_metadata(reader)
@@ -625,31 +708,24 @@ def import_gguf(
     cfg = build_config(meta, tensors, dtype)
     arch = ARCHITECTURES[meta["general.architecture"]]
     plan = plan_tensors(reader, cfg)
-    notes: list[str] = []
+    spec = spec_from_config(cfg)
+    fmt, why_expanded = keep_format(plan, spec, weights)
+    notes: list[str] = [why_expanded] if why_expanded else []
     tokenizer, tok_config = build_tokenizer(meta, notes)
+    if fmt is not None:
+        kept_type = next(q for q, name in KEPT_FORMATS.items() if name == fmt.name)
+        cfg["quantization_config"] = quantization_config(fmt, source=gguf_path.name, gguf_type=kept_type.name)
+    groups = _groups(plan, cfg, arch.permuted_qk, OUTPUT_DTYPES[dtype], fmt, spec)
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    except OSError as e:
-        raise ModelFolderError(f"cannot create a folder next to {out_dir}: {e.strerror or e}") from None
-    try:
-        total = _write_weights(tmp, plan, cfg, arch.permuted_qk, OUTPUT_DTYPES[dtype], max_shard_bytes, progress)
+    with atomic_folder(out_dir, overwrite, ModelFolderError) as tmp:
+        total = write_weights(tmp, groups, max_shard_bytes, progress)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(meta), indent=2) + "\n")
         tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
         if meta.get("tokenizer.chat_template"):
             (tmp / "chat_template.jinja").write_text(meta["tokenizer.chat_template"])
-        (tmp / MARKER_FILE).write_text(json.dumps(source_stamp(gguf_path, dtype), indent=2) + "\n")
-        install_folder(tmp, out_dir, replace=overwrite)
-    except OSError as e:  # disk full, permissions: say where, without a traceback
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ModelFolderError(f"writing {out_dir} failed: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / MARKER_FILE).write_text(json.dumps(source_stamp(gguf_path, dtype, weights), indent=2) + "\n")
     return ImportSummary(
         out_dir=out_dir,
         architecture=meta["general.architecture"],
@@ -658,25 +734,5 @@ def import_gguf(
         tensor_types=dict(Counter(t.tensor_type.name for _, t in plan)),
         seconds=time.perf_counter() - start,
         notes=notes,
+        weights=fmt.name if fmt is not None else "dense",
     )
-
-
-def install_folder(tmp: Path, out_dir: Path, replace: bool) -> None:
-    """Rename a finished temp folder to `out_dir`; with `replace`, swap out what is there."""
-    old = None
-    try:
-        if replace and out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, old)
-        try:
-            os.rename(tmp, out_dir)  # atomic; fails if a non-empty out_dir appeared meanwhile
-        except OSError:
-            if old is not None and not out_dir.exists():
-                os.rename(old, out_dir)  # put the previous folder back rather than leave none
-                old = None
-            raise
-    except OSError as e:
-        raise ModelFolderError(f"cannot create {out_dir}: {e.strerror or e}") from None
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,136 @@
+"""`offbatch convert MODEL_DIR OUT_DIR --weights FORMAT`: a dense model folder written in a weight format
+(offbatch/tools/convert.py), with its size before and after and its quality measured against the source:
+perplexity of both and greedy-token agreement over windows of a real text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from offbatch.cli.options import DeviceOpt, DtypeOpt, QuietOpt
+from offbatch.tools.convert import DEFAULT_EVAL_WINDOWS
+from offbatch.units import format_bytes
+
+HOW_TO_MEASURE = ("give --eval-text FILE (plain English text), or measure it later with "
+                  "`offbatch eval-ppl MODEL_DIR TEXT_FILE --weights FORMAT`")
+
+
+def _format(weights: str, group: int | None) -> str:
+    from offbatch.tools.convert import FormatOptionError, format_name
+
+    try:
+        return format_name(weights, group)
+    except FormatOptionError as e:
+        raise typer.BadParameter(str(e), param_hint=e.option) from None
+
+
+def _eval_text(eval_text: Path | None, no_eval: bool) -> tuple[Path | None, str | None]:
+    """(the text file, its text) to measure quality on, or (None, None): --no-eval, or no text is known."""
+    from offbatch.cli.eval_ppl import read_text_file
+    from offbatch.tools.texts import default_eval_text
+
+    if no_eval:
+        return None, None
+    path = eval_text if eval_text is not None else default_eval_text()
+    if path is None:
+        return None, None
+    return path, read_text_file(path)
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, transient=True, disable=not (enabled and console.is_terminal))
+
+
+def _print_sizes(summary) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary.out_dir}: {summary.format}")
+    for col in ("module", "before", "after", "smaller"):
+        table.add_column(col, justify="right" if col != "module" else "left")
+    for kind, (before, after) in sorted(summary.by_kind.items(), key=lambda kv: -kv[1][0]):
+        table.add_row(kind, format_bytes(before), format_bytes(after), f"{before / after:.2f}x" if after else "-")
+    table.add_row("total", format_bytes(summary.source_bytes), format_bytes(summary.bytes), f"{summary.ratio:.2f}x")
+    console = Console()
+    console.print(table)
+    console.print(f"{summary.compressed} of {summary.tensors} tensors stored in {summary.format}, the rest as they "
+                  f"were; {format_bytes(summary.source_bytes)} -> {format_bytes(summary.bytes)} "
+                  f"({summary.ratio:.2f}x smaller) in {summary.seconds:.1f} s")
+
+
+def _print_quality(report: dict) -> None:
+    dense, conv = report["results"]
+    typer.echo(f"quality on {report['text_file']} ({report['windows']} windows of {report['window']} tokens, "
+               f"{report['scored_tokens']:,} tokens scored; {report['device']}, {report['dtype']}): perplexity "
+               f"{dense['perplexity']:.4f} dense -> {conv['perplexity']:.4f} {report['format']}, greedy agreement "
+               f"{100 * conv['agreement']:.2f}% (written to {report['report_file']})")
+
+
+def command(
+    model_dir: Annotated[Path, typer.Argument(help="The dense model folder to convert.", show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(help="The folder to write.", show_default=False)],
+    weights: Annotated[str, typer.Option("--weights", help="The weight format: int8, int8-g32, int4, int4-asym, "
+                                         "int4-g32, int4-asym-g128, nf4, fp4, ...", show_default=False)],
+    group: Annotated[Optional[int], typer.Option("--group", min=1, help="Inputs per group for int4 / int4-asym / "
+                                                 "int8 (int4 --group 32 is int4-g32).")] = None,
+    eval_text: Annotated[Optional[Path], typer.Option("--eval-text", help="Plain UTF-8 text to measure quality on "
+                                                      "(default: $OFFBATCH_EVAL_TEXT, else the text `make setup` "
+                                                      "installs).")] = None,
+    eval_windows: Annotated[int, typer.Option("--eval-windows", min=1, help="Windows of 512 tokens to score "
+                                              "(from the start of the text).")] = DEFAULT_EVAL_WINDOWS,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Convert only; do not measure quality.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT_DIR if it exists.")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Write a dense model folder's weights in a weight format, as a folder `run`, `plan`, `bench` and
+    `inspect` read like any other; print the size before and after, and the quality: perplexity of both
+    models and how often their greedy tokens agree, over windows of a real text (also written to
+    OUT_DIR/offbatch_quality.json). The folder is written atomically."""
+    from offbatch.engine.select import resolve_device
+    from offbatch.tools.convert import check_paths, check_source, convert, measure_quality, write_report
+    from offbatch.tools.convert import eval_windows as make_windows
+
+    name = _format(weights, group)
+    # Everything that can be refused is refused before the work starts: the folders, the text.
+    check_source(model_dir)
+    check_paths(model_dir, out_dir, overwrite)
+    text_file, text = _eval_text(eval_text, no_eval)
+    wins = None
+    if text is not None:
+        device = resolve_device(device)
+        ids, wins, window = make_windows(model_dir, text, eval_windows)
+        if not wins:
+            from offbatch.errors import InputFileError
+
+            raise InputFileError(f"{text_file} is {len(ids):,} tokens long, fewer than one window of {window}: "
+                                 "give a longer --eval-text")
+
+    with _progress(not quiet) as bar:
+        task = bar.add_task(f"converting to {name}", total=None)
+        summary = convert(model_dir, out_dir, name, overwrite=overwrite,
+                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if not quiet:
+        _print_sizes(summary)
+    if wins is None:
+        if not quiet and not no_eval:
+            typer.echo(f"quality not measured: no evaluation text; {HOW_TO_MEASURE}")
+        return
+    with _progress(not quiet) as bar:
+        tasks = {w: bar.add_task(f"scoring {w}", total=len(wins)) for w in ("dense", name)}
+        quality = measure_quality(model_dir, out_dir, wins, name, device, dtype,
+                                  lambda which, done, total: bar.update(tasks[which], completed=done))
+    report = {"source": str(model_dir), "out_dir": str(out_dir), "format": name, "text_file": str(text_file),
+              "text_tokens": len(ids), "bytes": {"source": summary.source_bytes, "converted": summary.bytes},
+              **quality}
+    report["report_file"] = str(write_report(out_dir, report))
+    if not quiet:
+        _print_quality(report)
