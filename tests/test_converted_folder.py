@@ -170,3 +170,66 @@ def test_a_broken_stored_folder_is_one_clear_error(dense, tmp_path, case, match)
     bad = _edit(folder, tmp_path, **edits[case])
     with pytest.raises(ModelFolderError, match=match):
         open_checkpoint(bad)
+
+
+# ---- the commands on formats: run --weights, plan's comparison, inspect ------------------------------------
+
+@pytest.fixture(scope="module")
+def synth_folder(tmp_path_factory):
+    from jobs_support import synth_llama
+
+    return synth_llama(tmp_path_factory.mktemp("cmd") / "m")
+
+
+def test_run_weights_gives_the_reference_tokens_in_that_format_and_its_own_results_key(synth_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from offbatch.cli.main import app
+    from offbatch.engine.reference import ReferenceModel
+    from offbatch.models.tokenizer import load_tokenizer
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"id": i, "prompt": p}) for i, p in
+                                 enumerate(["the cat sat on", "a model reads", "one two three"])) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["run", str(synth_folder), str(prompts), "-o", str(out), "--max-tokens", "4", "--temperature", "0",
+            "--ignore-eos", "--dtype", "float32", "--quiet"]
+    r = CliRunner().invoke(app, [*args, "--weights", "int4"])
+    assert r.exit_code == 0, r.output
+    got = {json.loads(line)["id"]: json.loads(line) for line in out.read_text().splitlines() if line.strip()}
+    tok = load_tokenizer(synth_folder)
+    ref = ReferenceModel.load(synth_folder, dtype="float32", weights="int4")  # decoded at each use
+    ids = [tok.encode(p) for p in ["the cat sat on", "a model reads", "one two three"]]
+    want = ref.greedy(ids, 4)
+    for i, w in enumerate(want):
+        assert got[i]["completion_tokens"] == 4 and got[i]["text"] == tok.decode(w)
+    # The same output without --weights is another job (dense): refused, not mixed in.
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code != 0 and "int4" in again.output
+
+
+def test_plan_shows_a_format_against_dense():
+    from typer.testing import CliRunner
+
+    from offbatch.cli.main import app
+
+    r = CliRunner().invoke(app, ["plan", "--synth", "llama-3-8b", "--hardware", "h200", "--gpu-memory", "8GiB",
+                                 "--weights", "int4", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["plan"]["weights"] == "int4" and rep["stored_as"] == "dense"
+    assert rep["weight_bytes"] < 0.4 * rep["dense"]["weight_bytes"]  # embedding and head stay bf16
+    assert rep["predicted"]["decode_step"]["weight_bytes"] < rep["dense"]["decode_step"]["weight_bytes"]
+
+
+def test_plan_and_inspect_name_the_stored_format(stored):
+    from typer.testing import CliRunner
+
+    from offbatch.cli.main import app
+
+    out, name = stored
+    text = CliRunner().invoke(app, ["plan", str(out), "--hardware", "h200", "--gpu-memory", "1GiB", "--prompt-len", "16",
+                                    "--gen-len", "16"])
+    assert text.exit_code == 0 and f"the folder is stored in {name}" in text.output
+    r = CliRunner().invoke(app, ["inspect", str(out), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["weights"] == name

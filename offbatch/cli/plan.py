@@ -127,6 +127,7 @@ def command(
         report["dense"] = {"weight_bytes": _weight_bytes(spec, cdtype, "dense"), "decode_step": dense["decode_step"],
                            **{k: dense[k] for k in ("decode_tok_s", "e2e_tok_s", "prefill_tok_s")}}
         report["weight_bytes"] = _weight_bytes(spec, cdtype, fmt)
+        report["stored_as"] = _folder_format(model_dir)
     text = json.dumps(report, indent=2)
     if out:
         write_report(open_report(out), text + "\n")
@@ -223,8 +224,11 @@ def print_plan(report: dict, console: Console | None = None) -> None:
         ]:
             c.add_row(name, fmt(a), fmt(b), f"{a / b:.2f}" if b else "-")
         console.print(c)
-        console.print(f"{plan['weights']} is lossy: measure its quality with `offbatch eval-ppl MODEL TEXT --weights "
-                      f"{plan['weights']}` (perplexity and agreement with dense)")
+        if report["stored_as"] == plan["weights"]:
+            console.print(f"the folder is stored in {plan['weights']}; dense: its weights decoded at load")
+        else:
+            console.print(f"{plan['weights']} is lossy: measure its quality with `offbatch eval-ppl MODEL TEXT --weights "
+                          f"{plan['weights']}` (perplexity and agreement with dense)")
     console.print(f"bottleneck: {report['bottleneck']}")
     if plan.get("near_tie"):  # the placement won inside the solver's tie tolerance (planner.solve)
         console.print(f"near-tie: {plan['near_tie']['words']}")
