@@ -28,7 +28,9 @@ from offbatch.tools import texts
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
 # (family, format): every format on Llama, the MoE family (experts in a format) once.
-CASES = [("llama", "int8"), ("llama", "int4"), ("llama", "int4-asym-g32"), ("llama", "nf4"), ("mixtral", "int4")]
+CASES = [("llama", "int8"), ("llama", "int4"), ("llama", "int4-asym-g32"), ("llama", "nf4"), ("mixtral", "int4"),
+         # --skip: experts part dense (run one by one), experts all dense (the dense grouped kernels)
+         ("mixtral", "int4+keep=down,o"), ("mixtral", "int8+keep=experts")]
 PROMPTS = [[3, 5, 7, 9, 11, 13, 2], [4, 8, 15, 16, 23, 42, 1, 2, 3], [99]]
 ENGLISH = ("It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of "
            "boiled cabbage and old rag mats. At one end of it a coloured poster, too large for indoor display, "
@@ -136,6 +138,19 @@ def test_the_engine_on_a_converted_folder_gives_the_reference_tokens(sources, tm
 
 
 # ---- options and bad inputs ----------------------------------------------------------------------
+
+def test_skip_keeps_layers_dense():
+    assert cv.format_name("int4", None, ["down,embed", "o"]) == "int4+keep=down,o"
+    assert cv.format_name("int4", 32, ["head"]) == "int4-g32"  # the head is dense in every format
+    fmt = get_format(cv.format_name("int4-asym", None, ["attn"]))
+    assert not fmt.compresses("q.weight", (64, 64)) and fmt.compresses("experts.1.up.weight", (64, 64))
+    assert fmt.compresses("shared.down.weight", (64, 64)) and not get_format("int4+keep=shared").compresses(
+        "shared.down.weight", (64, 64))
+    with pytest.raises(cv.FormatOptionError, match="--skip takes"):
+        cv.format_name("int4", None, ["lm_head"])
+    r = runner.invoke(app, ["convert", "x", "y", "--weights", "int4", "--skip", "nonsense"])
+    assert r.exit_code == 2 and "--skip" in r.output
+
 
 def test_format_names_and_groups():
     assert cv.format_name("int4") == "int4"

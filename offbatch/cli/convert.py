@@ -17,11 +17,11 @@ HOW_TO_MEASURE = ("give --eval-text FILE (plain English text), or measure it lat
                   "`offbatch eval-ppl MODEL_DIR TEXT_FILE --weights FORMAT`")
 
 
-def _format(weights: str, group: int | None) -> str:
+def _format(weights: str, group: int | None, skip: list[str] | None) -> str:
     from offbatch.tools.convert import FormatOptionError, format_name
 
     try:
-        return format_name(weights, group)
+        return format_name(weights, group, skip)
     except FormatOptionError as e:
         raise typer.BadParameter(str(e), param_hint=e.option) from None
 
@@ -80,6 +80,9 @@ def command(
                                          "int4-g32, int4-asym-g128, nf4, fp4, ...", show_default=False)],
     group: Annotated[Optional[int], typer.Option("--group", min=1, help="Inputs per group for int4 / int4-asym / "
                                                  "int8 (int4 --group 32 is int4-g32).")] = None,
+    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Layers to keep dense, comma-separated or "
+                                                      "repeated: q, k, v, o, gate, up, down, attn, ffn, experts, "
+                                                      "shared (embed, head and router are dense in every format).")] = None,
     eval_text: Annotated[Optional[Path], typer.Option("--eval-text", help="Plain UTF-8 text to measure quality on "
                                                       "(default: $OFFBATCH_EVAL_TEXT, else the text `make setup` "
                                                       "installs).")] = None,
@@ -99,7 +102,7 @@ def command(
     from offbatch.tools.convert import check_paths, check_source, convert, measure_quality, write_report
     from offbatch.tools.convert import eval_windows as make_windows
 
-    name = _format(weights, group)
+    name = _format(weights, group, skip)
     # Everything that can be refused is refused before the work starts: the folders, the text.
     check_source(model_dir)
     check_paths(model_dir, out_dir, overwrite)

@@ -53,8 +53,26 @@ class FormatOptionError(ValueError):
         self.option = option
 
 
-def format_name(weights: str, group: int | None = None) -> str:
-    """The format `--weights W [--group N]` names; FormatOptionError (with the reason) for a bad pair."""
+# --skip names that every format keeps dense already (the embedding, the output head, the router).
+ALWAYS_DENSE = ("embed", "head", "router")
+
+
+def format_name(weights: str, group: int | None = None, skip: list[str] | None = None) -> str:
+    """The format `--weights W [--group N] [--skip a,b]` names; FormatOptionError (with the reason) for a bad
+    combination. --skip keeps those layers dense (formats/keep.py); embed, head and router are dense anyway."""
+    name = _grouped_name(weights, group)
+    keep = sorted({n.strip() for s in skip or () for n in s.split(",") if n.strip()} - set(ALWAYS_DENSE))
+    if not keep:
+        return name
+    from offbatch.formats.keep import NAMES, keep_name
+
+    unknown = [n for n in keep if n not in NAMES]
+    if unknown:
+        raise FormatOptionError("--skip", f"{', '.join(unknown)}: --skip takes {', '.join((*NAMES, *ALWAYS_DENSE))}")
+    return keep_name(name, keep)
+
+
+def _grouped_name(weights: str, group: int | None) -> str:
     if group is not None:
         if weights not in GROUPED_FORMATS:
             named = re.fullmatch(r"(int4(-asym)?|int8)-g\d+", weights) is not None
