@@ -284,7 +284,8 @@ def test_bad_input_is_rejected_before_launch(module, name):
 
 
 def test_should_fuse_takes_few_rows_only():
-    assert qt.should_fuse(1, 14336, 4096) and qt.should_fuse(64, 4096, 14336)
+    assert qt.should_fuse(1, 14336, 4096) and qt.should_fuse(32, 4096, 14336)  # the H200's crossover
+    assert not qt.should_fuse(64, 4096, 14336)
     assert not qt.should_fuse(4096, 14336, 4096)
 
 

@@ -148,9 +148,11 @@ def test_plan_and_bench_pack_the_weights_in_the_format_asked():
              "--num-prompts", "1024", "--prompt-len", "256", "--gen-len", "64"]
     dense, int4 = plan_json(*shape), plan_json(*shape, "--weights", "int4")
     assert dense["plan"]["weights"] == "dense" and int4["plan"]["weights"] == "int4"
-    # The planner sized the modules as the format stores them: about a quarter of bf16's bytes stream.
+    # The planner sized the modules as the format stores them (embedding and head stay bf16), and fewer bytes
+    # stream per step (how many fewer is the plan's choice: with the expansion priced, it keeps more KV).
+    assert int4["weight_bytes"] < int4["dense"]["weight_bytes"] / 3.5
     streamed = lambda rep: rep["predicted"]["decode_step"]["weight_bytes"]  # noqa: E731
-    assert 0 < streamed(int4) < streamed(dense) / 3.5
+    assert 0 < streamed(int4) < streamed(dense) / 3
     common = ["--synth", "mixtral", "--gen-len", "3", "--prompts", "4", "--prompt-len", "6", "--device", "cpu"]
     r = runner.invoke(app, ["bench", *common, "--weights", "int4", "--json"])
     assert r.exit_code == 0, r.output
