@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_factory import save_hf_model
+from hf_factory import FAMILIES, save_hf_model
 from offbatch.errors import ModelFolderError, OffbatchError
 from offbatch.formats import get_format
 from offbatch.models.catalogue import local_name, module_of
@@ -233,3 +233,24 @@ def test_plan_and_inspect_name_the_stored_format(stored):
     assert text.exit_code == 0 and f"the folder is stored in {name}" in text.output
     r = CliRunner().invoke(app, ["inspect", str(out), "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["weights"] == name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_stored_in_int4_runs_the_reference_tokens(family, tmp_path):
+    """A folder stored in int4-asym (by the contract): the streaming engine, weights streamed, gives the
+    reference forward's greedy tokens on the same folder."""
+    from offbatch.engine.api import GenRequest, SamplingParams
+    from offbatch.engine.build import engine_for_folder
+    from offbatch.engine.reference import ReferenceModel
+
+    src, out = tmp_path / "src", tmp_path / "int4"
+    save_hf_model(family, src)
+    write_stored(src, out, "int4-asym")
+    ref = ReferenceModel.load(out, dtype="float32")
+    assert any(k.endswith(".q4") for k in ref.modules[(0, "attn")])
+    expected = ref.greedy(PROMPTS, 3)
+    eng = engine_for_folder(out, device="cpu", dtype="float32", num_requests=len(PROMPTS), max_len=32,
+                            max_resident_bytes=0)
+    reqs = [GenRequest(i, p, SamplingParams(max_tokens=3, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+    outs = {o.key: o.token_ids for o in eng.generate(reqs)}
+    assert [outs[i] for i in range(len(PROMPTS))] == expected
