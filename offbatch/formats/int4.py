@@ -117,7 +117,8 @@ class Int4Format(WeightFormat):
         a fused dequant-GEMM for few rows, else the weight expanded into a scratch and cuBLAS."""
         from offbatch import kernels
 
-        q4, scale, low, bias = w[f"{name}.weight.q4"], w[f"{name}.weight.scale"], w.get(f"{name}.weight.min"), w.get(f"{name}.bias")
+        q4, scale, low = w[f"{name}.weight.q4"], w[f"{name}.weight.scale"], w.get(f"{name}.weight.min")
+        bias = w.get(f"{name}.bias")
         if kernels.should_fuse(x.numel() // x.shape[-1], q4.shape[0], x.shape[-1]):
             return kernels.int4_linear(x, q4, scale, low, self.group, bias)
         return F.linear(x, kernels.dequant_int4(q4, scale, low, self.group, x.shape[-1], x.dtype), bias)

@@ -48,7 +48,9 @@ class KeepDense(WeightFormat):
         return self.inner.compresses(local, shape) and not self.kept(local)
 
     def stored(self, local, shape, dtype):
-        return self.inner.stored(local, shape, dtype) if self.compresses(local, shape) else super().stored(local, shape, dtype)
+        if self.compresses(local, shape):
+            return self.inner.stored(local, shape, dtype)
+        return super().stored(local, shape, dtype)
 
     def encode(self, local, tensor, dtype):
         if self.compresses(local, tuple(tensor.shape)):

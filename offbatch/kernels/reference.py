@@ -135,9 +135,6 @@ def grouped_swiglu(
 
 # The quantized-weight twins (quant_reference.py), so that this module stands for every kernel where the
 # engine runs the twins (the CPU); imported last: quant_reference reads this module's GEMM_DTYPES.
-from offbatch.kernels.quant_reference import (  # noqa: E402
+from offbatch.kernels.quant_reference import (  # noqa: E402,F401
     dequant_int4, dequant_int8, grouped_gemm_int4, grouped_gemm_int8, grouped_swiglu_int4, grouped_swiglu_int8,
     int4_linear, int8_linear)
-
-__all__ = ["dequant_int4", "dequant_int8", "grouped_gemm_int4", "grouped_gemm_int8", "grouped_swiglu_int4",
-           "grouped_swiglu_int8", "int4_linear", "int8_linear"]

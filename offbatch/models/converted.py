@@ -43,10 +43,11 @@ def folder_format(config: dict) -> WeightFormat:
         raise ModelFolderError("config.json's quantization_config is not an object")
     method = qc.get("quant_method")
     if method != QUANT_METHOD:
+        what = "a GPTQ/AWQ/bitsandbytes checkpoint" if method else "unknown"
         raise ModelFolderError(
-            f"config.json's quantization_config is for {method!r} ({'a GPTQ/AWQ/bitsandbytes checkpoint' if method else 'unknown'}), "
-            "which offbatch does not read; give the unquantized model (and `--weights` or `offbatch convert` "
-            "to compress it), or a folder written by `offbatch convert`")
+            f"config.json's quantization_config is for {method!r} ({what}), which offbatch does not read; give the "
+            "unquantized model (and `--weights` or `offbatch convert` to compress it), or a folder written by "
+            "`offbatch convert`")
     name = qc.get("format")
     try:
         return get_format(name) if isinstance(name, str) else get_format("?")
