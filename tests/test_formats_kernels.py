@@ -117,3 +117,33 @@ def test_grouped_experts_on_both_paths_equal_the_dense_twin(name, rows):
     assert torch.allclose(h, want_h, rtol=1e-5, atol=1e-6)
     y = fmt.grouped_gemm(reference, h, stacks, offsets, slots)
     assert torch.allclose(y, reference.grouped_gemm(h, dense["down.weight"], offsets, slots), rtol=1e-5, atol=1e-6)
+
+
+def test_the_planner_prices_expanding_a_compressed_format_past_the_fused_rows():
+    """The same residency and knobs in bf16 and int4: int4's decode step carries the expansion of every
+    module it uses (stored bytes read + dense written, at the fitted rate), and none when the wave is small
+    enough for the fused kernel."""
+    import dataclasses
+
+    from offbatch.planner.cost import EXPAND_EFFICIENCY, StepModel, expansion_bytes
+    from offbatch.planner.memory import Knobs
+    from offbatch.planner.residency import residency_of
+    from offbatch.planner.shape import shape_from_spec
+    from offbatch.planner.solve import resolve_hardware
+    from offbatch.models.spec import spec_from_config
+    from offbatch.tools.synth import synth_config
+
+    spec = spec_from_config(synth_config("llama-3-8b", layers=2))
+    hw = resolve_hardware("h200", "cuda")
+    hw = dataclasses.replace(hw, host=dataclasses.replace(hw.host, launch_s=0.0))  # compute, not launches
+    shapes = {n: shape_from_spec(spec, torch.bfloat16, get_format(n)) for n in ("dense", "int4")}
+    gpu = {}
+    for wave in (16, 512):
+        knobs = Knobs(wave, 64, 4096, wave, "device-kv")
+        for name, shape in shapes.items():
+            model = StepModel(shape, hw, knobs, residency_of(shape, set(shape.nbytes), {}), 128)
+            gpu[name, wave] = model.step(wave, 0, 64, 96, 128).gpu_s
+    per_layer = expansion_bytes(shapes["int4"])
+    want = spec.num_layers * (per_layer["attn"] + per_layer["ffn"]) / (hw.mem_bytes_s * EXPAND_EFFICIENCY)
+    assert gpu["int4", 512] - gpu["dense", 512] == pytest.approx(want, rel=1e-6)
+    assert gpu["int4", 16] == pytest.approx(gpu["dense", 16], rel=1e-9)  # 16 rows: the fused kernel
