@@ -276,3 +276,20 @@ def test_the_default_text_is_found_where_make_setup_puts_it(tmp_path, monkeypatc
     monkeypatch.setenv(texts.ENV_VAR, str(tmp_path / "mine.txt"))
     assert texts.default_eval_text() == tmp_path / "mine.txt"
     assert os.environ[texts.ENV_VAR] == str(tmp_path / "mine.txt")
+
+
+def test_a_model_too_large_to_score_on_the_device_keeps_its_folder(synth, tmp_path, monkeypatch):
+    """The quality step holds the whole model on one device; when that runs out of memory the converted
+    folder stays, and the command says how to measure it instead (exit 0: the conversion succeeded)."""
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(cv, "measure_quality", out_of_memory)
+    text = tmp_path / "english.txt"
+    text.write_text(ENGLISH * 12)
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["convert", str(synth), str(out), "--weights", "int8", "--eval-text", str(text),
+                            "--eval-windows", "1"])
+    assert r.exit_code == 0, r.output
+    assert "quality not measured" in r.output and "--device cpu" in r.output
+    assert open_checkpoint(out).format is get_format("int8")

@@ -127,10 +127,19 @@ def command(
         if not quiet and not no_eval:
             typer.echo(f"quality not measured: no evaluation text; {HOW_TO_MEASURE}")
         return
-    with _progress(not quiet) as bar:
-        tasks = {w: bar.add_task(f"scoring {w}", total=len(wins)) for w in ("dense", name)}
-        quality = measure_quality(model_dir, out_dir, wins, name, device, dtype,
-                                  lambda which, done, total: bar.update(tasks[which], completed=done))
+    import torch
+
+    try:
+        with _progress(not quiet) as bar:
+            tasks = {w: bar.add_task(f"scoring {w}", total=len(wins)) for w in ("dense", name)}
+            quality = measure_quality(model_dir, out_dir, wins, name, device, dtype,
+                                      lambda which, done, total: bar.update(tasks[which], completed=done))
+    except torch.OutOfMemoryError:
+        # The folder is written; only the measurement (the whole model on one device) did not fit.
+        typer.echo(f"quality not measured: the model does not fit in {device}'s memory for the reference forward; "
+                   f"{out_dir} is written. Measure it with --device cpu: `offbatch eval-ppl {model_dir} TEXT "
+                   f"--weights {name} --device cpu`", err=True)
+        raise typer.Exit(0) from None
     report = {"source": str(model_dir), "out_dir": str(out_dir), "format": name, "text_file": str(text_file),
               "text_tokens": len(ids), "bytes": {"source": summary.source_bytes, "converted": summary.bytes},
               **quality}
