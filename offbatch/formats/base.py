@@ -136,6 +136,13 @@ class WeightFormat:
     def linear(self, x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
         return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
+    def dequantize(self, w: Mapping[str, torch.Tensor], local: str, dtype: torch.dtype,
+                   in_features: int | None = None) -> torch.Tensor:
+        """The torch twin: the compressed weight `local` ("q.weight") decoded from its stored tensors into
+        `dtype`, its first in_features inputs (a format may pad them). `linear` equals F.linear over it;
+        a folder stored in the format is read through it as logical tensors (loader.Checkpoint.get)."""
+        raise NotImplementedError(f"the {self.name} format stores no compressed weights")
+
     # ---- MoE experts through the grouped kernels (offbatch/ffn/moe_grouped.py) ------------------------
     # A bank is a uint8 buffer [rows, row_bytes] holding one expert module per row, all with one layout;
     # the grouped kernels take a chunk of experts as one [rows, N, K] stack per weight and a row per group.
