@@ -118,7 +118,7 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
         if budget is None and dev.type == "cuda":  # no cap given: plan for what is free now
             budget = torch.cuda.mem_get_info(dev.index if dev.index is not None else torch.cuda.current_device())[0]
         plan = make_plan(spec, dtype, str(dev), budget, workload, hardware=hardware, cpu_memory=cpu_memory,
-                         shape=shape, **plan_options)
+                         shape=shape, disk_tier=getattr(source, "ckpt", None) is not None, **plan_options)
     elif plan_options:
         raise TypeError(f"options {sorted(plan_options)} cannot be combined with a pinned plan")
     if plan_overrides:  # experiments and tests: pin fields of the chosen plan

@@ -47,7 +47,7 @@ from offbatch.models.spec import ModelSpec
 from offbatch.planner.cost import JobTime, StepModel, StepTime, admits_per_step, job_time
 from offbatch.planner.hardware import Hardware
 from offbatch.planner.memory import (SAFETY, STAGING_BUFFERS, HostTier, Knobs, choose_disk, device_transient_bytes,
-                                     WeightTotals, host_floor, host_tier,
+                                     WeightTotals, host_bytes, host_floor, host_tier,
                                      kv_slot_bytes)
 from offbatch.plan import Plan
 from offbatch.planner.residency import RESIDENCY_ORDERS, Residency, ResidencyChooser, residency_of
@@ -84,8 +84,11 @@ class Evaluation:
 class Solver:
     def __init__(self, shape: ModelShape, hw: Hardware, workload: Workload, device: str,
                  gpu_budget: int | None, host_budget: int | None, max_wave: int = MAX_WAVE,
-                 max_resident_bytes: int | None = None, pins: dict | None = None):
+                 max_resident_bytes: int | None = None, pins: dict | None = None, disk_tier: bool = True):
+        """disk_tier: whether weights may stay in the model folder (not for synthetic weights, which have
+        none: then every plan holds all of them in host memory, and the wave is what gives way)."""
         self.shape, self.hw, self.wl, self.device = shape, hw, workload, device
+        self.disk_tier = disk_tier
         self.cuda = torch.device(device).type == "cuda"
         self.gpu_budget = gpu_budget
         self.usable = int(gpu_budget * SAFETY) if gpu_budget is not None else None
@@ -159,9 +162,15 @@ class Solver:
     def fits(self, knobs: Knobs) -> bool:
         if self.usable is not None and self.device_need(knobs) > self.usable:
             return False
-        # The host side fits when KV, runtime, embedding and staging do: weights can stay on disk.
-        floor = host_floor(self.shape, knobs, self.max_len, self.cuda, self.totals)
-        return self.host_budget is None or floor <= self.host_budget
+        # The host side fits when KV, runtime, embedding and staging do: weights can stay on disk (where
+        # there is one; else every weight is in host memory).
+        return self.host_budget is None or self.host_need(knobs) <= self.host_budget
+
+    def host_need(self, knobs: Knobs) -> int:
+        """The least host memory these knobs need: with the weights it can spare on disk, or all of them."""
+        if self.disk_tier:
+            return host_floor(self.shape, knobs, self.max_len, self.cuda, self.totals)
+        return sum(host_bytes(self.shape, knobs, self.max_len, self.cuda, weights=self.totals.all_weights).values())
 
     def host_split(self, knobs: Knobs, res: Residency) -> HostTier | None:
         if self.host_budget is None:
@@ -317,9 +326,16 @@ class Solver:
 
     def budget_error(self) -> BudgetError:
         options = [self.minimum_knobs(name) for name in self.backends()]
-        floor = lambda k: host_floor(self.shape, k, self.max_len, self.cuda, self.totals)  # noqa: E731
+        floor = self.host_need
         if self.host_budget is not None and all(floor(k) > self.host_budget for k in options):
             k = min(options, key=floor)
+            if not self.disk_tier:
+                return BudgetError(
+                    f"--cpu-memory {format_bytes(self.host_budget)} is too small for this model: synthetic weights "
+                    f"have no disk tier, so all {format_bytes(self.totals.all_weights)} of them must be in host "
+                    f"memory with one sequence's KV and the runtime ({format_bytes(floor(k))}); give more "
+                    "--cpu-memory, or write the model with `offbatch synth` and give its folder (whose weights can "
+                    "stay on disk)")
             return BudgetError(
                 f"--cpu-memory {format_bytes(self.host_budget)} is too small for this model: even with its weights "
                 f"read from disk it needs {format_bytes(floor(k))} of host memory (the embedding table, "
@@ -502,10 +518,11 @@ def refuse_caps(whose: str, gpu_total: int, host_total: int, gpu_name: str, devi
 def make_plan(spec: ModelSpec, dtype: torch.dtype, device: str, gpu_memory: int | None, workload: Workload,
               hardware: Hardware | str | None = None, cpu_memory: int | None = None, max_wave: int = MAX_WAVE,
               max_resident_bytes: int | None = None, shape: ModelShape | None = None, weights: str = "dense",
-              **pins) -> Plan:
+              disk_tier: bool = True, **pins) -> Plan:
     """The solver's plan for a job. `pins` fix knobs (wave_size, prefill_tokens, ffn_micro_tokens,
     attn_micro_batch, attention, residency_order); the rest is chosen. weights: the weight format the
-    model is stored in (its module sizes are what the plan places and streams)."""
+    model is stored in (its module sizes are what the plan places and streams). disk_tier: whether
+    weights may be left in the model folder (False for synthetic weights)."""
     hw = resolve_hardware(hardware, device)
     check_caps(hw, device, gpu_memory, cpu_memory)
     if shape is not None and shape.weights != weights:
@@ -516,7 +533,7 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, device: str, gpu_memory: int 
     if torch.device(device).type == "cuda" and gpu_memory is None:
         gpu_memory = hw.gpu_memory_bytes
     host = cpu_memory if cpu_memory is not None else int(HOST_SHARE * hw.host.memory_bytes)
-    solver = Solver(shape, hw, workload, device, gpu_memory, host, max_wave, max_resident_bytes, pins)
+    solver = Solver(shape, hw, workload, device, gpu_memory, host, max_wave, max_resident_bytes, pins, disk_tier)
     return to_plan(solver.solve(), solver)
 
 
