@@ -268,10 +268,23 @@ def test_sigint_before_the_model_loads(model, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     writer = _wait_for_reader(fifo, proc)
     try:
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        # The FIFO opened is the moment to send it, but the process may be between open() returning and
+        # read() starting: a signal landing in that C code is handled only when the read returns, which it
+        # never does here. So it is sent again until the process ends (each time before the model loads).
+        err = None
+        for _ in range(12):
+            proc.send_signal(signal.SIGINT)
+            try:
+                _, err = proc.communicate(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        assert err is not None, "SIGINT never stopped the run"
     finally:
         os.close(writer)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == EXIT_INTERRUPTED, err
     assert err.strip().splitlines()[-1] == "offbatch: interrupted" and "Traceback" not in err
     assert not out.exists()
