@@ -1,5 +1,6 @@
 """Weight formats (base.py: the interface, the packing rule and the registry; one file per format:
-dense.py, int8.py, int4.py, bnb4.py: nf4/fp4 through bitsandbytes; keep.py: some layers kept dense)."""
+dense.py, int8.py, int4.py (quantized.py: what they share, computing through offbatch.kernels), bnb4.py:
+nf4/fp4 through bitsandbytes; keep.py: some layers kept dense)."""
 
 from offbatch.formats.base import (FORMATS, Item, Layout, ModuleWeights, WeightFormat, format_names, get_format,
                                    known_format, pack, register_family, register_format)

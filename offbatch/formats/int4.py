@@ -22,10 +22,9 @@ import re
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 
-from offbatch.formats.base import WeightFormat, register_family, register_format
-from offbatch.kernels import FUSE_MAX_ROWS
+from offbatch.formats.base import register_family, register_format
+from offbatch.formats.quantized import KernelFormat
 from offbatch.formats.int8 import quantizable, safe
 
 DEFAULT_GROUP = 64
@@ -41,10 +40,9 @@ def unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
     return torch.stack((b & 15, b >> 4), dim=-1).reshape(b.shape[0], -1)
 
 
-class Int4Format(WeightFormat):
+class Int4Format(KernelFormat):
     scale_dtype = torch.float16  # 2 bytes per group of `group` / 2 bytes: ~1/3.8 of bf16 at group 64
-    expands = True
-    fused_rows = FUSE_MAX_ROWS  # few rows: the fused dequant-GEMM; more: expanded + the dense GEMM
+    values = ".q4"
 
     def __init__(self, group: int = DEFAULT_GROUP, asymmetric: bool = False, name: str | None = None):
         if group <= 0 or group % 2:
@@ -105,44 +103,20 @@ class Int4Format(WeightFormat):
             t = (q - 8) * scale[..., None]
         return t.view(n, g * self.group)[:, :in_features].to(dtype)
 
-    def linear(self, x, w, name):
-        if f"{name}.weight.q4" not in w:
-            return super().linear(x, w, name)
-        if x.is_cuda:
-            return self.kernel_linear(x, w, name)
-        return F.linear(x, self.dequantize(w, f"{name}.weight", x.dtype, x.shape[-1]), w.get(f"{name}.bias"))
+    # ---- computing through offbatch.kernels (formats/quantized.py) --------------------------------------
+    def weight(self, tensors, weight):
+        return tensors[f"{weight}.q4"], tensors[f"{weight}.scale"], tensors.get(f"{weight}.min")
 
-    def kernel_linear(self, x, w, name):
-        """linear through offbatch.kernels (Triton on the GPU; the interpreter or the twins elsewhere):
-        a fused dequant-GEMM for few rows, else the weight expanded into a scratch and cuBLAS."""
-        from offbatch import kernels
+    def fused_linear(self, kernels, x, weight, bias):
+        return kernels.int4_linear(x, *weight, self.group, bias)
 
-        q4, scale, low = w[f"{name}.weight.q4"], w[f"{name}.weight.scale"], w.get(f"{name}.weight.min")
-        bias = w.get(f"{name}.bias")
-        if kernels.should_fuse(x.numel() // x.shape[-1], q4.shape[0], x.shape[-1]):
-            return kernels.int4_linear(x, q4, scale, low, self.group, bias)
-        return F.linear(x, kernels.dequant_int4(q4, scale, low, self.group, x.shape[-1], x.dtype), bias)
+    def expand(self, kernels, weight, k, dtype):
+        return kernels.dequant_int4(*weight, self.group, k, dtype)
 
-    # MoE experts: the grouped kernels take each weight's stored tensors as [experts, ...] stacks.
-    grouped_experts = True
-
-    def _stack(self, stacks, weight):
-        return (stacks[f"{weight}.q4"], stacks[f"{weight}.scale"], stacks.get(f"{weight}.min"))
-
-    def grouped_swiglu(self, kernels, x, stacks, offsets, slots):
-        if x.shape[0] > FUSE_MAX_ROWS * slots.numel():  # rows per expert, on average
-            return self.grouped_expanded(kernels, x, stacks, offsets, slots, ("gate.weight", "up.weight"))
-        return kernels.grouped_swiglu_int4(x, self._stack(stacks, "gate.weight"), self._stack(stacks, "up.weight"),
-                                           offsets, slots, self.group)
-
-    def grouped_gemm(self, kernels, a, stacks, offsets, slots):
-        if a.shape[0] > FUSE_MAX_ROWS * slots.numel():
-            return self.grouped_expanded(kernels, a, stacks, offsets, slots, ("down.weight",))
-        return kernels.grouped_gemm_int4(a, self._stack(stacks, "down.weight"), offsets, slots, self.group)
-
-    def expand_stack(self, kernels, stacks, weight, rows, k, dtype):
-        q4, scale, low = self._stack(stacks, weight)
-        return kernels.dequant_int4(q4[rows], scale[rows], None if low is None else low[rows], self.group, k, dtype)
+    def fused_grouped(self, kernels, x, weights, offsets, slots):
+        if len(weights) == 2:
+            return kernels.grouped_swiglu_int4(x, *weights, offsets, slots, self.group)
+        return kernels.grouped_gemm_int4(x, weights[0], offsets, slots, self.group)
 
 
 def parse_int4(name: str) -> Int4Format | None:

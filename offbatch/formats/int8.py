@@ -24,10 +24,9 @@ import re
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 
-from offbatch.formats.base import WeightFormat, register_family, register_format
-from offbatch.kernels import FUSE_MAX_ROWS
+from offbatch.formats.base import register_family, register_format
+from offbatch.formats.quantized import KernelFormat
 
 KEEP_DENSE = ("router", "shared_gate")  # linear layers whose weights are never quantized
 
@@ -44,10 +43,9 @@ def safe(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-class Int8Format(WeightFormat):
+class Int8Format(KernelFormat):
     qmax = 127
-    expands = True
-    fused_rows = FUSE_MAX_ROWS  # few rows: the fused dequant-GEMM; more: expanded + the dense GEMM
+    values = ".q8"
 
     def __init__(self, group: int | None = None):
         """group None: a float32 scale per row (4 bytes per row of K bytes: free, and no rounding of the
@@ -97,37 +95,20 @@ class Int8Format(WeightFormat):
         t = q.float().view(n, scale.shape[1], -1) * scale[..., None]
         return t.view(n, kp)[:, :in_features].to(dtype)
 
-    def linear(self, x, w, name):
-        if f"{name}.weight.q8" not in w:
-            return super().linear(x, w, name)
-        if x.is_cuda:
-            return self.kernel_linear(x, w, name)
-        return F.linear(x, self.dequantize(w, f"{name}.weight", x.dtype, x.shape[-1]), w.get(f"{name}.bias"))
+    # ---- computing through offbatch.kernels (formats/quantized.py) --------------------------------------
+    def weight(self, tensors, weight):
+        return tensors[f"{weight}.q8"], tensors[f"{weight}.scale"], None
 
-    def kernel_linear(self, x, w, name):
-        """linear through offbatch.kernels (as int4's: fused for few rows, else expanded + cuBLAS)."""
-        from offbatch import kernels
+    def fused_linear(self, kernels, x, weight, bias):
+        return kernels.int8_linear(x, *weight[:2], bias)
 
-        q8, scale, bias = w[f"{name}.weight.q8"], w[f"{name}.weight.scale"], w.get(f"{name}.bias")
-        if kernels.should_fuse(x.numel() // x.shape[-1], q8.shape[0], x.shape[-1]):
-            return kernels.int8_linear(x, q8, scale, bias)
-        return F.linear(x, kernels.dequant_int8(q8, scale, x.dtype, k=x.shape[-1]), bias)
+    def expand(self, kernels, weight, k, dtype):
+        return kernels.dequant_int8(*weight[:2], dtype, k=k)
 
-    grouped_experts = True
-
-    def grouped_swiglu(self, kernels, x, stacks, offsets, slots):
-        if x.shape[0] > FUSE_MAX_ROWS * slots.numel():  # rows per expert, on average
-            return self.grouped_expanded(kernels, x, stacks, offsets, slots, ("gate.weight", "up.weight"))
-        return kernels.grouped_swiglu_int8(x, (stacks["gate.weight.q8"], stacks["gate.weight.scale"], None),
-                                           (stacks["up.weight.q8"], stacks["up.weight.scale"], None), offsets, slots)
-
-    def grouped_gemm(self, kernels, a, stacks, offsets, slots):
-        if a.shape[0] > FUSE_MAX_ROWS * slots.numel():
-            return self.grouped_expanded(kernels, a, stacks, offsets, slots, ("down.weight",))
-        return kernels.grouped_gemm_int8(a, (stacks["down.weight.q8"], stacks["down.weight.scale"], None), offsets, slots)
-
-    def expand_stack(self, kernels, stacks, weight, rows, k, dtype):
-        return kernels.dequant_int8(stacks[f"{weight}.q8"][rows], stacks[f"{weight}.scale"][rows], dtype, k=k)
+    def fused_grouped(self, kernels, x, weights, offsets, slots):
+        if len(weights) == 2:
+            return kernels.grouped_swiglu_int8(x, *weights, offsets, slots)
+        return kernels.grouped_gemm_int8(x, weights[0], offsets, slots)
 
 
 def parse_int8(name: str) -> Int8Format | None:
