@@ -42,6 +42,24 @@ for part in "$@"; do
              tests/test_formats_int.py tests/test_converted_folder.py -rfE --tb=short 2>&1 | tail -40 \
              || { echo "=== format GPU tests failed: stopping"; exit 1; }
            set +o pipefail ;;
+    profile-llama-int4) # Where Llama-3-8B's int4 decode step goes (issue 14: 1.53x bf16 against 2x): every weight
+           # resident (40 GiB), a small wave, int4 against bf16; the tables go to $OUT/profile-*.txt.
+           for w in dense int4; do
+             timeout 150 python scripts/profile_format.py --synth llama-3-8b --layers 8 --weights $w --gpu-memory 40GiB \
+               --prompts ${PROFILE_PROMPTS:-96} --prompt-len 64 --gen-len 16 --top 40 --out "$OUT/profile-llama-$w.txt" > "$OUT/profile-llama-$w.log" 2>&1; head -4 "$OUT/profile-llama-$w.log"
+           done ;;
+    sdpa-shapes) timeout 120 python scripts/bench_sdpa_shapes.py 2>&1 | tail -5 ;;
+    llama-int4-cudnn) # issue 14's Llama job, bf16 and int4, then int4 again with cuDNN's SDPA allowed (A/B).
+           job="--synth llama-3-8b --gpu-memory 8GiB --prompts 1024 --prompt-len 64 --gen-len 32"
+           for w in dense int4 int4-cudnn; do
+             env $([ $w = int4-cudnn ] && echo OFFBATCH_SDPA_CUDNN=1) timeout 200 python -m offbatch.cli.main bench $job \
+               --weights ${w%-cudnn} --json --out "$OUT/llama-$w.json" > /dev/null 2>"$OUT/llama-$w.err"
+             python -c "import json,sys; r=json.load(open(sys.argv[1])); p=r['plan']; print(sys.argv[2], p['attention'], 'wave', p['wave_size'], 'decode', round(r['decode_tok_s']), 'e2e', round(r['e2e_tok_s']), 'prefill', round(r['prefill_tok_s']), 'floor', round(r['decode_floor_tok_s']), 'pred', round(p['predicted']['decode_tok_s']))" "$OUT/llama-$w.json" $w || tail -3 "$OUT/llama-$w.err"
+           done ;;
+    grid-llama-int4) # Measured waves and placements for Llama-3-8B int4 at 8 GiB, 1024 x 64 + 32.
+           timeout ${GRID_TIMEOUT:-300} python scripts/plan_grid.py --synth llama-3-8b --gpu-memory 8GiB --weights int4 \
+             --placements gpu,host-gpu --micro-batches 256 --prompts 1024 --prompt-len 64 --gen-len 32 \
+             --budget-s ${GRID_BUDGET:-220} --out "$OUT/grid-llama-int4.json" 2>&1 | grep -v "^ " | tail -30 ;;
     quant-kernels) timeout 120 python scripts/bench_quant_kernels.py 2>&1 | tail -40 ;;
     # One shape in several formats, side by side (FORMATS="dense int4 nf4"; the first is the baseline).
     formats-mixtral|formats-llama|formats-mixtral-std|formats-llama-std|formats-mixtral-full)

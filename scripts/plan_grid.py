@@ -58,6 +58,7 @@ def parse_args():
     p.add_argument("--budget-s", type=float, default=540.0, help="start no new run after this many seconds (per cap)")
     p.add_argument("--order-point", action="store_true", help="measure the chosen plan's knobs with the other "
                    "residency order too (layer for spread, spread for layer), right after it: see planner/residency.py")
+    p.add_argument("--weights", default="dense", help="weight format the model is packed in (int4, nf4, ...)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None)
     return p.parse_args()
@@ -80,7 +81,10 @@ def main():
     cpu_cap = parse_bytes(args.cpu_memory) if args.cpu_memory else None
     hw = resolve_hardware(args.hardware, args.device, args.model_dir)
     workload = Workload.uniform(args.prompts, args.prompt_len, args.gen_len)
-    store = WeightStore(source, dtype, pin=args.device.startswith("cuda"))
+    from offbatch.formats import get_format
+
+    store = WeightStore(source, dtype, pin=args.device.startswith("cuda"), fmt=get_format(args.weights),
+                        encode_on=args.device)
     shape = shape_from_store(store)
     print(f"packed {store.total_bytes / 2**30:.1f} GiB in {time.perf_counter() - t_start:.0f} s; planning for "
           f"{hw.name}", flush=True)
@@ -107,7 +111,8 @@ def measure(args, source, store, shape, hw, workload, cap_text, cpu_cap, out, wa
     print(f"=== --gpu-memory {cap_text}", flush=True)
 
     def plan_for(**pins):
-        return make_plan(spec, dtype, args.device, cap, workload, hardware=hw, cpu_memory=cpu_cap, shape=shape, **pins)
+        return make_plan(spec, dtype, args.device, cap, workload, hardware=hw, cpu_memory=cpu_cap, shape=shape,
+                         weights=args.weights, disk_tier=not args.synth, **pins)
 
     chosen = plan_for()
     points = [("chosen", chosen)]

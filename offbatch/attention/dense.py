@@ -6,8 +6,25 @@ for its whole group (decode with GQA is a [rep, d] x [d, L] product per KV head,
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# cuDNN's fused attention, torch's first choice for a boolean mask on an H100/H200, builds an execution
+# plan for every new shape, and decode meets a new context length at every step: the first run through
+# a job's lengths paid for it on most calls (a decode step at 150 ms against 26 ms once the plans were
+# built, BENCHMARKS.md). The memory-efficient kernel takes the same masks with no per-shape plan.
+# OFFBATCH_SDPA_CUDNN=1 allows cuDNN again (to measure the difference).
+SDPA_BACKENDS = ([SDPBackend.CUDNN_ATTENTION] if os.environ.get("OFFBATCH_SDPA_CUDNN") == "1" else []) + [
+    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """F.scaled_dot_product_attention restricted to SDPA_BACKENDS."""
+    with sdpa_kernel(SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
@@ -24,7 +41,7 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
     mask = (kpos[None, None, :] <= qp[:, :, None]) & (kpos[None, None, :] < k_len[:, None, None])
     if window:
         mask &= kpos[None, None, :] > qp[:, :, None] - window
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None])
+    out = sdpa(qg, k, v, mask[:, None])
     return out.reshape(b, nh, t, d)
 
 
