@@ -37,6 +37,7 @@ class Plan:
     attention: str = "device-kv"  # the attention backend (offbatch.attention): where KV lives, where decode attends
     weights: str = "dense"  # the weight format (offbatch.formats)
     kv_format: str = "dense"  # how K/V are stored (offload.kv)
+    hgca: str = ""  # with the "hgca" attention backend: its setting ("sinks=4,window=256,top_k=128")
     moe_ffn: str = ""  # the FFN backend of MoE layers (offbatch.ffn); "" for a dense model (or: chosen at run time)
     budget_bytes: int | None = None
     memory: dict[str, int] = field(default_factory=dict)  # device bytes by use
@@ -60,7 +61,7 @@ class Plan:
             "attn_micro_batch": self.attn_micro_batch, "ffn_micro_tokens": self.ffn_micro_tokens,
             "slots": self.slots, "resident_modules": len(self.resident), "budget_bytes": self.budget_bytes,
             "memory": self.memory, "attention": self.attention, "weights": self.weights, "kv_format": self.kv_format,
-            "moe_ffn": self.moe_ffn,
+            "hgca": self.hgca, "moe_ffn": self.moe_ffn,
             "host_memory": self.host_memory, "hardware": self.hardware, "chosen_by": self.chosen_by,
             "disk_modules": len(self.disk), "staging_buffers": self.staging_buffers, "predicted": self.predicted,
             "residency_order": self.residency_order, "near_tie": self.near_tie,
@@ -73,6 +74,10 @@ class Plan:
         gpu = "GPU" if self.device.startswith("cuda") else "compute device (CPU)"
         backend = ATTENTION_BACKENDS.get(self.attention)
         kv = backend.summary_words(gpu) if backend is not None else f"attention {self.attention}"
+        if self.kv_format != "dense":
+            kv += f", {self.kv_format} KV"
+        if self.hgca:
+            kv += f" ({self.hgca})"
         mem = self.memory or {}
         parts = [f"plan ({'from file' if self.chosen_by == 'file' else self.chosen_by}): {kv}, wave {self.wave_size}, "
                  f"prefill {self.prefill_tokens} tok/step, attention mb {self.attn_micro_batch}, FFN mb {self.ffn_micro_tokens}"]
@@ -207,7 +212,25 @@ def _backends(d: dict) -> dict[str, str]:
     return {"attention": _choice(d, "attention", tuple(attention_names()), "device-kv"),
             "weights": _format_name(d),
             "kv_format": _choice(d, "kv_format", tuple(sorted(KV_FORMATS)), "dense"),
+            "hgca": _hgca(d),
             "moe_ffn": _choice(d, "moe_ffn", tuple(moe), "")}
+
+
+def _hgca(d: dict) -> str:
+    from offbatch.attention.hgca_setting import HGCASetting
+
+    value = _field(d, "hgca", "")
+    if value == "":
+        if d.get("attention") == "hgca":
+            raise PlanFileError("a plan with the hgca attention backend names its setting in \"hgca\" "
+                                "(e.g. \"sinks=4,window=256,top_k=128\")")
+        return ""
+    if not isinstance(value, str):
+        raise PlanFileError(f"a plan's hgca is a setting like \"sinks=4,window=256,top_k=128\", not {_shown(value)}")
+    try:
+        return str(HGCASetting.parse(value))
+    except ValueError as e:
+        raise PlanFileError(f"a plan's hgca: {e}") from None
 
 
 def _format_name(d: dict) -> str:

@@ -48,6 +48,30 @@ for part in "$@"; do
              timeout 150 python scripts/profile_format.py --synth llama-3-8b --layers 8 --weights $w --gpu-memory 40GiB \
                --prompts ${PROFILE_PROMPTS:-96} --prompt-len 64 --gen-len 16 --top 40 --out "$OUT/profile-llama-$w.txt" > "$OUT/profile-llama-$w.log" 2>&1; head -4 "$OUT/profile-llama-$w.log"
            done ;;
+    kv-tests) # Compressed KV and HGCA on the GPU: the Triton kernels in bf16 against their twins, the backends.
+           set -o pipefail
+           timeout 240 python -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_kv.py tests/test_kv_formats.py \
+             tests/test_host_attention.py -rfE --tb=short 2>&1 | tail -25 || { echo "=== KV GPU tests failed: stopping"; exit 1; }
+           set +o pipefail ;;
+    kv-kernels) timeout 150 python scripts/bench_kv_kernels.py --json "$OUT/kv-kernels.json" 2>&1 | tail -30 ;;
+    # KV formats side by side on one shape (KV_RUNS="dense:dense dense:int8 int4:int4": weights:kv; the first
+    # is the baseline); KV_SHAPE=mixtral|llama|llama-long|opt; each run's JSON to $OUT/kv-SHAPE-W-KV.json.
+    kv-formats)
+           case ${KV_SHAPE:-mixtral} in
+             mixtral) shape="--synth mixtral-8x7b --layers 8"; job="--prompts 1024 --prompt-len 256 --gen-len 64" ;;
+             llama) shape="--synth llama-3-8b"; job="--prompts 1024 --prompt-len 64 --gen-len 32" ;;
+             llama-long) shape="--synth llama-3-8b"; job="--prompts 256 --prompt-len 4096 --gen-len ${LONG_GEN:-32}" ;;
+             opt) shape="--synth opt-30b"; job="--prompts 512 --prompt-len 256 --gen-len 32" ;;
+           esac
+           for run in ${KV_RUNS:-dense:dense dense:int8 int4:int4}; do
+             w=${run%%:*}; kv=${run#*:}; hg=""; case $kv in *+hgca) kv=${kv%+hgca}; hg="--hgca ${HGCA:-auto}" ;; esac
+             [ "$w" = dense ] || timeout 120 python -m offbatch.cli.main bench ${shape% --layers 8} --layers 1 --gpu-memory ${CAP:-8GiB} \
+               ${job% --gen-len *} --gen-len 4 --weights $w --kv $kv > /dev/null 2>&1  # Triton's cache, one layer
+             name="kv-${KV_SHAPE:-mixtral}-$w-$kv${hg:+-hgca}"
+             timeout ${KV_TIMEOUT:-200} python -m offbatch.cli.main bench $shape --gpu-memory ${CAP:-8GiB} $job --weights $w \
+               --kv $kv $hg --json --out "$OUT/$name.json" > /dev/null 2> "$OUT/$name.err"
+             python scripts/kv_row.py "$OUT/$name.json" "$run" || tail -3 "$OUT/$name.err"
+           done ;;
     sdpa-shapes) timeout 120 python scripts/bench_sdpa_shapes.py 2>&1 | tail -5 ;;
     llama-int4-cudnn) # issue 14's Llama job, bf16 and int4, then int4 again with cuDNN's SDPA allowed (A/B).
            job="--synth llama-3-8b --gpu-memory 8GiB --prompts 1024 --prompt-len 64 --gen-len 32"

@@ -117,7 +117,7 @@ CASES = [
     ("plan_format_1", [*BENCH, "--plan", "{plan}"], edited("format", 1), 3,
      "plan file format 1 (an older offbatch's plan: it names kv_placement and decode_attention"),
     ("plan_attention_unknown", [*BENCH, "--plan", "{plan}"], edited("attention", "host"), 3,
-     "a plan's attention is device-kv or host-kv-gpu or host-kv-cpu, not 'host'"),
+     "a plan's attention is device-kv or host-kv-gpu or host-kv-cpu or hgca, not 'host'"),
     ("plan_missing_key", [*BENCH, "--plan", "{plan}"], edited("wave_size", DELETE), 3, 'it has no "wave_size"'),
     ("plan_dtype_not_a_dtype", [*BENCH, "--plan", "{plan}"], edited("dtype", "cuda"), 3, "dtype is float32"),
     ("plan_device_bogus", [*BENCH, "--plan", "{plan}"], edited("device", "tpu:0"), 3, "device is cpu, cuda"),

@@ -57,6 +57,7 @@ class AttentionBackend:
     kv_on_host = False  # the wave's KV in (pinned) host memory
     attends_on_host = False  # decode attention on the host threads
     needs_gpu = False  # a choice only where the compute device is a GPU
+    lossy = False  # changes what attention computes: offered only where the user allows it
     rank = 0
 
     # ---- planner terms -----------------------------------------------------------------------------

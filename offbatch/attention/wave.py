@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from offbatch import kernels
 from offbatch.attention.dense import grouped_attention, grouped_lse
+from offbatch.attention.host_attention import host_decode_attention
 from offbatch.offload.kv import WaveKV
 
 
@@ -94,7 +96,7 @@ def decode_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v
         kv.writer.store_tokens(layer, k, v, batch.store_slots, batch.store_pos)  # host tensors, built per step
     else:
         kv.write_tokens(layer, batch.store_slots, batch.store_pos, k, v)
-    kw, vw = (k.to(where), v.to(where)) if batch.copy_kv else (None, None)
+    kw, vw = (kv.encode(k).to(where), kv.encode(v).to(where)) if batch.copy_kv else (None, None)
 
     W, (nh, d) = kv.slots, q.shape[1:]
     q_all = torch.zeros(W, nh, d, device=where, dtype=q.dtype)
@@ -109,12 +111,29 @@ def decode_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v
             rows, pos, sel = patch
             kk[rows, :, pos] = kw[sel]
             vv[rows, :, pos] = vw[sel]
+        if kv.packed:  # the kernel reads the packed rows; it gives the log-sum-exp with the product
+            o, s = packed_attention(q_all[a:b], kk, vv, batch.k_len[a:b], kv.bits, kv.group,
+                                    batch.q_pos[a:b] - window + 1 if window else None)
+            out[a:b] = o
+            if lse:
+                lse_all[a:b] = s
+            continue
         qr, q_pos, k_len = q_all[a:b, :, None, :], batch.q_pos[a:b, None], batch.k_len[a:b]
         out[a:b] = grouped_attention(qr, kk, vv, q_pos, k_len, window)[:, :, 0, :]
         if lse:
             lse_all[a:b] = grouped_lse(qr, kk, q_pos, k_len, window)[:, :, 0]
     got = out[batch.where_slots].to(compute, non_blocking=True)
     return got, (lse_all[batch.where_slots].to(compute, non_blocking=True) if lse else None)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_len: torch.Tensor, bits: int, group: int,
+                     window_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over packed KV rows (offload/kv.py's packed formats): the Triton kernel on a GPU,
+    the host threads' chunked version on a CPU (the kernels' dispatch would take the Triton interpreter
+    wherever TRITON_INTERPRET is set). Output [S, nh, d] and log-sum-exp [S, nh]."""
+    if q.is_cuda:
+        return kernels.kv_decode_attention(q, k, v, k_len, bits, group, window_start)
+    return host_decode_attention(q, k, v, k_len, bits, group, window_start)
 
 
 def prefill_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

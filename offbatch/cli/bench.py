@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, ModelOrSynthArg,
-                                  SynthLayersOpt, SynthOpt, WeightsOpt, byte_size, open_report, write_report)
+                                  SynthLayersOpt, SynthOpt, WeightsOpt, KvOpt, HgcaOpt, byte_size, kv_plan_options,
+                                  open_report, write_report)
 from offbatch.cli.plan import HardwareOpt
 from offbatch.errors import OffbatchError
 from offbatch.units import format_bytes
@@ -47,6 +48,8 @@ def command(
                                                       "planning.")] = None,
     hardware: HardwareOpt = None,
     weights: WeightsOpt = None,
+    kv: KvOpt = None,
+    hgca: HgcaOpt = None,
     as_json: JsonOpt = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON report here.")] = None,
 ):
@@ -77,6 +80,8 @@ def command(
         raise OffbatchError("--cpu-memory plans the host side; a pinned --plan already has its own")
     if pinned is not None and weights is not None and weights != pinned.weights:
         raise OffbatchError(f"--weights {weights}: the pinned plan is for {pinned.weights} weights")
+    if pinned is not None and (kv or hgca):
+        raise OffbatchError("--kv and --hgca are for the planner; a pinned --plan names its own KV format and attention")
     if pinned is not None and pinned.max_len < prompt_len + gen_len:
         raise OffbatchError(f"the plan's context is {pinned.max_len} tokens; this job needs {prompt_len + gen_len}")
     if prompts * prompt_len > MAX_BENCH_PROMPT_TOKENS:  # bench draws every prompt up front, in host memory
@@ -86,7 +91,8 @@ def command(
     report = run_bench(source, device, cap, prompts, prompt_len, gen_len, dtype=dtype, default_dtype=default_dtype,
                        plan=pinned, workload=workload, hardware=hw,
                        **({"cpu_memory": host_cap} if host_cap is not None else {}),
-                       **({"weights": weights} if weights is not None and pinned is None else {}))
+                       **({"weights": weights} if weights is not None and pinned is None else {}),
+                       **(kv_plan_options(kv, hgca) if pinned is None else {}))
     # What the cost model expected of the plan that ran (the solver's own figures, or for a pinned plan,
     # the model applied to it), on the hardware profile used for planning.
     plan_pred = report["plan"].get("predicted") or {}

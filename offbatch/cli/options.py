@@ -88,3 +88,74 @@ WeightsOpt = Annotated[
                                      "int4-asym, nf4, ...); lossy: see `offbatch eval-ppl`. Default: the "
                                      "folder's own (dense, or the format `offbatch convert` wrote).")
 ]
+
+
+def kv_formats(value: str | None) -> str | None:
+    """--kv checked where it is parsed: KV formats offbatch knows (a comma list), else a usage error."""
+    if value is None:
+        return None
+    from offbatch.offload.kv import kv_format_name
+
+    try:
+        names = [kv_format_name(v) for v in value.split(",") if v.strip()]
+    except KeyError as e:
+        raise typer.BadParameter(str(e.args[0])) from None
+    if not names:
+        raise typer.BadParameter("name a KV format: dense (bf16), int8 or int4; several, comma-separated, let the "
+                                 "planner choose among them")
+    return ",".join(dict.fromkeys(names))
+
+
+def hgca_setting(value: str | None) -> str | None:
+    """--hgca checked where it is parsed: 'auto', or a setting like 'window=256,top_k=128,sinks=4'."""
+    if value is None:
+        return None
+    from offbatch.attention.hgca_setting import HGCASetting
+
+    text = "" if value.strip().lower() in ("auto", "on", "yes", "default") else value
+    try:
+        HGCASetting.parse(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    return value.strip()
+
+
+KvOpt = Annotated[
+    Optional[str], typer.Option("--kv", callback=kv_formats,
+                                help="KV cache format: dense (bf16, exact; the default), int8 or int4 (quantized "
+                                     "once when written, groups along the head dimension; lossy: see `offbatch "
+                                     "eval-ppl --kv`). Several, comma-separated (dense,int8,int4), let the planner "
+                                     "take the fastest (exact first among near-ties).")
+]
+HgcaOpt = Annotated[
+    Optional[str], typer.Option("--hgca", callback=hgca_setting,
+                                help="Allow hybrid GPU-CPU attention (lossy: see `offbatch eval-ppl --hgca`): "
+                                     "each sequence's recent keys and first few on the GPU, older keys in host "
+                                     "memory attended top-k per head on the CPU. 'auto' (top_k=128, sinks=4, the "
+                                     "planner picks the window) or e.g. 'top_k=256,window=512'. The planner "
+                                     "still takes full attention where that is faster.")
+]
+
+
+def kv_plan_options(kv: str | None, hgca: str | None) -> dict:
+    """The planner's options (make_plan / build_engine) for --kv and --hgca."""
+    out = {}
+    if kv:
+        out["kv_formats"] = kv.split(",")
+    if hgca:
+        from offbatch.attention.hgca_setting import HGCASetting
+
+        text = "" if hgca.lower() in ("auto", "on", "yes", "default") else hgca
+        out["hgca"] = HGCASetting.parse(text)
+        out["hgca_window_given"] = "window" in text.lower() or "w=" in text.lower()
+    return out
+
+
+def kv_words(kv: str | None, hgca: str | None) -> str:
+    """What --kv/--hgca asked for, for a results key ('' when exact)."""
+    parts = []
+    if kv and kv != "dense":
+        parts.append(f"{kv} KV")
+    if hgca:
+        parts.append(f"HGCA {hgca}")
+    return " with " + " and ".join(parts) if parts else ""

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, ModelOrSynthArg,
-                                  SynthLayersOpt, SynthOpt, WeightsOpt, byte_size, open_report, write_report)
+                                  SynthLayersOpt, SynthOpt, WeightsOpt, KvOpt, HgcaOpt, byte_size, kv_plan_options,
+                                  open_report, write_report)
 from offbatch.errors import InputFileError, OffbatchError
 from offbatch.units import format_bytes
 
@@ -80,6 +81,8 @@ def command(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     weights: WeightsOpt = None,
+    kv: KvOpt = None,
+    hgca: HgcaOpt = None,
     as_json: JsonOpt = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON report (a plan file) here.")] = None,
 ):
@@ -108,10 +111,15 @@ def command(
         workload = Workload.uniform(num_prompts, prompt_len, gen_len or 256)
     gpu_cap = byte_size(gpu_memory, "--gpu-memory")
     fmt = weights or _folder_format(model_dir)
-    planned = {name: make_plan(spec, cdtype, device, gpu_cap, workload, hardware=hw,
-                               cpu_memory=byte_size(cpu_memory, "--cpu-memory"), weights=name)
-               for name in dict.fromkeys([fmt, "dense"])}  # a compressed format is shown against dense
-    plan = planned[fmt]
+    lossy_kv = kv_plan_options(kv, hgca)
+
+    def plan_for(name: str, **options):
+        return make_plan(spec, cdtype, device, gpu_cap, workload, hardware=hw,
+                         cpu_memory=byte_size(cpu_memory, "--cpu-memory"), weights=name, **options)
+
+    plan = plan_for(fmt, **lossy_kv)
+    compare = fmt != "dense" or plan.kv_format != "dense" or bool(plan.hgca)
+    exact = plan_for("dense") if compare else None  # what the compressed choices change, against the exact job
     report = {
         "model": {"family": spec.family, "layers": spec.num_layers, "hidden_size": spec.hidden_size,
                   "source": str(model_dir) if model_dir else f"synth:{synth}"},
@@ -122,9 +130,10 @@ def command(
         "bottleneck": plan.predicted["bottleneck"],
         "bottleneck_kind": plan.predicted["bottleneck_kind"],
     }
-    if fmt != "dense":
-        dense = planned["dense"].predicted
+    if compare:
+        dense = exact.predicted
         report["dense"] = {"weight_bytes": _weight_bytes(spec, cdtype, "dense"), "decode_step": dense["decode_step"],
+                           "wave_size": exact.wave_size,
                            **{k: dense[k] for k in ("decode_tok_s", "e2e_tok_s", "prefill_tok_s")}}
         report["weight_bytes"] = _weight_bytes(spec, cdtype, fmt)
         report["stored_as"] = _folder_format(model_dir)
@@ -165,6 +174,9 @@ def print_plan(report: dict, console: Console | None = None) -> None:
     rows = [
         ("KV cache", backend.kv_words),
         ("decode attention", backend.attention_words),
+        ("KV format", plan.get("kv_format", "dense") + (" (exact)" if plan.get("kv_format", "dense") == "dense" else
+                                                         " (lossy: `offbatch eval-ppl --kv`)")),
+        *([("HGCA", f"{plan['hgca']} (lossy: `offbatch eval-ppl --hgca`)")] if plan.get("hgca") else []),
         ("wave (sequences decoded together)", str(plan["wave_size"])),
         ("prompt tokens admitted per step", str(plan["prefill_tokens"])),
         ("attention micro-batch (sequences)", str(plan["attn_micro_batch"])),
@@ -213,18 +225,24 @@ def print_plan(report: dict, console: Console | None = None) -> None:
     console.print(p)
     if "dense" in report:  # a compressed format: what it changes against the same job in dense weights
         d, dd = report["dense"], report["dense"]["decode_step"]
-        c = Table(title=f"{plan['weights']} against dense (each planned for this job)")
-        for col in ("", plan["weights"], "dense", "ratio"):
+        label = " + ".join([plan["weights"]] + ([f"{plan['kv_format']} KV"] if plan.get("kv_format", "dense") != "dense"
+                                                  else []) + (["HGCA"] if plan.get("hgca") else []))
+        c = Table(title=f"{label} against dense (bf16 weights and KV, full attention; each planned for this job)")
+        for col in ("", label, "dense", "ratio"):
             c.add_column(col, justify="right")
         for name, a, b, fmt in [
             ("model weights", report["weight_bytes"], d["weight_bytes"], format_bytes),
+            ("wave (sequences)", plan["wave_size"], d.get("wave_size", 0), str),
             ("weight bytes per decode step", dstep["weight_bytes"], dd["weight_bytes"], format_bytes),
+            ("KV bytes over the link per decode step", dstep["kv_bytes"], dd["kv_bytes"], format_bytes),
             ("decode tok/s", pred["decode_tok_s"], d["decode_tok_s"], _rate),
             ("end-to-end tok/s", pred["e2e_tok_s"], d["e2e_tok_s"], _rate),
         ]:
             c.add_row(name, fmt(a), fmt(b), f"{a / b:.2f}" if b else "-")
         console.print(c)
-        if report["stored_as"] == plan["weights"]:
+        if plan["weights"] == "dense":
+            pass
+        elif report["stored_as"] == plan["weights"]:
             console.print(f"the folder is stored in {plan['weights']}; dense: its weights decoded at load")
         else:
             console.print(f"{plan['weights']} is lossy: measure its quality with `offbatch eval-ppl MODEL TEXT --weights "

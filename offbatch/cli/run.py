@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from offbatch.cli.options import CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, QuietOpt, WeightsOpt, byte_size
+from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, HgcaOpt, KvOpt, QuietOpt, WeightsOpt,
+                                  byte_size)
 from offbatch.jobs.params import ParamError, validate
 
 
@@ -71,6 +72,8 @@ def command(
                                                   "the results file.")] = None,
     gpu_memory: GpuMemoryOpt = None,
     weights: WeightsOpt = None,
+    kv: KvOpt = None,
+    hgca: HgcaOpt = None,
     cpu_memory: CpuMemoryOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -167,7 +170,7 @@ def command(
 
     engine = EngineOptions(device=device, dtype=dtype, gpu_memory=byte_size(gpu_memory, "--gpu-memory"),
                            cpu_memory=byte_size(cpu_memory, "--cpu-memory"), max_batch=max_batch,
-                           engine=engine_kind, plan_file=plan_file, weights=weights)
+                           engine=engine_kind, plan_file=plan_file, weights=weights, kv=kv, hgca=hgca)
     progress = Progress(pick_mode(log_format.value, quiet), interval=log_interval)
     try:
         device, _, _ = check_options(engine)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from offbatch.engine.forward import Forward, embed
+from offbatch.engine.forward import Attention, Forward, embed
 from offbatch.ffn import LoopMoE, build_ffns
 from offbatch.formats import ModuleWeights, WeightFormat, get_format
 from offbatch.models import layers as L
@@ -93,8 +93,12 @@ class CacheAttention:
 
 
 class ReferenceModel:
-    def __init__(self, spec: ModelSpec, modules: dict[ModuleKey, ModuleWeights], device, dtype):
-        """modules: every module of the model (catalogue.modules_of), its tensors on `device`."""
+    def __init__(self, spec: ModelSpec, modules: dict[ModuleKey, ModuleWeights], device, dtype,
+                 attention: Attention | None = None):
+        """modules: every module of the model (catalogue.modules_of), its tensors on `device`.
+        attention: what attends over the caches (default: the exact CacheAttention; eval-ppl --kv/--hgca
+        passes attention/lossy_reference.py's LossyCacheAttention). The modules may be another model's:
+        they are only read."""
         self.spec = spec
         self.modules = modules
         self.device = torch.device(device)
@@ -102,16 +106,19 @@ class ReferenceModel:
         self.inv_freq = L.rope_inv_freq(spec) if spec.positions == "rope" else None
         resident = ResidentModules(modules)
         # The engine's forward with every module resident, one FFN call over all tokens, experts one by one.
-        self.fwd = Forward(spec, resident, CacheAttention(spec), build_ffns(spec, resident, UNCHUNKED, LoopMoE.name))
+        self.attention = attention if attention is not None else CacheAttention(spec)
+        self.fwd = Forward(spec, resident, self.attention, build_ffns(spec, resident, UNCHUNKED, LoopMoE.name))
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, device="cpu", dtype=None,
-                        weights: str | WeightFormat | None = None, expand: bool = False) -> "ReferenceModel":
+                        weights: str | WeightFormat | None = None, expand: bool = False,
+                        attention: Attention | None = None) -> "ReferenceModel":
         """weights: the format the modules are stored in (a name or a format; default: the folder's own),
         encoded as the weight store encodes them, so the engine over a format can be checked against
         the reference over it. A folder in a format, read in it, is used as it is stored.
         expand: decode the format's weights once here into the compute dtype (the twin's own arithmetic,
-        so the same products) instead of at every use: on the CPU, where nothing streams, 3x faster."""
+        so the same products) instead of at every use: on the CPU, where nothing streams, 3x faster.
+        attention: as in the constructor (default: exact)."""
         spec = ckpt.spec
         dtype = resolve_dtype(dtype, ckpt.dtype())
         fmt = ckpt.format if weights is None else get_format(weights) if isinstance(weights, str) else weights
@@ -141,12 +148,13 @@ class ReferenceModel:
         read, kept = (expanded, get_format("dense")) if expand and fmt.expands else (load, fmt)
         modules = {key: kept.weights({k: v for p in parts for k, v in read(p).items()})
                    for key, parts in modules_of(names, spec).items()}
-        return cls(spec, modules, device, dtype)
+        return cls(spec, modules, device, dtype, attention)
 
     @classmethod
     def load(cls, model_dir: str | Path, device="cpu", dtype=None,
-             weights: str | WeightFormat | None = None, expand: bool = False) -> "ReferenceModel":
-        return cls.from_checkpoint(open_checkpoint(model_dir), device, dtype, weights, expand)
+             weights: str | WeightFormat | None = None, expand: bool = False,
+             attention: Attention | None = None) -> "ReferenceModel":
+        return cls.from_checkpoint(open_checkpoint(model_dir), device, dtype, weights, expand, attention)
 
     def new_cache(self, capacity: int = 16) -> KVCache:
         return KVCache(self.spec, self.device, self.dtype, capacity)

@@ -22,6 +22,8 @@ class EngineOptions:
     gen_lens: list[int] | None = None
     plan_file: Path | None = None  # pin this plan (streaming engine) instead of planning
     weights: str | None = None  # the weight format to run in; None: the folder's own (dense, or as converted)
+    kv: str | None = None  # KV formats allowed (--kv: comma list); None: dense
+    hgca: str | None = None  # HGCA allowed with this setting (--hgca); None: full attention
 
 
 def resolve_device(device: str | None) -> str:
@@ -46,7 +48,11 @@ def check_options(options: EngineOptions) -> tuple[str, str, object]:
     from offbatch.planner.solve import check_caps_here
 
     device = resolve_device(options.device)
-    kind = options.engine or ("streaming" if device.startswith("cuda") else "reference")
+    # Compressed KV and HGCA are the streaming engine's (the reference forward keeps exact attention).
+    lossy_kv = bool(options.hgca) or (options.kv or "dense") != "dense"
+    kind = options.engine or ("streaming" if device.startswith("cuda") or lossy_kv else "reference")
+    if kind == "reference" and lossy_kv:
+        raise OffbatchError("--kv and --hgca run in the streaming engine; drop --engine reference")
     if kind not in ("streaming", "reference"):
         raise OffbatchError(f"--engine {kind!r}: use streaming or reference")
     check_caps_here(device, options.gpu_memory, options.cpu_memory)  # before anything is read or locked
@@ -58,6 +64,8 @@ def check_options(options: EngineOptions) -> tuple[str, str, object]:
             raise OffbatchError("--cpu-memory plans the host side; a pinned --plan already has its own")
         if options.weights is not None:
             raise OffbatchError("--weights picks the format the planner plans for; a pinned --plan names its own")
+        if options.kv is not None or options.hgca is not None:
+            raise OffbatchError("--kv and --hgca are for the planner; a pinned --plan names its own KV format and attention")
         from offbatch.plan import load_plan_file
 
         return device, kind, load_plan_file(options.plan_file)
@@ -85,6 +93,10 @@ def make_generator(model_dir: str | Path, tokenizer, options: EngineOptions | No
                 raise OffbatchError(f"the plan's context is {plan.max_len} tokens; this job needs {workload.max_len} "
                                     "(its longest prompt plus max_tokens): plan for this job's prompts")
             pinned = {"plan": plan}
+        else:
+            from offbatch.cli.options import kv_plan_options
+
+            pinned = kv_plan_options(options.kv, options.hgca)
         return engine_for_folder(model_dir, device=device, dtype=options.dtype, gpu_memory=options.gpu_memory,
                                  cpu_memory=options.cpu_memory, workload=workload,
                                  num_requests=workload.num_requests if workload else 64,

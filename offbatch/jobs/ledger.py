@@ -484,7 +484,8 @@ def _sync_dir(folder: Path) -> None:
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def job_key(model_dir: str | Path, dtype: str | None, defaults, weights: str | None = None) -> JobKey:
+def job_key(model_dir: str | Path, dtype: str | None, defaults, weights: str | None = None, kv: str | None = None,
+            hgca: str | None = None) -> JobKey:
     """The JobKey of a run: the model folder's fingerprint, the compute dtype asked for (None: the
     checkpoint's own, which the fingerprint covers) with the weight format asked for (None: the
     folder's own, which config.json records), and the command-wide sampling defaults."""
@@ -494,6 +495,10 @@ def job_key(model_dir: str | Path, dtype: str | None, defaults, weights: str | N
     name = DTYPE_NAMES.get(dtype, dtype) if dtype else "checkpoint"
     if weights is not None:  # results in another format are other results (dense keys stay as they were)
         name += f" in {weights} weights"
+    if (kv or "dense") != "dense" or hgca:  # lossy KV or attention: other results too
+        from offbatch.cli.options import kv_words
+
+        name += kv_words(kv, hgca)
     return JobKey(model=model_fingerprint(model_dir), dtype=name, defaults=values)
 
 

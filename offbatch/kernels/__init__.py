@@ -21,6 +21,7 @@ import torch
 
 from offbatch.kernels import reference  # first: it gathers quant_reference's twins too
 from offbatch.kernels import quant_reference
+from offbatch.kernels import kv_reference
 
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -126,3 +127,12 @@ def warm_up_grouped(hidden: int, inter: int, dtype: torch.dtype, device, groups:
 __all__ = ["FUSE_MAX_ROWS", "backend", "dequant_int4", "dequant_int8", "grouped_gemm", "grouped_gemm_int4",
            "grouped_gemm_int8", "grouped_swiglu", "grouped_swiglu_int4", "grouped_swiglu_int8", "int4_linear",
            "int8_linear", "should_fuse", "warm_up_grouped"]
+
+
+# ---- compressed KV (offbatch/offload/kv.py's packed formats): see kv_reference.py for the contracts ---------
+def kv_encode(x, bits, group):
+    return _impl("kv_triton", "kv_encode", x, kv_reference)(x, bits, group)
+
+
+def kv_decode_attention(q, k, v, k_len, bits=16, group=0, window_start=None):
+    return _impl("kv_triton", "kv_decode_attention", q, kv_reference)(q, k, v, k_len, bits, group, window_start)

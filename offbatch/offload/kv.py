@@ -17,7 +17,9 @@ import functools
 
 import torch
 
+from offbatch import kernels
 from offbatch.formats.base import dtype_bytes
+from offbatch.kernels import kv_reference
 from offbatch.models.spec import ModelSpec
 from offbatch.offload.weights import pack_pinned, pinned_bytes
 
@@ -27,6 +29,7 @@ class KVFormat:
     """How the K and V of one token are stored (one layer: one row of K and one of V)."""
 
     name = "base"
+    lossy = False  # a lossy format is used only where the user asks for it (its quality: eval-ppl --kv)
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype  # the compute dtype
@@ -66,7 +69,54 @@ class DenseKV(KVFormat):
         return spec.num_kv_heads * spec.head_dim * dtype_bytes(self.dtype)
 
 
+class PackedKV(KVFormat):
+    """K and V quantized once when written: asymmetric integer codes in groups along the head dimension,
+    a float16 scale and minimum per group, one packed uint8 row per token and KV head (the layout and
+    its arithmetic: kernels/kv_reference.py). Lossy: its quality is measured (`eval-ppl --kv`)."""
+
+    bits = 8
+    nominal_group = 64
+    lossy = True
+
+    def group_of(self, head_dim: int) -> int:
+        """The group size for this head dimension: the nominal one, or the largest even divisor below it."""
+        g = min(self.nominal_group, head_dim)
+        while head_dim % g or g % 2:
+            g -= 1
+        return g
+
+    def row_bytes(self, spec: ModelSpec) -> int:
+        return spec.num_kv_heads * self.head_row_bytes(spec.head_dim)
+
+    def head_row_bytes(self, head_dim: int) -> int:
+        return kv_reference.row_bytes(head_dim, self.bits, self.group_of(head_dim))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., head_dim] -> packed rows uint8 [..., head_row_bytes] (on x's device): the Triton kernel on a
+        GPU, its twin on a CPU (the kernels' dispatch would take the Triton interpreter wherever
+        TRITON_INTERPRET is set, as in the test suite)."""
+        encode = kernels.kv_encode if x.is_cuda else kv_reference.kv_encode
+        return encode(x, self.bits, self.group_of(x.shape[-1]))
+
+    def decode(self, packed: torch.Tensor, head_dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Packed rows [..., head_row_bytes] -> values [..., head_dim] in `dtype` (default: the compute dtype)."""
+        return kv_reference.kv_decode(packed, head_dim, self.bits, self.group_of(head_dim), dtype or self.dtype)
+
+
+class Int8KV(PackedKV):
+    name = "int8"
+    bits = 8
+    nominal_group = 64
+
+
+class Int4KV(PackedKV):
+    name = "int4"
+    bits = 4
+    nominal_group = 32
+
+
 KV_FORMATS: dict[str, type[KVFormat]] = {}
+KV_ALIASES = {"bf16": "dense", "fp16": "dense", "float16": "dense", "bfloat16": "dense", "none": "dense"}
 
 
 def register_kv_format(cls: type[KVFormat]) -> type[KVFormat]:
@@ -75,14 +125,26 @@ def register_kv_format(cls: type[KVFormat]) -> type[KVFormat]:
 
 
 register_kv_format(DenseKV)
+register_kv_format(Int8KV)
+register_kv_format(Int4KV)
+
+
+def kv_format_name(name: str) -> str:
+    """The registered name a user's word stands for ("bf16" is the dense format); unknown: a KeyError."""
+    key = KV_ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in KV_FORMATS:
+        raise KeyError(f"unknown KV format {name!r} (known: {', '.join(kv_format_names())}; bf16 = dense)")
+    return key
+
+
+def kv_format_names() -> list[str]:
+    return sorted(KV_FORMATS, key=lambda n: (n != "dense", n))
 
 
 @functools.lru_cache(maxsize=64)
 def kv_format(name: str, dtype: torch.dtype) -> KVFormat:
     """The KV format `name` (a plan's kv_format) computing in `dtype`."""
-    if name not in KV_FORMATS:
-        raise KeyError(f"unknown KV format {name!r} (known: {', '.join(sorted(KV_FORMATS))})")
-    return KV_FORMATS[name](dtype)
+    return KV_FORMATS[kv_format_name(name)](dtype)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -102,11 +164,18 @@ class WaveKV:
                  fmt: KVFormat | None = None):
         self.spec, self.slots, self.max_len = spec, slots, max_len
         self.format = fmt or kv_format("dense", dtype)
-        if self.format.dtype != dtype or not isinstance(self.format, DenseKV):
-            raise ValueError(f"WaveKV stores the dense KV format in the compute dtype, not {self.format.name}")
+        if self.format.dtype != dtype:
+            raise ValueError(f"KV format {self.format.name} computes in {self.format.dtype}, the store in {dtype}")
         self.device, self.dtype = torch.device(device), dtype
+        self.packed = isinstance(self.format, PackedKV)
         self.row_bytes = self.format.row_bytes(spec)  # K of one position of one slot in one layer
-        shape = (slots, spec.num_kv_heads, max_len, spec.head_dim)
+        # Dense: values in the compute dtype; packed: one uint8 row of codes and group parameters per head.
+        self.store_dtype = torch.uint8 if self.packed else dtype
+        self.row_width = self.format.head_row_bytes(spec.head_dim) if self.packed else spec.head_dim
+        if self.packed:
+            self.bits, self.group = self.format.bits, self.format.group_of(spec.head_dim)
+        shape = (slots, spec.num_kv_heads, max_len, self.row_width)
+        dtype = self.store_dtype
         # Zeroed, not empty: masked-out positions still meet V in the product (0 * NaN is NaN).
         if pin:
             tensors = self._pinned_tensors(shape, 2 * spec.num_layers, dtype)
@@ -139,8 +208,22 @@ class WaveKV:
 
     @property
     def row_shape(self) -> tuple[int, int]:
-        """K (or V) of one token of one layer: [kv_heads, head_dim]."""
-        return self.spec.num_kv_heads, self.spec.head_dim
+        """K (or V) of one token of one layer as stored: [kv_heads, head_dim] values (dense) or
+        [kv_heads, packed row bytes]."""
+        return self.spec.num_kv_heads, self.row_width
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """K or V rows [..., head_dim] as this store keeps them (packed where the format is; on x's device,
+        so a GPU quantizes what it computed before the bytes cross the link)."""
+        if not self.packed or x.dtype == torch.uint8:
+            return x
+        return self.format.encode(x)
+
+    def decode(self, stored: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Stored rows (a read's views) as values [..., head_dim] in `dtype` (default: the compute dtype)."""
+        if not self.packed:
+            return stored if dtype is None else stored.to(dtype)
+        return self.format.decode(stored, self.spec.head_dim, dtype or self.dtype)
 
     # ---- slots -------------------------------------------------------------------------------------
     @property
@@ -158,13 +241,13 @@ class WaveKV:
     def write_tokens(self, layer: int, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """One new token per sequence: k/v [b, nkv, d] (any device) at positions pos [b] of slots [b]
         (index tensors on the store's device)."""
-        self.k[layer][slots, :, pos] = k.to(self.device)
-        self.v[layer][slots, :, pos] = v.to(self.device)
+        self.k[layer][slots, :, pos] = self.encode(k).to(self.device)
+        self.v[layer][slots, :, pos] = self.encode(v).to(self.device)
 
     def write_spans(self, layer: int, k: torch.Tensor, v: torch.Tensor, spans: list[tuple[int, int, int]]):
         """Runs of tokens: k/v [T, nkv, d] (any device), the rows of span (slot, start, n) consecutive in
         spans' order, go to positions start..start+n of slot."""
-        k, v = k.to(self.device), v.to(self.device)
+        k, v = self.encode(k).to(self.device), self.encode(v).to(self.device)
         row = 0
         for slot, start, n in spans:
             self.k[layer][slot, :, start : start + n] = k[row : row + n].transpose(0, 1)
@@ -187,15 +270,16 @@ class WaveKV:
 
     # ---- reads -------------------------------------------------------------------------------------
     def read(self, layer: int, a: int, b: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of slots a..b, positions 0..length: views [b - a, nkv, length, d], no copy."""
+        """K and V of slots a..b, positions 0..length as stored: views [b - a, nkv, length, row_width], no
+        copy (packed rows for a packed format: `decode` or a kernel that reads them)."""
         self.read_bytes += 2 * (b - a) * length * self.row_bytes
         return self.k[layer][a:b, :, :length], self.v[layer][a:b, :, :length]
 
     def range_buffers(self, slots: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Uninitialised K and V buffers for `slots` whole slots on `device` (for copy_range_to)."""
         shape = (slots,) + tuple(self.k[0].shape[1:])
-        return (torch.empty(shape, dtype=self.dtype, device=device),
-                torch.empty(shape, dtype=self.dtype, device=device))
+        return (torch.empty(shape, dtype=self.store_dtype, device=device),
+                torch.empty(shape, dtype=self.store_dtype, device=device))
 
     def copy_range_to(self, layer: int, a: int, b: int, k_out: torch.Tensor, v_out: torch.Tensor,
                       length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,7 +50,7 @@ class HostKVWriter:
         shape = (rows,) + tuple(kv.row_shape)
         # One allocation for the whole ring: the pinned allocator rounds each allocation to a power of two.
         flat = torch.empty(staging_bytes(kv.format, spec, rows, buffers), dtype=torch.uint8,
-                           pin_memory=kv.pinned).view(kv.dtype)
+                           pin_memory=kv.pinned).view(kv.store_dtype)
         per = flat.numel() // (2 * buffers)
         self._bufs = [(flat[(2 * i) * per : (2 * i + 1) * per].view(shape),
                        flat[(2 * i + 1) * per : (2 * i + 2) * per].view(shape)) for i in range(buffers)]
@@ -102,6 +102,9 @@ class HostKVWriter:
 
     def _submit(self, layer, k, v, r0, r1, dest) -> None:
         self._raise()
+        kv = self._kv()
+        k, v = kv.encode(k[r0:r1]), kv.encode(v[r0:r1])  # packed on the device: fewer bytes cross the link
+        r0, r1 = 0, r1 - r0
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="offbatch-kv-writer", daemon=True)
             self._thread.start()

@@ -32,6 +32,7 @@ class Knobs:
     attn_micro_batch: int  # sequences per decode attention call
     attention: str = "device-kv"  # the attention backend (offbatch.attention): where KV lives, where decode attends
     kv_format: str = "dense"  # how K/V are stored (offload.kv)
+    hgca: str = ""  # the HGCA setting (attention/hgca_setting.py), with the attention backend "hgca"
 
 
 def activation_bytes(spec: ModelSpec, tokens: int, ffn_tokens: int, attn_batch: int, max_len: int,

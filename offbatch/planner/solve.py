@@ -33,13 +33,13 @@ within a fraction of a percent of each other) run alike.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from dataclasses import dataclass, replace
 
 import torch
 
 from offbatch.attention import ATTENTION_BACKENDS, get_attention
+from offbatch.attention.hgca_setting import HGCASetting
 from offbatch.errors import BudgetError, OffbatchError
 from offbatch.formats import get_format
 from offbatch.ffn import choose_moe
@@ -49,6 +49,7 @@ from offbatch.planner.hardware import Hardware
 from offbatch.planner.memory import (SAFETY, STAGING_BUFFERS, HostTier, Knobs, choose_disk, device_transient_bytes,
                                      WeightTotals, host_bytes, host_floor, host_tier,
                                      kv_slot_bytes)
+from offbatch.offload.kv import kv_format, kv_format_name
 from offbatch.plan import Plan
 from offbatch.planner.residency import RESIDENCY_ORDERS, Residency, ResidencyChooser, residency_of
 from offbatch.planner.shape import ModelShape, shape_from_spec
@@ -62,6 +63,7 @@ PREFILL_MULTIPLES = (1, 4, 16, 64)  # prompts per step (with 8192 tokens, the ru
 FFN_CANDIDATES = (64, 1024, 2048, 4096)
 ATTN_CANDIDATES = (1, 16, 64, 256)
 START_MICRO_BATCHES = ((4096, 64), (1024, 256))  # (FFN tokens, attention sequences) the descents start from
+HGCA_WINDOWS = (64, 128, 256, 512, 1024, 2048)  # GPU windows the solver tries for HGCA (recent keys per sequence)
 TIE_TOLERANCE = 0.03  # of the predicted job time: candidates this close count as a tie
 PIN_NAMES = ("wave_size", "prefill_tokens", "ffn_micro_tokens", "attn_micro_batch", "attention", "residency_order")
 
@@ -84,11 +86,19 @@ class Evaluation:
 class Solver:
     def __init__(self, shape: ModelShape, hw: Hardware, workload: Workload, device: str,
                  gpu_budget: int | None, host_budget: int | None, max_wave: int = MAX_WAVE,
-                 max_resident_bytes: int | None = None, pins: dict | None = None, disk_tier: bool = True):
+                 max_resident_bytes: int | None = None, pins: dict | None = None, disk_tier: bool = True,
+                 kv_formats=("dense",), hgca: HGCASetting | None = None, hgca_window_given: bool = True):
         """disk_tier: whether weights may stay in the model folder (not for synthetic weights, which have
         none: then every plan holds all of them in host memory, and the wave is what gives way)."""
         self.shape, self.hw, self.wl, self.device = shape, hw, workload, device
         self.disk_tier = disk_tier
+        # KV formats the user allows (a lossy one only when asked for), and HGCA's setting where allowed
+        # (its window chosen here unless the user gave one).
+        self.kv_formats = [kv_format_name(f) for f in kv_formats] or ["dense"]
+        self.hgca, self.hgca_window_given = hgca, hgca_window_given
+        if hgca is not None and shape.spec.sliding_window:
+            raise OffbatchError(f"--hgca: this model attends a sliding window of {shape.spec.sliding_window} keys; "
+                                "HGCA is for full attention")
         self.cuda = torch.device(device).type == "cuda"
         self.gpu_budget = gpu_budget
         self.usable = int(gpu_budget * SAFETY) if gpu_budget is not None else None
@@ -115,10 +125,29 @@ class Solver:
         """The attention backends to search, simplest first: every registered one that runs here (a
         GPU-only one on a GPU), or the pinned one."""
         if "attention" in self.pins:
-            get_attention(self.pins["attention"])  # an unknown name fails here, with the known ones
+            chosen = get_attention(self.pins["attention"])  # an unknown name fails here, with the known ones
+            if chosen.lossy and self.hgca is None:
+                raise OffbatchError(f"the {chosen.name} attention backend is lossy: allow it with --hgca")
             return [self.pins["attention"]]
-        usable = [c for c in ATTENTION_BACKENDS.values() if self.cuda or not c.needs_gpu]
+        usable = [c for c in ATTENTION_BACKENDS.values()
+                  if (self.cuda or not c.needs_gpu) and (not c.lossy or self.hgca is not None)]
         return [c.name for c in sorted(usable, key=lambda c: (c.rank, c.name))]
+
+    def hgca_settings(self) -> list[str]:
+        """HGCA's settings to search: the user's, or its window from HGCA_WINDOWS (those that leave older
+        keys for the CPU in this job: a window over the whole context is full attention, dearer)."""
+        if self.hgca_window_given:
+            return [str(self.hgca)]
+        windows = [w for w in HGCA_WINDOWS if self.hgca.sinks + w < self.max_len]
+        return [str(dataclasses.replace(self.hgca, window=w)) for w in windows]
+
+    def candidates(self) -> list[tuple[str, str, str]]:
+        """(attention backend, KV format, HGCA setting) triples to search."""
+        out = []
+        for name in self.backends():
+            settings = self.hgca_settings() if get_attention(name).lossy else [""]
+            out += [(name, fmt, h) for fmt in self.kv_formats for h in settings]
+        return out
 
     def prefill_candidates(self) -> list[int]:
         if "prefill_tokens" in self.pins:
@@ -220,7 +249,7 @@ class Solver:
                 best = e
         return best
 
-    def solve_backend(self, attention: str) -> Evaluation | None:
+    def solve_backend(self, attention: str, kv: str = "dense", hgca: str = "") -> Evaluation | None:
         """The wave and the prefill budget interact (admissions per step x generation length bound the
         wave that can be kept full), so they are searched jointly; then the two micro-batch sizes, also
         jointly (they share the activation memory); again until nothing improves. That descent can stall
@@ -232,7 +261,7 @@ class Solver:
         attn_mb = self.attn_candidates()
         best = None
         for f, a in START_MICRO_BATCHES:
-            start = Knobs(1, pre[0], f if f in ffn else ffn[0], a if a in attn_mb else attn_mb[0], attention)
+            start = Knobs(1, pre[0], f if f in ffn else ffn[0], a if a in attn_mb else attn_mb[0], attention, kv, hgca)
             if not self.fits(start):  # start from the smallest transients instead
                 start = replace(start, ffn_micro_tokens=min(ffn), attn_micro_batch=min(attn_mb))
             e = self._descend(start, pre, ffn, attn_mb)
@@ -276,16 +305,18 @@ class Solver:
         return options
 
     def solve(self) -> Evaluation:
-        best = {}  # each backend's fastest
-        for name in self.backends():
-            e = self.solve_backend(name)
+        best = {}  # each candidate's fastest
+        for name, kv, hgca in self.candidates():
+            e = self.solve_backend(name, kv, hgca)
             if e is not None:
-                best[name] = e
+                best[(name, kv, hgca)] = e
         if not best:
             raise self.budget_error()
         self.best_by_backend = best
         self.fastest = min(best.values(), key=lambda e: e.total_s)
-        return min(self.near_ties(), key=lambda e: (backend(e).rank, backend(e).name))
+        # Among near-ties the simplest: exact KV first, then more bits, then the backend's rank.
+        return min(self.near_ties(), key=lambda e: (kv_rank(e.knobs.kv_format), backend(e).rank, backend(e).name,
+                                                     e.knobs.hgca))
 
     # ---- near-ties (see the module's docstring) ------------------------------------------------------
     def tie_tolerance(self, e: Evaluation) -> float:
@@ -350,6 +381,12 @@ class Solver:
             f"--gpu-memory {format_bytes(budget)} is too small for this model: streaming needs at least "
             f"{format_bytes(math.ceil(need / SAFETY))} (weight buffers {format_bytes(self.chooser.weights_minimum())}, "
             f"{kv_note}, activations {format_bytes(t['activations'])}); give more GPU memory or shorter --max-tokens")
+
+
+def kv_rank(name: str) -> tuple[bool, int]:
+    """Exact KV formats before lossy ones, more bits before fewer."""
+    fmt = kv_format(name, torch.float32)
+    return fmt.lossy, -getattr(fmt, "bits", 16)
 
 
 def backend(e: Evaluation):
@@ -433,7 +470,7 @@ def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
         device=solver.device, dtype=solver.shape.dtype, wave_size=k.wave, max_len=solver.max_len,
         prefill_tokens=k.prefill_tokens, attn_micro_batch=min(k.attn_micro_batch, k.wave),
         ffn_micro_tokens=k.ffn_micro_tokens, slots=dict(res.slots), resident=set(res.resident),
-        attention=k.attention, kv_format=k.kv_format, moe_ffn=moe_ffn_of(solver.shape),
+        attention=k.attention, kv_format=k.kv_format, hgca=k.hgca, moe_ffn=moe_ffn_of(solver.shape),
         weights=solver.shape.weights,
         budget_bytes=solver.gpu_budget,
         memory={"kv": e.transient["kv"], "weight_slots": res.slot_bytes, "resident_weights": res.resident_bytes,
@@ -518,11 +555,14 @@ def refuse_caps(whose: str, gpu_total: int, host_total: int, gpu_name: str, devi
 def make_plan(spec: ModelSpec, dtype: torch.dtype, device: str, gpu_memory: int | None, workload: Workload,
               hardware: Hardware | str | None = None, cpu_memory: int | None = None, max_wave: int = MAX_WAVE,
               max_resident_bytes: int | None = None, shape: ModelShape | None = None, weights: str = "dense",
-              disk_tier: bool = True, **pins) -> Plan:
+              disk_tier: bool = True, kv_formats=("dense",), hgca: HGCASetting | None = None,
+              hgca_window_given: bool = True, **pins) -> Plan:
     """The solver's plan for a job. `pins` fix knobs (wave_size, prefill_tokens, ffn_micro_tokens,
     attn_micro_batch, attention, residency_order); the rest is chosen. weights: the weight format the
     model is stored in (its module sizes are what the plan places and streams). disk_tier: whether
-    weights may be left in the model folder (False for synthetic weights)."""
+    weights may be left in the model folder (False for synthetic weights). kv_formats: the KV formats
+    allowed (the solver takes the fastest within its tie tolerance, exact first); hgca: HGCA allowed with
+    this setting (its window searched unless hgca_window_given)."""
     hw = resolve_hardware(hardware, device)
     check_caps(hw, device, gpu_memory, cpu_memory)
     if shape is not None and shape.weights != weights:
@@ -533,14 +573,15 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, device: str, gpu_memory: int 
     if torch.device(device).type == "cuda" and gpu_memory is None:
         gpu_memory = hw.gpu_memory_bytes
     host = cpu_memory if cpu_memory is not None else int(HOST_SHARE * hw.host.memory_bytes)
-    solver = Solver(shape, hw, workload, device, gpu_memory, host, max_wave, max_resident_bytes, pins, disk_tier)
+    solver = Solver(shape, hw, workload, device, gpu_memory, host, max_wave, max_resident_bytes, pins, disk_tier,
+                    kv_formats, hgca, hgca_window_given)
     return to_plan(solver.solve(), solver)
 
 
 def predict(plan: Plan, shape: ModelShape, hw: Hardware, workload: Workload) -> dict:
     """The cost model's figures for any plan (a pinned one, the rules' one)."""
     knobs = Knobs(plan.wave_size, plan.prefill_tokens, plan.ffn_micro_tokens, plan.attn_micro_batch,
-                  plan.attention, plan.kv_format)
+                  plan.attention, plan.kv_format, plan.hgca)
     res = residency_of(shape, plan.resident, plan.slots)
     model = StepModel(shape, hw, knobs, res, plan.max_len, disk_fraction(shape, res.resident, plan.disk))
     return prediction(model, workload, job_time(model, workload))

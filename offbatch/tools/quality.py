@@ -1,5 +1,7 @@
 """Quality of a model, measured: perplexity over fixed token windows of a text, and how often a model's
 greedy token agrees with another's (a compressed format against the dense model) on the same windows.
+A `Variant` is one thing scored: a weight format, a KV format and an HGCA setting (`variants` says which
+eval-ppl scores for its --weights, --kv and --hgca).
 
 A window is scored on its own (a fresh cache): token i is predicted from tokens 0..i-1 of the same window.
 Windows overlap when stride < window; then a window scores only the tokens the previous one did not
@@ -11,9 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from offbatch.attention.hgca_setting import HGCASetting
 
 
 @dataclass(frozen=True)
@@ -102,3 +108,44 @@ def perplexity(model, wins: Sequence[Window]) -> tuple[float, float, int]:
 def agreement(model_a, model_b, wins: Sequence[Window]) -> float:
     """Greedy-token agreement of two models over the same windows (1.0: always the same argmax)."""
     return agreement_of(score(model_a, wins), score(model_b, wins))
+
+
+def delta_pct(base: Scores, s: Scores) -> float:
+    """How much higher (%) s's perplexity is than base's (negative: lower)."""
+    return 100.0 * (s.perplexity / base.perplexity - 1.0)
+
+
+# ---- what eval-ppl scores ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    """One scored configuration: weights in a weight format, K and V stored in a KV format, and full
+    attention (hgca None) or HGCA with a setting."""
+
+    weights: str
+    kv: str = "dense"
+    hgca: "HGCASetting | None" = None
+
+    @property
+    def attention_words(self) -> str:
+        return "full" if self.hgca is None else self.hgca.words()
+
+    def settings(self) -> dict:
+        """For a JSON report: the weight and KV format names, the HGCA setting (or None)."""
+        return {"weights": self.weights, "kv": self.kv, "hgca": None if self.hgca is None else self.hgca.as_dict()}
+
+
+def variants(base_weights: str, weights: Sequence[str] = (), kvs: Sequence[str] = (),
+             hgcas: "Sequence[HGCASetting]" = ()) -> list[Variant]:
+    """What eval-ppl scores, in order: the base (the model as stored, dense KV, full attention); each KV
+    format and each HGCA setting on their own with the base weights; when both are given, every KV
+    format with every HGCA setting (the engine runs them together), base weights; then each weight
+    format with dense KV and full attention. Names are canonical (kvs: registered KV format names);
+    repeats, and variants equal to the base, are dropped. The base-weight variants come before the
+    weight formats, so one model at a time is in memory."""
+    wanted = [Variant(base_weights)]
+    wanted += [Variant(base_weights, kv=kv) for kv in kvs]
+    wanted += [Variant(base_weights, hgca=h) for h in hgcas]
+    if kvs and hgcas:
+        wanted += [Variant(base_weights, kv=kv, hgca=h) for kv in kvs for h in hgcas]
+    wanted += [Variant(w) for w in weights]
+    return list(dict.fromkeys(wanted))
