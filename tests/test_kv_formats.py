@@ -221,3 +221,34 @@ def test_plan_files_keep_the_kv_format_and_hgca_setting(tmp_path):
         Plan.from_dict(bad)
     with pytest.raises(PlanFileError, match="names its setting"):
         Plan.from_dict(dict(p.to_dict(), hgca=""))
+
+
+# ---- the commands ------------------------------------------------------------------------------------
+def test_plan_and_bench_take_kv_and_hgca(tmp_path):
+    from typer.testing import CliRunner
+
+    from offbatch.cli.main import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["plan", "--synth", "llama-3-8b", "--hardware", "h200", "--gpu-memory", "8GiB",
+                            "--prompt-len", "2048", "--gen-len", "64", "--num-prompts", "256", "--kv", "bf16,int4",
+                            "--hgca", "top_k=64", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["plan"]["kv_format"] == "int4"  # fewer bytes on a KV-bound job, and allowed
+    assert report["dense"]["decode_tok_s"] < report["predicted"]["decode_tok_s"]  # against the exact job
+    if report["plan"]["attention"] == "hgca":
+        assert HGCASetting.parse(report["plan"]["hgca"]).top_k == 64
+    table = runner.invoke(app, ["plan", "--synth", "llama-3-8b", "--hardware", "h200", "--gpu-memory", "8GiB",
+                                "--prompt-len", "2048", "--num-prompts", "256", "--kv", "int8"])
+    assert table.exit_code == 0 and "int8" in table.output and "KV bytes over the link" in table.output
+    for args, word in ((["--kv", "int3"], "int3"), (["--kv", ","], "KV format"), (["--hgca", "top_k=-1"], "top_k"),
+                       (["--hgca", "depth=3"], "depth")):
+        bad = runner.invoke(app, ["plan", "--synth", "llama-3-8b", "--hardware", "h200", *args])
+        assert bad.exit_code == 2 and word in bad.output, bad.output
+    # bench on the CPU: a tiny synth job with int4 KV runs its plan and says so.
+    out = tmp_path / "bench.json"
+    b = runner.invoke(app, ["bench", "--synth", "llama", "--device", "cpu", "--prompts", "3", "--prompt-len", "5",
+                            "--gen-len", "3", "--kv", "int4", "--out", str(out)])
+    assert b.exit_code == 0, b.output
+    assert "int4 KV" in b.output and json.loads(out.read_text())["plan"]["kv_format"] == "int4"

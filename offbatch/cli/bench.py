@@ -130,7 +130,9 @@ def command(
                                                    f"{format_bytes(report['decode_kv_copied_bytes_per_step'])}", ""),
         ("decode floor with KV copies, achieved", f"{report['decode_floor_with_kv_copies_tok_s']:.1f} tok/s, "
                                                   f"{report['decode_achieved_over_floor_with_kv_copies']:.2f}", ""),
-        ("plan", f"{get_attention(plan['attention']).words}, wave {plan['wave_size']}, "
+        ("plan", f"{get_attention(plan['attention']).words}"
+                 f"{'' if plan.get('kv_format', 'dense') == 'dense' else ', ' + plan['kv_format'] + ' KV'}"
+                 f"{' (' + plan['hgca'] + ')' if plan.get('hgca') else ''}, wave {plan['wave_size']}, "
                  f"prefill {plan['prefill_tokens']} tok, attn mb {plan['attn_micro_batch']}, ffn mb "
                  f"{plan['ffn_micro_tokens']} ({'pinned' if pinned else plan.get('chosen_by', 'solver')})", ""),
         ("streamed per decode step", format_bytes(report["decode_bytes_per_step"]),
