@@ -206,14 +206,26 @@ def _backends(d: dict) -> dict[str, str]:
     more of them, or a typo, is one clear error)."""
     from offbatch.attention import attention_names
     from offbatch.ffn import FFN_BACKENDS
-    from offbatch.offload.kv import KV_FORMATS
 
     moe = [""] + sorted(n for n, c in FFN_BACKENDS.items() if c.moe)
     return {"attention": _choice(d, "attention", tuple(attention_names()), "device-kv"),
             "weights": _format_name(d),
-            "kv_format": _choice(d, "kv_format", tuple(sorted(KV_FORMATS)), "dense"),
+            "kv_format": _kv_format(d),
             "hgca": _hgca(d),
             "moe_ffn": _choice(d, "moe_ffn", tuple(moe), "")}
+
+
+def _kv_format(d: dict) -> str:
+    from offbatch.offload.kv import kv_format_name
+
+    value = _field(d, "kv_format", "dense")
+    if not isinstance(value, str):
+        raise PlanFileError(f"a plan's kv_format is a KV format (dense, int8, int4, int4-g16, ...), not {_shown(value)}")
+    try:
+        return kv_format_name(value)
+    except KeyError:
+        raise PlanFileError(f"a plan's kv_format is a KV format (dense, int8, int4, int4-g16, ...), not "
+                            f"{_shown(value)}") from None
 
 
 def _hgca(d: dict) -> str:

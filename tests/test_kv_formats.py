@@ -60,9 +60,15 @@ def test_format_names_bytes_and_groups():
     assert i4.row_bytes(s) == NKV * (D // 2 + 4 * (D // 32)) and i4.lossy
     assert i4.slot_bytes(s, 100) == 100 * 2 * s.num_layers * i4.row_bytes(s)
     assert i4.group_of(128) == 32 and i8.group_of(80) == 40 and i4.group_of(16) == 16
+    g16 = kv_format("int4-g16", torch.bfloat16)  # other groups by name (Qwen2.5's keys want them: BENCHMARKS.md)
+    assert g16.name == "int4-g16" and g16.group_of(128) == 16 and g16.row_bytes(s) == NKV * (D // 2 + 4 * (D // 16))
+    assert kv_format_name("int4-g32") == "int4" and kv_format("int8-g32", torch.float32).group_of(64) == 32
+    for bad in ("int4-g7", "int4-gx", "dense-g16"):
+        with pytest.raises(KeyError):
+            kv_format_name(bad)
 
 
-@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["int8", "int4", "int4-g16"])
 def test_store_keeps_the_encoded_rows_of_tokens_and_spans(name):
     torch.manual_seed(1)
     s = spec()
@@ -83,7 +89,7 @@ def test_store_keeps_the_encoded_rows_of_tokens_and_spans(name):
 
 # ---- backends ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["device-kv", "host-kv-gpu", "host-kv-cpu"])
-@pytest.mark.parametrize("kv", ["int8", "int4"])
+@pytest.mark.parametrize("kv", ["int8", "int4", "int8-g16"])
 def test_backends_decode_over_the_quantized_keys_and_prefill_exactly(name, kv):
     torch.manual_seed(2)
     be = get_attention(name)(spec(), plan(kv=kv, attention=name), "cpu", torch.float32)

@@ -129,11 +129,21 @@ register_kv_format(Int8KV)
 register_kv_format(Int4KV)
 
 
+KV_GROUPS = (8, 16, 32, 64, 128)  # group sizes a packed format takes by name: int4-g16, int8-g32, ...
+
+
 def kv_format_name(name: str) -> str:
-    """The registered name a user's word stands for ("bf16" is the dense format); unknown: a KeyError."""
+    """The registered name a user's word stands for ("bf16" is the dense format; "int4-g16" is int4 in
+    groups of 16); unknown: a KeyError."""
     key = KV_ALIASES.get(name.strip().lower(), name.strip().lower())
+    base, _, group = key.partition("-g")
+    if base in KV_FORMATS and issubclass(KV_FORMATS[base], PackedKV) and group:
+        if group.isdigit() and int(group) in KV_GROUPS:
+            return key if int(group) != KV_FORMATS[base].nominal_group else base
+        raise KeyError(f"KV format {name!r}: groups of {', '.join(map(str, KV_GROUPS))} values ({base}-g16, ...)")
     if key not in KV_FORMATS:
-        raise KeyError(f"unknown KV format {name!r} (known: {', '.join(kv_format_names())}; bf16 = dense)")
+        raise KeyError(f"unknown KV format {name!r} (known: {', '.join(kv_format_names())}, with -gN for other "
+                       "groups; bf16 = dense)")
     return key
 
 
@@ -144,7 +154,12 @@ def kv_format_names() -> list[str]:
 @functools.lru_cache(maxsize=64)
 def kv_format(name: str, dtype: torch.dtype) -> KVFormat:
     """The KV format `name` (a plan's kv_format) computing in `dtype`."""
-    return KV_FORMATS[kv_format_name(name)](dtype)
+    key = kv_format_name(name)
+    base, _, group = key.partition("-g")
+    fmt = KV_FORMATS[base](dtype)
+    if group:  # a packed format in other groups along the head dimension
+        fmt.nominal_group, fmt.name = int(group), key
+    return fmt
 
 
 @functools.lru_cache(maxsize=4096)
