@@ -81,11 +81,10 @@ class HGCA(HostKVGPU):
 
     @classmethod
     def host_bytes(cls, shape, knobs, max_len: int, pinned: bool) -> int:
-        s = setting_of(knobs.hgca)
         spec = shape.spec
         # float32 scores of the older keys of one slot group, and the gathered values: bounded chunks.
         scratch = 4 * min(knobs.wave, 64) * spec.num_heads * max_len * 4
-        return super().host_bytes(shape, knobs, max_len, pinned) + scratch + 0 * s.top_k
+        return super().host_bytes(shape, knobs, max_len, pinned) + scratch
 
     @classmethod
     def step_terms(cls, m, decode, T, covered, ctx_mean, zero) -> StepTerms:
@@ -98,7 +97,7 @@ class HGCA(HostKVGPU):
         # The CPU reads every older key (half a row: K) for the scores, and the values of the top-k keys of
         # each query head (at most every older value).
         picked = np.minimum(older, s.top_k * (spec.num_heads // spec.num_kv_heads))
-        cpu_bytes = decode * (older + picked) * (m.kv_row / 2 * L)
+        cpu_bytes = decode * (older + picked) * (m.kv_row_values / 2 * L)  # by values, as host-kv-cpu
         rate = hw.host.cpu_attn_contended_bytes_s if m.streams else hw.host.cpu_attn_bytes_s
         serial = [(decode > 0) * (L * 2 * hw.host.sync_s),
                   decode * ((spec.q_size * 2) * dsize * L) / hw.h2d_pageable_bytes_s]

@@ -28,7 +28,7 @@ class HostKVCPU(HostKVGPU):
     def step_terms(cls, m, decode, T, covered, ctx_mean, zero) -> StepTerms:
         hw, L, spec, dsize = m.hw, m.L, m.shape.spec, m.shape.dsize
         d2h, store_s = cls.kv_store_s(m, T)
-        attn_bytes = covered * ctx_mean * (m.kv_row * L)
+        attn_bytes = covered * ctx_mean * (m.kv_row_values * L)  # priced by values (cost.StepModel.kv_row_values)
         rate = hw.host.cpu_attn_contended_bytes_s if m.streams else hw.host.cpu_attn_bytes_s
         # q over and the output back every layer (waits), the new K/V stored at once.
         serial = [(decode > 0) * (L * 2 * hw.host.sync_s),

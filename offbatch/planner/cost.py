@@ -108,6 +108,10 @@ class StepModel:
         self.L = spec.num_layers
         self.max_len = max_len
         self.kv_row = kv_format(knobs.kv_format, shape.dtype).layer_bytes_per_token(spec)  # K+V of a position, a layer
+        # The same in the compute dtype: CPU attention is bound by the values it multiplies, not the bytes it
+        # reads (packed rows ran at about the same values per second as bf16 on the host threads:
+        # scripts/bench_host_attention.py), so its time is priced by these.
+        self.kv_row_values = kv_format("dense", shape.dtype).layer_bytes_per_token(spec)
         # The attention backend's terms; on a CPU it runs as KV on the compute device.
         self.attention = get_attention(knobs.attention).for_device(hw.device)
         self.cpu_attn = self.attention.attends_on_host
