@@ -51,7 +51,7 @@ for part in "$@"; do
     kv-tests) # Compressed KV and HGCA on the GPU: the Triton kernels in bf16 against their twins, the backends.
            set -o pipefail
            timeout 240 python -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_kv.py tests/test_kv_formats.py \
-             tests/test_host_attention.py -rfE --tb=short 2>&1 | tail -25 || { echo "=== KV GPU tests failed: stopping"; exit 1; }
+             tests/test_host_attention.py tests/test_engine_kv.py -rfE --tb=short 2>&1 | tail -25 || { echo "=== KV GPU tests failed: stopping"; exit 1; }
            set +o pipefail ;;
     kv-kernels) timeout 150 python scripts/bench_kv_kernels.py --json "$OUT/kv-kernels.json" 2>&1 | tail -30 ;;
     # KV formats side by side on one shape (KV_RUNS="dense:dense dense:int8 int4:int4": weights:kv; the first

@@ -51,20 +51,24 @@ def folder(request, tmp_path_factory):
     return path
 
 
-def engine_tokens(path, **options):
-    eng = engine_for_folder(path, device="cpu", dtype="float32", num_requests=len(PROMPTS), max_len=32, **options)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def engine_tokens(path, device="cpu", **options):
+    eng = engine_for_folder(path, device=device, dtype="float32", num_requests=len(PROMPTS), max_len=32, **options)
     reqs = [GenRequest(i, p, SamplingParams(max_tokens=NEW, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
     outs = {o.key: o.token_ids for o in eng.generate(reqs)}
     eng.close()
     return eng, [outs[i] for i in range(len(PROMPTS))]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kv", ["int8", "int4"])
-def test_engine_with_compressed_kv_equals_the_stored_kv_oracle(folder, kv):
+def test_engine_with_compressed_kv_equals_the_stored_kv_oracle(folder, kv, device):
     ref = ReferenceModel.load(folder, dtype="float32")
     oracle = ReferenceModel(ref.spec, ref.modules, "cpu", torch.float32, StoredKVAttention(ref.spec, kv))
     expected = oracle.greedy(PROMPTS, NEW)
-    eng, got = engine_tokens(folder, kv_formats=[kv], attn_micro_batch=2, prefill_tokens=16, max_wave=3)
+    eng, got = engine_tokens(folder, device, kv_formats=[kv], attn_micro_batch=2, prefill_tokens=16, max_wave=3)
     assert eng.plan.kv_format == kv and eng.attention.kv.packed
     assert got == expected
     # The oracle is not the exact forward in disguise: its decode logits move.
@@ -76,11 +80,12 @@ def test_engine_with_compressed_kv_equals_the_stored_kv_oracle(folder, kv):
     assert not torch.allclose(logits[0], logits[1], atol=1e-6)
 
 
-def test_hgca_over_every_older_key_gives_the_exact_tokens(folder):
+@pytest.mark.parametrize("device", DEVICES)
+def test_hgca_over_every_older_key_gives_the_exact_tokens(folder, device):
     from offbatch.attention.hgca_setting import HGCASetting
 
     exact = ReferenceModel.load(folder, dtype="float32").greedy(PROMPTS, NEW)
-    eng, got = engine_tokens(folder, attention="hgca", hgca=HGCASetting(sinks=1, window=3, top_k=100))
+    eng, got = engine_tokens(folder, device, attention="hgca", hgca=HGCASetting(sinks=1, window=3, top_k=100))
     assert eng.plan.attention == "hgca" and eng.attention.cpu_s > 0  # the CPU half ran
     assert got == exact
 

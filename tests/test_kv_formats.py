@@ -40,12 +40,17 @@ def roundtrip(x, name):
     return x if name == "dense" else fmt.decode(fmt.encode(x), D)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
 def run_step(backend, layer, decode, prefill):
+    """One step through backend.attend (inputs on the CPU, moved to the backend's device; output back)."""
     step = backend.begin_step([s for s, *_ in decode], [n for _, n, *_ in decode],
                               [(s, q.shape[0]) for s, q, _, _ in prefill], [list(range(len(prefill)))] if prefill else [])
     rows = [(q, k, v) for _, _, q, k, v in decode] + [(q, k, v) for _, q, k, v in prefill]
-    q, k, v = (torch.cat([r[i] for r in rows]) for i in range(3))
-    return backend.attend(layer, q, k, v, step)
+    q, k, v = (torch.cat([r[i] for r in rows]).to(backend.device) for i in range(3))
+    out = backend.attend(layer, q, k, v, step)
+    return out.cpu()
 
 
 # ---- formats and the store -------------------------------------------------------------------------------
@@ -88,11 +93,13 @@ def test_store_keeps_the_encoded_rows_of_tokens_and_spans(name):
 
 
 # ---- backends ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["device-kv", "host-kv-gpu", "host-kv-cpu"])
 @pytest.mark.parametrize("kv", ["int8", "int4", "int8-g16"])
-def test_backends_decode_over_the_quantized_keys_and_prefill_exactly(name, kv):
+def test_backends_decode_over_the_quantized_keys_and_prefill_exactly(name, kv, device):
+    # On a GPU the host-KV backends keep the KV in pinned memory and store through the writer thread.
     torch.manual_seed(2)
-    be = get_attention(name)(spec(), plan(kv=kv, attention=name), "cpu", torch.float32)
+    be = get_attention(name)(spec(), plan(kv=kv, attention=name), device, torch.float32)
     a, b = be.allocate(), be.allocate()
     prompts = {a: 5, b: 9}
     pre = [(s, torch.randn(n, NH, D), torch.randn(n, NKV, D), torch.randn(n, NKV, D)) for s, n in prompts.items()]
@@ -136,12 +143,15 @@ def hgca_reference(q, kk, vv, setting: HGCASetting):
     return out
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kv", ["dense", "int8"])
 @pytest.mark.parametrize("setting", [HGCASetting(sinks=2, window=4, top_k=3), HGCASetting(sinks=0, window=3, top_k=1),
                                      HGCASetting(sinks=3, window=5, top_k=1000)])
-def test_hgca_decode_keeps_its_definition(kv, setting):
+def test_hgca_decode_keeps_its_definition(kv, setting, device):
+    # On a GPU: the window on the device, the whole KV in pinned host memory through the writer thread,
+    # the older keys attended on the host threads while the GPU attends the window.
     torch.manual_seed(3)
-    be = HGCA(spec(), plan(kv=kv, attention="hgca", hgca=str(setting)), "cpu", torch.float32)
+    be = HGCA(spec(), plan(kv=kv, attention="hgca", hgca=str(setting)), device, torch.float32)
     slots = [be.allocate() for _ in range(3)]
     lens = dict(zip(slots, (6, 1, 13)))
     pre = [(s, torch.randn(n, NH, D), torch.randn(n, NKV, D), torch.randn(n, NKV, D)) for s, n in lens.items()]
