@@ -146,7 +146,7 @@ def hgca_reference(q, kk, vv, setting: HGCASetting):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kv", ["dense", "int8"])
 @pytest.mark.parametrize("setting", [HGCASetting(sinks=2, window=4, top_k=3), HGCASetting(sinks=0, window=3, top_k=1),
-                                     HGCASetting(sinks=3, window=5, top_k=1000)])
+                                     HGCASetting(sinks=3, window=5, top_k=1000), HGCASetting(sinks=1, window=2, top_k=0)])
 def test_hgca_decode_keeps_its_definition(kv, setting, device):
     # On a GPU: the window on the device, the whole KV in pinned host memory through the writer thread,
     # the older keys attended on the host threads while the GPU attends the window.

@@ -137,7 +137,7 @@ class HGCA(HostKVGPU):
         older = []
         for j, (slot, n) in enumerate(zip(dec_slots, dec_lengths)):
             sink_end, recent_start = self.setting.split(n + 1)
-            if recent_start > sink_end:
+            if recent_start > sink_end and self.setting.top_k > 0:  # top_k 0: the window alone
                 older.append(j)
                 lo[slot], hi[slot] = sink_end, recent_start
         rows, pslots, ppos, row = [], [], [], 0
