@@ -43,9 +43,15 @@ class AttentionStep:
     decode: DecodeBatch | None
     prefill: list[tuple[int, int]]  # (slot, prompt tokens) of the sequences admitted this step
     groups: list[list[int]]  # indices into `prefill` attended together
+    # A backend with its own decode path (hgca.py) keeps its per-step data here and its decode row count in
+    # `rows`, and builds no DecodeBatch.
+    own: object = None
+    rows: int | None = None
 
     @property
     def decode_rows(self) -> int:
+        if self.rows is not None:
+            return self.rows
         return len(self.decode.slots) if self.decode is not None else 0
 
 

@@ -130,7 +130,6 @@ class HGCA(HostKVGPU):
         return min(length, s) + min(w, max(0, length - s))
 
     def begin_step(self, dec_slots, dec_lengths, prefill, prefill_groups) -> AttentionStep:
-        step = AttentionStep(None, list(prefill), [list(g) for g in prefill_groups])
         dev, host = self.device, torch.device("cpu")
         lo = [0] * self.kv.slots
         hi = [0] * self.kv.slots
@@ -148,7 +147,7 @@ class HGCA(HostKVGPU):
                     pslots.append(slot)
                     ppos.append(self._place(p))
             row += n
-        step.hgca = HGCAStep(
+        own = HGCAStep(
             slots=_index(dec_slots, dev), store_slots=_index(dec_slots, host), store_pos=_index(dec_lengths, host),
             window_pos=_index([self._place(n) for n in dec_lengths], dev),
             window_len=_index([self._valid(n + 1) for n in dec_lengths], dev), older=older,
@@ -156,26 +155,16 @@ class HGCA(HostKVGPU):
             older_rows_dev=_index(older, dev) if older else None,
             prefill_rows=_index(rows, dev) if rows else None, prefill_slots=_index(pslots, dev) if rows else None,
             prefill_pos=_index(ppos, dev) if rows else None)
-        step.hgca_decode_rows = len(dec_slots)
-        return step
-
-    def attend(self, layer, q, k, v, step):
-        out = torch.empty_like(q)
-        nd = step.hgca_decode_rows
-        if nd:
-            out[:nd] = self.decode(layer, q[:nd], k[:nd], v[:nd], step)[0]
-        if step.prefill:
-            out[nd:] = self.prefill(layer, q[nd:], k[nd:], v[nd:], step)
-        return out
+        return AttentionStep(None, list(prefill), [list(g) for g in prefill_groups], own=own, rows=len(dec_slots))
 
     def prefill(self, layer, q, k, v, step):
-        h = step.hgca
+        h = step.own
         if h.prefill_rows is not None:
             self.near.write_tokens(layer, h.prefill_slots, h.prefill_pos, k[h.prefill_rows], v[h.prefill_rows])
         return super().prefill(layer, q, k, v, step)
 
     def decode(self, layer, q, k, v, step, lse: bool = False):
-        h = step.hgca
+        h = step.own
         # The new token: into host KV (asynchronously from a GPU) and into the GPU part.
         self.kv.settle(layer)
         if self.kv.writer is not None:
