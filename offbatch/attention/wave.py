@@ -90,13 +90,15 @@ def decode_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v
     (float32) of each query's scores (the product is the same either way), else None."""
     compute, where = q.device, batch.where
     kv.settle(layer)  # earlier asynchronous writes of this layer (last step's) are in place
+    if batch.copy_kv:  # packed once: the store and the patches below take the same rows
+        k, v = kv.encode(k), kv.encode(v)
     if batch.copy_kv and kv.writer is not None:
         # The device works on a copy of each range with the new tokens patched in: the host copy of
         # this step's tokens can land later (the next step settles it first).
         kv.writer.store_tokens(layer, k, v, batch.store_slots, batch.store_pos)  # host tensors, built per step
     else:
         kv.write_tokens(layer, batch.store_slots, batch.store_pos, k, v)
-    kw, vw = (kv.encode(k).to(where), kv.encode(v).to(where)) if batch.copy_kv else (None, None)
+    kw, vw = (k.to(where), v.to(where)) if batch.copy_kv else (None, None)
 
     W, (nh, d) = kv.slots, q.shape[1:]
     q_all = torch.zeros(W, nh, d, device=where, dtype=q.dtype)
