@@ -51,7 +51,7 @@ for part in "$@"; do
     kv-tests) # Compressed KV and HGCA on the GPU: the Triton kernels in bf16 against their twins, the backends.
            set -o pipefail
            timeout 240 python -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_kv.py tests/test_kv_formats.py \
-             tests/test_host_attention.py tests/test_engine_kv.py -rfE --tb=short 2>&1 | tail -25 || { echo "=== KV GPU tests failed: stopping"; exit 1; }
+             tests/test_host_attention.py tests/test_engine_kv.py tests/test_kv_fetch.py tests/test_wave_attention.py -rfE --tb=short 2>&1 | tail -25 || { echo "=== KV GPU tests failed: stopping"; exit 1; }
            set +o pipefail ;;
     kv-kernels) timeout 150 python scripts/bench_kv_kernels.py --json "$OUT/kv-kernels.json" 2>&1 | tail -30 ;;
     # KV formats side by side on one shape (KV_RUNS="dense:dense dense:int8 int4:int4": weights:kv; the first
@@ -72,6 +72,13 @@ for part in "$@"; do
                --kv $kv $hg --json --out "$OUT/$name.json" > /dev/null 2> "$OUT/$name.err"
              python scripts/kv_row.py "$OUT/$name.json" "$run" || tail -3 "$OUT/$name.err"
            done ;;
+    kv-copy) # Host KV to the GPU: compute-stream whole-range copies (old) against a copy stream (stream) and live
+           # positions only (new), one plan (host-kv-gpu, KV_COPY_WAVE) in one process; bf16 (new) as the baseline.
+           job="--synth llama-3-8b --gpu-memory 8GiB --prompts 1024 --prompt-len 64 --gen-len 32"
+           timeout 300 python scripts/bench_kv_copy.py $job --weights ${KV_COPY_WEIGHTS:-int4} --wave ${KV_COPY_WAVE:-1024} \
+             --out "$OUT/kv-copy-${KV_COPY_WEIGHTS:-int4}.json" 2>"$OUT/kv-copy.err" | grep -v '^{' || tail -5 "$OUT/kv-copy.err"
+           timeout 200 python -m offbatch.cli.main bench $job --json --out "$OUT/kv-copy-bf16.json" > /dev/null 2>"$OUT/kv-copy-bf16.err"
+           python scripts/kv_row.py "$OUT/kv-copy-bf16.json" "bf16 (solver's plan)" || tail -3 "$OUT/kv-copy-bf16.err" ;;
     sdpa-shapes) timeout 120 python scripts/bench_sdpa_shapes.py 2>&1 | tail -5 ;;
     llama-int4-cudnn) # issue 14's Llama job, bf16 and int4, then int4 again with cuDNN's SDPA allowed (A/B).
            job="--synth llama-3-8b --gpu-memory 8GiB --prompts 1024 --prompt-len 64 --gen-len 32"

@@ -160,8 +160,9 @@ def test_the_planners_kv_bytes_are_what_the_store_allocates():
     scores = 3 * 2 * sp.num_heads * max_len * 4  # CPU attention: float32 scores of a micro-batch, its output
     assert HostKVCPU.host_bytes(shape, knobs, max_len, False) == kv.nbytes + writer.staging_bytes + scores
     assert DeviceKV.host_bytes(shape, knobs, max_len, True) == 0
-    # With GPU attention: the K and V buffers a micro-batch's slot range is copied into.
-    copies = sum(t.numel() * t.element_size() for t in kv.range_buffers(knobs.attn_micro_batch, "cpu"))
+    # With GPU attention: the two pairs of K and V buffers a micro-batch's slot range is copied into
+    # (one filled on the copy stream while the other is read: offload/kv_fetch.py).
+    copies = 2 * sum(t.numel() * t.element_size() for t in kv.range_buffers(knobs.attn_micro_batch, "cpu"))
     assert HostKVGPU.device_bytes(shape, knobs, max_len)["kv"] == copies
     assert HostKVCPU.device_bytes(shape, knobs, max_len)["kv"] == 0
 

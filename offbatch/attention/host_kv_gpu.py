@@ -1,11 +1,16 @@
 """host-kv-gpu: the wave's KV in pinned host memory; each decode micro-batch's slot range is copied to
-the device (one contiguous block, sharing the link with the weight copies) and attended there. New K/V
-go back through the host writer's staging ring (offload/kv_writer.py), off the compute stream's path."""
+the device (its live positions, one range ahead on a stream of its own: offload/kv_fetch.py, sharing the
+link with the weight copies) and attended there. New K/V go back through the host writer's staging ring
+(offload/kv_writer.py), off the compute stream's path."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from offbatch.attention.backend import AttentionBackend, StepTerms, register_attention
+from offbatch.offload.copy2d import live_copies_enabled
 from offbatch.offload.kv import pinned_allocation_bytes
+from offbatch.offload.kv_fetch import copy_stream_enabled
 from offbatch.offload.kv_writer import staging_bytes, staging_rows
 
 
@@ -22,10 +27,13 @@ class HostKVGPU(AttentionBackend):
     @classmethod
     def device_bytes(cls, shape, knobs, max_len: int) -> dict[str, int]:
         # A query and an output row per slot stay on the device, and the K and V buffers a micro-batch's
-        # slot range is copied into (wave.decode_batch: one pair, reused by every range of the step).
+        # slot range is copied into (offload/kv_fetch.py: two pairs, one being filled while the other is
+        # read, reused by every range of the step).
         mb = min(knobs.attn_micro_batch, knobs.wave)
         rows = 3 * knobs.wave * shape.spec.q_size * shape.dsize + 24 * knobs.wave
-        return {"kv": 2 * cls.kv_format_of(shape, knobs).tensor_bytes(shape.spec, mb, max_len), "activations": rows}
+        pairs = 2 if copy_stream_enabled() else 1
+        return {"kv": 2 * pairs * cls.kv_format_of(shape, knobs).tensor_bytes(shape.spec, mb, max_len),
+                "activations": rows}
 
     @classmethod
     def host_bytes(cls, shape, knobs, max_len: int, pinned: bool) -> int:
@@ -44,12 +52,19 @@ class HostKVGPU(AttentionBackend):
 
     @classmethod
     def step_terms(cls, m, decode, T, covered, ctx_mean, zero) -> StepTerms:
-        kv_h2d = covered * (m.max_len * m.kv_row * m.L)  # each covered slot's whole range, every layer
+        # Each covered slot's live positions, every layer: up to the longest live context of its
+        # micro-batch (sequences admitted together share one: about the mean), and the new token's.
+        # (OFFBATCH_KV_COPY_LIVE=0: whole max_len ranges.)
+        live = np.minimum(ctx_mean + 1, m.max_len) if live_copies_enabled() else m.max_len
+        kv_h2d = covered * (live * m.kv_row * m.L)
         d2h, store_s = cls.kv_store_s(m, T)
         attn_bytes = covered * ctx_mean * (m.kv_row * m.L)
-        # The copies are issued on the compute stream, sharing the link with the weight copies.
+        # The copies run on a stream of their own, one range ahead of the attention: they share the link
+        # with the weight copies (in the step's link bytes) and are not in the compute chain. Issued on the
+        # compute stream (OFFBATCH_KV_COPY_STREAM=0) they are in both.
+        kv_copy = zero if copy_stream_enabled() else kv_h2d / m.hw.h2d_pinned_bytes_s
         return StepTerms(kv_link_bytes=kv_h2d, kv_store_bytes=d2h, gpu_s=attn_bytes / m.hw.mem_bytes_s, cpu_s=zero,
-                         kv_copy_s=kv_h2d / m.hw.h2d_pinned_bytes_s, kv_store_s=store_s)
+                         kv_copy_s=kv_copy, kv_store_s=store_s)
 
     @classmethod
     def summary_words(cls, gpu: str) -> str:

@@ -21,6 +21,7 @@ from offbatch import kernels
 from offbatch.attention.dense import grouped_attention, grouped_lse
 from offbatch.attention.host_attention import host_decode_attention
 from offbatch.offload.kv import WaveKV
+from offbatch.offload.kv_fetch import RangeFetcher
 
 
 @dataclass
@@ -39,10 +40,9 @@ class DecodeBatch:
     q_pos: torch.Tensor  # [W]
     ranges: list[tuple[int, int, int]]  # micro-batches (a, b, longest live length) with a live sequence
     patches: list  # per range, with copy_kv: (rows in the range, positions, rows of q/k/v) on `where`
-    # With copy_kv: one K and one V buffer of a micro-batch's slots on `where`, reused by every range of
-    # every layer of the step (stream order keeps a range's copy behind the last one's attention). A
-    # fresh pair per range would hold two pairs at once under the cap and churn the allocator there.
-    kv_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+    # With copy_kv: the copies of each (layer, range) into buffers on `where`, reused by every range of
+    # every layer of the step (offload/kv_fetch.py: on a GPU, one range ahead on a stream of their own).
+    fetcher: RangeFetcher | None = None
 
 
 def _index(values, device: torch.device) -> torch.Tensor:
@@ -78,9 +78,9 @@ def decode_batch(kv: WaveKV, slots: list[int], lengths: list[int], micro_batch: 
                             _index(sel, where)))
         else:
             patches.append(None)
-    buffers = kv.range_buffers(max(b - a for a, b, _ in ranges), where) if copy_kv and ranges else None
+    fetcher = RangeFetcher(kv, ranges, where) if copy_kv and ranges else None
     return DecodeBatch(slots, lengths, where, copy_kv, _index(slots, store), _index(lengths, store),
-                       _index(slots, where), _index(k_len, where), _index(q_pos, where), ranges, patches, buffers)
+                       _index(slots, where), _index(k_len, where), _index(q_pos, where), ranges, patches, fetcher)
 
 
 def decode_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: DecodeBatch,
@@ -105,11 +105,11 @@ def decode_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v
     q_all[batch.where_slots] = q.to(where)
     out = torch.empty_like(q_all)
     lse_all = torch.empty(W, nh, device=where, dtype=torch.float32) if lse else None
-    for (a, b, L), patch in zip(batch.ranges, batch.patches):
+    for r, ((a, b, L), patch) in enumerate(zip(batch.ranges, batch.patches)):
         if not batch.copy_kv:
             kk, vv = kv.read(layer, a, b, L)
-        else:  # copy the whole (contiguous) slot range, then narrow
-            kk, vv = kv.copy_range_to(layer, a, b, *batch.kv_buffers, L)
+        else:  # the range's copy (issued one range ahead), with this step's tokens patched in
+            kk, vv = batch.fetcher.take(layer, r)
             rows, pos, sel = patch
             kk[rows, :, pos] = kw[sel]
             vv[rows, :, pos] = vw[sel]
@@ -119,11 +119,13 @@ def decode_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v
             out[a:b] = o
             if lse:
                 lse_all[a:b] = s
-            continue
-        qr, q_pos, k_len = q_all[a:b, :, None, :], batch.q_pos[a:b, None], batch.k_len[a:b]
-        out[a:b] = grouped_attention(qr, kk, vv, q_pos, k_len, window)[:, :, 0, :]
-        if lse:
-            lse_all[a:b] = grouped_lse(qr, kk, q_pos, k_len, window)[:, :, 0]
+        else:
+            qr, q_pos, k_len = q_all[a:b, :, None, :], batch.q_pos[a:b, None], batch.k_len[a:b]
+            out[a:b] = grouped_attention(qr, kk, vv, q_pos, k_len, window)[:, :, 0, :]
+            if lse:
+                lse_all[a:b] = grouped_lse(qr, kk, q_pos, k_len, window)[:, :, 0]
+        if batch.copy_kv:
+            batch.fetcher.done()
     got = out[batch.where_slots].to(compute, non_blocking=True)
     return got, (lse_all[batch.where_slots].to(compute, non_blocking=True) if lse else None)
 

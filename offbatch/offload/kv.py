@@ -21,6 +21,7 @@ from offbatch import kernels
 from offbatch.formats.base import dtype_bytes
 from offbatch.kernels import kv_reference
 from offbatch.models.spec import ModelSpec
+from offbatch.offload import copy2d
 from offbatch.offload.weights import pack_pinned, pinned_bytes
 
 
@@ -297,11 +298,19 @@ class WaveKV:
                 torch.empty(shape, dtype=self.store_dtype, device=device))
 
     def copy_range_to(self, layer: int, a: int, b: int, k_out: torch.Tensor, v_out: torch.Tensor,
-                      length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copy slots a..b whole (one contiguous block each of K and V, non-blocking from pinned memory)
-        into the first b - a slots of k_out/v_out (range_buffers); returns those narrowed to `length`."""
+                      length: int, live: bool = False, stream=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy slots a..b (non-blocking from pinned memory) into the first b - a slots of k_out/v_out
+        (range_buffers); returns those narrowed to `length`. Whole slots (one contiguous block each of K
+        and V), or with `live` only positions 0..length of each (one 2D copy each: copy2d.py), on
+        `stream` (default: the current one)."""
         self.read_bytes += 2 * (b - a) * length * self.row_bytes
-        self.copied_bytes += 2 * (b - a) * self.max_len * self.row_bytes
-        kk = k_out[: b - a].copy_(self.k[layer][a:b], non_blocking=True)[:, :, :length]
-        vv = v_out[: b - a].copy_(self.v[layer][a:b], non_blocking=True)[:, :, :length]
-        return kk, vv
+        k_dst, v_dst = k_out[: b - a], v_out[: b - a]
+        if live:
+            self.copied_bytes += 2 * (b - a) * length * self.row_bytes
+            copy2d.copy_prefix(k_dst, self.k[layer][a:b], length, stream)
+            copy2d.copy_prefix(v_dst, self.v[layer][a:b], length, stream)
+        else:
+            self.copied_bytes += 2 * (b - a) * self.max_len * self.row_bytes
+            k_dst.copy_(self.k[layer][a:b], non_blocking=True)
+            v_dst.copy_(self.v[layer][a:b], non_blocking=True)
+        return k_dst[:, :, :length], v_dst[:, :, :length]
