@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from offbatch.cli.options import kv_plan_options  # noqa: E402
 from offbatch.engine.benchmark import run_bench  # noqa: E402
 from offbatch.formats import get_format  # noqa: E402
 from offbatch.models.spec import spec_from_config  # noqa: E402
@@ -50,6 +51,7 @@ def main():
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--weights", default="dense")
     p.add_argument("--kv", default="dense")
+    p.add_argument("--hgca", default=None, help="HGCA setting (with --attention hgca), e.g. window=256,top_k=128")
     p.add_argument("--attention", default="host-kv-gpu")
     p.add_argument("--wave", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=None)
@@ -69,8 +71,9 @@ def main():
         os.environ[k] = v
 
     def plan_for(**pins):
+        extra = kv_plan_options(a.kv, a.hgca)
         return make_plan(source.spec, dtype, "cuda", cap, wl, hardware=hw, shape=shape, weights=a.weights,
-                         kv_formats=[a.kv], disk_tier=False, **pins)
+                         disk_tier=False, **extra, **pins)
 
     pins = {"attention": a.attention}
     if a.wave:
@@ -100,7 +103,7 @@ def main():
             r = bench(plan, a.prompts, a.gen_len)
         except Exception as e:  # one failing run (out of memory) must not lose the others
             r = {"error": f"{type(e).__name__}: {e}"}
-        row = {"mode": mode, "attention": plan.attention, "wave": plan.wave_size,
+        row = {"mode": mode, "attention": plan.attention, "hgca": plan.hgca, "wave": plan.wave_size,
                "attn_micro_batch": plan.attn_micro_batch, "kv_format": plan.kv_format,
                "predicted_decode_tok_s": plan.predicted["decode_tok_s"]}
         for key in ("decode_tok_s", "e2e_tok_s", "prefill_tok_s", "decode_floor_tok_s", "decode_bytes_per_step",

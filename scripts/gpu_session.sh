@@ -61,7 +61,7 @@ for part in "$@"; do
              mixtral) shape="--synth mixtral-8x7b --layers 8"; job="--prompts 1024 --prompt-len 256 --gen-len 64" ;;
              llama) shape="--synth llama-3-8b"; job="--prompts 1024 --prompt-len 64 --gen-len 32" ;;
              llama-long) shape="--synth llama-3-8b"; job="--prompts 256 --prompt-len 4096 --gen-len ${LONG_GEN:-32}" ;;
-             opt) shape="--synth opt-30b"; job="--prompts 512 --prompt-len 256 --gen-len 32" ;;
+             opt) shape="--synth opt-30b"; job="--prompts ${OPT_PROMPTS:-512} --prompt-len 256 --gen-len ${OPT_GEN:-32}" ;;
            esac
            for run in ${KV_RUNS:-dense:dense dense:int8 int4:int4}; do
              w=${run%%:*}; kv=${run#*:}; hg=""; case $kv in *+hgca) kv=${kv%+hgca}; hg="--hgca ${HGCA:-auto}" ;; esac
