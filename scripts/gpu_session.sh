@@ -79,6 +79,16 @@ for part in "$@"; do
              --out "$OUT/kv-copy-${KV_COPY_WEIGHTS:-int4}.json" 2>"$OUT/kv-copy.err" | grep -v '^{' || tail -5 "$OUT/kv-copy.err"
            timeout 200 python -m offbatch.cli.main bench $job --json --out "$OUT/kv-copy-bf16.json" > /dev/null 2>"$OUT/kv-copy-bf16.err"
            python scripts/kv_row.py "$OUT/kv-copy-bf16.json" "bf16 (solver's plan)" || tail -3 "$OUT/kv-copy-bf16.err" ;;
+    bitmap) # issue 16: the bitmap expansion kernel in bf16 against its twin, its timing, and bitmap-50 against
+           # dense on a weight-bound Llama-3-8B job (short contexts: the KV stays on the GPU).
+           timeout 90 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_bitmap.py tests/test_formats_bitmap.py \
+             -rfE --tb=short 2>&1 | tail -8
+           timeout 40 python scripts/bench_bitmap_kernel.py 2>&1 | tail -8
+           job="--synth llama-3-8b --gpu-memory 8GiB --prompts 1024 --prompt-len 16 --gen-len 16"
+           for w in dense bitmap-50; do
+             timeout 100 python -m offbatch.cli.main bench $job --weights $w --json --out "$OUT/bitmap-llama-$w.json" > /dev/null 2>"$OUT/bitmap-$w.err"
+             python scripts/kv_row.py "$OUT/bitmap-llama-$w.json" "$w" || tail -3 "$OUT/bitmap-$w.err"
+           done ;;
     sdpa-shapes) timeout 120 python scripts/bench_sdpa_shapes.py 2>&1 | tail -5 ;;
     llama-int4-cudnn) # issue 14's Llama job, bf16 and int4, then int4 again with cuDNN's SDPA allowed (A/B).
            job="--synth llama-3-8b --gpu-memory 8GiB --prompts 1024 --prompt-len 64 --gen-len 32"

@@ -55,7 +55,7 @@ def dense(request, tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module", params=["int4-asym-g32", "int8"])
+@pytest.fixture(scope="module", params=["int4-asym-g32", "int8", "bitmap-50"])
 def stored(request, dense, tmp_path_factory):
     out = tmp_path_factory.mktemp("stored") / request.param
     write_stored(dense, out, request.param)
@@ -112,7 +112,7 @@ def test_engine_and_reference_run_the_folder_in_its_format_by_default(stored, de
     assert [outs[i] for i in range(len(PROMPTS))] == expected
     # Run expanded: the decoded weights, as dense.
     expanded = ReferenceModel.load(out, dtype="float32", weights="dense")
-    assert not any(k.endswith((".q4", ".q8")) for k in expanded.modules[(0, "attn")])
+    assert not any(k.endswith((".q4", ".q8", ".bits")) for k in expanded.modules[(0, "attn")])
 
 
 def test_another_lossy_format_on_a_stored_folder_is_refused(stored):
@@ -153,10 +153,13 @@ def _first(t, suffix):
     ("other-method", "does not read"),
     ("unknown-format", "does not know"),
     ("not-an-object", "not an object"),
+    ("bits-shape", "format imply"),
+    ("bits-dtype", "format stores it as uint8"),
+    ("bits-values-missing", "missing tensors"),
 ])
 def test_a_broken_stored_folder_is_one_clear_error(dense, tmp_path, case, match):
     folder = tmp_path / "ok"
-    write_stored(dense, folder, "int4-asym-g32")
+    write_stored(dense, folder, "bitmap-50" if case.startswith("bits") else "int4-asym-g32")
     edits = {
         "scale-dtype": dict(change_tensors=lambda t: t.update({_first(t, ".scale"): t[_first(t, ".scale")].float()})),
         "q4-shape": dict(change_tensors=lambda t: t.update({_first(t, ".q4"): t[_first(t, ".q4")][:, :-1].clone()})),
@@ -166,6 +169,9 @@ def test_a_broken_stored_folder_is_one_clear_error(dense, tmp_path, case, match)
         "other-method": dict(change_config=lambda c: c.update(quantization_config={"quant_method": "gptq", "bits": 4})),
         "unknown-format": dict(change_config=lambda c: c["quantization_config"].update(format="int3")),
         "not-an-object": dict(change_config=lambda c: c.update(quantization_config="int4")),
+        "bits-shape": dict(change_tensors=lambda t: t.update({_first(t, ".bits"): t[_first(t, ".bits")][:, :-1].clone()})),
+        "bits-dtype": dict(change_tensors=lambda t: t.update({_first(t, ".bits"): t[_first(t, ".bits")].to(torch.int16)})),
+        "bits-values-missing": dict(change_tensors=lambda t: t.pop(_first(t, ".nz"))),
     }
     bad = _edit(folder, tmp_path, **edits[case])
     with pytest.raises(ModelFolderError, match=match):
@@ -235,19 +241,20 @@ def test_plan_and_inspect_name_the_stored_format(stored):
     assert r.exit_code == 0 and json.loads(r.stdout)["weights"] == name
 
 
+@pytest.mark.parametrize("name, suffix", [("int4-asym", ".q4"), ("bitmap-50", ".bits")])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_stored_in_int4_runs_the_reference_tokens(family, tmp_path):
-    """A folder stored in int4-asym (by the contract): the streaming engine, weights streamed, gives the
-    reference forward's greedy tokens on the same folder."""
+def test_every_family_stored_in_a_format_runs_the_reference_tokens(family, name, suffix, tmp_path):
+    """A folder stored in int4-asym or pruned to bitmap-50 (by the contract): the streaming engine, weights
+    streamed, gives the reference forward's greedy tokens on the same folder."""
     from offbatch.engine.api import GenRequest, SamplingParams
     from offbatch.engine.build import engine_for_folder
     from offbatch.engine.reference import ReferenceModel
 
-    src, out = tmp_path / "src", tmp_path / "int4"
+    src, out = tmp_path / "src", tmp_path / name
     save_hf_model(family, src)
-    write_stored(src, out, "int4-asym")
+    write_stored(src, out, name)
     ref = ReferenceModel.load(out, dtype="float32")
-    assert any(k.endswith(".q4") for k in ref.modules[(0, "attn")])
+    assert any(k.endswith(suffix) for k in ref.modules[(0, "attn")])
     expected = ref.greedy(PROMPTS, 3)
     eng = engine_for_folder(out, device="cpu", dtype="float32", num_requests=len(PROMPTS), max_len=32,
                             max_resident_bytes=0)

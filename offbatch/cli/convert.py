@@ -26,6 +26,56 @@ def _format(weights: str, group: int | None, skip: list[str] | None) -> str:
         raise typer.BadParameter(str(e), param_hint=e.option) from None
 
 
+def _pruned_format(prune: float, weights: str | None, method: str, calib: Path | None, group: int | None,
+                   skip: list[str] | None) -> str:
+    """The bitmap format --prune names (bitmap-50 for 0.5), refusing what this build cannot do."""
+    from offbatch.tools.prune import METHODS
+
+    if method not in METHODS:
+        raise typer.BadParameter(f"{method!r}: --method takes {', '.join(METHODS)}", param_hint="--method")
+    if calib is not None and method != "wanda":
+        raise typer.BadParameter("only --method wanda calibrates", param_hint="--calib")
+    percent = round(prune * 100)
+    if abs(prune * 100 - percent) > 1e-6:
+        raise typer.BadParameter(f"{prune}: prune a whole percent of the values (0.5, 0.55, ...)", param_hint="--prune")
+    if weights is not None or group is not None:
+        raise typer.BadParameter("pruned values are stored in the model's dtype: int8/int4 values in the bitmap "
+                                 "format are not built yet", param_hint="--weights")
+    return _format(f"bitmap-{percent}", None, skip)
+
+
+def _wanda(model_dir: Path, name: str, calib: Path | None, eval_text: Path | None, scored: int, device, dtype,
+           quiet: bool):
+    """Wanda's hook (tools/prune.py) and where its calibration came from: the first windows of --calib, or
+    windows from the end of the evaluation text, after the ones quality is scored on."""
+    from offbatch.cli.eval_ppl import read_text_file
+    from offbatch.engine.select import resolve_device
+    from offbatch.errors import InputFileError
+    from offbatch.formats import KeepDense, get_format
+    from offbatch.tools.convert import eval_windows as make_windows
+    from offbatch.tools.prune import CALIB_WINDOWS, input_norms, pruner
+    from offbatch.tools.texts import default_eval_text
+
+    path = calib if calib is not None else (eval_text if eval_text is not None else default_eval_text())
+    if path is None:
+        raise typer.BadParameter("--method wanda needs calibration text: give --calib FILE", param_hint="--calib")
+    ids, wins, window = make_windows(model_dir, read_text_file(path), 1 << 30)
+    if calib is None:
+        wins = wins[scored:][-CALIB_WINDOWS:]  # apart from the windows convert scores
+    else:
+        wins = wins[:CALIB_WINDOWS]
+    if not wins:
+        raise InputFileError(f"{path} has no window of {window} tokens for calibration"
+                             + ("" if calib is not None else " beside the ones scored: give --calib FILE"))
+    with _progress(not quiet) as bar:
+        task = bar.add_task("calibrating (wanda)", total=len(wins))
+        norms = input_norms(model_dir, [list(w.ids) for w in wins], resolve_device(device), dtype,
+                            lambda k: bar.update(task, completed=k + 1))
+    fmt = get_format(name)
+    bitmap = fmt.inner if isinstance(fmt, KeepDense) else fmt  # bitmap-50+keep=down: the layers pruned are bitmap-50's
+    return pruner(norms, bitmap.kept_values), {"text": str(path), "windows": len(wins), "window": window}
+
+
 def _eval_text(eval_text: Path | None, no_eval: bool) -> tuple[Path | None, str | None]:
     """(the text file, its text) to measure quality on, or (None, None): --no-eval, or no text is known."""
     from offbatch.cli.eval_ppl import read_text_file
@@ -76,8 +126,18 @@ def _print_quality(report: dict) -> None:
 def command(
     model_dir: Annotated[Path, typer.Argument(help="The dense model folder to convert.", show_default=False)],
     out_dir: Annotated[Path, typer.Argument(help="The folder to write.", show_default=False)],
-    weights: Annotated[str, typer.Option("--weights", help="The weight format: int8, int8-g32, int4, int4-asym, "
-                                         "int4-g32, int4-asym-g128, nf4, fp4, ...", show_default=False)],
+    weights: Annotated[Optional[str], typer.Option("--weights", help="The weight format: int8, int8-g32, int4, "
+                                                   "int4-asym, int4-g32, int4-asym-g128, nf4, fp4, ... (with --prune: "
+                                                   "none, the kept values stay in the model's dtype)",
+                                                   show_default=False)] = None,
+    prune: Annotated[Optional[float], typer.Option("--prune", min=0.01, max=0.99, help="Prune this share of each "
+                                                   "bulk weight's values (0.5: half of every row) and store the rest "
+                                                   "in the bitmap format (bitmap-50).")] = None,
+    method: Annotated[str, typer.Option("--method", help="With --prune: magnitude (largest |W| of each row) or "
+                                        "wanda (largest |W| x input norm, over calibration text).")] = "magnitude",
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="With --method wanda: plain text to calibrate on "
+                                                  "(default: the end of the evaluation text, apart from the windows "
+                                                  "scored).")] = None,
     group: Annotated[Optional[int], typer.Option("--group", min=1, help="Inputs per group for int4 / int4-asym / "
                                                  "int8 (int4 --group 32 is int4-g32).")] = None,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Layers to keep dense, comma-separated or "
@@ -102,7 +162,11 @@ def command(
     from offbatch.tools.convert import check_paths, check_source, convert, measure_quality, write_report
     from offbatch.tools.convert import eval_windows as make_windows
 
-    name = _format(weights, group, skip)
+    name = _pruned_format(prune, weights, method, calib, group, skip) if prune is not None else None
+    if name is None:
+        if weights is None:
+            raise typer.BadParameter("give the weight format (or --prune)", param_hint="--weights")
+        name = _format(weights, group, skip)
     # Everything that can be refused is refused before the work starts: the folders, the text.
     check_source(model_dir)
     check_paths(model_dir, out_dir, overwrite)
@@ -116,10 +180,15 @@ def command(
 
             raise InputFileError(f"{text_file} is {len(ids):,} tokens long, fewer than one window of {window}: "
                                  "give a longer --eval-text")
+    hook, about = None, {}
+    if prune is not None:
+        about = {"pruned": prune, "method": method}
+        if method == "wanda":
+            hook, about["calibration"] = _wanda(model_dir, name, calib, eval_text, eval_windows, device, dtype, quiet)
 
     with _progress(not quiet) as bar:
         task = bar.add_task(f"converting to {name}", total=None)
-        summary = convert(model_dir, out_dir, name, overwrite=overwrite,
+        summary = convert(model_dir, out_dir, name, overwrite=overwrite, prune=hook, about=about,
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
     if not quiet:
         _print_sizes(summary)

@@ -228,7 +228,7 @@ def known_format(name: object) -> bool:
 def format_names() -> str:
     """The format names for an error message: the registered ones and the families' patterns."""
     return (", ".join(sorted(FORMATS)) + " (int4 and int8 take a group, nf4/fp4 a block: int4-g32, int4-asym-g128, "
-            "int8-g32, nf4-g128; +keep=LAYERS keeps layers dense: int4+keep=down,o)")
+            "int8-g32, nf4-g128; bitmap-P prunes P percent: bitmap-50; +keep=LAYERS keeps layers dense: int4+keep=down,o)")
 
 
 def get_format(name: str) -> WeightFormat:

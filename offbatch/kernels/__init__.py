@@ -22,6 +22,7 @@ import torch
 from offbatch.kernels import reference  # first: it gathers quant_reference's twins too
 from offbatch.kernels import quant_reference
 from offbatch.kernels import kv_reference
+from offbatch.kernels import bitmap_reference
 
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -99,6 +100,11 @@ def grouped_gemm_int8(x, w, group_offsets, group_slots, out=None):
     return _quant("grouped_gemm_int8", x)(x, w, group_offsets, group_slots, out)
 
 
+# Bitmap-sparse (pruned) weights: bits + kept values -> dense; see bitmap_reference.py for the layout.
+def bitmap_expand(bits, values, k, dtype, out=None):
+    return _impl("bitmap_triton", "bitmap_expand", values, bitmap_reference)(bits, values, k, dtype, out)
+
+
 def warm_up_grouped(hidden: int, inter: int, dtype: torch.dtype, device, groups: int = 2) -> int:
     """Run both grouped kernels once per tile class (few, some and many rows per group) and row-count
     parity (Triton specializes integer arguments that are multiples of 16), with an expert's shapes,
@@ -124,9 +130,9 @@ def warm_up_grouped(hidden: int, inter: int, dtype: torch.dtype, device, groups:
     return launches
 
 
-__all__ = ["FUSE_MAX_ROWS", "backend", "dequant_int4", "dequant_int8", "grouped_gemm", "grouped_gemm_int4",
-           "grouped_gemm_int8", "grouped_swiglu", "grouped_swiglu_int4", "grouped_swiglu_int8", "int4_linear",
-           "int8_linear", "should_fuse", "warm_up_grouped"]
+__all__ = ["FUSE_MAX_ROWS", "backend", "bitmap_expand", "dequant_int4", "dequant_int8", "grouped_gemm",
+           "grouped_gemm_int4", "grouped_gemm_int8", "grouped_swiglu", "grouped_swiglu_int4", "grouped_swiglu_int8",
+           "int4_linear", "int8_linear", "should_fuse", "warm_up_grouped"]
 
 
 # ---- compressed KV (offbatch/offload/kv.py's packed formats): see kv_reference.py for the contracts ---------

@@ -146,11 +146,14 @@ def _stored_by_name(spec, fmt: WeightFormat) -> dict[str, list[tuple[str, Stored
 
 
 def encode_tensor(ckpt, canonical: str, name: str, local: str, fmt: WeightFormat,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One checkpoint tensor as the folder stores it: file name -> tensor."""
+                  dtype: torch.dtype, key=None, prune: Callable | None = None) -> dict[str, torch.Tensor]:
+    """One checkpoint tensor as the folder stores it: file name -> tensor. prune(key, local, tensor): zeroes
+    what a pruning method drops before the format encodes it (tools/prune.py)."""
     t = ckpt.get(canonical)
     if not fmt.compresses(local, tuple(t.shape)):
         return {name: t.to(dtype)}
+    if prune is not None:
+        t = prune(key, local, t)
     try:
         stored = fmt.encode(local, t, dtype)
     except ValueError as e:
@@ -163,7 +166,8 @@ def _names(ckpt) -> list[str]:
     return [name for name, info in expected_tensors(ckpt.spec).items() if info.canonical in ckpt.entries]
 
 
-def _groups(ckpt, fmt: WeightFormat, dtype: torch.dtype, by_kind: dict[str, list[int]]) -> list[TensorGroup]:
+def _groups(ckpt, fmt: WeightFormat, dtype: torch.dtype, by_kind: dict[str, list[int]],
+            prune: Callable | None = None) -> list[TensorGroup]:
     """What the folder's weight files hold, checkpoint tensor by checkpoint tensor (encoded when their shard
     is written); by_kind gets each module kind's bytes before and after."""
     from offbatch.models.catalogue import local_name
@@ -180,7 +184,8 @@ def _groups(ckpt, fmt: WeightFormat, dtype: torch.dtype, by_kind: dict[str, list
         kind = by_kind.setdefault(module_kind(key[1]), [0, 0])
         kind[0] += ckpt.entries[info.canonical].nbytes
         kind[1] += nbytes
-        make = partial(encode_tensor, ckpt, info.canonical, name, local_name(info.canonical, key), fmt, dtype)
+        make = partial(encode_tensor, ckpt, info.canonical, name, local_name(info.canonical, key), fmt, dtype, key,
+                       prune)
         groups.append(TensorGroup(tuple(f for f, _ in files), nbytes, make))
     return groups
 
@@ -201,9 +206,11 @@ def copy_folder_files(model_dir: Path, into: Path) -> list[str]:
 
 def convert(model_dir: str | Path, out_dir: str | Path, weights: str, *, overwrite: bool = False,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-            progress: Callable[[int, int], None] | None = None) -> ConvertSummary:
+            progress: Callable[[int, int], None] | None = None, prune: Callable | None = None,
+            about: dict | None = None) -> ConvertSummary:
     """Write `model_dir` (a dense model folder) into `out_dir` stored in the format `weights`;
-    progress(tensors done, tensors)."""
+    progress(tensors done, tensors). prune: a pruning method's hook (tools/prune.py `pruner`); about: more
+    for config.json's quantization_config (how it was pruned)."""
     from offbatch.models.loader import open_checkpoint
     from offbatch.models.spec import spec_from_config
 
@@ -215,8 +222,8 @@ def convert(model_dir: str | Path, out_dir: str | Path, weights: str, *, overwri
     ckpt = open_checkpoint(model_dir, spec_from_config(config))
     dtype = ckpt.dtype()  # the compute dtype the source runs in by default: the dense tensors keep it
     by_kind: dict[str, list[int]] = {}
-    groups = _groups(ckpt, fmt, dtype, by_kind)
-    about = {"source": model_dir.resolve().name}
+    groups = _groups(ckpt, fmt, dtype, by_kind, prune)
+    about = {"source": model_dir.resolve().name, **(about or {})}
     group = getattr(fmt, "group", None) or getattr(fmt, "blocksize", None)
     if group:
         about["group"] = group

@@ -1,0 +1,105 @@
+"""The bitmap formats (Endor's sparse layout): a pruned linear weight W [N, K] stored as one bit per
+element saying whether it is kept, and the kept values packed in column order.
+
+- "bitmap-50" (a sparsity in whole percent, 1 to 99): "<w>.bits" uint8 [N, ceil(K / 8)] (bit j % 8 of
+  byte j // 8, least significant first: column j kept) and "<w>.nz" [N, C] in the compute dtype, each
+  row's kept values in column order, C = K - round(K * sparsity).
+
+Every row keeps the same number of values. A module is placed, streamed and held in slots whose size is
+known from its shapes alone (formats/base.py's packing rule), so the count cannot depend on the data;
+per-row pruning (Wanda's own rule, and magnitude pruning done per row) gives that count exactly. Which
+values a row keeps is decided when the weight is encoded: the C largest in magnitude. A weight pruned
+beforehand (tools/prune.py: Wanda's scores, zeros where pruned) keeps exactly its non-zeros that way.
+
+Which weights are stored sparse: the bulk linear layers, as int8/int4 (formats/int8.py `quantizable`).
+On a GPU the weight is expanded into a compute-dtype scratch by a Triton kernel (kernels/bitmap_triton.py)
+before the dense GEMM; the torch twin (`dequantize`) is the same copy in plain torch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from offbatch.formats.base import WeightFormat, register_family
+from offbatch.formats.int8 import quantizable
+
+
+def kept_per_row(k: int, sparsity: float) -> int:
+    """Values a row of k inputs keeps at `sparsity`."""
+    return k - int(round(k * sparsity))
+
+
+class BitmapFormat(WeightFormat):
+    expands = True
+    fused_rows = 0  # no fused sparse GEMM: every use expands first
+
+    def __init__(self, percent: int):
+        if not 1 <= percent <= 99:
+            raise ValueError(f"a bitmap format prunes 1 to 99 percent of the weights, not {percent}")
+        self.percent = percent
+        self.sparsity = percent / 100
+        self.name = f"bitmap-{percent}"
+
+    def compresses(self, local, shape):
+        return quantizable(local, tuple(shape))
+
+    def kept_values(self, k: int) -> int:
+        """Values a row of k inputs keeps."""
+        return kept_per_row(k, self.sparsity)
+
+    def stored(self, local, shape, dtype):
+        if not self.compresses(local, shape):
+            return super().stored(local, shape, dtype)
+        n, k = shape
+        return [(f"{local}.bits", (n, -(-k // 8)), torch.uint8), (f"{local}.nz", (n, self.kept_values(k)), dtype)]
+
+    def encode(self, local, tensor, dtype):
+        from offbatch.kernels.bitmap_reference import bitmap_pack
+
+        if not self.compresses(local, tuple(tensor.shape)):
+            return super().encode(local, tensor, dtype)
+        n, k = tensor.shape
+        c = self.kept_values(k)
+        t = tensor.to(dtype)
+        keep = torch.zeros(n, k, dtype=torch.bool, device=t.device)
+        if c:
+            # The c largest in magnitude per row (in float32: a bf16 tie is broken the same on any device).
+            idx = t.float().abs().topk(c, dim=1, sorted=False).indices
+            keep.scatter_(1, idx, True)
+        bits, values = bitmap_pack(t, keep, c)
+        return {f"{local}.bits": bits, f"{local}.nz": values}
+
+    def dequantize(self, w: Mapping[str, torch.Tensor], local: str, dtype: torch.dtype,
+                   in_features: int | None = None) -> torch.Tensor:
+        from offbatch.kernels.bitmap_reference import bitmap_expand
+
+        bits, values = w[f"{local}.bits"], w[f"{local}.nz"]
+        k = in_features if in_features is not None else bits.shape[1] * 8
+        return bitmap_expand(bits, values, k, dtype)
+
+    def linear(self, x, w, name):
+        bits = w.get(f"{name}.weight.bits")
+        if bits is None:
+            return super().linear(x, w, name)
+        if x.is_cuda:
+            from offbatch import kernels
+
+            dense = kernels.bitmap_expand(bits, w[f"{name}.weight.nz"], x.shape[-1], x.dtype)
+        else:
+            dense = self.dequantize(w, f"{name}.weight", x.dtype, x.shape[-1])
+        return F.linear(x, dense, w.get(f"{name}.bias"))
+
+
+def parse_bitmap(name: str) -> BitmapFormat | None:
+    """"bitmap-50": half of each bulk weight's values pruned."""
+    m = re.fullmatch(r"bitmap-(\d{1,2})", name)
+    if m is None or not 1 <= int(m.group(1)) <= 99:
+        return None
+    return BitmapFormat(int(m.group(1)))
+
+
+register_family(parse_bitmap)
