@@ -16,6 +16,9 @@ from offbatch.models.catalogue import ModuleKey
 from offbatch.units import MAX_BYTES, format_bytes
 
 SCORE_BYTES = 256 << 20  # attention scores of one prefill micro-batch (bounds its sequence count)
+# Rows x vocabulary the sampler works on at once (engine/sampler.py): its copies take about 30 bytes an
+# entry, which for a wave of 1 024 sequences over a 128k vocabulary would be 4 GB on a GPU capped at 8 GiB.
+SAMPLE_CHUNK_ENTRIES = 1 << 22
 
 # 2: the attention backend by name (`attention`) replaced format 1's kv_placement/decode_attention pair;
 # the weight format, KV format and MoE FFN backend are named too.

@@ -246,3 +246,27 @@ def test_logprobs_trimmed_with_the_closing_eos_and_errors_carry_the_message():
     assert out.finish_reason == "error" and out.token_ids == [4] and out.logprobs is None
     assert out.error == ("the model produced non-finite logits (NaN/Inf) at token 2: its weights or the compute "
                          "dtype are broken")
+
+
+def test_rows_sampled_in_chunks_give_what_one_call_gives(monkeypatch):
+    # A wave's logits are sampled a few rows at a time (the copies of 1 024 rows x 128k would not fit a
+    # capped GPU): greedy, seeded sampling, logprobs, penalties, bans and a non-finite row, chunked or not.
+    from offbatch import plan
+
+    torch.manual_seed(0)
+    V = 50
+    logits = torch.randn(11, V) * 3
+    logits[4, 7] = float("nan")
+    params = [P(), P(temperature=0.8, top_p=0.9, seed=3), P(temperature=1.2, top_k=5, seed=4, logprobs=2),
+              P(repetition_penalty=1.3), P(), P(temperature=0.7, min_p=0.05, seed=9), P(logprobs=0),
+              P(temperature=1.0, seed=11, frequency_penalty=0.5), P(), P(temperature=0.9, seed=1), P()]
+
+    def rows():
+        return [Row(p, make_rng(p, i), [1, 2, 3], [5, 5], banned=[2] if i == 8 else ())
+                for i, p in enumerate(params)]
+
+    whole = sample_rows(logits, rows())
+    monkeypatch.setattr(plan, "SAMPLE_CHUNK_ENTRIES", 3 * V)  # three rows a chunk
+    chunked = sample_rows(logits, rows())
+    assert [p.token for p in chunked] == [p.token for p in whole] and whole[4].token is None
+    assert [p.logprob for p in chunked] == [p.logprob for p in whole] and whole[2].logprob is not None

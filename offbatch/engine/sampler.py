@@ -26,6 +26,8 @@ from typing import Sequence
 
 import torch
 
+from offbatch import plan as _plan
+
 from offbatch.engine.api import SamplingParams, TokenLogprob
 from offbatch.engine.penalties import (apply_logit_bias, apply_output_penalties, apply_repetition_penalty,  # noqa: F401
                                       ban_tokens)
@@ -136,12 +138,24 @@ def draw(sorted_logits: torch.Tensor, order: torch.Tensor, rngs: list[torch.Gene
     return order.gather(1, pick).squeeze(1).tolist()
 
 
+# Rows are sampled in chunks of at most SAMPLE_CHUNK_ENTRIES (offbatch/plan.py) rows x vocabulary: the copies
+# (float32 logits, sorted logits and their int64 order, float64 probabilities and CDF) of a whole wave would
+# not fit a capped GPU. Each row has its own generator: the tokens do not depend on the chunking.
+
+
 def sample_rows(logits: torch.Tensor, rows: list[Row]) -> list[Pick]:
     """The next token of each row of logits [B, V] (read only, any float dtype), with its
     log-probabilities when the row's params ask for them; Pick.token is None for a row whose logits
     are not finite."""
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} requests")
+    step = max(1, _plan.SAMPLE_CHUNK_ENTRIES // max(1, logits.shape[1]))
+    if len(rows) <= step:
+        return _sample_chunk(logits, rows)
+    return [p for a in range(0, len(rows), step) for p in _sample_chunk(logits[a : a + step], rows[a : a + step])]
+
+
+def _sample_chunk(logits: torch.Tensor, rows: list[Row]) -> list[Pick]:
     params = [r.params for r in rows]
     raw = logits.detach().to(torch.float32, copy=True)  # our own copy: the engine's tensor is never written
     bad = set(nonfinite_rows(raw))

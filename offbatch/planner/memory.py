@@ -15,7 +15,7 @@ from offbatch.formats.base import dtype_bytes
 from offbatch.models.spec import ModelSpec
 from offbatch.offload.kv import kv_format
 from offbatch.offload.weights import pinned_bytes
-from offbatch.plan import SCORE_BYTES
+from offbatch.plan import SAMPLE_CHUNK_ENTRIES, SCORE_BYTES
 from offbatch.planner.shape import ModelShape
 
 SAFETY = 0.90  # of the GPU cap: allocator fragmentation and what we do not model
@@ -33,6 +33,9 @@ class Knobs:
     attention: str = "device-kv"  # the attention backend (offbatch.attention): where KV lives, where decode attends
     kv_format: str = "dense"  # how K/V are stored (offload.kv)
     hgca: str = ""  # the HGCA setting (attention/hgca_setting.py), with the attention backend "hgca"
+
+
+SAMPLER_ENTRY_BYTES = 32  # the sampler's copies of an entry of the rows it samples at once
 
 
 def activation_bytes(spec: ModelSpec, tokens: int, ffn_tokens: int, attn_batch: int, max_len: int,
@@ -63,8 +66,15 @@ def device_transient_bytes(shape: ModelShape, knobs: Knobs, max_prompt_len: int,
     mb = min(knobs.attn_micro_batch, knobs.wave)
     act = activation_bytes(shape.spec, step_tokens(knobs, max_prompt_len), knobs.ffn_micro_tokens, mb, max_len,
                            shape.dtype)
+    # After the layers: the head's logits of every sequence of the step, in the compute dtype and as the
+    # float32 copy the engine samples from, beside the step's hidden states (the sampler's own copies are
+    # bounded: engine/sampler.py SAMPLE_CHUNK_ENTRIES).
+    spec, dsize = shape.spec, shape.dsize
+    logits = knobs.wave * spec.vocab_size * (dsize + 4) + 2 * step_tokens(knobs, max_prompt_len) * spec.hidden_size * dsize
+    sampler = SAMPLER_ENTRY_BYTES * min(max(SAMPLE_CHUNK_ENTRIES, spec.vocab_size), knobs.wave * spec.vocab_size)
     own = get_attention(knobs.attention).device_bytes(shape, knobs, max_len)  # the backend's KV and rows
-    return {"kv": own["kv"], "activations": act + own["activations"] + expansion_scratch_bytes(shape)}
+    return {"kv": own["kv"], "activations": max(act, logits + sampler) + own["activations"]
+            + expansion_scratch_bytes(shape)}
 
 
 def expansion_scratch_bytes(shape: ModelShape) -> int:
