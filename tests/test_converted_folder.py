@@ -55,7 +55,7 @@ def dense(request, tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module", params=["int4-asym-g32", "int8", "bitmap-50"])
+@pytest.fixture(scope="module", params=["int4-asym-g32", "int8", "bitmap-60-int8"])
 def stored(request, dense, tmp_path_factory):
     out = tmp_path_factory.mktemp("stored") / request.param
     write_stored(dense, out, request.param)

@@ -41,6 +41,29 @@ def test_each_row_keeps_its_largest_values_and_nothing_else(percent, n, k):
     assert torch.allclose(fmt.linear(x, stored | {"up.bias": torch.ones(n)}, "up"), F.linear(x, dense, torch.ones(n)))
 
 
+@pytest.mark.parametrize("n, k", [(5, 13), (16, 100)])
+def test_int8_values_are_the_kept_values_quantized_per_row(n, k):
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(n, k, generator=g)
+    w[1] = 0  # an all-zero row: scale 0, decodes to zeros
+    fmt = get_format("bitmap-50-int8")
+    assert fmt.name == "bitmap-50-int8" and fmt.int8_values
+    stored = fmt.encode("gate.weight", w, torch.float32)
+    c = kept_per_row(k, 0.5)
+    assert stored["gate.weight.nz"].dtype == torch.int8 and stored["gate.weight.nz"].shape == (n, c)
+    assert stored["gate.weight.scale"].shape == (n, 1)
+    pruned = pruned_by_magnitude(w, c)
+    dense = fmt.dequantize(stored, "gate.weight", torch.float32, k)
+    keep = pruned != 0
+    assert torch.equal(dense != 0, keep & (dense != 0)) and not dense[~keep].any()  # nothing outside the kept
+    scale = pruned.abs().amax(1, keepdim=True) / 127
+    assert (dense - pruned).abs().le(scale / 2 + 1e-7).all()  # each kept value within half a step
+    assert not dense[1].any()
+    # The same positions and bytes as the bf16-valued format, 1 byte a value instead of 2 (plus a scale a row).
+    plain = get_format("bitmap-50").encode("gate.weight", w, torch.float32)
+    assert torch.equal(plain["gate.weight.bits"], stored["gate.weight.bits"])
+
+
 def test_only_bulk_linear_weights_are_pruned():
     fmt = get_format("bitmap-50")
     assert fmt.compresses("q.weight", (8, 8)) and fmt.compresses("experts.3.down.weight", (8, 8))
@@ -133,6 +156,7 @@ def test_convert_prune_writes_a_bitmap_folder_that_runs_and_reports_quality(synt
 @pytest.mark.parametrize("args, match", [
     (["--prune", "0.555"], "whole percent"),
     (["--prune", "0.5", "--weights", "int4"], "not built yet"),
+    (["--prune", "0.5", "--group", "32"], "not built yet"),
     (["--prune", "0.5", "--calib", "x.txt"], "only --method wanda"),
     (["--prune", "0.5", "--method", "sparsegpt"], "--method takes"),
     (["--prune", "1.5"], "0.99"),
@@ -142,7 +166,7 @@ def test_convert_prune_refuses_bad_options_before_any_work(synth, tmp_path, args
     from offbatch.cli.main import app
 
     r = CliRunner().invoke(app, ["convert", str(synth), str(tmp_path / "out"), *args, "--no-eval"])
-    assert r.exit_code != 0 and match in " ".join(r.output.split()), r.output
+    assert r.exit_code != 0 and match in " ".join(r.output.replace("│", " ").split()), r.output
     assert not (tmp_path / "out").exists()
 
 

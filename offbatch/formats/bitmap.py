@@ -3,7 +3,9 @@ element saying whether it is kept, and the kept values packed in column order.
 
 - "bitmap-50" (a sparsity in whole percent, 1 to 99): "<w>.bits" uint8 [N, ceil(K / 8)] (bit j % 8 of
   byte j // 8, least significant first: column j kept) and "<w>.nz" [N, C] in the compute dtype, each
-  row's kept values in column order, C = K - round(K * sparsity).
+  row's kept values in column order, C = K - round(K * sparsity);
+- "bitmap-50-int8": the kept values as int8, symmetric, one float32 scale per row ("<w>.scale" [N, 1]: the
+  row's largest kept |W| / 127), formats/int8.py's arithmetic: the bytes multiply down (0.31 of bf16's at 50%).
 
 Every row keeps the same number of values. A module is placed, streamed and held in slots whose size is
 known from its shapes alone (formats/base.py's packing rule), so the count cannot depend on the data;
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from offbatch.formats.base import WeightFormat, register_family
-from offbatch.formats.int8 import quantizable
+from offbatch.formats.int8 import quantizable, safe
 
 
 def kept_per_row(k: int, sparsity: float) -> int:
@@ -37,12 +39,12 @@ class BitmapFormat(WeightFormat):
     expands = True
     fused_rows = 0  # no fused sparse GEMM: every use expands first
 
-    def __init__(self, percent: int):
+    def __init__(self, percent: int, int8_values: bool = False):
         if not 1 <= percent <= 99:
             raise ValueError(f"a bitmap format prunes 1 to 99 percent of the weights, not {percent}")
-        self.percent = percent
+        self.percent, self.int8_values = percent, int8_values
         self.sparsity = percent / 100
-        self.name = f"bitmap-{percent}"
+        self.name = f"bitmap-{percent}" + ("-int8" if int8_values else "")
 
     def compresses(self, local, shape):
         return quantizable(local, tuple(shape))
@@ -55,7 +57,10 @@ class BitmapFormat(WeightFormat):
         if not self.compresses(local, shape):
             return super().stored(local, shape, dtype)
         n, k = shape
-        return [(f"{local}.bits", (n, -(-k // 8)), torch.uint8), (f"{local}.nz", (n, self.kept_values(k)), dtype)]
+        bits = (f"{local}.bits", (n, -(-k // 8)), torch.uint8)
+        if self.int8_values:
+            return [bits, (f"{local}.nz", (n, self.kept_values(k)), torch.int8), (f"{local}.scale", (n, 1), torch.float32)]
+        return [bits, (f"{local}.nz", (n, self.kept_values(k)), dtype)]
 
     def encode(self, local, tensor, dtype):
         from offbatch.kernels.bitmap_reference import bitmap_pack
@@ -71,15 +76,29 @@ class BitmapFormat(WeightFormat):
             idx = t.float().abs().topk(c, dim=1, sorted=False).indices
             keep.scatter_(1, idx, True)
         bits, values = bitmap_pack(t, keep, c)
-        return {f"{local}.bits": bits, f"{local}.nz": values}
+        if not self.int8_values:
+            return {f"{local}.bits": bits, f"{local}.nz": values}
+        v = values.float()
+        scale = v.abs().amax(dim=1, keepdim=True) / 127
+        if not torch.isfinite(scale).all():
+            raise ValueError(f"{local}: weights too large (or not finite) for {self.name} scales")
+        q = torch.round(v / safe(scale)).clamp_(-127, 127).to(torch.int8)
+        return {f"{local}.bits": bits, f"{local}.nz": q, f"{local}.scale": scale}
+
+    def values(self, w: Mapping[str, torch.Tensor], local: str, dtype: torch.dtype) -> torch.Tensor:
+        """The kept values [N, C] in `dtype` (int8 values: times their row's scale in float32, rounded once)."""
+        v = w[f"{local}.nz"]
+        if not self.int8_values:
+            return v
+        return (v.float() * w[f"{local}.scale"]).to(dtype)
 
     def dequantize(self, w: Mapping[str, torch.Tensor], local: str, dtype: torch.dtype,
                    in_features: int | None = None) -> torch.Tensor:
         from offbatch.kernels.bitmap_reference import bitmap_expand
 
-        bits, values = w[f"{local}.bits"], w[f"{local}.nz"]
+        bits = w[f"{local}.bits"]
         k = in_features if in_features is not None else bits.shape[1] * 8
-        return bitmap_expand(bits, values, k, dtype)
+        return bitmap_expand(bits, self.values(w, local, dtype), k, dtype)
 
     def linear(self, x, w, name):
         bits = w.get(f"{name}.weight.bits")
@@ -88,18 +107,18 @@ class BitmapFormat(WeightFormat):
         if x.is_cuda:
             from offbatch import kernels
 
-            dense = kernels.bitmap_expand(bits, w[f"{name}.weight.nz"], x.shape[-1], x.dtype)
+            dense = kernels.bitmap_expand(bits, self.values(w, f"{name}.weight", x.dtype), x.shape[-1], x.dtype)
         else:
             dense = self.dequantize(w, f"{name}.weight", x.dtype, x.shape[-1])
         return F.linear(x, dense, w.get(f"{name}.bias"))
 
 
 def parse_bitmap(name: str) -> BitmapFormat | None:
-    """"bitmap-50": half of each bulk weight's values pruned."""
-    m = re.fullmatch(r"bitmap-(\d{1,2})", name)
+    """"bitmap-50": half of each bulk weight's values pruned; "bitmap-50-int8": the kept ones in int8."""
+    m = re.fullmatch(r"bitmap-(\d{1,2})(-int8)?", name)
     if m is None or not 1 <= int(m.group(1)) <= 99:
         return None
-    return BitmapFormat(int(m.group(1)))
+    return BitmapFormat(int(m.group(1)), m.group(2) is not None)
 
 
 register_family(parse_bitmap)
