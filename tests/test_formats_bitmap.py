@@ -191,3 +191,28 @@ def test_a_corrupt_bitmap_is_one_clear_error(synth, tmp_path):
             break
     with pytest.raises(ValueError, match="a row keeps .* values but values holds"):
         ReferenceModel.load(out, dtype="float32").greedy([[3, 5, 7]], 1)
+
+
+@pytest.mark.parametrize("args, name", [(["--prune", "0.5", "--weights", "int8"], "bitmap-50-int8"),
+                                        (["--weights", "int4"], "int4")])
+def test_synth_writes_a_folder_in_a_format_as_convert_would(tmp_path, args, name):
+    # Generated and encoded tensor by tensor (the dense model is never held): the same stored tensors as
+    # converting the dense synth folder, and the same tokens.
+    from safetensors.torch import load_file
+
+    from offbatch.cli.main import app
+    from offbatch.engine.reference import ReferenceModel
+
+    r = CliRunner().invoke(app, ["synth", "llama", str(tmp_path / "direct"), "--seed", "5", *args, "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["synth", "llama", str(tmp_path / "dense"), "--seed", "5", "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["convert", str(tmp_path / "dense"), str(tmp_path / "conv"), "--weights", name,
+                                 "--no-eval", "--quiet"])
+    assert r.exit_code == 0, r.output
+    direct, conv = load_file(str(tmp_path / "direct" / "model.safetensors")), load_file(str(tmp_path / "conv" / "model.safetensors"))
+    assert direct.keys() == conv.keys() and all(torch.equal(direct[k], conv[k]) for k in direct)
+    cfg = json.loads((tmp_path / "direct" / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == name
+    a = ReferenceModel.load(tmp_path / "direct", dtype="float32").greedy([[3, 5, 7]], 3)
+    assert a == ReferenceModel.load(tmp_path / "conv", dtype="float32").greedy([[3, 5, 7]], 3)

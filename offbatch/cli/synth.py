@@ -42,6 +42,12 @@ def command(
     seed: Annotated[int, typer.Option("--seed", help="Weights are a pure function of the seed.")] = 0,
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest safetensors file, e.g. 2GB, 500MiB.")] = "2GB",
     force: Annotated[bool, typer.Option("--force", help="Overwrite a model already in OUT_DIR.")] = False,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="Write the folder stored in this weight format "
+                                                   "(as `offbatch convert` would), never holding the dense model: "
+                                                   "int8, int4, ..., or with --prune int8 values.",
+                                                   show_default=False)] = None,
+    prune: Annotated[Optional[float], typer.Option("--prune", min=0.01, max=0.99, help="Prune this share of each "
+                                                   "bulk weight's values by magnitude (bitmap format).")] = None,
     quiet: QuietOpt = False,
 ):
     """Write a Hugging Face model folder with random weights at a tiny or a real shape."""
@@ -57,6 +63,18 @@ def command(
         moe_intermediate_size=moe_intermediate_size, vocab_size=vocab_size, max_position=max_position,
         embed_proj_dim=embed_proj_dim, post_norm=post_norm or None, tie=tie, dtype=dtype,
     )
+    if weights is not None or prune is not None:
+        from offbatch.cli.convert import _format, _pruned_format
+        from offbatch.tools.synth import write_in_format
+
+        name = (_pruned_format(prune, weights, "magnitude", None, None, None) if prune is not None
+                else _format(weights, None, None))
+        summary = write_in_format(cfg, out_dir, name, seed=seed, shard_size=shard_bytes, force=force)
+        if not quiet:
+            typer.echo(f"wrote {out_dir}: {cfg['model_type']} stored in {summary.format}, "
+                       f"{format_bytes(summary.bytes)} ({summary.ratio:.2f}x smaller than {format_bytes(summary.source_bytes)} "
+                       f"dense), {summary.seconds:.1f} s")
+        return
     result = write_model(cfg, out_dir, seed=seed, shard_size=shard_bytes, force=force)
     if quiet:
         return

@@ -220,10 +220,24 @@ def convert(model_dir: str | Path, out_dir: str | Path, weights: str, *, overwri
     config = check_source(model_dir)
     check_paths(model_dir, out_dir, overwrite)
     ckpt = open_checkpoint(model_dir, spec_from_config(config))
+    about = {"source": model_dir.resolve().name, **(about or {})}
+    return write_converted(ckpt, out_dir, fmt, config, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                           progress=progress, prune=prune, about=about,
+                           add_files=lambda tmp: copy_folder_files(model_dir, tmp), start=start)
+
+
+def write_converted(ckpt, out_dir: Path, fmt: WeightFormat, config: dict, *, overwrite: bool = False,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress=None, prune: Callable | None = None,
+                    about: dict | None = None, add_files: Callable[[Path], object] | None = None,
+                    start: float | None = None) -> ConvertSummary:
+    """The folder of checkpoint `ckpt` (a loader.Checkpoint, or anything with its spec, entries, get and
+    dtype: tools/synth.py's SynthCheckpoint) stored in `fmt`, written atomically at out_dir; add_files(tmp)
+    writes the tokenizer and generation files beside the weights."""
+    start = time.perf_counter() if start is None else start
     dtype = ckpt.dtype()  # the compute dtype the source runs in by default: the dense tensors keep it
     by_kind: dict[str, list[int]] = {}
     groups = _groups(ckpt, fmt, dtype, by_kind, prune)
-    about = {"source": model_dir.resolve().name, **(about or {})}
+    about = dict(about or {})
     group = getattr(fmt, "group", None) or getattr(fmt, "blocksize", None)
     if group:
         about["group"] = group
@@ -232,7 +246,8 @@ def convert(model_dir: str | Path, out_dir: str | Path, weights: str, *, overwri
 
     with atomic_folder(out_dir, overwrite) as tmp:
         total = write_weights(tmp, groups, max_shard_bytes, progress)
-        copy_folder_files(model_dir, tmp)
+        if add_files is not None:
+            add_files(tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     compressed = sum(g.names != (name,) for name, g in zip(_names(ckpt), groups))
     return ConvertSummary(out_dir, fmt.name, len(groups), compressed, sum(e.nbytes for e in ckpt.entries.values()),

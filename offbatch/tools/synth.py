@@ -523,6 +523,52 @@ def write_model(cfg: dict, out_dir: str | Path, seed: int = 0, shard_size: int =
     return result
 
 
+class SynthCheckpoint:
+    """The checkpoint `write_model` writes for (spec, seed), read tensor by tensor without writing it: the
+    source `write_in_format` converts from (what tools/convert.py reads of a loader.Checkpoint)."""
+
+    @dataclass(frozen=True)
+    class Entry:
+        nbytes: int
+
+    def __init__(self, spec: ModelSpec, seed: int, dtype: torch.dtype):
+        self.spec, self.seed, self._dtype = spec, seed, dtype
+        self._names = {info.canonical: (name, info) for name, info in checkpoint_tensors(spec).items()}
+        self.entries = {c: self.Entry(math.prod(info.shape) * dtype.itemsize) for c, (_, info) in self._names.items()}
+
+    def get(self, canonical: str) -> torch.Tensor:
+        name, info = self._names[canonical]
+        return synth_tensor(self.spec, name, self.seed, self._dtype, info=info)
+
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+
+def write_in_format(cfg: dict, out_dir: str | Path, weights: str, seed: int = 0,
+                    shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False, progress=None):
+    """The folder `write_model` would write, stored in the weight format `weights` (`offbatch convert`'s
+    folder: config.json's quantization_config names it), each tensor generated and encoded in turn: the
+    dense model is never held, in memory or on disk (a 70B shape in bitmap-50-int8 on a 64 GiB disk).
+    -> tools.convert.ConvertSummary."""
+    from offbatch.tools.convert import format_name, write_converted
+    from offbatch.formats import get_format
+
+    out_dir = Path(out_dir)
+    _check_config(cfg)
+    spec = spec_from_config(cfg)
+    fmt = get_format(format_name(weights))
+    ckpt = SynthCheckpoint(spec, seed, _dtype(spec, cfg["torch_dtype"]))
+    add_bos = spec.family in ADD_BOS_FAMILIES
+
+    def add_files(tmp: Path) -> None:
+        for fname, text in synth_tokenizer.tokenizer_files(spec.vocab_size, spec.max_position, add_bos).items():
+            (tmp / fname).write_text(text)
+        _write_json(tmp / "generation_config.json", _generation_config(spec.family))
+
+    return write_converted(ckpt, out_dir, fmt, cfg, overwrite=force, max_shard_bytes=shard_size, progress=progress,
+                           about={"source": f"synth seed {seed}"}, add_files=add_files)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
