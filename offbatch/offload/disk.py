@@ -3,8 +3,9 @@ read, every time they are used, straight into a small ring of pinned staging buf
 copy stream takes them to the device.
 
 A module's tensors are read with positioned reads (`os.preadv`) of whole tensors, so a module is a few
-large reads that land directly in pinned memory: no page mapping, no pageable bounce, no Python loop
-over bytes. A tensor stored in another dtype than the engine computes in is read through the
+large reads: no page mapping, no Python loop over bytes. They bypass the page cache (O_DIRECT through an
+aligned bounce buffer, direct_io.py) where the file system allows it, so a disk-bound plan runs at the
+disk's rate however often the file was read before; elsewhere they land directly in pinned memory. A tensor stored in another dtype than the engine computes in is read through the
 checkpoint's memory map and converted instead, and so is one that the weight format encodes (slower;
 the planner prices disk reads at the probed rate either way).
 
@@ -26,6 +27,7 @@ import torch
 from offbatch.errors import OffbatchError
 from offbatch.formats import Layout, WeightFormat
 from offbatch.models.catalogue import Part
+from offbatch.offload.direct_io import BounceBuffer, open_direct
 
 CHUNK = 64 << 20  # bytes per read call: large enough for the disk, small enough to stay responsive
 
@@ -77,21 +79,31 @@ def _read(part: Part, e, buf: int, direct: bool) -> TensorRead:
 
 
 class ModuleFiles:
-    """Open file descriptors of the checkpoint, shared by the reads (positioned reads need no seek)."""
+    """Open file descriptors of the checkpoint, shared by the reads (positioned reads need no seek):
+    O_DIRECT ones where the file system takes them (direct_io.py: the disk, not the page cache), else
+    buffered; and the bounce buffer the direct reads go through (one reader thread uses it)."""
 
     def __init__(self):
-        self.fds: dict[str, int] = {}
+        self.fds: dict[str, tuple[int, bool]] = {}
         self.lock = threading.Lock()
+        self.bounce: BounceBuffer | None = None
 
-    def fd(self, path: str) -> int:
+    def fd(self, path: str) -> tuple[int, bool]:
+        """(file descriptor, whether it reads with O_DIRECT)."""
         with self.lock:
             if path not in self.fds:
-                self.fds[path] = os.open(path, os.O_RDONLY)
+                fd = open_direct(path)
+                self.fds[path] = (fd, True) if fd is not None else (os.open(path, os.O_RDONLY), False)
             return self.fds[path]
+
+    def bounce_buffer(self) -> BounceBuffer:
+        if self.bounce is None:
+            self.bounce = BounceBuffer(CHUNK)
+        return self.bounce
 
     def close(self) -> None:
         with self.lock:
-            for fd in self.fds.values():
+            for fd, _ in self.fds.values():
                 os.close(fd)
             self.fds.clear()
 
@@ -109,10 +121,14 @@ def read_into(reads: list[TensorRead], out: torch.Tensor, files: ModuleFiles,
     for r in reads:
         if not r.direct:
             continue
-        fd, done = files.fd(r.file), 0
+        (fd, direct), done = files.fd(r.file), 0
         while done < r.nbytes:
             n = min(CHUNK, r.nbytes - done)
-            got = os.preadv(fd, [memoryview(arr[r.buf_offset + done : r.buf_offset + done + n])], r.file_offset + done)
+            dest = arr[r.buf_offset + done : r.buf_offset + done + n]
+            if direct:
+                got = files.bounce_buffer().read(fd, r.file_offset + done, dest)
+            else:
+                got = os.preadv(fd, [memoryview(dest)], r.file_offset + done)
             if got <= 0:
                 raise OffbatchError(f"{r.file} ended while reading tensor {r.canonical!r} (was the file "
                                     "changed or truncated after the run started?)")
