@@ -35,7 +35,7 @@ def test_each_row_keeps_its_largest_values_and_nothing_else(percent, n, k):
         n_: (s, d) for n_, s, d in fmt.stored("up.weight", (n, k), torch.float32)}
     assert stored["up.weight.bits"].shape == (n, -(-k // 8)) and stored["up.weight.nz"].shape == (n, c)
     dense = fmt.dequantize(stored, "up.weight", torch.float32, k)
-    assert torch.equal(dense, pruned_by_magnitude(w, c))
+    assert torch.equal(dense, pruned_by_magnitude(w, c).bfloat16().float())  # kept values in bfloat16
     assert ((dense != 0).sum(1) == c).all()  # the same count in every row: sizes known from shapes alone
     x = torch.randn(4, k, generator=g)
     assert torch.allclose(fmt.linear(x, stored | {"up.bias": torch.ones(n)}, "up"), F.linear(x, dense, torch.ones(n)))
@@ -80,7 +80,7 @@ def test_wanda_keeps_the_largest_weight_times_input_norm():
     out = wanda_prune(w, norms, 2)
     assert out[0, 0] == 1.0 and out[0, 2] == 0 and (out[0] != 0).sum() == 2
     assert torch.equal(out[1], torch.tensor([4.0, 0.0, 0.0, 2.0]))  # 40, 1, 0.1, 8
-    # The format then keeps exactly those non-zeros.
+    # The format then keeps exactly those non-zeros (in bfloat16: these are exact).
     fmt = get_format("bitmap-50")
     assert torch.equal(fmt.dequantize(fmt.encode("up.weight", out, torch.float32), "up.weight", torch.float32, 4), out)
     with pytest.raises(ValueError, match="input norms"):
@@ -216,3 +216,22 @@ def test_synth_writes_a_folder_in_a_format_as_convert_would(tmp_path, args, name
     assert cfg["format"] == name
     a = ReferenceModel.load(tmp_path / "direct", dtype="float32").greedy([[3, 5, 7]], 3)
     assert a == ReferenceModel.load(tmp_path / "conv", dtype="float32").greedy([[3, 5, 7]], 3)
+
+
+def test_a_bf16_bitmap_folder_runs_in_float32(tmp_path):
+    # The kept values are stored in bfloat16 whatever the folder's dtype, so a folder written from a bf16
+    # model opens and runs in another compute dtype (convert's float32 quality report did not).
+    from offbatch.cli.main import app
+    from offbatch.engine.api import GenRequest, SamplingParams
+    from offbatch.engine.build import engine_for_folder
+    from offbatch.engine.reference import ReferenceModel
+
+    src, out = tmp_path / "src", tmp_path / "b"
+    assert CliRunner().invoke(app, ["synth", "llama", str(src), "--dtype", "bfloat16", "--quiet"]).exit_code == 0
+    r = CliRunner().invoke(app, ["convert", str(src), str(out), "--prune", "0.5", "--no-eval", "--quiet"])
+    assert r.exit_code == 0, r.output
+    want = ReferenceModel.load(out, dtype="float32").greedy([[3, 5, 7], [9, 2]], 3)
+    eng = engine_for_folder(out, device="cpu", dtype="float32", num_requests=2, max_len=16, max_resident_bytes=0)
+    reqs = [GenRequest(i, p, SamplingParams(max_tokens=3, ignore_eos=True)) for i, p in enumerate([[3, 5, 7], [9, 2]])]
+    outs = {o.key: o.token_ids for o in eng.generate(reqs)}
+    assert [outs[0], outs[1]] == want

@@ -2,8 +2,10 @@
 element saying whether it is kept, and the kept values packed in column order.
 
 - "bitmap-50" (a sparsity in whole percent, 1 to 99): "<w>.bits" uint8 [N, ceil(K / 8)] (bit j % 8 of
-  byte j // 8, least significant first: column j kept) and "<w>.nz" [N, C] in the compute dtype, each
-  row's kept values in column order, C = K - round(K * sparsity);
+  byte j // 8, least significant first: column j kept) and "<w>.nz" [N, C] in bfloat16, each row's kept
+  values in column order, C = K - round(K * sparsity). bfloat16 whatever the model's dtype: a stored
+  tensor's dtype must follow from the format alone (a folder runs in any compute dtype, its stored bytes
+  streamed as they are), and bfloat16 holds any weight's range (an fp16 model's kept values lose 3 bits);
 - "bitmap-50-int8": the kept values as int8, symmetric, one float32 scale per row ("<w>.scale" [N, 1]: the
   row's largest kept |W| / 127), formats/int8.py's arithmetic: the bytes multiply down (0.31 of bf16's at 50%).
 
@@ -28,6 +30,9 @@ import torch.nn.functional as F
 
 from offbatch.formats.base import WeightFormat, register_family
 from offbatch.formats.int8 import quantizable, safe
+
+
+VALUES_DTYPE = torch.bfloat16
 
 
 def kept_per_row(k: int, sparsity: float) -> int:
@@ -60,7 +65,7 @@ class BitmapFormat(WeightFormat):
         bits = (f"{local}.bits", (n, -(-k // 8)), torch.uint8)
         if self.int8_values:
             return [bits, (f"{local}.nz", (n, self.kept_values(k)), torch.int8), (f"{local}.scale", (n, 1), torch.float32)]
-        return [bits, (f"{local}.nz", (n, self.kept_values(k)), dtype)]
+        return [bits, (f"{local}.nz", (n, self.kept_values(k)), VALUES_DTYPE)]
 
     def encode(self, local, tensor, dtype):
         from offbatch.kernels.bitmap_reference import bitmap_pack
@@ -69,15 +74,15 @@ class BitmapFormat(WeightFormat):
             return super().encode(local, tensor, dtype)
         n, k = tensor.shape
         c = self.kept_values(k)
-        t = tensor.to(dtype)
+        t = tensor.float()
         keep = torch.zeros(n, k, dtype=torch.bool, device=t.device)
         if c:
-            # The c largest in magnitude per row (in float32: a bf16 tie is broken the same on any device).
-            idx = t.float().abs().topk(c, dim=1, sorted=False).indices
+            # The c largest in magnitude per row, chosen on the weight as given.
+            idx = t.abs().topk(c, dim=1, sorted=False).indices
             keep.scatter_(1, idx, True)
         bits, values = bitmap_pack(t, keep, c)
         if not self.int8_values:
-            return {f"{local}.bits": bits, f"{local}.nz": values}
+            return {f"{local}.bits": bits, f"{local}.nz": values.to(VALUES_DTYPE)}
         v = values.float()
         scale = v.abs().amax(dim=1, keepdim=True) / 127
         if not torch.isfinite(scale).all():
@@ -89,7 +94,7 @@ class BitmapFormat(WeightFormat):
         """The kept values [N, C] in `dtype` (int8 values: times their row's scale in float32, rounded once)."""
         v = w[f"{local}.nz"]
         if not self.int8_values:
-            return v
+            return v  # bfloat16: the expansion converts each value once
         return (v.float() * w[f"{local}.scale"]).to(dtype)
 
     def dequantize(self, w: Mapping[str, torch.Tensor], local: str, dtype: torch.dtype,
