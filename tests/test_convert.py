@@ -32,7 +32,7 @@ CASES = [("llama", "int8"), ("llama", "int4"), ("llama", "int4-asym-g32"), ("lla
          # --skip: experts part dense (run one by one), experts all dense (the dense grouped kernels)
          ("mixtral", "int4+keep=down,o"), ("mixtral", "int8+keep=experts"),
          # pruned: a bitmap and the kept values (magnitude: convert --weights bitmap-50 is --prune 0.5)
-         ("llama", "bitmap-50"), ("mixtral", "bitmap-50"), ("llama", "bitmap-70-int8")]
+         ("llama", "bitmap-50"), ("mixtral", "bitmap-50"), ("llama", "bitmap-70-int8"), ("llama", "bitmap-50-int4")]
 PROMPTS = [[3, 5, 7, 9, 11, 13, 2], [4, 8, 15, 16, 23, 42, 1, 2, 3], [99]]
 ENGLISH = ("It was a bright cold day in April, and the clocks were striking thirteen. The hallway smelt of "
            "boiled cabbage and old rag mats. At one end of it a coloured poster, too large for indoor display, "

@@ -64,6 +64,27 @@ def test_int8_values_are_the_kept_values_quantized_per_row(n, k):
     assert torch.equal(plain["gate.weight.bits"], stored["gate.weight.bits"])
 
 
+def test_int4_values_are_the_kept_values_in_int4_asym_groups():
+    from offbatch.formats.bitmap import INT4_VALUES
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(6, 100, generator=g)
+    fmt = get_format("bitmap-50-int4")
+    stored = fmt.encode("down.weight", w, torch.float32)
+    assert {n: (tuple(t.shape), t.dtype) for n, t in stored.items()} == {
+        n: (s, d) for n, s, d in fmt.stored("down.weight", (6, 100), torch.float32)}
+    assert set(stored) == {"down.weight.bits", "down.weight.nz.q4", "down.weight.nz.scale", "down.weight.nz.min"}
+    plain = get_format("bitmap-50").encode("down.weight", w, torch.float32)
+    assert torch.equal(plain["down.weight.bits"], stored["down.weight.bits"])  # the same positions
+    # The kept values, quantized as int4-asym-g32 quantizes a [N, C] weight, expanded in place.
+    kept = pruned_by_magnitude(w, 50)
+    values = kept[kept != 0].view(6, 50)
+    want_values = INT4_VALUES.dequantize(INT4_VALUES.encode("v", values, torch.float32), "v", torch.float32, 50)
+    dense = fmt.dequantize(stored, "down.weight", torch.float32, 100)
+    assert torch.equal(dense[kept != 0].view(6, 50), want_values) and not dense[kept == 0].any()
+    assert (dense - kept).abs().max() < 0.2  # 4 bits over a group's range
+
+
 def test_only_bulk_linear_weights_are_pruned():
     fmt = get_format("bitmap-50")
     assert fmt.compresses("q.weight", (8, 8)) and fmt.compresses("experts.3.down.weight", (8, 8))
@@ -155,8 +176,8 @@ def test_convert_prune_writes_a_bitmap_folder_that_runs_and_reports_quality(synt
 
 @pytest.mark.parametrize("args, match", [
     (["--prune", "0.555"], "whole percent"),
-    (["--prune", "0.5", "--weights", "int4"], "not built yet"),
-    (["--prune", "0.5", "--group", "32"], "not built yet"),
+    (["--prune", "0.5", "--weights", "nf4"], "no other format"),
+    (["--prune", "0.5", "--group", "32"], "no other format"),
     (["--prune", "0.5", "--calib", "x.txt"], "only --method wanda"),
     (["--prune", "0.5", "--method", "sparsegpt"], "--method takes"),
     (["--prune", "1.5"], "0.99"),
@@ -235,3 +256,19 @@ def test_a_bf16_bitmap_folder_runs_in_float32(tmp_path):
     reqs = [GenRequest(i, p, SamplingParams(max_tokens=3, ignore_eos=True)) for i, p in enumerate([[3, 5, 7], [9, 2]])]
     outs = {o.key: o.token_ids for o in eng.generate(reqs)}
     assert [outs[0], outs[1]] == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name", ["bitmap-50", "bitmap-50-int8", "bitmap-70-int4"])
+def test_the_gpu_linear_expands_what_the_twin_does(name):
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(1024, 4096, generator=g) * 0.05
+    fmt = get_format(name)
+    stored = fmt.encode("up.weight", w, torch.bfloat16)
+    twin = fmt.dequantize(stored, "up.weight", torch.bfloat16, 4096)
+    on_gpu = {n: t.cuda() for n, t in stored.items()}
+    x = torch.randn(64, 4096, generator=g).to(torch.bfloat16)
+    got = fmt.linear(x.cuda(), on_gpu, "up").cpu()
+    assert torch.equal(fmt.dequantize(on_gpu, "up.weight", torch.bfloat16, 4096).cpu(), twin)
+    assert torch.allclose(got.float(), F.linear(x.float(), twin.float()), rtol=2e-2, atol=2e-2)

@@ -38,10 +38,11 @@ def _pruned_format(prune: float, weights: str | None, method: str, calib: Path |
     percent = round(prune * 100)
     if abs(prune * 100 - percent) > 1e-6:
         raise typer.BadParameter(f"{prune}: prune a whole percent of the values (0.5, 0.55, ...)", param_hint="--prune")
-    if group is not None or weights not in (None, "int8"):
-        raise typer.BadParameter("pruned values are stored in the model's dtype, or with --weights int8 in int8 "
-                                 "(int4 values in the bitmap format are not built yet)", param_hint="--weights")
-    return _format(f"bitmap-{percent}" + ("-int8" if weights == "int8" else ""), None, skip)
+    if group is not None or weights not in (None, "int8", "int4"):
+        raise typer.BadParameter("pruned values are stored in bfloat16, or with --weights int8 / int4 in those "
+                                 "(int4: groups of 32 kept values, asymmetric; no other format or group)",
+                                 param_hint="--weights")
+    return _format(f"bitmap-{percent}" + (f"-{weights}" if weights else ""), None, skip)
 
 
 def _wanda(model_dir: Path, name: str, calib: Path | None, eval_text: Path | None, scored: int, device, dtype,
@@ -128,7 +129,7 @@ def command(
     out_dir: Annotated[Path, typer.Argument(help="The folder to write.", show_default=False)],
     weights: Annotated[Optional[str], typer.Option("--weights", help="The weight format: int8, int8-g32, int4, "
                                                    "int4-asym, int4-g32, int4-asym-g128, nf4, fp4, ... (with --prune: "
-                                                   "the kept values in the model's dtype, or int8)",
+                                                   "the kept values in bfloat16, or int8 / int4)",
                                                    show_default=False)] = None,
     prune: Annotated[Optional[float], typer.Option("--prune", min=0.01, max=0.99, help="Prune this share of each "
                                                    "bulk weight's values (0.5: half of every row) and store the rest "

@@ -7,7 +7,9 @@ element saying whether it is kept, and the kept values packed in column order.
   tensor's dtype must follow from the format alone (a folder runs in any compute dtype, its stored bytes
   streamed as they are), and bfloat16 holds any weight's range (an fp16 model's kept values lose 3 bits);
 - "bitmap-50-int8": the kept values as int8, symmetric, one float32 scale per row ("<w>.scale" [N, 1]: the
-  row's largest kept |W| / 127), formats/int8.py's arithmetic: the bytes multiply down (0.31 of bf16's at 50%).
+  row's largest kept |W| / 127), formats/int8.py's arithmetic: the bytes multiply down (0.31 of bf16's at 50%);
+- "bitmap-50-int4": the kept values [N, C] as formats/int4.py's int4-asym-g32 stores a weight ("<w>.nz.q4",
+  "<w>.nz.scale", "<w>.nz.min": groups of 32 consecutive kept values of a row): 0.22 of bf16's at 50%.
 
 Every row keeps the same number of values. A module is placed, streamed and held in slots whose size is
 known from its shapes alone (formats/base.py's packing rule), so the count cannot depend on the data;
@@ -29,10 +31,21 @@ import torch
 import torch.nn.functional as F
 
 from offbatch.formats.base import WeightFormat, register_family
+from offbatch.formats.int4 import Int4Format
 from offbatch.formats.int8 import quantizable, safe
 
 
 VALUES_DTYPE = torch.bfloat16
+
+
+class _Int4Values(Int4Format):
+    """int4-asym-g32 over a row's kept values (any [N, C] tensor, not only a linear layer's weight)."""
+
+    def compresses(self, local, shape):
+        return len(shape) == 2
+
+
+INT4_VALUES = _Int4Values(group=32, asymmetric=True, name="int4-asym-g32 (bitmap values)")
 
 
 def kept_per_row(k: int, sparsity: float) -> int:
@@ -44,12 +57,15 @@ class BitmapFormat(WeightFormat):
     expands = True
     fused_rows = 0  # no fused sparse GEMM: every use expands first
 
-    def __init__(self, percent: int, int8_values: bool = False):
+    def __init__(self, percent: int, values: str = "bf16"):
         if not 1 <= percent <= 99:
             raise ValueError(f"a bitmap format prunes 1 to 99 percent of the weights, not {percent}")
-        self.percent, self.int8_values = percent, int8_values
+        if values not in ("bf16", "int8", "int4"):
+            raise ValueError(f"bitmap values are bf16, int8 or int4, not {values!r}")
+        self.percent, self.values_kind = percent, values
+        self.int8_values = values == "int8"
         self.sparsity = percent / 100
-        self.name = f"bitmap-{percent}" + ("-int8" if int8_values else "")
+        self.name = f"bitmap-{percent}" + ("" if values == "bf16" else f"-{values}")
 
     def compresses(self, local, shape):
         return quantizable(local, tuple(shape))
@@ -63,9 +79,12 @@ class BitmapFormat(WeightFormat):
             return super().stored(local, shape, dtype)
         n, k = shape
         bits = (f"{local}.bits", (n, -(-k // 8)), torch.uint8)
+        c = self.kept_values(k)
         if self.int8_values:
-            return [bits, (f"{local}.nz", (n, self.kept_values(k)), torch.int8), (f"{local}.scale", (n, 1), torch.float32)]
-        return [bits, (f"{local}.nz", (n, self.kept_values(k)), VALUES_DTYPE)]
+            return [bits, (f"{local}.nz", (n, c), torch.int8), (f"{local}.scale", (n, 1), torch.float32)]
+        if self.values_kind == "int4":
+            return [bits, *INT4_VALUES.stored(f"{local}.nz", (n, c), dtype)]
+        return [bits, (f"{local}.nz", (n, c), VALUES_DTYPE)]
 
     def encode(self, local, tensor, dtype):
         from offbatch.kernels.bitmap_reference import bitmap_pack
@@ -81,6 +100,8 @@ class BitmapFormat(WeightFormat):
             idx = t.abs().topk(c, dim=1, sorted=False).indices
             keep.scatter_(1, idx, True)
         bits, values = bitmap_pack(t, keep, c)
+        if self.values_kind == "int4":
+            return {f"{local}.bits": bits, **INT4_VALUES.encode(f"{local}.nz", values, dtype)}
         if not self.int8_values:
             return {f"{local}.bits": bits, f"{local}.nz": values.to(VALUES_DTYPE)}
         v = values.float()
@@ -92,6 +113,14 @@ class BitmapFormat(WeightFormat):
 
     def values(self, w: Mapping[str, torch.Tensor], local: str, dtype: torch.dtype) -> torch.Tensor:
         """The kept values [N, C] in `dtype` (int8 values: times their row's scale in float32, rounded once)."""
+        if self.values_kind == "int4":
+            q4 = w[f"{local}.nz.q4"]
+            if q4.is_cuda:
+                from offbatch import kernels
+
+                weight = INT4_VALUES.weight(w, f"{local}.nz")
+                return kernels.dequant_int4(*weight, INT4_VALUES.group, q4.shape[1] * 2, dtype)
+            return INT4_VALUES.dequantize(w, f"{local}.nz", dtype)
         v = w[f"{local}.nz"]
         if not self.int8_values:
             return v  # bfloat16: the expansion converts each value once
@@ -119,11 +148,12 @@ class BitmapFormat(WeightFormat):
 
 
 def parse_bitmap(name: str) -> BitmapFormat | None:
-    """"bitmap-50": half of each bulk weight's values pruned; "bitmap-50-int8": the kept ones in int8."""
-    m = re.fullmatch(r"bitmap-(\d{1,2})(-int8)?", name)
+    """"bitmap-50": half of each bulk weight's values pruned; "bitmap-50-int8" / "-int4": the kept ones in
+    int8 / int4."""
+    m = re.fullmatch(r"bitmap-(\d{1,2})(?:-(int8|int4))?", name)
     if m is None or not 1 <= int(m.group(1)) <= 99:
         return None
-    return BitmapFormat(int(m.group(1)), m.group(2) is not None)
+    return BitmapFormat(int(m.group(1)), m.group(2) or "bf16")
 
 
 register_family(parse_bitmap)
