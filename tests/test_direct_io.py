@@ -64,3 +64,29 @@ def test_module_files_read_direct_where_they_can_and_buffered_else(data_file, mo
     files = ModuleFiles()
     assert files.fd(str(path))[1] is False
     files.close()
+
+
+@pytest.mark.parametrize("direct_io", ["1", "0"])
+def test_read_into_places_each_tensors_bytes_and_counts_how_they_were_read(data_file, monkeypatch, direct_io):
+    import torch
+
+    from offbatch.offload import disk
+    from offbatch.offload.disk import ModuleFiles, TensorRead, read_into
+
+    monkeypatch.setenv("OFFBATCH_DIRECT_IO", direct_io)
+    monkeypatch.setattr(disk, "CHUNK", 3 * ALIGN)  # several read calls per tensor
+    path, data = data_file
+    reads = [TensorRead("a", str(path), 13, 2 * ALIGN + 7, 0, True),
+             TensorRead("b", str(path), 4 * ALIGN + 1, 900, 9000, True),
+             TensorRead("c", str(path), 0, len(data), 20000, True)]  # the whole file, to its unaligned end
+    out = torch.zeros(20000 + len(data), dtype=torch.uint8)
+    files = ModuleFiles()
+    read_into(reads, out, files, lambda parts, buf: None)
+    arr = out.numpy()
+    for r in reads:
+        assert np.array_equal(arr[r.buf_offset : r.buf_offset + r.nbytes], data[r.file_offset : r.file_offset + r.nbytes])
+    total = sum(r.nbytes for r in reads)
+    direct = files.fd(str(path))[1]
+    assert (files.direct_bytes, files.buffered_bytes) == ((total, 0) if direct else (0, total))
+    assert direct == (direct_io == "1" and open_direct(str(path)) is not None)
+    files.close()

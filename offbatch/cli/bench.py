@@ -146,7 +146,9 @@ def command(
          " / ".join(f"{report['time_split_s'].get(k, 0.0):.2f}" for k in
                     ("host_router_sync", "host_cpu_attention", "host_kv_store_wait")) + " s", ""),
         ("read from disk per step", format_bytes(report.get("disk_bytes_per_step", 0)) + (
-            f" at {report['disk_read_bytes_s'] / 1e9:.2f} GB/s" if report.get("disk_read_bytes_s") else ""),
+            f" at {report['disk_read_bytes_s'] / 1e9:.2f} GB/s" if report.get("disk_read_bytes_s") else "") + (
+            " (O_DIRECT: past the page cache)" if report.get("disk_direct_bytes") and not report.get("disk_buffered_bytes")
+            else " (through the page cache)" if report.get("disk_buffered_bytes") else ""),
          f"{plan['disk_modules']} disk modules" if plan.get("disk_modules") else "no disk tier"),
         ("peak GPU reserved", format_bytes(report["peak_gpu_reserved_bytes"]),
          format_bytes(sum(plan["memory"].values())) if plan.get("memory") else ""),

@@ -51,6 +51,8 @@ def disk_report(engine) -> dict:
     return {"disk_modules": len(engine.store.disk), "disk_bytes_read": reader.bytes_read,
             "disk_bytes_per_step": reader.bytes_read / steps, "disk_read_s": reader.read_s,
             "disk_read_bytes_s": reader.bytes_read / reader.read_s if reader.read_s else 0.0,
+            # Of the raw bytes read, those that bypassed the page cache (O_DIRECT: the disk's own rate).
+            "disk_direct_bytes": reader.files.direct_bytes, "disk_buffered_bytes": reader.files.buffered_bytes,
             "staging_bytes": reader.staging_bytes}
 
 

@@ -87,6 +87,7 @@ class ModuleFiles:
         self.fds: dict[str, tuple[int, bool]] = {}
         self.lock = threading.Lock()
         self.bounce: BounceBuffer | None = None
+        self.direct_bytes = self.buffered_bytes = 0  # read past the page cache, and through it (bench says)
 
     def fd(self, path: str) -> tuple[int, bool]:
         """(file descriptor, whether it reads with O_DIRECT)."""
@@ -127,8 +128,10 @@ def read_into(reads: list[TensorRead], out: torch.Tensor, files: ModuleFiles,
             dest = arr[r.buf_offset + done : r.buf_offset + done + n]
             if direct:
                 got = files.bounce_buffer().read(fd, r.file_offset + done, dest)
+                files.direct_bytes += max(got, 0)
             else:
                 got = os.preadv(fd, [memoryview(dest)], r.file_offset + done)
+                files.buffered_bytes += max(got, 0)
             if got <= 0:
                 raise OffbatchError(f"{r.file} ended while reading tensor {r.canonical!r} (was the file "
                                     "changed or truncated after the run started?)")
