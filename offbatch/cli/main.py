@@ -42,6 +42,7 @@ COMMANDS = [
     ("plan", "plan"),
     ("eval-ppl", "eval_ppl"),
     ("convert", "convert"),
+    ("profile", "profile"),
 ]
 
 

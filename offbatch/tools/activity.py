@@ -1,0 +1,171 @@
+"""`offbatch profile`: how often each FFN neuron is active over calibration text (PowerInfer's hot/cold
+statistics), and what treating the rarely active ones as zero costs.
+
+A neuron's activation is its entry of the down projection's input: act(x W_up) for a plain FFN, act(x
+W_gate) * (x W_up) for a gated one. ReLU-family FFNs are exactly sparse: a neuron is active where its
+activation is not 0. Gated SiLU/GELU FFNs are not; as in CATS / TEAL (training-free), a neuron counts as
+active where |activation| exceeds a per-layer threshold, the quantile of |activation| over the calibration
+tokens at the target sparsity, and zeroing the others is lossy: `thresholded_quality` measures it.
+
+The statistics are one safetensors file: for every FFN (and every expert's) down projection
+"layers.L.NAME.activity" (float32 [intermediate]: the share of calibration tokens where the neuron was
+active) and "layers.L.NAME.threshold" (float32 [1]), with the calibration's description in the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from offbatch.formats.base import ModuleWeights
+
+STATS_FILE = "offbatch_activity.safetensors"
+SAMPLE_PER_CALL = 1 << 16  # |activation| values kept per FFN call for the threshold's quantile
+RELU_FAMILY = ("relu",)
+
+
+class DownInputHook(ModuleWeights):
+    """A module's weights that hand each down projection's input (the neuron activations) to `hook(key,
+    name, h)` before computing, and compute with what it returns (a thresholded h, or h itself)."""
+
+    def __init__(self, inner: ModuleWeights, key, hook: Callable):
+        super().__init__(inner.tensors, inner.format)
+        self.key, self.hook = key, hook
+
+    def linear(self, x, name):
+        if name == "down" or name.endswith(".down"):
+            x = self.hook(self.key, name, x)
+        return super().linear(x, name)
+
+
+def stat_name(key, name: str) -> str:
+    """"layers.3.down", "layers.3.experts.5.down" (key: the module key (layer, module))."""
+    return f"layers.{key[0]}.{name}"
+
+
+def hooked(model, hook: Callable):
+    """Put `hook` on every module of a ReferenceModel (its forward reads this dict), in place of any earlier
+    hook."""
+    for key, mw in list(model.modules.items()):
+        model.modules[key] = DownInputHook(mw, key, hook)
+    return model
+
+
+@dataclass
+class ActivityStats:
+    activity: dict[str, torch.Tensor]  # stat name -> [intermediate] share of tokens active
+    threshold: dict[str, float]
+    tokens: int
+    meta: dict = field(default_factory=dict)
+
+    def sparsity(self) -> float:
+        """The share of (token, neuron) activations below threshold, over every FFN."""
+        total = sum(a.numel() for a in self.activity.values())
+        return 1.0 - sum(float(a.sum()) for a in self.activity.values()) / max(1, total)
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for name, a in self.activity.items():
+            tensors[f"{name}.activity"] = a.float().contiguous()
+            tensors[f"{name}.threshold"] = torch.tensor([self.threshold[name]], dtype=torch.float32)
+        meta = {"offbatch": "activity", "tokens": str(self.tokens), "about": json.dumps(self.meta)}
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+
+def load_stats(path: str | Path) -> ActivityStats:
+    """The statistics `profile` wrote; a file that is not one is a clear error."""
+    from safetensors import safe_open
+
+    from offbatch.errors import InputFileError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a bad file
+        raise InputFileError(f"{path} is not an activity statistics file ({e})") from None
+    if meta.get("offbatch") != "activity":
+        raise InputFileError(f"{path} is not an activity statistics file written by `offbatch profile`")
+    names = sorted(k[: -len(".activity")] for k in tensors if k.endswith(".activity"))
+    if any(f"{n}.threshold" not in tensors for n in names):
+        raise InputFileError(f"{path} is incomplete: a neuron activity without its threshold")
+    return ActivityStats({n: tensors[f"{n}.activity"] for n in names},
+                         {n: float(tensors[f"{n}.threshold"][0]) for n in names}, int(meta.get("tokens", 0)),
+                         json.loads(meta.get("about", "{}")))
+
+
+@torch.inference_mode()
+def profile(model, windows: Sequence[Sequence[int]], sparsity: float,
+            on_window: Callable[[str, int], None] | None = None) -> ActivityStats:
+    """Activity of every FFN neuron of `model` (a ReferenceModel) over the token windows. ReLU FFNs: active
+    where > 0 (`sparsity` unused). Others: a per-FFN threshold at the `sparsity` quantile of |activation|
+    (first pass), then the counts (second pass). on_window(pass name, window index)."""
+    # ReLU (plain or gated): an activation is exactly 0 where the neuron is off.
+    relu = model.spec.activation in RELU_FAMILY
+    gen = torch.Generator().manual_seed(0)
+    samples: dict[str, list[torch.Tensor]] = {}
+
+    def sample(key, name, h):
+        flat = h.detach().abs().reshape(-1).float().cpu()
+        if flat.numel() > SAMPLE_PER_CALL:
+            flat = flat[torch.randint(flat.numel(), (SAMPLE_PER_CALL,), generator=gen)]
+        samples.setdefault(stat_name(key, name), []).append(flat)
+        return h
+
+    def run(tag: str):
+        for k, ids in enumerate(windows):
+            model.forward([model.new_cache(len(ids))], [list(ids)])
+            if on_window is not None:
+                on_window(tag, k)
+
+    threshold: dict[str, float] = {}
+    if not relu:
+        hooked(model, sample)
+        run("threshold")
+        for name, parts in samples.items():
+            threshold[name] = float(torch.quantile(torch.cat(parts), sparsity)) if sparsity > 0 else 0.0
+    counts: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def count(key, name, h):
+        n = stat_name(key, name)
+        t = threshold.setdefault(n, 0.0)
+        active = h.detach().abs() > t
+        a = active.reshape(-1, h.shape[-1]).sum(0).cpu()
+        counts[n] = counts[n] + a if n in counts else a
+        rows[n] = rows.get(n, 0) + active.reshape(-1, h.shape[-1]).shape[0]
+        return h
+
+    hooked(model, count)
+    run("count")
+    tokens = sum(len(w) for w in windows)
+    # Experts see only the tokens routed to them: each one's share is over its own rows.
+    activity = {n: (c.double() / max(1, rows[n])).float() for n, c in counts.items()}
+    return ActivityStats(activity, threshold, tokens,
+                         {"activation": model.spec.activation, "gated": model.spec.gated_ffn,
+                          "rule": "relu: not 0" if relu else f"|activation| > the {sparsity:g} quantile per FFN",
+                          "target_sparsity": None if relu else sparsity, "windows": len(windows),
+                          "expert_rows": {n: r for n, r in rows.items() if ".experts." in n}})
+
+
+def thresholded(model, stats: ActivityStats):
+    """`model` computing with every activation at or below its FFN's threshold set to zero (the sparse
+    FFN an activity oracle would compute)."""
+
+    def cut(key, name, h):
+        t = stats.threshold.get(stat_name(key, name))
+        if t is None:
+            return h
+        return torch.where(h.abs() > t, h, torch.zeros((), dtype=h.dtype, device=h.device))
+
+    return hooked(model, cut)

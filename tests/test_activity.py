@@ -1,0 +1,121 @@
+"""`offbatch profile` (tools/activity.py): each FFN neuron's activity over calibration windows, the
+per-FFN thresholds of gated SiLU models, the statistics file, and the thresholded model (an exact oracle on
+ReLU FFNs)."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hf_factory import save_hf_model
+from offbatch.engine.reference import ReferenceModel
+from offbatch.errors import InputFileError
+from offbatch.models import layers as L
+from offbatch.tools.activity import load_stats, profile, thresholded
+
+WINDOWS = [[3, 5, 7, 9, 11, 13, 2, 8, 21, 34], [4, 8, 15, 16, 23, 42, 1, 2, 3, 60, 61]]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    made = {}
+    for family in ("opt", "llama", "mixtral"):
+        path = tmp_path_factory.mktemp(family)
+        save_hf_model(family, path)
+        made[family] = path
+    return made
+
+
+def layer0_activations(model, ids):
+    """The first FFN's neuron activations for one window, computed here from the layer's own pieces."""
+    spec = model.spec
+    caches = [model.new_cache(len(ids))]
+    seen = {}
+
+    def grab(key, name, h):
+        if key == (0, "ffn"):
+            seen["h"] = h.clone()
+        return h
+
+    from offbatch.tools.activity import hooked
+
+    hooked(model, grab)
+    model.forward(caches, [list(ids)])
+    return seen["h"], spec
+
+
+def test_relu_activity_counts_the_non_zero_activations_and_the_oracle_is_exact(folders):
+    model = ReferenceModel.load(folders["opt"], dtype="float32")
+    assert model.spec.activation == "relu"
+    stats = profile(model, WINDOWS, sparsity=0.9)  # the target does not apply: ReLU is exactly sparse
+    assert all(t == 0.0 for t in stats.threshold.values())
+    hs = [layer0_activations(ReferenceModel.load(folders["opt"], dtype="float32"), w)[0] for w in WINDOWS]
+    want = sum((h != 0).sum(0).float() for h in hs) / sum(h.shape[0] for h in hs)
+    assert torch.allclose(stats.activity["layers.0.down"], want)
+    assert 0.0 < stats.sparsity() < 1.0
+    # Zeroing what is already zero changes nothing: the same logits.
+    dense = ReferenceModel.load(folders["opt"], dtype="float32")
+    cut = thresholded(ReferenceModel.load(folders["opt"], dtype="float32"), stats)
+    a = dense.forward([dense.new_cache(10)], [WINDOWS[0]], all_logits=True)
+    b = cut.forward([cut.new_cache(10)], [WINDOWS[0]], all_logits=True)
+    assert torch.equal(a, b)
+
+
+def test_silu_thresholds_hit_the_target_sparsity_on_the_calibration_tokens(folders):
+    model = ReferenceModel.load(folders["llama"], dtype="float32")
+    stats = profile(model, WINDOWS, sparsity=0.6)
+    spec = model.spec
+    assert set(stats.activity) == {f"layers.{i}.down" for i in range(spec.num_layers)}
+    for name, a in stats.activity.items():
+        assert a.shape == (spec.intermediate_size,) and stats.threshold[name] > 0
+        assert abs(float(a.mean()) - 0.4) < 0.02, name  # the quantile of every value seen (no sampling here)
+    # The thresholded model zeroes the activations at or below the threshold: another product (lossy).
+    full, _ = layer0_activations(ReferenceModel.load(folders["llama"], dtype="float32"), WINDOWS[0])
+    t = stats.threshold["layers.0.down"]
+    cut_model = thresholded(ReferenceModel.load(folders["llama"], dtype="float32"), stats)
+    dense = ReferenceModel.load(folders["llama"], dtype="float32")
+    a = dense.forward([dense.new_cache(10)], [WINDOWS[0]], all_logits=True)
+    b = cut_model.forward([cut_model.new_cache(10)], [WINDOWS[0]], all_logits=True)
+    assert not torch.equal(a, b) and (full.abs() <= t).any()
+
+
+def test_experts_get_their_own_rows_and_the_file_round_trips(folders, tmp_path):
+    model = ReferenceModel.load(folders["mixtral"], dtype="float32")
+    stats = profile(model, WINDOWS, sparsity=0.5)
+    assert any(".experts." in n for n in stats.activity)
+    path = stats.save(tmp_path / "s.safetensors")
+    back = load_stats(path)
+    assert back.threshold == stats.threshold and back.tokens == stats.tokens
+    assert all(torch.equal(back.activity[n], stats.activity[n]) for n in stats.activity)
+    assert back.meta["target_sparsity"] == 0.5
+    (tmp_path / "x.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InputFileError, match="not an activity statistics file"):
+        load_stats(tmp_path / "x.safetensors")
+
+
+def test_profile_command_writes_beside_the_model_and_reports_quality(tmp_path):
+    from jobs_support import synth_llama
+
+    from offbatch.cli.main import app
+
+    model = synth_llama(tmp_path / "m")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"the cat {i} sat on mat {i % 7} and ran"}) for i in range(200)) + "\n")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"word{i % 37} more{i % 11}." for i in range(2000)))
+    args = ["profile", str(model), str(prompts), "--windows", "2", "--window", "64", "--eval-text", str(text),
+            "--eval-windows", "1", "--sparsity", "0.7"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    stats = load_stats(model / "offbatch_activity.safetensors")
+    assert stats.tokens == 128 and abs(stats.sparsity() - 0.7) < 0.03
+    q = stats.meta["quality"]
+    assert q["windows"] == 1 and 0 <= q["agreement"] <= 1 and q["perplexity"] > 0
+    assert "overall sparsity" in r.output and "greedy agreement" in " ".join(r.output.split())
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code != 0 and "--overwrite" in again.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1}\n')
+    r = CliRunner().invoke(app, ["profile", str(model), str(bad), "-o", str(tmp_path / "o.safetensors")])
+    assert r.exit_code != 0 and "no prompt text" in r.output
