@@ -119,3 +119,46 @@ def test_profile_command_writes_beside_the_model_and_reports_quality(tmp_path):
     bad.write_text('{"id": 1}\n')
     r = CliRunner().invoke(app, ["profile", str(model), str(bad), "-o", str(tmp_path / "o.safetensors")])
     assert r.exit_code != 0 and "no prompt text" in r.output
+
+
+def test_planted_activity_probabilities_follow_the_asked_shape():
+    import numpy as np
+
+    from offbatch.tools.synth import HOT_SHARE, activity_probabilities
+
+    for hot, sparsity in [(0.2, 0.9), (0.1, 0.95), (0.3, 0.7)]:
+        p = activity_probabilities(4096, hot, sparsity, np.random.default_rng(0))
+        assert abs(p.mean() - (1 - sparsity)) < 1e-9 and p.max() <= 0.99 + 1e-12 and p.min() > 0
+        s = np.sort(p)[::-1]
+        assert abs(s[: round(hot * 4096)].sum() / s.sum() - HOT_SHARE) < 0.02
+    with pytest.raises(Exception, match="nearly always"):
+        activity_probabilities(4096, 0.1, 0.5, np.random.default_rng(0))  # 10% of neurons, 40% of all tokens
+
+
+def test_synth_plants_ffn_activity_that_profile_measures(tmp_path):
+    from safetensors.torch import load_file
+
+    from offbatch.cli.main import app
+    from offbatch.models.spec import load_spec
+    from offbatch.tools.synth import synth_tensor
+
+    out = tmp_path / "opt"
+    r = CliRunner().invoke(app, ["synth", "opt", str(out), "--intermediate-size", "1024", "--ffn-activity",
+                                 "hot=0.2,sparsity=0.9", "--quiet"])
+    assert r.exit_code == 0, r.output
+    spec = load_spec(out)
+    assert spec.synth_ffn_activity == (0.2, 0.9)
+    # The folder holds what the in-memory synth source (bench --synth) generates.
+    t = load_file(str(out / "model.safetensors"))
+    assert torch.equal(t["model.decoder.layers.1.fc1.bias"], synth_tensor(spec, "model.decoder.layers.1.fc1.bias"))
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 97} x{i % 13}" for i in range(3000)))
+    r = CliRunner().invoke(app, ["profile", str(out), str(text), "--windows", "4", "--window", "128", "--no-eval",
+                                 "--quiet"])
+    assert r.exit_code == 0, r.output
+    stats = load_stats(out / "offbatch_activity.safetensors")
+    assert abs(stats.sparsity() - 0.9) < 0.04
+    for bad, match in [(["llama", str(tmp_path / "l"), "--ffn-activity", "hot=0.2,sparsity=0.9"], "plain ReLU FFN"),
+                       (["opt", str(tmp_path / "o"), "--ffn-activity", "hot=2"], "each between 0 and 1")]:
+        r = CliRunner().invoke(app, ["synth", *bad])
+        assert r.exit_code != 0 and match in r.output, r.output

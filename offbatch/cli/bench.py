@@ -19,7 +19,7 @@ from offbatch.units import format_bytes
 MAX_BENCH_PROMPT_TOKENS = 1 << 26  # its random prompts as Python lists: about 2.5 GiB of host memory
 
 
-def _source(model_dir: Optional[Path], synth: Optional[str], layers: Optional[int]):
+def _source(model_dir: Optional[Path], synth: Optional[str], layers: Optional[int], ffn_activity: Optional[str] = None):
     from offbatch.models.loader import open_checkpoint
     from offbatch.models.spec import spec_from_config
     from offbatch.offload.weights import CheckpointSource, SynthSource
@@ -27,9 +27,12 @@ def _source(model_dir: Optional[Path], synth: Optional[str], layers: Optional[in
     if (model_dir is None) == (synth is None):
         raise OffbatchError("give either MODEL_DIR or --synth PRESET (a synth preset benchmarks without writing to disk)")
     if synth:
-        from offbatch.tools.synth import synth_config
+        from offbatch.tools.synth import parse_ffn_activity, synth_config
 
-        return SynthSource(spec_from_config(synth_config(synth, layers=layers)))
+        extra = {"offbatch_synth_ffn_activity": parse_ffn_activity(ffn_activity)} if ffn_activity else {}
+        return SynthSource(spec_from_config(synth_config(synth, layers=layers, **extra)))
+    if ffn_activity:
+        raise OffbatchError("--ffn-activity plants activity in a --synth model, not in a folder")
     return CheckpointSource(open_checkpoint(model_dir))
 
 
@@ -37,6 +40,9 @@ def command(
     model_dir: ModelOrSynthArg = None,
     synth: SynthOpt = None,
     layers: SynthLayersOpt = None,
+    ffn_activity: Annotated[Optional[str], typer.Option("--ffn-activity", help="With --synth: plant FFN neuron "
+                                                        "activity (`offbatch synth --ffn-activity`).",
+                                                        show_default=False)] = None,
     gpu_memory: GpuMemoryOpt = None,
     cpu_memory: CpuMemoryOpt = None,
     prompts: Annotated[int, typer.Option("--prompts", help="Number of prompts.")] = 64,
@@ -67,7 +73,7 @@ def command(
     from offbatch.planner.workload import Workload
 
     device = resolve_device(device)
-    source = _source(model_dir, synth, layers)
+    source = _source(model_dir, synth, layers, ffn_activity)
     spec = source.spec
     cap = byte_size(gpu_memory, "--gpu-memory")
     default_dtype = getattr(torch, spec.torch_dtype)

@@ -8,7 +8,7 @@ import typer
 from offbatch.cli.options import QuietOpt
 from offbatch.errors import OffbatchError
 from offbatch.models.presets import PRESETS
-from offbatch.tools.synth import DEFAULT_SHARD_SIZE, synth_config, write_model
+from offbatch.tools.synth import DEFAULT_SHARD_SIZE, parse_ffn_activity, synth_config, write_model
 from offbatch.units import format_bytes, parse_bytes
 
 
@@ -46,6 +46,10 @@ def command(
                                                    "(as `offbatch convert` would), never holding the dense model: "
                                                    "int8, int4, ..., or with --prune int8 values.",
                                                    show_default=False)] = None,
+    ffn_activity: Annotated[Optional[str], typer.Option("--ffn-activity", help="Plant FFN neuron activity "
+                                                        "(ReLU FFNs with biases: OPT): hot=0.2,sparsity=0.9 - 90% "
+                                                        "of activations 0, the hottest 20% of neurons carrying 80% "
+                                                        "of the rest (a power law).", show_default=False)] = None,
     prune: Annotated[Optional[float], typer.Option("--prune", min=0.01, max=0.99, help="Prune this share of each "
                                                    "bulk weight's values by magnitude (bitmap format).")] = None,
     quiet: QuietOpt = False,
@@ -62,6 +66,7 @@ def command(
         kv_heads=kv_heads, head_dim=head_dim, experts=experts, top_k=top_k,
         moe_intermediate_size=moe_intermediate_size, vocab_size=vocab_size, max_position=max_position,
         embed_proj_dim=embed_proj_dim, post_norm=post_norm or None, tie=tie, dtype=dtype,
+        **({"offbatch_synth_ffn_activity": parse_ffn_activity(ffn_activity)} if ffn_activity else {}),
     )
     if weights is not None or prune is not None:
         from offbatch.cli.convert import _format, _pruned_format

@@ -6,6 +6,8 @@ reference forward, engine, planner) reads only ModelSpec.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,6 +64,10 @@ class ModelSpec:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # Synthetic models only (tools/synth.py): (hot fraction, sparsity) of FFN neuron activity planted in the
+    # first FFN projection's biases (a ReLU FFN with biases: OPT), from config.json's
+    # "offbatch_synth_ffn_activity": {"hot_fraction": h, "sparsity": s}.
+    synth_ffn_activity: tuple[float, float] | None = None
 
     # ---- derived sizes -------------------------------------------------
     @property
@@ -296,6 +302,24 @@ def _moe_layer_flags(cfg: dict, num_layers: int) -> tuple[bool, ...]:
 
 
 def spec_from_config(cfg: dict) -> ModelSpec:
+    spec = _spec_from_config(cfg)
+    planted = cfg.get("offbatch_synth_ffn_activity")
+    return spec if planted is None else dataclasses.replace(spec, synth_ffn_activity=_planted_activity(planted, spec))
+
+
+def _planted_activity(planted, spec: ModelSpec) -> tuple[float, float]:
+    """config.json's offbatch_synth_ffn_activity, checked: a ReLU FFN with biases to plant it in."""
+    ok = isinstance(planted, dict) and all(isinstance(planted.get(k), (int, float)) and not isinstance(planted.get(k), bool)
+                                           and 0 < planted[k] < 1 for k in ("hot_fraction", "sparsity"))
+    if not ok:
+        raise ModelFolderError("config.json's offbatch_synth_ffn_activity must be {\"hot_fraction\": h, \"sparsity\": s}, "
+                               "each between 0 and 1")
+    if spec.activation != "relu" or spec.gated_ffn or not (spec.family == "opt" or spec.mlp_bias) or spec.moe:
+        raise ModelFolderError("planted FFN activity needs a plain ReLU FFN with biases (OPT)")
+    return float(planted["hot_fraction"]), float(planted["sparsity"])
+
+
+def _spec_from_config(cfg: dict) -> ModelSpec:
     if not isinstance(cfg, dict):
         raise ModelFolderError(f"config.json must hold a JSON object ({{...}}), not {json_type(cfg)}")
     family = cfg.get("model_type")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import math
 import struct
 import time
@@ -229,7 +230,9 @@ def _check_config(cfg: dict) -> None:
     bad = [i for i in cfg.get("mlp_only_layers") or [] if not 0 <= i < cfg["num_hidden_layers"]]
     if bad:
         raise SynthError(f"mlp_only_layers {bad} are outside the {cfg['num_hidden_layers']} layers")
-    spec_from_config(cfg)  # offbatch must accept what we write
+    spec = spec_from_config(cfg)  # offbatch must accept what we write
+    if spec.synth_ffn_activity is not None:  # refused now, not halfway through the files
+        activity_probabilities(spec.intermediate_size, *spec.synth_ffn_activity, np.random.default_rng(0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,6 +348,67 @@ def _dtype(spec: ModelSpec, dtype: str | torch.dtype | None) -> torch.dtype:
     return dtype
 
 
+def parse_ffn_activity(text: str) -> dict:
+    """'hot=0.2,sparsity=0.9' (the CLI's --ffn-activity) -> config.json's offbatch_synth_ffn_activity."""
+    out = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        key = {"hot": "hot_fraction", "hot_fraction": "hot_fraction", "sparsity": "sparsity"}.get(key.strip())
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if key is None or number is None or not 0 < number < 1:
+            raise SynthError(f"--ffn-activity {text!r}: give hot=H,sparsity=S, each between 0 and 1")
+        out[key] = number
+    if set(out) != {"hot_fraction", "sparsity"}:
+        raise SynthError(f"--ffn-activity {text!r}: give both hot=H and sparsity=S")
+    return out
+
+
+HOT_SHARE = 0.8  # planted activity: the hot neurons carry this share of all activations
+
+
+def activity_probabilities(n: int, hot_fraction: float, sparsity: float, rng: np.random.Generator) -> np.ndarray:
+    """Each of n neurons' chance to be active, with a mean of 1 - sparsity: the hottest hot_fraction of the
+    neurons carry HOT_SHARE of the activations, the rest the remainder, each group a power law over its
+    ranks (p ~ rank^-0.5, none above 0.99), in random neuron order."""
+    top = min(n - 1, max(1, int(round(hot_fraction * n))))
+    mass = (1.0 - sparsity) * n
+    if HOT_SHARE * mass > 0.99 * top or (1 - HOT_SHARE) * mass > 0.99 * (n - top):
+        raise SynthError(f"--ffn-activity hot={hot_fraction:g},sparsity={sparsity:g}: the hot neurons would have to "
+                         "be active nearly always; give a larger hot share or a higher sparsity")
+
+    def group(count: int, total: float) -> np.ndarray:
+        p = np.arange(1, count + 1, dtype=np.float64) ** -0.5
+        p *= total / p.sum()
+        for _ in range(50):  # no chance above 0.99: what a clip removes goes to the rest of the group
+            over = p > 0.99
+            if not over.any():
+                break
+            p[over] = 0.99
+            p[~over] *= (total - 0.99 * over.sum()) / p[~over].sum()
+        return p
+
+    p = np.concatenate([group(top, HOT_SHARE * mass), group(n - top, (1 - HOT_SHARE) * mass)])
+    return rng.permutation(p)
+
+
+def _planted_bias(spec: ModelSpec, info: TensorInfo, seed: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The first FFN projection's bias of a model with planted activity: b_j = |w_j| * ndtri(p_j), so that
+    over unit-variance inputs (a normed hidden state) neuron j's pre-activation x.w_j + b_j is above 0 with
+    chance p_j. None for any other tensor."""
+    m = re.fullmatch(r"layers\.(\d+)\.up\.bias", info.canonical)
+    if spec.synth_ffn_activity is None or m is None:
+        return None
+    layer = int(m.group(1))
+    name, winfo = next((n, i) for n, i in expected_tensors(spec).items() if i.canonical == f"layers.{layer}.up.weight")
+    w = synth_tensor(spec, name, seed, torch.float32, info=winfo)
+    hot, sparsity = spec.synth_ffn_activity
+    p = activity_probabilities(w.shape[0], hot, sparsity, np.random.default_rng([seed, layer, 0xAC7]))
+    return (w.norm(dim=1) * torch.special.ndtri(torch.from_numpy(p).float())).to(dtype)
+
+
 def synth_tensor(spec: ModelSpec, name: str, seed: int = 0, dtype: str | torch.dtype | None = None,
                  info: TensorInfo | None = None) -> torch.Tensor:
     """One checkpoint tensor, exactly as `write_model` writes it for this seed (dtype: the spec's)."""
@@ -355,6 +419,9 @@ def synth_tensor(spec: ModelSpec, name: str, seed: int = 0, dtype: str | torch.d
         info = tensors[name]
         if info.canonical == "lm_head" and spec.tie_word_embeddings:  # tied: the embedding itself
             name, info = next((n, i) for n, i in tensors.items() if i.canonical == "embed")
+    planted = _planted_bias(spec, info, seed, _dtype(spec, dtype))
+    if planted is not None:
+        return planted
     plan = _plan(spec, name, info, seed)
     out = torch.empty(plan.numel, dtype=_dtype(spec, dtype))
     _fill(out, 0, plan, _pool(seed), torch.empty(CHUNK))
@@ -425,6 +492,10 @@ def _write_safetensors(path: Path, spec: ModelSpec, tensors: dict[str, TensorInf
         f.write(raw)
         writer = _BlockWriter(f, executor)
         for name, info in tensors.items():
+            planted = _planted_bias(spec, info, seed, dtype)
+            if planted is not None:  # small (one per layer): computed whole
+                writer.write(dtype, planted.numel(), lambda dst, start, t=planted: dst.copy_(t.view(-1)[start : start + dst.numel()]))
+                continue
             plan = _plan(spec, name, info, seed)
             writer.write(dtype, plan.numel, lambda dst, start, plan=plan: _fill(dst, start, plan, pool, tmp))
         writer.close()
