@@ -3,7 +3,11 @@
 import json
 import sys
 
-r = json.load(open(sys.argv[1]))
+try:
+    r = json.load(open(sys.argv[1]))
+except (OSError, ValueError) as e:  # the run failed: its .err says why
+    print(f"{sys.argv[2]:22s} no report ({e})")
+    sys.exit(1)
 p = r["plan"]
 pred = p.get("predicted", {})
 print(f"{sys.argv[2]:22s} {p['attention']:11s} kv {p['kv_format']:5s} {p.get('hgca') or '':28s} wave {p['wave_size']:5d} "
