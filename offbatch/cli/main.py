@@ -43,6 +43,7 @@ COMMANDS = [
     ("eval-ppl", "eval_ppl"),
     ("convert", "convert"),
     ("profile", "profile"),
+    ("train-predictors", "train_predictors"),
 ]
 
 

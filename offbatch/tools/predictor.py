@@ -1,0 +1,168 @@
+"""`offbatch train-predictors`: per FFN layer, a small low-rank MLP that predicts from the FFN's input which
+neurons will be active (Deja Vu / PowerInfer), trained on calibration activations.
+
+A predictor is x -> relu(x A^T) B^T, A [rank, hidden], B [intermediate, rank], no biases: a logit per neuron;
+a neuron is predicted active where its logit is above the layer's cut. Active means what `offbatch profile`
+counted (tools/activity.py): not 0 for ReLU FFNs, |activation| above the FFN's threshold otherwise.
+Training minimises binary cross-entropy with the active (rare) class weighted up by how rare it is. The
+calibration tokens are split three ways: training, choosing the cut (the lowest logit that keeps the asked
+recall there) and measuring (recall and predicted sparsity on tokens neither of the others saw).
+
+Dense FFNs only: an MoE layer's experts already see only their routed tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from offbatch.formats.base import ModuleWeights
+
+PREDICTORS_FILE = "offbatch_predictors.safetensors"
+SPLIT = (0.7, 0.15)  # training, choosing the cut; the rest measures
+
+
+class LinearInputHook(ModuleWeights):
+    """A module's weights that show each linear layer's input to `hook(key, name, x)` before computing."""
+
+    def __init__(self, inner: ModuleWeights, key, hook: Callable):
+        super().__init__(inner.tensors, inner.format)
+        self.key, self.hook = key, hook
+
+    def linear(self, x, name):
+        self.hook(self.key, name, x)
+        return super().linear(x, name)
+
+
+@torch.inference_mode()
+def collect(model, windows: Sequence[Sequence[int]], thresholds: dict[str, float]) -> dict[str, tuple]:
+    """For every dense FFN ("layers.L.down", as activity.stat_name names it): its inputs X [T, hidden] and
+    which neurons were active Y [T, intermediate] (bool), over the windows, on the CPU."""
+    from offbatch.tools.activity import stat_name
+
+    xs: dict[str, list] = {}
+    ys: dict[str, list] = {}
+
+    def hook(key, name, x):
+        if name == "up":
+            xs.setdefault(stat_name(key, "down"), []).append(x.detach().reshape(-1, x.shape[-1]).float().cpu())
+        elif name == "down":
+            n = stat_name(key, name)
+            t = thresholds.get(n, 0.0)
+            ys.setdefault(n, []).append((x.detach().abs() > t).reshape(-1, x.shape[-1]).cpu())
+
+    originals = dict(model.modules)
+    for key, mw in originals.items():
+        model.modules[key] = LinearInputHook(mw, key, hook)
+    try:
+        for ids in windows:
+            model.forward([model.new_cache(len(ids))], [list(ids)])
+    finally:
+        model.modules.update(originals)
+    return {n: (torch.cat(xs[n]), torch.cat(ys[n])) for n in sorted(ys) if n in xs}
+
+
+@dataclass
+class Predictor:
+    a: torch.Tensor  # [rank, hidden]
+    b: torch.Tensor  # [intermediate, rank]
+    cut: float  # logit above which a neuron is predicted active
+    metrics: dict = field(default_factory=dict)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x.float() @ self.a.T) @ self.b.T
+
+    def active(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted active neurons [T, intermediate] (bool) for FFN inputs x [T, hidden]."""
+        return self.logits(x) > self.cut
+
+
+def train_one(x: torch.Tensor, y: torch.Tensor, rank: int, recall: float, epochs: int = 30, lr: float = 3e-3,
+              seed: int = 0) -> Predictor:
+    """A predictor for one FFN from its inputs x [T, H] and activity y [T, I] (rows in token order)."""
+    g = torch.Generator().manual_seed(seed)
+    t = x.shape[0]
+    n_train, n_cut = int(t * SPLIT[0]), int(t * SPLIT[1])
+    perm = torch.randperm(t, generator=g)
+    tr, cu, te = perm[:n_train], perm[n_train : n_train + n_cut], perm[n_train + n_cut :]
+    h, i = x.shape[1], y.shape[1]
+    # Inputs are scaled to unit RMS for training; the scale is folded into A afterwards.
+    scale = x[tr].pow(2).mean().sqrt().clamp_min(1e-6)
+    a = (torch.randn(rank, h, generator=g) / h**0.5).requires_grad_()
+    b = (torch.randn(i, rank, generator=g) / rank**0.5).requires_grad_()
+    p = float(y[tr].float().mean())
+    pos_weight = torch.tensor(min(20.0, max(1.0, (1 - p) / max(p, 1e-6))))
+    opt = torch.optim.Adam([a, b], lr=lr)
+    batch = 256
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = tr[torch.randperm(tr.numel(), generator=g)]
+            for s in range(0, order.numel(), batch):
+                idx = order[s : s + batch]
+                logits = torch.relu(x[idx] / scale @ a.T) @ b.T
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[idx].float(), pos_weight=pos_weight)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    pred = Predictor((a.detach() / scale), b.detach(), 0.0)
+    with torch.no_grad():
+        # The cut: the largest logit that still keeps `recall` of the active neurons on the cut split.
+        lg = pred.logits(x[cu])
+        pos = lg[y[cu]]
+        pred.cut = float(torch.quantile(pos, 1 - recall)) if pos.numel() else 0.0
+        pred.metrics = measure(pred, x[te], y[te])
+    return pred
+
+
+def measure(pred: Predictor, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Recall (active neurons predicted active), predicted sparsity and true sparsity over x, y."""
+    with torch.no_grad():
+        got = pred.active(x)
+    pos = int(y.sum())
+    return {"recall": float((got & y).sum()) / pos if pos else 1.0, "predicted_sparsity": 1.0 - float(got.float().mean()),
+            "sparsity": 1.0 - float(y.float().mean()), "tokens": int(x.shape[0])}
+
+
+def save_predictors(path: str | Path, predictors: dict[str, Predictor], about: dict) -> Path:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, p in predictors.items():
+        tensors[f"{name}.pred.a"] = p.a.contiguous()
+        tensors[f"{name}.pred.b"] = p.b.contiguous()
+        tensors[f"{name}.pred.cut"] = torch.tensor([p.cut], dtype=torch.float32)
+    meta = {"offbatch": "predictors", "about": json.dumps(about),
+            "metrics": json.dumps({n: p.metrics for n, p in predictors.items()})}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_predictors(path: str | Path) -> dict[str, Predictor]:
+    from safetensors import safe_open
+
+    from offbatch.errors import InputFileError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a bad file
+        raise InputFileError(f"{path} is not a predictors file ({e})") from None
+    if meta.get("offbatch") != "predictors":
+        raise InputFileError(f"{path} is not a predictors file written by `offbatch train-predictors`")
+    metrics = json.loads(meta.get("metrics", "{}"))
+    names = sorted(k[: -len(".pred.a")] for k in tensors if k.endswith(".pred.a"))
+    out = {}
+    for n in names:
+        if f"{n}.pred.b" not in tensors or f"{n}.pred.cut" not in tensors:
+            raise InputFileError(f"{path} is incomplete: predictor {n} lacks a part")
+        out[n] = Predictor(tensors[f"{n}.pred.a"], tensors[f"{n}.pred.b"], float(tensors[f"{n}.pred.cut"][0]),
+                           metrics.get(n, {}))
+    return out
