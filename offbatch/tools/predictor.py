@@ -63,7 +63,8 @@ def collect(model, windows: Sequence[Sequence[int]], thresholds: dict[str, float
             model.forward([model.new_cache(len(ids))], [list(ids)])
     finally:
         model.modules.update(originals)
-    return {n: (torch.cat(xs[n]), torch.cat(ys[n])) for n in sorted(ys) if n in xs}
+    order = sorted(ys, key=lambda n: (int(n.split(".")[1]), n))  # by layer
+    return {n: (torch.cat(xs[n]), torch.cat(ys[n])) for n in order if n in xs}
 
 
 @dataclass
