@@ -21,25 +21,11 @@ from pathlib import Path
 
 import torch
 
-from offbatch.formats.base import ModuleWeights
+from offbatch.tools.model_hooks import hook_linear_inputs, read_tagged, write_tagged
 
 STATS_FILE = "offbatch_activity.safetensors"
 SAMPLE_PER_CALL = 1 << 16  # |activation| values kept per FFN call for the threshold's quantile
 RELU_FAMILY = ("relu",)
-
-
-class DownInputHook(ModuleWeights):
-    """A module's weights that hand each down projection's input (the neuron activations) to `hook(key,
-    name, h)` before computing, and compute with what it returns (a thresholded h, or h itself)."""
-
-    def __init__(self, inner: ModuleWeights, key, hook: Callable):
-        super().__init__(inner.tensors, inner.format)
-        self.key, self.hook = key, hook
-
-    def linear(self, x, name):
-        if name == "down" or name.endswith(".down"):
-            x = self.hook(self.key, name, x)
-        return super().linear(x, name)
 
 
 def stat_name(key, name: str) -> str:
@@ -48,10 +34,13 @@ def stat_name(key, name: str) -> str:
 
 
 def hooked(model, hook: Callable):
-    """Put `hook` on every module of a ReferenceModel (its forward reads this dict), in place of any earlier
-    hook."""
-    for key, mw in list(model.modules.items()):
-        model.modules[key] = DownInputHook(mw, key, hook)
+    """`hook(key, name, h)` on every down projection's input h (the neuron activations) of a ReferenceModel,
+    computing with what it returns, in place of any earlier hook. -> the model."""
+
+    def downs(key, name, x):
+        return hook(key, name, x) if name == "down" or name.endswith(".down") else x
+
+    hook_linear_inputs(model, downs)
     return model
 
 
@@ -68,34 +57,18 @@ class ActivityStats:
         return 1.0 - sum(float(a.sum()) for a in self.activity.values()) / max(1, total)
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
         tensors = {}
         for name, a in self.activity.items():
-            tensors[f"{name}.activity"] = a.float().contiguous()
+            tensors[f"{name}.activity"] = a.float()
             tensors[f"{name}.threshold"] = torch.tensor([self.threshold[name]], dtype=torch.float32)
-        meta = {"offbatch": "activity", "tokens": str(self.tokens), "about": json.dumps(self.meta)}
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        return write_tagged(path, tensors, "activity", {"tokens": str(self.tokens), "about": json.dumps(self.meta)})
 
 
 def load_stats(path: str | Path) -> ActivityStats:
     """The statistics `profile` wrote; a file that is not one is a clear error."""
-    from safetensors import safe_open
-
     from offbatch.errors import InputFileError
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for a bad file
-        raise InputFileError(f"{path} is not an activity statistics file ({e})") from None
-    if meta.get("offbatch") != "activity":
-        raise InputFileError(f"{path} is not an activity statistics file written by `offbatch profile`")
+    tensors, meta = read_tagged(path, "activity", "an activity statistics file", "offbatch profile")
     names = sorted(k[: -len(".activity")] for k in tensors if k.endswith(".activity"))
     if any(f"{n}.threshold" not in tensors for n in names):
         raise InputFileError(f"{path} is incomplete: a neuron activity without its threshold")

@@ -14,28 +14,16 @@ Dense FFNs only: an MoE layer's experts already see only their routed tokens.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from offbatch.formats.base import ModuleWeights
+from offbatch.tools.model_hooks import hook_linear_inputs, read_tagged, write_tagged
 
 PREDICTORS_FILE = "offbatch_predictors.safetensors"
 SPLIT = (0.7, 0.15)  # training, choosing the cut; the rest measures
-
-
-class LinearInputHook(ModuleWeights):
-    """A module's weights that show each linear layer's input to `hook(key, name, x)` before computing."""
-
-    def __init__(self, inner: ModuleWeights, key, hook: Callable):
-        super().__init__(inner.tensors, inner.format)
-        self.key, self.hook = key, hook
-
-    def linear(self, x, name):
-        self.hook(self.key, name, x)
-        return super().linear(x, name)
 
 
 @torch.inference_mode()
@@ -54,10 +42,9 @@ def collect(model, windows: Sequence[Sequence[int]], thresholds: dict[str, float
             n = stat_name(key, name)
             t = thresholds.get(n, 0.0)
             ys.setdefault(n, []).append((x.detach().abs() > t).reshape(-1, x.shape[-1]).cpu())
+        return x
 
-    originals = dict(model.modules)
-    for key, mw in originals.items():
-        model.modules[key] = LinearInputHook(mw, key, hook)
+    originals = hook_linear_inputs(model, hook)
     try:
         for ids in windows:
             model.forward([model.new_cache(len(ids))], [list(ids)])
@@ -129,35 +116,19 @@ def measure(pred: Predictor, x: torch.Tensor, y: torch.Tensor) -> dict:
 
 
 def save_predictors(path: str | Path, predictors: dict[str, Predictor], about: dict) -> Path:
-    from safetensors.torch import save_file
-
     tensors = {}
     for name, p in predictors.items():
-        tensors[f"{name}.pred.a"] = p.a.contiguous()
-        tensors[f"{name}.pred.b"] = p.b.contiguous()
+        tensors[f"{name}.pred.a"] = p.a
+        tensors[f"{name}.pred.b"] = p.b
         tensors[f"{name}.pred.cut"] = torch.tensor([p.cut], dtype=torch.float32)
-    meta = {"offbatch": "predictors", "about": json.dumps(about),
-            "metrics": json.dumps({n: p.metrics for n, p in predictors.items()})}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return write_tagged(path, tensors, "predictors", {"about": json.dumps(about), "metrics": json.dumps(
+        {n: p.metrics for n, p in predictors.items()})})
 
 
 def load_predictors(path: str | Path) -> dict[str, Predictor]:
-    from safetensors import safe_open
-
     from offbatch.errors import InputFileError
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for a bad file
-        raise InputFileError(f"{path} is not a predictors file ({e})") from None
-    if meta.get("offbatch") != "predictors":
-        raise InputFileError(f"{path} is not a predictors file written by `offbatch train-predictors`")
+    tensors, meta = read_tagged(path, "predictors", "a predictors file", "offbatch train-predictors")
     metrics = json.loads(meta.get("metrics", "{}"))
     names = sorted(k[: -len(".pred.a")] for k in tensors if k.endswith(".pred.a"))
     out = {}

@@ -18,26 +18,10 @@ from pathlib import Path
 
 import torch
 
-from offbatch.formats.base import ModuleWeights
+from offbatch.tools.model_hooks import hook_linear_inputs
 
 METHODS = ("magnitude", "wanda")
 CALIB_WINDOWS = 8  # windows of 512 tokens: 4 096 tokens of calibration, as Wanda's paper used 128 x 2 048 at most
-
-
-class RecordingWeights(ModuleWeights):
-    """A module's weights that add each linear layer's squared input features to `sums` as they compute:
-    sums[(module key, "q.weight")] += (x ** 2).sum over tokens, in float32."""
-
-    def __init__(self, inner: ModuleWeights, key, sums: dict):
-        super().__init__(inner.tensors, inner.format)
-        self.key, self.sums = key, sums
-
-    def linear(self, x, name):
-        flat = x.reshape(-1, x.shape[-1]).float()
-        part = (flat * flat).sum(0)
-        slot = (self.key, f"{name}.weight")
-        self.sums[slot] = self.sums[slot] + part if slot in self.sums else part
-        return super().linear(x, name)
 
 
 @torch.inference_mode()
@@ -49,8 +33,15 @@ def input_norms(model_dir: str | Path, calib_ids: list[list[int]], device: str =
 
     model = ReferenceModel.load(model_dir, device=device, dtype=dtype)
     sums: dict = {}
-    for key, mw in list(model.modules.items()):  # the forward reads this dict: recording from here on
-        model.modules[key] = RecordingWeights(mw, key, sums)
+
+    def record(key, name, x):  # sums[(module key, "q.weight")] += the squared input features, in float32
+        flat = x.reshape(-1, x.shape[-1]).float()
+        part = (flat * flat).sum(0)
+        slot = (key, f"{name}.weight")
+        sums[slot] = sums[slot] + part if slot in sums else part
+        return x
+
+    hook_linear_inputs(model, record)
     for k, ids in enumerate(calib_ids):
         model.forward([model.new_cache(len(ids))], [list(ids)])
         if on_window is not None:
