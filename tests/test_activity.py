@@ -162,3 +162,20 @@ def test_synth_plants_ffn_activity_that_profile_measures(tmp_path):
                        (["opt", str(tmp_path / "o"), "--ffn-activity", "hot=2"], "each between 0 and 1")]:
         r = CliRunner().invoke(app, ["synth", *bad])
         assert r.exit_code != 0 and match in r.output, r.output
+
+
+def test_bad_outputs_and_an_empty_activity_are_one_clear_error(tmp_path):
+    from jobs_support import synth_llama
+
+    from offbatch.cli.main import app
+
+    model = synth_llama(tmp_path / "m")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 37}" for i in range(2000)))
+    for out, match in [(tmp_path / "no" / "dir" / "s.safetensors", "is not a folder"), (tmp_path, "is a folder")]:
+        for cmd in ("profile", "train-predictors"):
+            r = CliRunner().invoke(app, [cmd, str(model), str(text), "-o", str(out), "--windows", "1", "--window", "64",
+                                         "--overwrite"])
+            assert r.exit_code != 0 and match in r.output, (cmd, r.output)
+    r = CliRunner().invoke(app, ["synth", "opt", str(tmp_path / "o"), "--ffn-activity", "", "--quiet"])
+    assert r.exit_code != 0 and "give hot=H,sparsity=S" in r.output and not (tmp_path / "o").exists()

@@ -29,9 +29,9 @@ def _source(model_dir: Optional[Path], synth: Optional[str], layers: Optional[in
     if synth:
         from offbatch.tools.synth import parse_ffn_activity, synth_config
 
-        extra = {"offbatch_synth_ffn_activity": parse_ffn_activity(ffn_activity)} if ffn_activity else {}
+        extra = {"offbatch_synth_ffn_activity": parse_ffn_activity(ffn_activity)} if ffn_activity is not None else {}
         return SynthSource(spec_from_config(synth_config(synth, layers=layers, **extra)))
-    if ffn_activity:
+    if ffn_activity is not None:
         raise OffbatchError("--ffn-activity plants activity in a --synth model, not in a folder")
     return CheckpointSource(open_checkpoint(model_dir))
 

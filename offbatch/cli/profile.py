@@ -65,19 +65,17 @@ def command(
     from offbatch.cli.convert import _eval_text, _progress
     from offbatch.engine.reference import ReferenceModel
     from offbatch.engine.select import resolve_device
-    from offbatch.errors import InputFileError, OutputFileError
+    from offbatch.errors import InputFileError
     from offbatch.models.spec import load_spec
     from offbatch.models.tokenizer import load_tokenizer
     from offbatch.tools.activity import STATS_FILE, profile, thresholded
+    from offbatch.tools.model_hooks import check_output
     from offbatch.tools.quality import agreement_of, score
     from offbatch.tools.quality import windows as make_windows
 
     spec = load_spec(model_dir)
     out = out if out is not None else model_dir / STATS_FILE
-    if out.exists() and not overwrite:
-        raise OutputFileError(f"{out} exists: give --overwrite to replace it")
-    if out.is_dir():
-        raise OutputFileError(f"{out} is a folder: give a file name")
+    check_output(out, overwrite)
     window = min(window, spec.max_position)
     tok = load_tokenizer(model_dir)
     ids = tok.encode(calibration_text(text), add_special_tokens=False)

@@ -66,7 +66,7 @@ def command(
         kv_heads=kv_heads, head_dim=head_dim, experts=experts, top_k=top_k,
         moe_intermediate_size=moe_intermediate_size, vocab_size=vocab_size, max_position=max_position,
         embed_proj_dim=embed_proj_dim, post_norm=post_norm or None, tie=tie, dtype=dtype,
-        **({"offbatch_synth_ffn_activity": parse_ffn_activity(ffn_activity)} if ffn_activity else {}),
+        **({"offbatch_synth_ffn_activity": parse_ffn_activity(ffn_activity)} if ffn_activity is not None else {}),
     )
     if weights is not None or prune is not None:
         from offbatch.cli.convert import _format, _pruned_format

@@ -40,17 +40,17 @@ def command(
     from offbatch.cli.profile import calibration_text
     from offbatch.engine.reference import ReferenceModel
     from offbatch.engine.select import resolve_device
-    from offbatch.errors import InputFileError, OutputFileError
+    from offbatch.errors import InputFileError
     from offbatch.models.spec import load_spec
     from offbatch.models.tokenizer import load_tokenizer
     from offbatch.tools.activity import STATS_FILE, load_stats, profile
+    from offbatch.tools.model_hooks import check_output
     from offbatch.tools.predictor import PREDICTORS_FILE, collect, save_predictors, train_one
     from offbatch.tools.quality import windows as make_windows
 
     spec = load_spec(model_dir)
     out = out if out is not None else model_dir / PREDICTORS_FILE
-    if out.exists() and not overwrite:
-        raise OutputFileError(f"{out} exists: give --overwrite to replace it")
+    check_output(out, overwrite)
     window = min(window, spec.max_position)
     ids = load_tokenizer(model_dir).encode(calibration_text(text), add_special_tokens=False)
     calib = [list(w.ids) for w in make_windows(ids, window, None, windows)]

@@ -37,11 +37,30 @@ def write_tagged(path: str | Path, tensors: dict[str, torch.Tensor], tag: str, m
     """A safetensors file whose metadata names its kind (`tag`), written beside and renamed into place."""
     from safetensors.torch import save_file
 
+    from offbatch.errors import OutputFileError
+
     path = Path(path)
+    check_output(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"offbatch": tag, **meta})
-    tmp.replace(path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"offbatch": tag, **meta})
+        tmp.replace(path)
+    except Exception as e:  # safetensors' own error type for a failed write, or an OSError
+        tmp.unlink(missing_ok=True)
+        raise OutputFileError(f"writing {path} failed: {e}") from None
     return path
+
+
+def check_output(path: Path, overwrite: bool = True) -> None:
+    """A file can be written at `path`: its folder exists, it is not a folder, and (unless overwrite) it is new."""
+    from offbatch.errors import OutputFileError
+
+    if path.is_dir():
+        raise OutputFileError(f"{path} is a folder: give a file name")
+    if not path.parent.is_dir():
+        raise OutputFileError(f"{path.parent} is not a folder: the file cannot be written there")
+    if path.exists() and not overwrite:
+        raise OutputFileError(f"{path} exists: give --overwrite to replace it")
 
 
 def read_tagged(path: str | Path, tag: str, what: str, writer: str) -> tuple[dict[str, torch.Tensor], dict]:
