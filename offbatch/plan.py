@@ -42,6 +42,11 @@ class Plan:
     kv_format: str = "dense"  # how K/V are stored (offload.kv)
     hgca: str = ""  # with the "hgca" attention backend: its setting ("sinks=4,window=256,top_k=128")
     moe_ffn: str = ""  # the FFN backend of MoE layers (offbatch.ffn); "" for a dense model (or: chosen at run time)
+    # The FFN backend of dense layers: "dense", or "hybrid" (hot neurons resident, cold ones on the host
+    # threads, steps of at most hybrid_tokens tokens; larger steps stream the FFN modules dense).
+    dense_ffn: str = "dense"
+    hot_neurons: int = 0  # per hybrid layer
+    hybrid_tokens: int = 0
     budget_bytes: int | None = None
     memory: dict[str, int] = field(default_factory=dict)  # device bytes by use
     host_memory: dict[str, int] = field(default_factory=dict)  # host bytes by use
@@ -64,7 +69,8 @@ class Plan:
             "attn_micro_batch": self.attn_micro_batch, "ffn_micro_tokens": self.ffn_micro_tokens,
             "slots": self.slots, "resident_modules": len(self.resident), "budget_bytes": self.budget_bytes,
             "memory": self.memory, "attention": self.attention, "weights": self.weights, "kv_format": self.kv_format,
-            "hgca": self.hgca, "moe_ffn": self.moe_ffn,
+            "hgca": self.hgca, "moe_ffn": self.moe_ffn, "dense_ffn": self.dense_ffn, "hot_neurons": self.hot_neurons,
+            "hybrid_tokens": self.hybrid_tokens,
             "host_memory": self.host_memory, "hardware": self.hardware, "chosen_by": self.chosen_by,
             "disk_modules": len(self.disk), "staging_buffers": self.staging_buffers, "predicted": self.predicted,
             "residency_order": self.residency_order, "near_tie": self.near_tie,
@@ -81,6 +87,9 @@ class Plan:
             kv += f", {self.kv_format} KV"
         if self.hgca:
             kv += f" ({self.hgca})"
+        if self.dense_ffn == "hybrid":
+            kv += (f", hybrid FFN ({self.hot_neurons} hot neurons per streamed layer on the {gpu.split()[0]}, cold ones "
+                   f"on the host threads in steps of at most {self.hybrid_tokens} tokens)")
         mem = self.memory or {}
         parts = [f"plan ({'from file' if self.chosen_by == 'file' else self.chosen_by}): {kv}, wave {self.wave_size}, "
                  f"prefill {self.prefill_tokens} tok/step, attention mb {self.attn_micro_batch}, FFN mb {self.ffn_micro_tokens}"]
@@ -132,6 +141,7 @@ class Plan:
             slots=_counts(d, "slots", MAX_PLAN_SLOTS), resident=_modules(d, "resident"),
             score_bytes=_whole(d, "score_bytes", 1 << 10, MAX_BYTES, SCORE_BYTES),
             **_backends(d),
+            hot_neurons=_whole(d, "hot_neurons", 0, 1 << 24, 0), hybrid_tokens=_whole(d, "hybrid_tokens", 0, MAX_PLAN_TOKENS, 0),
             budget_bytes=_whole(d, "budget_bytes", 1, MAX_BYTES, None),
             memory=_counts(d, "memory", MAX_BYTES, {}), host_memory=_counts(d, "host_memory", MAX_BYTES, {}),
             predicted=_predicted(d), hardware=_text(d, "hardware", ""), chosen_by="file",
@@ -215,7 +225,8 @@ def _backends(d: dict) -> dict[str, str]:
             "weights": _format_name(d),
             "kv_format": _kv_format(d),
             "hgca": _hgca(d),
-            "moe_ffn": _choice(d, "moe_ffn", tuple(moe), "")}
+            "moe_ffn": _choice(d, "moe_ffn", tuple(moe), ""),
+            "dense_ffn": _choice(d, "dense_ffn", ("dense", "hybrid"), "dense")}
 
 
 def _kv_format(d: dict) -> str:

@@ -91,17 +91,23 @@ for part in "$@"; do
            done ;;
     disk-bitmap) # issue 16's disk target: Llama-3-8B written dense, bitmap-50 and bitmap-50-int4 (synth, never dense
            # for the pruned ones), each benched with its weights beyond an 8 GiB host budget (the disk tier, read
-           # past the page cache: bench says O_DIRECT), 8 GiB GPU, 256 x 64 + 32. Needs ~30 GB of disk.
+           # past the page cache: bench says O_DIRECT), 8 GiB GPU, 256 x 64 + DISK_GEN (8: a dense step reads ~8 GB from disk). Needs ~30 GB of disk.
            for w in dense bitmap-50 bitmap-50-int4; do
              d=/tmp/llama-$w; rm -rf $d
              if [ $w = dense ]; then timeout 200 python -m offbatch.cli.main synth llama $d --preset llama-3-8b --quiet
              else timeout 300 python -m offbatch.cli.main synth llama $d --preset llama-3-8b --prune 0.5 \
                $([ $w = bitmap-50-int4 ] && echo --weights int4) --quiet; fi
              timeout 240 python -m offbatch.cli.main bench $d --gpu-memory 8GiB --cpu-memory ${DISK_CPU:-8GiB} --prompts 256 \
-               --prompt-len 64 --gen-len 32 --json --out "$OUT/disk-$w.json" > /dev/null 2>"$OUT/disk-$w.err"
+               --prompt-len 64 --gen-len ${DISK_GEN:-8} --json --out "$OUT/disk-$w.json" > /dev/null 2>"$OUT/disk-$w.err"
              python -c "import json,sys; r=json.load(open(sys.argv[1])); p=r['plan']; print(sys.argv[2], 'disk modules', p.get('disk_modules'), 'decode', round(r['decode_tok_s']), 'e2e', round(r['e2e_tok_s']), 'disk GB/s', round(r.get('disk_read_bytes_s', 0) / 1e9, 2), 'direct', r.get('disk_direct_bytes'), 'buffered', r.get('disk_buffered_bytes'))" "$OUT/disk-$w.json" $w || tail -3 "$OUT/disk-$w.err"
              rm -rf $d
            done ;;
+    hybrid) # issue 17: the hybrid FFN's GPU test, then OPT-30B with planted activity (hot=0.2, sparsity=0.9) at 8 GiB:
+           # predictors trained on this run's calibration, dense vs the planner's plan for HYBRID_JOBS prompts x 256 + HYBRID_GEN.
+           timeout 120 python -m pytest -q -m gpu -p no:cacheprovider tests/test_hybrid_ffn.py -rfE --tb=short 2>&1 | tail -8
+           timeout ${HYBRID_TIMEOUT:-420} python scripts/bench_hybrid_ffn.py --preset ${HYBRID_PRESET:-opt-30b} \
+             $([ -n "${HYBRID_LAYERS:-}" ] && echo --layers $HYBRID_LAYERS) --gpu-memory 8GiB --jobs ${HYBRID_JOBS:-1,8,32} \
+             --gen-len ${HYBRID_GEN:-16} --out "$OUT/hybrid.json" 2>"$OUT/hybrid.err" || tail -20 "$OUT/hybrid.err" ;;
     sdpa-shapes) timeout 120 python scripts/bench_sdpa_shapes.py 2>&1 | tail -5 ;;
     llama-int4-cudnn) # issue 14's Llama job, bf16 and int4, then int4 again with cuDNN's SDPA allowed (A/B).
            job="--synth llama-3-8b --gpu-memory 8GiB --prompts 1024 --prompt-len 64 --gen-len 32"

@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, ModelOrSynthArg,
-                                  SynthLayersOpt, SynthOpt, WeightsOpt, KvOpt, HgcaOpt, byte_size, kv_plan_options,
+                                  SynthLayersOpt, SynthOpt, WeightsOpt, KvOpt, HgcaOpt, FfnOpt, PredictorsOpt, byte_size,
+                                  kv_plan_options, neurons_option,
                                   open_report, write_report)
 from offbatch.cli.plan import HardwareOpt
 from offbatch.errors import OffbatchError
@@ -56,6 +57,8 @@ def command(
     weights: WeightsOpt = None,
     kv: KvOpt = None,
     hgca: HgcaOpt = None,
+    ffn: FfnOpt = None,
+    predictors: PredictorsOpt = None,
     as_json: JsonOpt = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON report here.")] = None,
 ):
@@ -93,12 +96,16 @@ def command(
     if prompts * prompt_len > MAX_BENCH_PROMPT_TOKENS:  # bench draws every prompt up front, in host memory
         raise OffbatchError(f"--prompts {prompts} x --prompt-len {prompt_len} is {prompts * prompt_len:,} prompt "
                             f"tokens; bench builds them all in memory and takes at most {MAX_BENCH_PROMPT_TOKENS:,}")
+    neurons = neurons_option(model_dir, ffn, predictors)
+    if neurons is None and pinned is not None and pinned.dense_ffn == "hybrid":
+        neurons = neurons_option(model_dir, "hybrid", predictors)
     report_file = open_report(out)  # before the bench, which takes minutes
     report = run_bench(source, device, cap, prompts, prompt_len, gen_len, dtype=dtype, default_dtype=default_dtype,
                        plan=pinned, workload=workload, hardware=hw,
                        **({"cpu_memory": host_cap} if host_cap is not None else {}),
                        **({"weights": weights} if weights is not None and pinned is None else {}),
-                       **(kv_plan_options(kv, hgca) if pinned is None else {}))
+                       **(kv_plan_options(kv, hgca) if pinned is None else {}),
+                       **({"neurons": neurons} if neurons is not None else {}))
     # What the cost model expected of the plan that ran (the solver's own figures, or for a pinned plan,
     # the model applied to it), on the hardware profile used for planning.
     plan_pred = report["plan"].get("predicted") or {}

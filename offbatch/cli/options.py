@@ -137,6 +137,53 @@ HgcaOpt = Annotated[
 ]
 
 
+def ffn_choice(value: str | None) -> str | None:
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if v not in ("dense", "hybrid"):
+        raise typer.BadParameter(f"{value!r}: use dense or hybrid")
+    return v
+
+
+FfnOpt = Annotated[
+    Optional[str], typer.Option("--ffn", callback=ffn_choice,
+                                help="hybrid: allow PowerInfer's hybrid FFN (hot neurons resident on the GPU, the "
+                                     "cold ones a predictor marks active computed on the host threads; lossy with "
+                                     "predictors: `offbatch train-predictors` prints their recall). Needs the "
+                                     "model's `offbatch profile` statistics and predictors beside it. The planner "
+                                     "still takes the dense FFN where that is faster.")
+]
+PredictorsOpt = Annotated[
+    Optional[str], typer.Option("--predictors", help="With --ffn hybrid: the predictors file (default: the "
+                                "model's offbatch_predictors.safetensors), or 'oracle' (exact activity computed on "
+                                "the host: exact on ReLU FFNs, for measuring placement alone).")
+]
+
+
+def ffn_words(ffn: str | None, predictors: str | None) -> str:
+    """How results made with the hybrid FFN are told apart ("" for the dense FFN)."""
+    if ffn != "hybrid":
+        return ""
+    return f" with the hybrid FFN ({'oracle' if predictors == 'oracle' else 'predictors ' + str(predictors or 'of the folder')})"
+
+
+def neurons_option(model_dir, ffn: str | None, predictors: str | None):
+    """The neuron statistics --ffn hybrid needs (None without it); --predictors alone is an error."""
+    from offbatch.errors import OffbatchError
+
+    if ffn != "hybrid":
+        if predictors is not None:
+            raise OffbatchError("--predictors is for --ffn hybrid")
+        return None
+    if model_dir is None:
+        raise OffbatchError("--ffn hybrid needs MODEL_DIR with its profile statistics and predictors (a --synth "
+                            "shape has none: scripts/bench_hybrid_ffn.py calibrates one)")
+    from offbatch.ffn.neurons import neuron_stats_for_folder
+
+    return neuron_stats_for_folder(model_dir, predictors)
+
+
 def kv_plan_options(kv: str | None, hgca: str | None) -> dict:
     """The planner's options (make_plan / build_engine) for --kv and --hgca."""
     out = {}

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, ModelOrSynthArg,
-                                  SynthLayersOpt, SynthOpt, WeightsOpt, KvOpt, HgcaOpt, byte_size, kv_plan_options,
+                                  SynthLayersOpt, SynthOpt, WeightsOpt, KvOpt, HgcaOpt, FfnOpt, PredictorsOpt, byte_size,
+                                  kv_plan_options, neurons_option,
                                   open_report, write_report)
 from offbatch.errors import InputFileError, OffbatchError
 from offbatch.units import format_bytes
@@ -83,6 +84,8 @@ def command(
     weights: WeightsOpt = None,
     kv: KvOpt = None,
     hgca: HgcaOpt = None,
+    ffn: FfnOpt = None,
+    predictors: PredictorsOpt = None,
     as_json: JsonOpt = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON report (a plan file) here.")] = None,
 ):
@@ -112,13 +115,16 @@ def command(
     gpu_cap = byte_size(gpu_memory, "--gpu-memory")
     fmt = weights or _folder_format(model_dir)
     lossy_kv = kv_plan_options(kv, hgca)
+    neurons = neurons_option(model_dir, ffn, predictors)
+    if neurons is not None:
+        lossy_kv["neurons"] = neurons
 
     def plan_for(name: str, **options):
         return make_plan(spec, cdtype, device, gpu_cap, workload, hardware=hw,
                          cpu_memory=byte_size(cpu_memory, "--cpu-memory"), weights=name, **options)
 
     plan = plan_for(fmt, **lossy_kv)
-    compare = fmt != "dense" or plan.kv_format != "dense" or bool(plan.hgca)
+    compare = fmt != "dense" or plan.kv_format != "dense" or bool(plan.hgca) or plan.dense_ffn != "dense"
     exact = plan_for("dense") if compare else None  # what the compressed choices change, against the exact job
     report = {
         "model": {"family": spec.family, "layers": spec.num_layers, "hidden_size": spec.hidden_size,
@@ -177,6 +183,9 @@ def print_plan(report: dict, console: Console | None = None) -> None:
         ("KV format", plan.get("kv_format", "dense") + (" (exact)" if plan.get("kv_format", "dense") == "dense" else
                                                          " (lossy: `offbatch eval-ppl --kv`)")),
         *([("HGCA", f"{plan['hgca']} (lossy: `offbatch eval-ppl --hgca`)")] if plan.get("hgca") else []),
+        ("FFN", f"hybrid: {plan['hot_neurons']} hot neurons per streamed layer on the GPU, cold ones on the host "
+                f"threads in steps of <= {plan['hybrid_tokens']} tokens (lossy with predictors: their recall is "
+                "`offbatch train-predictors`')" if plan.get("dense_ffn") == "hybrid" else "dense"),
         ("wave (sequences decoded together)", str(plan["wave_size"])),
         ("prompt tokens admitted per step", str(plan["prefill_tokens"])),
         ("attention micro-batch (sequences)", str(plan["attn_micro_batch"])),
@@ -226,7 +235,8 @@ def print_plan(report: dict, console: Console | None = None) -> None:
     if "dense" in report:  # a compressed format: what it changes against the same job in dense weights
         d, dd = report["dense"], report["dense"]["decode_step"]
         label = " + ".join([plan["weights"]] + ([f"{plan['kv_format']} KV"] if plan.get("kv_format", "dense") != "dense"
-                                                  else []) + (["HGCA"] if plan.get("hgca") else []))
+                                                  else []) + (["HGCA"] if plan.get("hgca") else [])
+                            + (["hybrid FFN"] if plan.get("dense_ffn") == "hybrid" else []))
         c = Table(title=f"{label} against dense (bf16 weights and KV, full attention; each planned for this job)")
         for col in ("", label, "dense", "ratio"):
             c.add_column(col, justify="right")

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, HgcaOpt, KvOpt, QuietOpt, WeightsOpt,
-                                  byte_size)
+from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, FfnOpt, GpuMemoryOpt, HgcaOpt, KvOpt, PredictorsOpt,
+                                  QuietOpt, WeightsOpt, byte_size)
 from offbatch.jobs.params import ParamError, validate
 
 
@@ -74,6 +74,8 @@ def command(
     weights: WeightsOpt = None,
     kv: KvOpt = None,
     hgca: HgcaOpt = None,
+    ffn: FfnOpt = None,
+    predictors: PredictorsOpt = None,
     cpu_memory: CpuMemoryOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -170,7 +172,8 @@ def command(
 
     engine = EngineOptions(device=device, dtype=dtype, gpu_memory=byte_size(gpu_memory, "--gpu-memory"),
                            cpu_memory=byte_size(cpu_memory, "--cpu-memory"), max_batch=max_batch,
-                           engine=engine_kind, plan_file=plan_file, weights=weights, kv=kv, hgca=hgca)
+                           engine=engine_kind, plan_file=plan_file, weights=weights, kv=kv, hgca=hgca,
+                           ffn=ffn, predictors=predictors)
     progress = Progress(pick_mode(log_format.value, quiet), interval=log_interval)
     try:
         device, _, _ = check_options(engine)

@@ -57,7 +57,8 @@ def disk_report(engine) -> dict:
 
 
 def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts: int, prompt_len: int,
-              gen_len: int, dtype=None, default_dtype=torch.bfloat16, **plan_options) -> dict:
+              gen_len: int, dtype=None, default_dtype=torch.bfloat16, keep_tokens: bool = False, **plan_options) -> dict:
+    """keep_tokens: the report's "tokens" holds each prompt's generated ids (comparing two engines' outputs)."""
     spec = source.spec
     dev = torch.device(device)
     # Ceilings, measured now on this machine, before the engine takes its memory and sets the cap.
@@ -74,14 +75,16 @@ def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts
     reqs = [GenRequest(i, p, SamplingParams(max_tokens=gen_len, ignore_eos=True))
             for i, p in enumerate(random_prompts(prompts, prompt_len, spec.vocab_size))]
     t0 = time.perf_counter()
+    outputs = {}
     try:
-        done = sum(1 for _ in engine.generate(reqs))
+        for o in engine.generate(reqs):
+            outputs[o.key] = o.token_ids
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     finally:
         engine.close()  # its threads would keep staging buffers and host KV alive (a grid runs many engines)
     wall = time.perf_counter() - t0
-    assert done == prompts
+    assert len(outputs) == prompts
     t = engine.times
     stats = engine.pf.stats
     # Bytes streamed per pure decode step: the steps that admitted no prompt.
@@ -135,4 +138,23 @@ def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts
         # device (a plan whose memory estimate is too tight runs slow without failing).
         "gpu_alloc_retries": torch.cuda.memory_stats(dev).get("num_alloc_retries", 0) if dev.type == "cuda" else 0,
         "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        **hybrid_report(engine),
+        **({"tokens": [outputs[i] for i in range(prompts)]} if keep_tokens else {}),
     }
+
+
+def hybrid_report(engine) -> dict:
+    """What the hybrid FFN did (nothing for a dense plan): calls, cold neurons the host computed per call and
+    what share of the cold neurons that is, the host's compute and the device thread's waits for it."""
+    h = getattr(engine, "hybrid", None)
+    if h is None:
+        return {}
+    st = dict(h.stats)
+    calls = max(1, st["calls"])
+    st["cold_neurons_per_call"] = st["cold_neurons"] / calls
+    st["cold_share_computed"] = st["cold_neurons"] / max(1, st["cold_count"])
+    st["hybrid_layers"] = len(h.layers)
+    st["hot_neurons"] = engine.plan.hot_neurons
+    st["device_bytes"] = h.device_bytes
+    st["host_bytes"] = h.host_bytes
+    return {"hybrid_ffn": st}

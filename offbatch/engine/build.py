@@ -88,7 +88,8 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
                  num_requests: int = 64, max_len: int = 2048, eos_token_ids=(), timing: bool = False,
                  default_dtype: torch.dtype = torch.float32, plan_overrides: dict | None = None,
                  plan: Plan | None = None, workload: Workload | None = None, hardware=None,
-                 cpu_memory: int | None = None, store: WeightStore | None = None, **plan_options) -> StreamingEngine:
+                 cpu_memory: int | None = None, store: WeightStore | None = None, neurons=None,
+                 **plan_options) -> StreamingEngine:
     """plan: pin this plan (e.g. `Plan.from_dict` of a `plan --json` file) instead of solving.
     workload: the job (prompt and generation lengths, request count) the planner optimises for;
     without one it assumes num_requests prompts filling 3/4 of max_len.
@@ -97,7 +98,9 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
     attn_micro_batch, attention, residency_order) or bound them (max_wave, max_resident_bytes), or
     name the weight format to plan for and pack in (weights; default dense).
     plan_overrides: replace fields of the chosen plan afterwards (experiments).
-    store: reuse weights already packed (benchmark grids: packing a large model takes a while)."""
+    store: reuse weights already packed (benchmark grids: packing a large model takes a while).
+    neurons: the model's neuron statistics and predictors (ffn.neurons.NeuronStats): the planner may then
+    choose the hybrid FFN (`ffn="hybrid"` among plan_options allows it; it is lossy with predictors)."""
     dev = torch.device(device)
     dtype = resolve_dtype(dtype, default_dtype)
     spec = source.spec
@@ -118,11 +121,15 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
         if budget is None and dev.type == "cuda":  # no cap given: plan for what is free now
             budget = torch.cuda.mem_get_info(dev.index if dev.index is not None else torch.cuda.current_device())[0]
         plan = make_plan(spec, dtype, str(dev), budget, workload, hardware=hardware, cpu_memory=cpu_memory,
-                         shape=shape, disk_tier=getattr(source, "ckpt", None) is not None, **plan_options)
+                         shape=shape, disk_tier=getattr(source, "ckpt", None) is not None, neurons=neurons,
+                         **plan_options)
     elif plan_options:
         raise TypeError(f"options {sorted(plan_options)} cannot be combined with a pinned plan")
     if plan_overrides:  # experiments and tests: pin fields of the chosen plan
         plan = dataclasses.replace(plan, **plan_overrides)
+    if plan.dense_ffn == "hybrid" and neurons is None:
+        raise PlanFileError("the plan's FFN is hybrid: it needs the model's profile statistics and predictors "
+                            "(--ffn hybrid, with them beside the model)")
     if store is not None and (store.dtype != dtype or store.spec != spec):
         raise OffbatchError("the packed weights given are of another model or dtype")
     if store is not None and set(store.disk) != set(plan.disk):
@@ -139,7 +146,7 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         torch.cuda.reset_accumulated_memory_stats(dev)  # bench reports this engine's allocator retries
-    return StreamingEngine(store, plan, eos_token_ids, timing=timing)
+    return StreamingEngine(store, plan, eos_token_ids, timing=timing, neurons=neurons)
 
 
 def engine_for_folder(model_dir: str | Path, weights: str | None = None, **kwargs) -> StreamingEngine:

@@ -24,6 +24,8 @@ class EngineOptions:
     weights: str | None = None  # the weight format to run in; None: the folder's own (dense, or as converted)
     kv: str | None = None  # KV formats allowed (--kv: comma list); None: dense
     hgca: str | None = None  # HGCA allowed with this setting (--hgca); None: full attention
+    ffn: str | None = None  # "hybrid": the hybrid FFN allowed (--ffn); None: dense
+    predictors: str | None = None  # --predictors: a file, "oracle", or None (the folder's)
 
 
 def resolve_device(device: str | None) -> str:
@@ -50,9 +52,14 @@ def check_options(options: EngineOptions) -> tuple[str, str, object]:
     device = resolve_device(options.device)
     # Compressed KV and HGCA are the streaming engine's (the reference forward keeps exact attention).
     lossy_kv = bool(options.hgca) or (options.kv or "dense") != "dense"
-    kind = options.engine or ("streaming" if device.startswith("cuda") or lossy_kv else "reference")
+    hybrid = options.ffn == "hybrid"
+    kind = options.engine or ("streaming" if device.startswith("cuda") or lossy_kv or hybrid else "reference")
     if kind == "reference" and lossy_kv:
         raise OffbatchError("--kv and --hgca run in the streaming engine; drop --engine reference")
+    if kind == "reference" and hybrid:
+        raise OffbatchError("--ffn hybrid runs in the streaming engine; drop --engine reference")
+    if options.predictors is not None and not hybrid:
+        raise OffbatchError("--predictors is for --ffn hybrid")
     if kind not in ("streaming", "reference"):
         raise OffbatchError(f"--engine {kind!r}: use streaming or reference")
     check_caps_here(device, options.gpu_memory, options.cpu_memory)  # before anything is read or locked
@@ -97,6 +104,10 @@ def make_generator(model_dir: str | Path, tokenizer, options: EngineOptions | No
             from offbatch.cli.options import kv_plan_options
 
             pinned = kv_plan_options(options.kv, options.hgca)
+        if options.ffn == "hybrid" or (plan is not None and plan.dense_ffn == "hybrid"):
+            from offbatch.ffn.neurons import neuron_stats_for_folder
+
+            pinned["neurons"] = neuron_stats_for_folder(model_dir, options.predictors)
         return engine_for_folder(model_dir, device=device, dtype=options.dtype, gpu_memory=options.gpu_memory,
                                  cpu_memory=options.cpu_memory, workload=workload,
                                  num_requests=workload.num_requests if workload else 64,

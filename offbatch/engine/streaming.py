@@ -18,7 +18,7 @@ from offbatch.attention import get_attention
 from offbatch.engine.forward import Forward, embed, prefill_groups
 from offbatch.engine.modules import StreamedModules
 from offbatch.engine.scheduler import LiveSeq, StepTimes, WaveScheduler
-from offbatch.ffn import GroupedMoE, build_ffns, layer_modules
+from offbatch.ffn import GroupedMoE, HybridFFN, build_ffns, layer_modules
 from offbatch.models import layers as L
 from offbatch.models.catalogue import step_order
 from offbatch.offload.prefetch import Prefetcher
@@ -29,7 +29,10 @@ __all__ = ["LiveSeq", "StepTimes", "StreamingEngine"]
 
 
 class StreamingEngine(WaveScheduler):
-    def __init__(self, store: WeightStore, plan: Plan, eos_token_ids: Iterable[int] = (), timing: bool = False):
+    def __init__(self, store: WeightStore, plan: Plan, eos_token_ids: Iterable[int] = (), timing: bool = False,
+                 neurons=None):
+        """neurons: the model's activity statistics and predictors (ffn.neurons.NeuronStats), for a plan
+        whose dense FFN layers are hybrid."""
         device = torch.device(plan.device)
         super().__init__(store.spec, plan, device, eos_token_ids)
         spec = self.spec
@@ -39,6 +42,16 @@ class StreamingEngine(WaveScheduler):
         self.timing = timing and self.device.type == "cuda"
         self.mods = StreamedModules(store, self.pf, self.device, self.timing)
         self.ffns = build_ffns(spec, self.mods, plan.ffn_micro_tokens, plan.moe_ffn, self.dtype)
+        self.hybrid = None
+        if plan.dense_ffn == "hybrid":
+            if neurons is None:
+                from offbatch.errors import OffbatchError
+
+                raise OffbatchError("the plan's FFN is hybrid: give the model's neuron statistics and predictors")
+            self.hybrid = HybridFFN(spec, self.mods, plan.ffn_micro_tokens, store=store, neurons=neurons,
+                                    hot_neurons=plan.hot_neurons, hybrid_tokens=plan.hybrid_tokens,
+                                    resident=plan.resident, device=self.device, dtype=self.dtype)
+            self.ffns[False] = self.hybrid
         moe = self.ffns.get(True)
         # The grouped MoE backend (kernels, launches: tests and stats read them); None otherwise.
         self.experts = moe if isinstance(moe, GroupedMoE) else None
@@ -50,6 +63,10 @@ class StreamingEngine(WaveScheduler):
         # The step's module order: every layer's modules as its backends declare them, then the head.
         self.order = step_order(spec.num_layers, store.keys(),
                                 layer_modules(spec, moe.name if moe else None, self.attention))
+        # A small step of a hybrid plan computes its FFN layers from hot neurons and the host: their modules
+        # are not streamed then.
+        hybrid_layers = set(self.hybrid.layers) if self.hybrid is not None else set()
+        self.order_hybrid = [k for k in self.order if not (k[1] == "ffn" and k[0] in hybrid_layers)]
         self.inv_freq = L.rope_inv_freq(spec).to(self.device) if spec.positions == "rope" else None
         self.embed_host = store.host_views((-1, "embed"))
         # Per step, beside pf.stats.per_step_bytes: (KV bytes decode attention read, of them copied to the device).
@@ -77,8 +94,11 @@ class StreamingEngine(WaveScheduler):
         cos = sin = None
         if self.inv_freq is not None:
             cos, sin = L.rope_cos_sin(self.inv_freq, positions, self.dtype)
-        self.pf.schedule(self.order)
         plan = self.plan
+        hybrid = self.hybrid is not None and len(ids) <= plan.hybrid_tokens
+        if self.hybrid is not None:
+            self.hybrid.use_hybrid = hybrid
+        self.pf.schedule(self.order_hybrid if hybrid else self.order)
         groups = list(prefill_groups([n for _, n in pre], self.spec.num_heads, plan.attn_micro_batch, plan.score_bytes))
         step = self.attention.begin_step([s.slot for s in dec], [s.length for s in dec],
                                          [(s.slot, n) for s, n in pre], groups)
@@ -120,3 +140,5 @@ class StreamingEngine(WaveScheduler):
         """End the engine's threads (disk reader, host KV writer): call once done with it."""
         self.pf.close()
         self.attention.close()
+        if self.hybrid is not None:
+            self.hybrid.close()

@@ -11,12 +11,13 @@ from collections.abc import Callable
 
 from offbatch.ffn.base import FFN_BACKENDS, FFNBackend, Modules, get_ffn, register_ffn
 from offbatch.ffn.dense import DenseFFN
+from offbatch.ffn.hybrid import HybridFFN
 from offbatch.ffn.moe_grouped import GroupedMoE
 from offbatch.ffn.moe_loop import LoopMoE
 from offbatch.models.spec import ModelSpec
 
 __all__ = ["FFN_BACKENDS", "FFNBackend", "Modules", "get_ffn", "register_ffn", "choose_moe", "layer_modules",
-           "build_ffns", "DenseFFN", "GroupedMoE", "LoopMoE"]
+           "build_ffns", "DenseFFN", "HybridFFN", "GroupedMoE", "LoopMoE"]
 
 ATTENTION_MODULES = ["attn"]  # what every attention backend acquires today (its `modules` declaration)
 

@@ -100,8 +100,10 @@ class StepModel:
     """Step times of one plan (knobs + residency) on one machine."""
 
     def __init__(self, shape: ModelShape, hw: Hardware, knobs: Knobs, res: Residency, max_len: int,
-                 disk_fraction: float = 0.0):
+                 disk_fraction: float = 0.0, hybrid=None):
+        """hybrid: a hybrid FFN candidate (planner.hybrid_ffn.HybridTerms), bound here to this residency."""
         self.shape, self.hw, self.knobs, self.res = shape, hw, knobs, res
+        self.hybrid = hybrid.bind(res, shape) if hybrid is not None and hw.device == "cuda" else None
         self.disk_fraction = disk_fraction  # share of the streamed weight bytes read from disk
         spec = shape.spec
         self.work = work_of(spec)
@@ -185,6 +187,11 @@ class StepModel:
             serial = serial + part
         kv_copy = att.kv_copy_s
         kv_store = att.kv_store_s
+        if self.hybrid is not None and not getattr(self, "_dense_only", False):
+            from offbatch.planner.hybrid_ffn import host_cold_rate
+
+            # Small steps: the hybrid layers' FFN modules are not streamed; their cold part is host work in the chain.
+            weight_bytes, serial = self.hybrid.adjust(T, weight_bytes, serial, host_cold_rate(hw))
         copy = (weight_bytes + kv_h2d) / hw.h2d_pinned_bytes_s
         chain = gpu + cpu_attn + kv_copy + serial
         host = (hw.host.step_s + hw.host.seq_s * S + admitted * (prompt_len * hw.host.prefill_token_s)
@@ -262,6 +269,17 @@ class StepModel:
             if w.shared:
                 t = t + np.where(np.minimum(T, micro) > fused, self.expand.get("shared", 0.0) * w.moe_layers, 0.0)
         return t / (rate * EXPAND_EFFICIENCY)
+
+    def hybrid_wins(self, tokens: int) -> bool:
+        """Whether a decode step of `tokens` sequences (context: the plan's half) is faster with the hybrid FFN."""
+        ctx = self.max_len / 2
+        hybrid = float(self.times(tokens, 0, 0.0, ctx, ctx)["total"])
+        self._dense_only = True
+        try:
+            dense = float(self.times(tokens, 0, 0.0, ctx, ctx)["total"])
+        finally:
+            self._dense_only = False
+        return hybrid < dense
 
     def step(self, decode: float, admitted: float, prompt_len: float, ctx_mean: float, ctx_max: float) -> StepTime:
         t = {k: float(v) for k, v in self.times(decode, admitted, prompt_len, ctx_mean, ctx_max).items()}

@@ -32,6 +32,7 @@ within a fraction of a percent of each other) run alike.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, replace
@@ -119,6 +120,14 @@ class Solver:
         self.cache: dict[Knobs, Evaluation | None] = {}
         self.fastest: Evaluation | None = None  # the fastest candidate found (solve)
         self.best_by_backend: dict[str, Evaluation] = {}
+        self.hybrid = None  # a hybrid FFN candidate's terms (planner.hybrid_ffn), priced into every step
+
+    def clone(self, max_resident_bytes: int | None, hybrid=None) -> "Solver":
+        """The same solver with another bound on the resident weights and a hybrid FFN candidate."""
+        other = copy.copy(self)
+        other.max_resident, other.hybrid = max_resident_bytes, hybrid
+        other.cache, other.fastest, other.best_by_backend = {}, None, {}
+        return other
 
     # ---- candidates --------------------------------------------------------------------------------
     def backends(self) -> list[str]:
@@ -236,7 +245,7 @@ class Solver:
             res = self.chooser.choose(left, knobs.wave, self.max_resident, with_keys=False, order=self.order)
             tier = self.host_split(knobs, res) if res is not None else None
             if tier is not None:
-                model = StepModel(self.shape, self.hw, knobs, res, self.max_len, tier.disk_fraction)
+                model = StepModel(self.shape, self.hw, knobs, res, self.max_len, tier.disk_fraction, self.hybrid)
                 result = Evaluation(knobs, res, model, job_time(model, self.wl), trans, tier.host, tier)
         self.cache[knobs] = result
         return result
@@ -464,7 +473,7 @@ def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
     model = e.model
     if disk:  # price the modules chosen (the search priced a byte estimate of them)
         model = StepModel(solver.shape, solver.hw, k, e.residency, solver.max_len,
-                          disk_fraction(solver.shape, res.resident, disk))
+                          disk_fraction(solver.shape, res.resident, disk), solver.hybrid)
         e = dataclasses.replace(e, model=model, job=job_time(model, solver.wl))
     return Plan(
         device=solver.device, dtype=solver.shape.dtype, wave_size=k.wave, max_len=solver.max_len,
@@ -556,13 +565,14 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, device: str, gpu_memory: int 
               hardware: Hardware | str | None = None, cpu_memory: int | None = None, max_wave: int = MAX_WAVE,
               max_resident_bytes: int | None = None, shape: ModelShape | None = None, weights: str = "dense",
               disk_tier: bool = True, kv_formats=("dense",), hgca: HGCASetting | None = None,
-              hgca_window_given: bool = True, **pins) -> Plan:
+              hgca_window_given: bool = True, neurons=None, **pins) -> Plan:
     """The solver's plan for a job. `pins` fix knobs (wave_size, prefill_tokens, ffn_micro_tokens,
     attn_micro_batch, attention, residency_order); the rest is chosen. weights: the weight format the
     model is stored in (its module sizes are what the plan places and streams). disk_tier: whether
     weights may be left in the model folder (False for synthetic weights). kv_formats: the KV formats
     allowed (the solver takes the fastest within its tie tolerance, exact first); hgca: HGCA allowed with
-    this setting (its window searched unless hgca_window_given)."""
+    this setting (its window searched unless hgca_window_given). neurons: the model's neuron statistics
+    and predictors (ffn.neurons.NeuronStats): the hybrid FFN is allowed, and taken where it is faster."""
     hw = resolve_hardware(hardware, device)
     check_caps(hw, device, gpu_memory, cpu_memory)
     if shape is not None and shape.weights != weights:
@@ -575,7 +585,15 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, device: str, gpu_memory: int 
     host = cpu_memory if cpu_memory is not None else int(HOST_SHARE * hw.host.memory_bytes)
     solver = Solver(shape, hw, workload, device, gpu_memory, host, max_wave, max_resident_bytes, pins, disk_tier,
                     kv_formats, hgca, hgca_window_given)
-    return to_plan(solver.solve(), solver)
+    best = solver.solve()
+    if neurons is not None and torch.device(device).type == "cuda":
+        from offbatch.planner.hybrid_ffn import apply_hybrid, consider_hybrid
+
+        hybrid = consider_hybrid(solver, best, neurons)
+        if hybrid is not None:
+            e, trial, bound = hybrid
+            return apply_hybrid(to_plan(e, trial), bound)
+    return to_plan(best, solver)
 
 
 def predict(plan: Plan, shape: ModelShape, hw: Hardware, workload: Workload) -> dict:

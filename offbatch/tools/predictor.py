@@ -70,8 +70,11 @@ class Predictor:
 
 
 def train_one(x: torch.Tensor, y: torch.Tensor, rank: int, recall: float, epochs: int = 30, lr: float = 3e-3,
-              seed: int = 0) -> Predictor:
-    """A predictor for one FFN from its inputs x [T, H] and activity y [T, I] (rows in token order)."""
+              seed: int = 0, device=None) -> Predictor:
+    """A predictor for one FFN from its inputs x [T, H] and activity y [T, I] (rows in token order), trained on
+    `device` (default: x's); the predictor comes back on the CPU, float32."""
+    device = torch.device(device) if device is not None else x.device
+    x, y = x.float().to(device), y.to(device)
     g = torch.Generator().manual_seed(seed)
     t = x.shape[0]
     n_train, n_cut = int(t * SPLIT[0]), int(t * SPLIT[1])
@@ -80,8 +83,8 @@ def train_one(x: torch.Tensor, y: torch.Tensor, rank: int, recall: float, epochs
     h, i = x.shape[1], y.shape[1]
     # Inputs are scaled to unit RMS for training; the scale is folded into A afterwards.
     scale = x[tr].pow(2).mean().sqrt().clamp_min(1e-6)
-    a = (torch.randn(rank, h, generator=g) / h**0.5).requires_grad_()
-    b = (torch.randn(i, rank, generator=g) / rank**0.5).requires_grad_()
+    a = (torch.randn(rank, h, generator=g) / h**0.5).to(device).requires_grad_()
+    b = (torch.randn(i, rank, generator=g) / rank**0.5).to(device).requires_grad_()
     p = float(y[tr].float().mean())
     pos_weight = torch.tensor(min(20.0, max(1.0, (1 - p) / max(p, 1e-6))))
     opt = torch.optim.Adam([a, b], lr=lr)
@@ -90,19 +93,23 @@ def train_one(x: torch.Tensor, y: torch.Tensor, rank: int, recall: float, epochs
         for _ in range(epochs):
             order = tr[torch.randperm(tr.numel(), generator=g)]
             for s in range(0, order.numel(), batch):
-                idx = order[s : s + batch]
+                idx = order[s : s + batch].to(device)
                 logits = torch.relu(x[idx] / scale @ a.T) @ b.T
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[idx].float(), pos_weight=pos_weight)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
     pred = Predictor((a.detach() / scale), b.detach(), 0.0)
+    cu, te = cu.to(device), te.to(device)
     with torch.no_grad():
         # The cut: the largest logit that still keeps `recall` of the active neurons on the cut split.
         lg = pred.logits(x[cu])
-        pos = lg[y[cu]]
+        pos = lg[y[cu]].float()
+        if pos.numel() > (1 << 24):  # torch.quantile's limit: a fixed-stride sample of the positives
+            pos = pos[:: pos.numel() // (1 << 24) + 1]
         pred.cut = float(torch.quantile(pos, 1 - recall)) if pos.numel() else 0.0
         pred.metrics = measure(pred, x[te], y[te])
+    pred.a, pred.b = pred.a.cpu(), pred.b.cpu()
     return pred
 
 

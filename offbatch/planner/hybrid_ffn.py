@@ -1,0 +1,159 @@
+"""Pricing the hybrid FFN (ffn/hybrid.py) and choosing it: how much device memory hot neurons get (taken
+from the resident weights the dense plan would hold), and up to how many tokens a step runs hybrid.
+
+A small step of a hybrid plan does not stream the FFN modules of its hybrid layers (the layers whose FFN
+the plan does not keep resident); instead, per such layer, the host threads compute the cold neurons the
+predictor marks active for any of the step's T tokens - their expected count is
+    U(T) = sum over cold neurons j of 1 - (1 - q_j)^T,   q_j = min(1, p_j x inflation)
+with p_j a neuron's profiled activity and inflation the predictors' predicted over true active share -
+and the device waits for that host work (it is in the compute chain), and for a round trip per layer.
+A large step streams the FFN modules as the dense plan does.
+
+The choice is a post-pass over the solver's best dense plan, with its wave and micro-batches kept: each
+candidate share of the resident weight memory given to hot neurons is priced over the whole job, and the
+hybrid FFN is taken only when the fastest is more than TIE_TOLERANCE faster than the dense plan (issue
+17: the planner must never pick it where it measures slower).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from offbatch.ffn.hybrid import neuron_bytes
+from offbatch.ffn.neurons import NeuronStats
+
+HOT_SHARES = (0.25, 0.5, 0.75, 1.0)  # of the dense plan's resident weight memory, given to hot neurons
+# One hybrid layer's round trip beside its host work: inputs and activity to the host, the worker's hand-off,
+# the partial sum back (two synchronisations and a thread switch).
+CALL_S = 1.5e-4
+TOKEN_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass(frozen=True)
+class NeuronCosts:
+    """A model's neurons as the planner sees them: the mean over layers of each rank's activity (layers
+    sorted descending), scaled by the predictors' inflation; a neuron's bytes; predictor bytes per layer."""
+
+    curve: np.ndarray  # [intermediate] descending
+    neuron_bytes: int
+    predictor_bytes: int  # one layer's, on the device (cold rows of B counted whole: an upper bound)
+
+    @staticmethod
+    def of(stats: NeuronStats, spec, dsize: int) -> "NeuronCosts":
+        layers = [a.float().numpy() for _, a in sorted(stats.activity.items())]
+        curve = np.mean([np.sort(a)[::-1] for a in layers], axis=0) if layers else np.zeros(spec.intermediate_size)
+        curve = np.minimum(1.0, curve * stats.inflation())
+        pred = 0
+        if not stats.oracle and stats.predictors:
+            p = next(iter(stats.predictors.values()))
+            pred = (p.a.numel() + p.b.numel()) * dsize
+        return NeuronCosts(curve, neuron_bytes(spec, dsize), pred)
+
+    def union(self, hot: int, tokens: np.ndarray) -> np.ndarray:
+        """Expected cold neurons computed per layer for steps of `tokens` tokens (any shape)."""
+        q = self.curve[hot:]
+        t = np.asarray(tokens, dtype=np.float64)
+        grid = np.unique(np.concatenate([[0.0], np.ceil(t.ravel())]))
+        table = np.array([np.sum(1.0 - (1.0 - q) ** g) for g in grid])
+        return np.interp(t, grid, table)
+
+
+@dataclass(frozen=True)
+class HybridTerms:
+    """A candidate: the device bytes hot neurons get, the step size up to which a step runs hybrid."""
+
+    costs: NeuronCosts
+    hot_bytes: int
+    tokens: int = 1 << 30
+
+    def bind(self, res, shape) -> "BoundHybrid":
+        """Its terms under a residency: which layers are hybrid (their FFN streamed), how many hot neurons each."""
+        spec = shape.spec
+        ffn = [k for k in shape.nbytes if k[1] == "ffn" and k[0] >= 0]
+        streamed = [k for k in ffn if k not in res.resident] if res.resident else ffn
+        # Without the keys (the search prices by bytes), count the streamed FFN modules from their bytes.
+        per = shape.nbytes[ffn[0]] if ffn else 0
+        n = round(res.streamed_by_kind.get("ffn", 0) / per) if per else 0
+        if res.resident:
+            n = len(streamed)
+        budget = self.hot_bytes - n * self.costs.predictor_bytes
+        hot = int(min(spec.intermediate_size, max(0, budget) // max(1, n * self.costs.neuron_bytes))) if n else 0
+        return BoundHybrid(self, n, hot, n * per, n * (spec.intermediate_size - hot) * spec.hidden_size * shape.dsize,
+                           n * (hot * self.costs.neuron_bytes + self.costs.predictor_bytes))
+
+
+@dataclass(frozen=True)
+class BoundHybrid:
+    terms: HybridTerms
+    layers: int  # hybrid layers (their FFN module streamed in the dense plan)
+    hot: int  # hot neurons per hybrid layer
+    ffn_bytes: int  # the FFN bytes a small step no longer streams
+    host_bytes: int  # the cold neurons' down^T copies in host memory
+    device_bytes: int  # hot neurons and predictors
+
+    def adjust(self, T, weight_bytes, serial, host_rate: float):
+        """(weight bytes over the link, serial chain time) of steps of T tokens under this hybrid."""
+        on = np.asarray(T) <= self.terms.tokens
+        if not self.layers:
+            return weight_bytes, serial
+        cold = self.terms.costs.union(self.hot, T) * self.terms.costs.neuron_bytes
+        host = self.layers * (cold / host_rate + CALL_S)
+        return np.where(on, weight_bytes - self.ffn_bytes, weight_bytes), np.where(on, serial + host, serial)
+
+
+def host_cold_rate(hw) -> float:
+    """Cold neuron bytes the host threads gather and multiply per second (while copies to the GPU run)."""
+    return getattr(hw.host, "cpu_ffn_bytes_s", 0.0) or hw.host.cpu_attn_contended_bytes_s
+
+
+def consider_hybrid(solver, dense, stats: NeuronStats):
+    """(evaluation, solver, bound terms) of the fastest hybrid candidate for the dense evaluation's knobs,
+    or None when none is more than TIE_TOLERANCE faster (or none fits)."""
+    from offbatch.planner.solve import TIE_TOLERANCE
+
+    shape = solver.shape
+    if not any(k[1] == "ffn" for k in shape.nbytes):
+        return None
+    costs = NeuronCosts.of(stats, shape.spec, shape.dsize)
+    resident = dense.residency.resident_bytes
+    best = None
+    for share in HOT_SHARES:
+        hot_bytes = int(resident * share)
+        if hot_bytes <= 0:
+            continue
+        trial = solver.clone(max_resident_bytes=max(0, resident - hot_bytes), hybrid=HybridTerms(costs, hot_bytes))
+        e = trial.evaluate(dense.knobs)
+        if e is None or e.model.hybrid is None or not e.model.hybrid.layers or not e.model.hybrid.hot:
+            continue
+        # Up to how many tokens a step runs hybrid: the largest candidate where a decode step of that many
+        # tokens is cheaper hybrid than dense (host work grows with T, the saved copies do not).
+        tokens = 0
+        for t in TOKEN_CANDIDATES:
+            if e.model.hybrid_wins(t):
+                tokens = t
+        if tokens == 0:
+            continue
+        trial = solver.clone(max_resident_bytes=max(0, resident - hot_bytes),
+                             hybrid=HybridTerms(costs, hot_bytes, tokens))
+        e = trial.evaluate(dense.knobs)
+        if e is None:
+            continue
+        host_need = sum(e.host.values()) + e.model.hybrid.host_bytes
+        if trial.host_budget is not None and host_need > trial.host_budget:
+            continue
+        if best is None or e.total_s < best[0].total_s:
+            best = (e, trial, e.model.hybrid)
+    if best is None or best[0].total_s > dense.total_s * (1 - TIE_TOLERANCE):
+        return None
+    return best
+
+
+def apply_hybrid(plan, bound: BoundHybrid):
+    """The plan with the hybrid FFN chosen."""
+    memory = dict(plan.memory, hybrid_ffn=bound.device_bytes)
+    host = dict(plan.host_memory, cold_neurons=bound.host_bytes)
+    return dataclasses.replace(plan, dense_ffn="hybrid", hot_neurons=bound.hot, hybrid_tokens=bound.terms.tokens,
+                               memory=memory, host_memory=host)

@@ -1,0 +1,258 @@
+"""The hybrid FFN backend (ffn/hybrid.py) in the streaming engine, its pricing and choice (planner/hybrid_ffn.py)
+and its options: with an exact activity oracle the engine's tokens are the reference forward's (ReLU, and a
+gated SiLU FFN with no threshold); with trained predictors it computes a fraction of the cold neurons; its
+parts equal their torch twins; the planner takes it for a few prompts where streaming bounds the step and
+keeps the dense FFN for a large job; bad options are one clear error."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hf_factory import save_hf_model
+from offbatch.cli.main import app
+from offbatch.engine.api import GenRequest, SamplingParams
+from offbatch.engine.build import engine_for_folder
+from offbatch.engine.reference import ReferenceModel
+from offbatch.errors import InputFileError, OffbatchError, PlanFileError
+from offbatch.ffn.hybrid import ColdPart, DevicePredictor, HotPart, split_down
+from offbatch.ffn.hybrid_mlp import partial_ffn
+from offbatch.ffn.neurons import NeuronStats, load_neuron_stats, neuron_stats_for_folder
+from offbatch.models import layers as L
+from offbatch.plan import Plan
+
+PROMPTS = [[3, 5, 7, 9, 11, 13, 2], [4, 8, 15, 16, 23, 42, 1, 2, 3, 4, 5, 6], [99], list(range(1, 15)), [7, 7, 7]]
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A tiny OPT with 90% planted activity, its profile and trained predictors beside it."""
+    root = tmp_path_factory.mktemp("hybrid")
+    model = root / "m"
+    r = CliRunner().invoke(app, ["synth", "opt", str(model), "--intermediate-size", "512", "--ffn-activity",
+                                 "hot=0.2,sparsity=0.9", "--quiet"])
+    assert r.exit_code == 0, r.output
+    text = root / "t.txt"
+    text.write_text(" ".join(f"w{i % 97} x{i % 13} y{i % 31}" for i in range(4000)))
+    r = CliRunner().invoke(app, ["profile", str(model), str(text), "--windows", "4", "--window", "128", "--no-eval"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["train-predictors", str(model), str(text), "--windows", "8", "--window", "128",
+                                 "--rank", "32", "--epochs", "10"])
+    assert r.exit_code == 0, r.output
+    ref = ReferenceModel.load(model, dtype="float32")
+    return model, ref.greedy(PROMPTS, NEW)
+
+
+def run(path, neurons, hot=100, tokens=5, **options):
+    """The streaming engine on the CPU with a hybrid plan pinned over the planner's (every module streamed)."""
+    eng = engine_for_folder(path, device="cpu", dtype="float32", num_requests=len(PROMPTS), max_len=32, neurons=neurons,
+                            plan_overrides=dict(dense_ffn="hybrid", hot_neurons=hot, hybrid_tokens=tokens, resident=set(),
+                                                slots={"attn": 2, "ffn": 2, "head": 1}), **options)
+    reqs = [GenRequest(i, p, SamplingParams(max_tokens=NEW, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+    outs = {o.key: o.token_ids for o in eng.generate(reqs)}
+    eng.close()
+    return eng, [outs[i] for i in range(len(PROMPTS))]
+
+
+@pytest.mark.parametrize("hot", [0, 100, 512])
+def test_oracle_hybrid_engine_gives_the_reference_tokens_on_relu(planted, hot):
+    model, expected = planted
+    neurons = neuron_stats_for_folder(model, "oracle")
+    eng, got = run(model, neurons, hot=hot)
+    assert got == expected
+    st = eng.hybrid.stats
+    # Decode steps (5 tokens) ran hybrid, prompts (larger steps) streamed the FFN modules dense.
+    assert st["calls"] == 2 * (NEW - 1) and st["tokens"] == 2 * len(PROMPTS) * (NEW - 1)
+    assert eng.hybrid.layers == [0, 1] and all(p.count == hot for p in eng.hybrid.hot.values())
+
+
+def test_oracle_hybrid_is_exact_on_a_gated_silu_ffn_without_a_threshold(tmp_path):
+    save_hf_model("llama", tmp_path)
+    ref = ReferenceModel.load(tmp_path, dtype="float32")
+    expected = ref.greedy(PROMPTS, NEW)
+    spec = ref.spec
+    g = torch.Generator().manual_seed(0)
+    activity = {i: torch.rand(spec.intermediate_size, generator=g) for i in range(spec.num_layers)}
+    eng, got = run(tmp_path, NeuronStats(activity, oracle=True), hot=spec.intermediate_size // 4)
+    assert got == expected
+
+
+def test_predicted_hybrid_computes_a_fraction_of_the_cold_neurons(planted):
+    model, expected = planted
+    neurons = neuron_stats_for_folder(model)
+    assert not neurons.oracle and set(neurons.predictors) == {0, 1}
+    eng, got = run(model, neurons, hot=100)
+    st = eng.hybrid.stats
+    # The union over a step's 5 tokens of the neurons predicted active: a part of the cold neurons only.
+    assert 0 < st["cold_neurons"] < 0.85 * st["cold_count"]
+    assert all(len(g) == NEW for g in got)
+    same = sum(a == b for p, q in zip(got, expected) for a, b in zip(p, q)) / (NEW * len(PROMPTS))
+    assert same > 0.5  # recall ~0.9 on a tiny random model: mostly the same greedy tokens
+
+
+def test_hybrid_parts_equal_their_torch_twins(planted):
+    model, _ = planted
+    ref = ReferenceModel.load(model, dtype="float32")
+    spec, w = ref.spec, ref.modules[(1, "ffn")]
+    g = torch.Generator().manual_seed(3)
+    x = L.norm(torch.randn(7, spec.hidden_size, generator=g), w, "ffn_norm", spec)
+    perm = torch.randperm(spec.intermediate_size, generator=g)
+    hot, cold = perm[:130].sort().values, perm[130:].sort().values
+    down_hot, down_t = split_down(w["down.weight"], hot, cold, "cpu")
+    hp = HotPart(w, hot, spec, "cpu", torch.float32, down_hot)
+    torch.testing.assert_close(hp.partial(x), partial_ffn(x, w, spec, hot) + w["down.bias"])
+    cp = ColdPart(w, cold, spec, down_t)
+    active = torch.rand(7, cold.numel(), generator=g) < 0.1
+    y, n = cp.partial(x, active)
+    assert n == int(active.any(0).sum())
+    torch.testing.assert_close(y, partial_ffn(x, w, spec, cold, active), rtol=1e-5, atol=1e-5)
+    none, n0 = cp.partial(x, torch.zeros_like(active))
+    assert n0 == 0 and not none.any()
+    # The device predictor over the cold neurons is the predictor's columns of them.
+    p = neuron_stats_for_folder(model).predictors[1]
+    dp = DevicePredictor(p, cold, "cpu", torch.float32)
+    assert torch.equal(dp.active(x), p.active(x)[:, cold])
+
+
+def test_neuron_stats_refuse_another_model(planted, tmp_path):
+    model, _ = planted
+    neurons = neuron_stats_for_folder(model)
+    save_hf_model("opt", tmp_path)
+    spec = ReferenceModel.load(tmp_path, dtype="float32").spec
+    with pytest.raises(InputFileError, match="lack FFN layer 2"):
+        neurons.check(spec)  # the hf_factory OPT has more layers
+    import dataclasses
+
+    with pytest.raises(InputFileError, match="neurons; this model's FFN has"):
+        neurons.check(dataclasses.replace(spec, num_layers=2))
+    with pytest.raises(InputFileError, match="offbatch profile"):
+        neuron_stats_for_folder(tmp_path)
+    from offbatch.tools.activity import STATS_FILE
+
+    (tmp_path / STATS_FILE).write_bytes((model / STATS_FILE).read_bytes())
+    with pytest.raises(InputFileError, match="train-predictors"):
+        neuron_stats_for_folder(tmp_path)
+    partial = load_neuron_stats(model / STATS_FILE, None)
+    assert partial.oracle and partial.inflation() == 1.0
+
+
+# ---- the planner ---------------------------------------------------------------------------------------
+def planted_opt30b_neurons():
+    from offbatch.models.spec import spec_from_config
+    from offbatch.tools.predictor import Predictor
+    from offbatch.tools.synth import activity_probabilities, synth_config
+
+    spec = spec_from_config(synth_config("opt-30b", offbatch_synth_ffn_activity={"hot_fraction": 0.2, "sparsity": 0.9}))
+    I, H = spec.intermediate_size, spec.hidden_size
+    act = {i: torch.from_numpy(activity_probabilities(I, 0.2, 0.9, np.random.default_rng(i))).float()
+           for i in range(spec.num_layers)}
+    pred = Predictor(torch.zeros(128, H), torch.zeros(I, 128), 0.0,
+                     {"recall": 0.9, "sparsity": 0.9, "predicted_sparsity": 0.86})
+    return spec, NeuronStats(act, {i: pred for i in range(spec.num_layers)})
+
+
+@pytest.mark.parametrize("prompts, hybrid", [(1, True), (1024, False)])
+def test_planner_takes_the_hybrid_ffn_only_where_it_predicts_faster(prompts, hybrid):
+    from offbatch.planner.solve import make_plan
+    from offbatch.planner.workload import Workload
+
+    spec, neurons = planted_opt30b_neurons()
+    wl = Workload.uniform(prompts, 256, 128)
+    dense = make_plan(spec, torch.bfloat16, "cuda", 8 << 30, wl, hardware="h200")
+    plan = make_plan(spec, torch.bfloat16, "cuda", 8 << 30, wl, hardware="h200", neurons=neurons)
+    assert (plan.dense_ffn == "hybrid") == hybrid
+    if hybrid:
+        assert plan.hot_neurons > 0 and plan.hybrid_tokens >= prompts
+        assert plan.predicted["decode_tok_s"] > 1.5 * dense.predicted["decode_tok_s"]
+        assert plan.memory["hybrid_ffn"] > 0 and sum(plan.memory.values()) <= 8 << 30
+        assert plan.host_memory["cold_neurons"] > 0
+        assert "hybrid FFN" in plan.summary()
+        again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+        assert (again.dense_ffn, again.hot_neurons, again.hybrid_tokens) == ("hybrid", plan.hot_neurons, plan.hybrid_tokens)
+    else:
+        assert plan.to_dict() == dense.to_dict()
+    # On the CPU as compute device there is no host beside it to take the cold part.
+    cpu = make_plan(spec, torch.bfloat16, "cpu", 8 << 30, Workload.uniform(1, 256, 16), hardware="h200", neurons=neurons)
+    assert cpu.dense_ffn == "dense"
+
+
+def test_a_plan_file_names_a_known_ffn():
+    from offbatch.planner.solve import make_plan
+    from offbatch.planner.workload import Workload
+
+    spec, neurons = planted_opt30b_neurons()
+    d = make_plan(spec, torch.bfloat16, "cuda", 8 << 30, Workload.uniform(1, 256, 16), hardware="h200").to_dict()
+    with pytest.raises(PlanFileError, match="dense_ffn is dense or hybrid"):
+        Plan.from_dict(dict(d, dense_ffn="sparse"))
+    with pytest.raises(PlanFileError, match="hot_neurons"):
+        Plan.from_dict(dict(d, hot_neurons=-1))
+
+
+# ---- options -------------------------------------------------------------------------------------------
+def test_options_refused_clearly(planted, tmp_path):
+    model, _ = planted
+    runner = CliRunner()
+    bare = tmp_path / "bare"
+    save_hf_model("opt", bare)
+    r = runner.invoke(app, ["plan", str(bare), "--ffn", "hybrid", "--hardware", "h200", "--num-prompts", "1"])
+    assert r.exit_code != 0 and "offbatch profile" in r.output
+    r = runner.invoke(app, ["plan", str(model), "--predictors", "oracle", "--hardware", "h200"])
+    assert r.exit_code != 0 and "--predictors is for --ffn hybrid" in r.output
+    r = runner.invoke(app, ["plan", str(model), "--ffn", "sparse"])
+    assert r.exit_code != 0 and "use dense or hybrid" in r.output
+    r = runner.invoke(app, ["plan", "--synth", "opt", "--ffn", "hybrid", "--hardware", "h200"])
+    assert r.exit_code != 0 and "needs MODEL_DIR" in r.output
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": 1, "prompt": "w1 x2", "max_tokens": 3}\n')
+    r = runner.invoke(app, ["run", str(model), str(prompts), "-o", str(tmp_path / "o.jsonl"), "--ffn", "hybrid",
+                            "--engine", "reference"])
+    assert r.exit_code != 0 and "streaming engine" in r.output
+    assert not (tmp_path / "o.jsonl").exists()
+    with pytest.raises(OffbatchError, match="needs the model's profile statistics"):
+        engine_for_folder(model, device="cpu", dtype="float32", num_requests=2, max_len=32,
+                          plan_overrides=dict(dense_ffn="hybrid", hot_neurons=4, hybrid_tokens=2))
+
+
+def test_run_with_the_hybrid_ffn_writes_results_under_their_own_key(planted, tmp_path):
+    model, _ = planted
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"id": {i}, "prompt": "w{i} x{i}", "max_tokens": 4}}\n' for i in range(3)))
+    out = tmp_path / "o.jsonl"
+    r = CliRunner().invoke(app, ["run", str(model), str(prompts), "-o", str(out), "--ffn", "hybrid", "--predictors",
+                                 "oracle", "--device", "cpu", "--dtype", "float32", "--quiet"])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+    assert sorted(x["id"] for x in lines if "id" in x) == [0, 1, 2]
+    # The same job without --ffn is another job's results: refused unless asked to redo them.
+    again = CliRunner().invoke(app, ["run", str(model), str(prompts), "-o", str(out), "--device", "cpu", "--dtype",
+                                     "float32", "--engine", "streaming", "--quiet"])
+    assert again.exit_code != 0 and "hybrid FFN" in again.output
+
+
+# ---- on the GPU: the host's cold part beside the device's hot part ----------------------------------------
+@pytest.mark.gpu
+def test_gpu_hybrid_engine_overlaps_the_host_and_keeps_the_tokens(planted):
+    """float32 on the GPU: the oracle hybrid (cold part on the host threads, beside the hot part on the GPU)
+    gives the dense streaming engine's tokens; with predictors it runs and computes a part of the cold neurons."""
+    model, _ = planted
+
+    def gpu_run(neurons=None, **overrides):
+        eng = engine_for_folder(model, device="cuda", dtype="float32", num_requests=len(PROMPTS), max_len=32,
+                                neurons=neurons, plan_overrides=dict(resident=set(), slots={"attn": 2, "ffn": 2, "head": 1},
+                                                                     **overrides))
+        reqs = [GenRequest(i, p, SamplingParams(max_tokens=NEW, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+        outs = {o.key: o.token_ids for o in eng.generate(reqs)}
+        eng.close()
+        return eng, [outs[i] for i in range(len(PROMPTS))]
+
+    _, dense = gpu_run()
+    hybrid = dict(dense_ffn="hybrid", hot_neurons=100, hybrid_tokens=8)
+    eng, got = gpu_run(neuron_stats_for_folder(model, "oracle"), **hybrid)
+    assert got == dense
+    assert eng.hybrid.stats["calls"] == 2 * (NEW - 1) and eng.hybrid.hot[0].up.is_cuda
+    eng, got = gpu_run(neuron_stats_for_folder(model), **hybrid)
+    st = eng.hybrid.stats
+    assert 0 < st["cold_neurons"] < st["cold_count"] and all(len(g) == NEW for g in got)
