@@ -188,7 +188,7 @@ class HybridFFN(FFNBackend):
             t, h = max(1, hybrid_tokens), spec.hidden_size
             widest = max((c.count for c in self.cold.values()), default=1)
             self._h = torch.empty(t, h, dtype=self.dtype, pin_memory=True)
-            self._mask = torch.empty(t, max(1, widest), dtype=torch.bool, pin_memory=True)
+            self._mask = torch.empty(t * max(1, widest), dtype=torch.bool, pin_memory=True)  # [T, cold] rows packed
             self._out = [torch.empty(t, h, dtype=torch.float32, pin_memory=True) for _ in range(2)]
             self._out_free = [None, None]  # the event after which each output buffer may be written again
             self._turn = 0
@@ -225,8 +225,9 @@ class HybridFFN(FFNBackend):
             raise OffbatchError(f"a hybrid FFN step of {T} tokens is larger than the plan's {self._h.shape[0]}")
         cold = self.cold[layer]
         self._h[:T].copy_(h, non_blocking=True)
+        mask = self._mask[: T * cold.count].view(T, cold.count)
         if active is not None:
-            self._mask[:T, : cold.count].copy_(active, non_blocking=True)
+            mask.copy_(active, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
         turn = self._turn
@@ -238,7 +239,7 @@ class HybridFFN(FFNBackend):
             if free is not None:
                 free.synchronize()  # the copy out of this buffer two layers ago is done
             t0 = time.perf_counter()
-            y, n = cold.partial(self._h[:T], None if active is None else self._mask[:T, : cold.count])
+            y, n = cold.partial(self._h[:T], None if active is None else mask)
             out[:T].copy_(y)
             return n, time.perf_counter() - t0
 
