@@ -165,12 +165,29 @@ def main() -> None:
     t0 = time.perf_counter()
     data = calibrate(source, store, cap, a.calib_prompts, a.prompt_len, a.calib_tokens, a.device)
     report["calibrate_s"] = time.perf_counter() - t0
+    # Rows whose FFN input is not finite (none expected) would poison a predictor's training: counted, left out.
+    finite = {i: torch.isfinite(x.float()).all(dim=1) for i, (x, _) in data.items()}
+    report["nonfinite_rows"] = {i: int((~f).sum()) for i, f in finite.items() if not f.all()}
+    data = {i: (x[finite[i]], y[finite[i]]) for i, (x, y) in data.items()}
+    report["calib_rows"] = {i: int(x.shape[0]) for i, (x, _) in list(data.items())[:1]}
+    print("FFN input rows kept per layer:", report["calib_rows"], "non-finite:", report["nonfinite_rows"] or "none",
+          "x range", {i: (float(x.float().abs().max()), float(x.float().pow(2).mean().sqrt())) for i, (x, _) in list(data.items())[:2]},
+          flush=True)
     activity = {i: y.float().mean(0) for i, (_, y) in data.items()}
     preds = {}
     t0 = time.perf_counter()
+    train_on = a.device
     if not a.oracle:
         for i, (x, y) in data.items():
-            preds[i] = train_one(x, y, a.rank, a.recall, epochs=a.epochs, device=a.device)
+            preds[i] = train_one(x, y, a.rank, a.recall, epochs=a.epochs, device=train_on)
+            if i == min(data):
+                print(f"layer {i} predictor ({train_on}):", preds[i].metrics, "cut", preds[i].cut, flush=True)
+                if preds[i].metrics["recall"] < 0.5 and train_on != "cpu":
+                    # Seen once on the H200 (recall 0 on every layer, not on the CPU): train on the host instead.
+                    train_on = "cpu"
+                    preds[i] = train_one(x, y, a.rank, a.recall, epochs=a.epochs, device=train_on)
+                    print(f"layer {i} predictor (cpu):", preds[i].metrics, "cut", preds[i].cut, flush=True)
+    report["trained_on"] = train_on
     report["train_s"] = time.perf_counter() - t0
     del data
     neurons = NeuronStats(activity, preds, oracle=a.oracle, source="calibration of this run")
@@ -193,6 +210,8 @@ def main() -> None:
         for name, extra in (("dense", {}), ("planner", {"neurons": neurons})):
             r = run_bench(source, a.device, cap, n, a.prompt_len, a.gen_len, store=store, keep_tokens=True, dtype=store.dtype,
                           default_dtype=store.dtype, **extra)
+            if "hybrid_ffn" in r:
+                print("   host dtype", r["hybrid_ffn"].get("host_dtype"), r["hybrid_ffn"].get("host_dtype_times"), flush=True)
             row[name] = {k: r[k] for k in ("decode_tok_s", "e2e_tok_s", "prefill_tok_s", "wall_s",
                                            "decode_bytes_per_step", "peak_gpu_reserved_bytes", "gpu_alloc_retries")}
             row[name]["plan"] = {k: r["plan"][k] for k in ("attention", "wave_size", "dense_ffn", "hot_neurons",

@@ -157,4 +157,6 @@ def hybrid_report(engine) -> dict:
     st["hot_neurons"] = engine.plan.hot_neurons
     st["device_bytes"] = h.device_bytes
     st["host_bytes"] = h.host_bytes
+    st["host_dtype"] = str(h.host_dtype).replace("torch.", "")
+    st["host_dtype_times"] = h.host_dtype_times
     return {"hybrid_ffn": st}

@@ -75,36 +75,98 @@ class HotPart:
         return y if self.down_b is None else y + self.down_b
 
 
+class Workspace:
+    """Host buffers the cold part gathers into, grown to the largest union seen and reused: a fresh tens-of-MB
+    tensor per call costs its page faults every time (3x the gather itself on the CPU we measured)."""
+
+    def __init__(self):
+        self.bufs: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (name, dtype)
+        buf = self.bufs.get(key)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
+            buf = self.bufs[key] = torch.empty(max(rows, 1), cols, dtype=dtype)
+        return buf[:rows]
+
+
 class ColdPart:
     """A layer's cold neurons in host memory: up (and gate) read in place from the packed weights by neuron,
     down kept transposed (a neuron's column of down is then one contiguous row to gather)."""
 
-    def __init__(self, w, cold: torch.Tensor, spec: ModelSpec, down_t: torch.Tensor, threshold: float = 0.0):
-        """down_t [cold, hidden]: down's cold columns as rows (split_down)."""
+    def __init__(self, w, cold: torch.Tensor, spec: ModelSpec, down_t: torch.Tensor, threshold: float = 0.0,
+                 workspace: Workspace | None = None, compute_dtype: torch.dtype = torch.float32):
+        """down_t [cold, hidden]: down's cold columns as rows (split_down). compute_dtype: what the host
+        multiplies in (float32: weights converted after the gather; or the weights' own dtype where the CPU
+        multiplies that fast)."""
         self.spec, self.cold, self.threshold = spec, cold, threshold
         self.up, self.up_b = w["up.weight"], w.get("up.bias")
         self.gate, self.gate_b = (w["gate.weight"], w.get("gate.bias")) if spec.gated_ffn else (None, None)
         self.down_t = down_t
         self.count = int(cold.numel())
+        self.ws = workspace or Workspace()
+        self.compute_dtype = compute_dtype
+
+    def _gather(self, name: str, src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """src's rows idx, in the compute dtype, in workspace buffers."""
+        rows = torch.index_select(src, 0, idx, out=self.ws.get(name, idx.numel(), src.shape[1], src.dtype))
+        if rows.dtype == self.compute_dtype:
+            return rows
+        return self.ws.get(name + "_c", idx.numel(), src.shape[1], self.compute_dtype).copy_(rows)
 
     def partial(self, h: torch.Tensor, active: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         """(sum over the cold neurons of h_j(x) down_j for each token where active [T, cold] says - None: the
         oracle, where the activation is truly non-zero (ReLU) or above the profile's threshold - float32
         [T, hidden]; how many neurons were computed)."""
-        h = h.float()
+        cd = self.compute_dtype
+        h = h.to(cd)
         if active is None:
             used = torch.arange(self.count)
         else:
             used = active.any(dim=0).nonzero().squeeze(1)
         if used.numel() == 0:
-            return h.new_zeros(h.shape[0], self.spec.hidden_size), 0
+            return torch.zeros(h.shape[0], self.spec.hidden_size), 0
         idx = self.cold[used]
-        a = _activations(h, self.up.index_select(0, idx).float(), _f32(_rows(self.up_b, idx)),
-                         None if self.gate is None else self.gate.index_select(0, idx).float(),
-                         _f32(_rows(self.gate_b, idx)), self.spec)
-        keep = a.abs() > self.threshold if active is None else active[:, used]
+        # [U, T] products with the gathered weight as the left operand: the BLAS's fast orientation for a few
+        # tokens (5x F.linear's at 8 tokens on the CPU we measured).
+        a = torch.mm(self._gather("up", self.up, idx), h.t())
+        if self.up_b is not None:
+            a += self.up_b[idx].to(cd)[:, None]
+        if self.gate is not None:
+            g = torch.mm(self._gather("gate", self.gate, idx), h.t())
+            if self.gate_b is not None:
+                g += self.gate_b[idx].to(cd)[:, None]
+            a = L.activation(self.spec.activation, g) * a
+        else:
+            a = L.activation(self.spec.activation, a)
+        keep = a.abs() > self.threshold if active is None else active[:, used].t()
         a = torch.where(keep, a, torch.zeros((), dtype=a.dtype))
-        return a @ self.down_t.index_select(0, used).float(), int(used.numel())
+        y = torch.mm(a.t(), self._gather("down", self.down_t, used))
+        return y.float(), int(used.numel())
+
+
+def choose_host_dtype(part: ColdPart, tokens: int, weights_dtype: torch.dtype) -> tuple[torch.dtype, dict]:
+    """float32 or the weights' dtype for the host's products, whichever this CPU runs faster on a layer's cold
+    part (some CPUs multiply bf16 natively, others emulate it 100x slower); with the times measured."""
+    import time as _time
+
+    if weights_dtype == torch.float32:
+        return torch.float32, {}
+    g = torch.Generator().manual_seed(0)
+    used = max(1, part.count // 8)
+    active = torch.zeros(tokens, part.count, dtype=torch.bool)
+    active[:, torch.randperm(part.count, generator=g)[:used]] = True
+    h = torch.randn(tokens, part.spec.hidden_size, generator=g)
+    times = {}
+    for dt in (torch.float32, weights_dtype):
+        part.compute_dtype = dt
+        part.partial(h, active)
+        t0 = _time.perf_counter()
+        part.partial(h, active)
+        times[str(dt).replace("torch.", "")] = _time.perf_counter() - t0
+    best = min((torch.float32, weights_dtype), key=lambda d: times[str(d).replace("torch.", "")])
+    part.compute_dtype = best
+    return best, times
 
 
 def split_down(down: torch.Tensor, hot: torch.Tensor, cold: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,17 +232,25 @@ class HybridFFN(FFNBackend):
         self.cold: dict[int, ColdPart] = {}
         self.pred: dict[int, DevicePredictor] = {}
         thresholds = neurons.thresholds
+        self.workspace = Workspace()  # one worker thread computes every layer's cold part: one set of buffers
         for i in self.layers:
             w = store.host_views((i, "ffn"))
             hot, cold = neurons.hot_cold(i, hot_neurons)
             down_hot, down_t = split_down(w["down.weight"], hot, cold, self.device)
             self.hot[i] = HotPart(w, hot, spec, self.device, self.dtype, down_hot)
-            self.cold[i] = ColdPart(w, cold, spec, down_t, thresholds.get(i, 0.0))
+            self.cold[i] = ColdPart(w, cold, spec, down_t, thresholds.get(i, 0.0), self.workspace)
             del down_hot
             if not neurons.oracle:
                 self.pred[i] = DevicePredictor(neurons.predictors[i], cold, self.device, self.dtype)
         self.device_bytes = sum(p.nbytes for p in self.hot.values()) + sum(p.nbytes for p in self.pred.values())
         self.host_bytes = sum(c.down_t.numel() * c.down_t.element_size() for c in self.cold.values())
+        # The host's product dtype, measured on this CPU (float32 on the CPU as compute device: exact tests).
+        self.host_dtype, self.host_dtype_times = torch.float32, {}
+        if self.device.type == "cuda" and self.cold:
+            first = self.cold[self.layers[0]]
+            self.host_dtype, self.host_dtype_times = choose_host_dtype(first, max(1, min(hybrid_tokens, 8)), store.dtype)
+            for c in self.cold.values():
+                c.compute_dtype = self.host_dtype
         self.use_hybrid = False  # this step (the engine sets it)
         self.stats = {"calls": 0, "tokens": 0, "cold_neurons": 0, "cold_count": 0, "host_s": 0.0, "wait_s": 0.0}
         self._cuda = self.device.type == "cuda"
@@ -261,4 +331,5 @@ class HybridFFN(FFNBackend):
         return DenseFFN.forward(self, layer, x)
 
 
-__all__ = ["HybridFFN", "HotPart", "ColdPart", "DevicePredictor", "neuron_bytes", "mlp_chunked"]
+__all__ = ["HybridFFN", "HotPart", "ColdPart", "DevicePredictor", "Workspace", "choose_host_dtype", "neuron_bytes",
+           "mlp_chunked"]

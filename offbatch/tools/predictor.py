@@ -99,6 +99,12 @@ def train_one(x: torch.Tensor, y: torch.Tensor, rank: int, recall: float, epochs
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        from offbatch.errors import OffbatchError
+
+        bad = int((~torch.isfinite(x)).any(dim=1).sum())
+        raise OffbatchError(f"predictor training diverged (non-finite weights; last loss {float(loss):.4g}; "
+                            f"{bad} of {t} input rows not finite): try a lower learning rate")
     pred = Predictor((a.detach() / scale), b.detach(), 0.0)
     cu, te = cu.to(device), te.to(device)
     with torch.no_grad():
