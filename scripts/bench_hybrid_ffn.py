@@ -144,6 +144,7 @@ def main() -> None:
     ap.add_argument("--recall", type=float, default=0.9)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--oracle", action="store_true", help="exact activity instead of trained predictors")
+    ap.add_argument("--force", action="store_true", help="where the planner keeps the dense FFN, also run the hybrid")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     cap = parse_bytes(a.gpu_memory)
@@ -214,6 +215,7 @@ def main() -> None:
                 print("   host dtype", r["hybrid_ffn"].get("host_dtype"), r["hybrid_ffn"].get("host_dtype_times"), flush=True)
             row[name] = {k: r[k] for k in ("decode_tok_s", "e2e_tok_s", "prefill_tok_s", "wall_s",
                                            "decode_bytes_per_step", "peak_gpu_reserved_bytes", "gpu_alloc_retries")}
+            r_slots = r["plan"]["slots"]
             row[name]["plan"] = {k: r["plan"][k] for k in ("attention", "wave_size", "dense_ffn", "hot_neurons",
                                                             "hybrid_tokens", "memory", "host_memory")}
             row[name]["predicted_decode_tok_s"] = r["plan"]["predicted"].get("decode_tok_s")
@@ -226,6 +228,30 @@ def main() -> None:
                   f"{r['peak_gpu_reserved_bytes'] / 2**30:.2f} GiB" + (
                       f", host cold share {r['hybrid_ffn']['cold_share_computed']:.3f}, host {r['hybrid_ffn']['host_s']:.1f} s, "
                       f"waited {r['hybrid_ffn']['wait_s']:.1f} s" if "hybrid_ffn" in r else ""), flush=True)
+        if row["planner"]["plan"]["dense_ffn"] != "hybrid" and a.force:
+            # The planner kept the dense FFN: measure the hybrid it turned down (the dense plan, its resident
+            # weight memory given to hot neurons, every step hybrid) to check that it would have been slower.
+            from offbatch.ffn.hybrid import neuron_bytes
+
+            plan = row["planner"]["plan"]
+            pred_bytes = (a.rank * (spec.hidden_size + spec.intermediate_size) * 2) if preds else 0
+            # 0.85: the head, resident in the dense plan, then takes a slot.
+            hot = max(0, int(0.85 * plan["memory"]["resident_weights"]) - spec.num_layers * pred_bytes) // (
+                spec.num_layers * neuron_bytes(spec, 2))
+            slots = {"attn": 2, "ffn": 2, "head": 1, **{k: v for k, v in r_slots.items() if v}}
+            r = run_bench(source, a.device, cap, n, a.prompt_len, a.gen_len, store=store, keep_tokens=True,
+                          dtype=store.dtype, default_dtype=store.dtype, neurons=neurons,
+                          plan_overrides=dict(dense_ffn="hybrid", hot_neurons=int(hot), hybrid_tokens=n, resident=set(),
+                                              slots=slots))
+            row["forced_hybrid"] = {k: r[k] for k in ("decode_tok_s", "e2e_tok_s", "peak_gpu_reserved_bytes")}
+            row["forced_hybrid"]["hot_neurons"] = int(hot)
+            row["forced_hybrid"]["hybrid_ffn"] = r.get("hybrid_ffn")
+            row["forced_hybrid_vs_dense"] = r["decode_tok_s"] / max(1e-9, row["dense"]["decode_tok_s"])
+            row["forced_hybrid_agreement"] = agreement(row["dense"]["tokens"], r["tokens"])
+            print(f"{n:>4} prompts  forced hybrid ({int(hot)} hot): decode {r['decode_tok_s']:8.2f} tok/s = "
+                  f"{row['forced_hybrid_vs_dense']:.2f}x dense, host cold share "
+                  f"{r['hybrid_ffn']['cold_share_computed']:.3f}, host {r['hybrid_ffn']['host_s']:.1f} s, "
+                  f"waited {r['hybrid_ffn']['wait_s']:.1f} s", flush=True)
         row["speedup_decode"] = row["planner"]["decode_tok_s"] / max(1e-9, row["dense"]["decode_tok_s"])
         row.update(agreement(row["dense"]["tokens"], row["planner"]["tokens"]))
         for name in ("dense", "planner"):

@@ -193,11 +193,13 @@ class DevicePredictor:
     def __init__(self, predictor, cold: torch.Tensor, device, dtype):
         self.a = predictor.a.to(device=device, dtype=dtype).contiguous()
         self.b = predictor.b[cold].to(device=device, dtype=dtype).contiguous()
+        c = getattr(predictor, "c", None)
+        self.c = None if c is None else c.to(device=device, dtype=dtype)
         self.cut = float(predictor.cut)
         self.nbytes = self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
 
     def active(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(torch.relu(F.linear(h.to(self.a.dtype), self.a)), self.b) > self.cut
+        return F.linear(torch.relu(F.linear(h.to(self.a.dtype), self.a, self.c)), self.b) > self.cut
 
 
 @register_ffn

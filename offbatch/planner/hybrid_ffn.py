@@ -27,8 +27,13 @@ from offbatch.ffn.neurons import NeuronStats
 
 HOT_SHARES = (0.25, 0.5, 0.75, 1.0)  # of the dense plan's resident weight memory, given to hot neurons
 # One hybrid layer's round trip beside its host work: inputs and activity to the host, the worker's hand-off,
-# the partial sum back (two synchronisations and a thread switch).
-CALL_S = 1.5e-4
+# the partial sum back (two synchronisations and a thread switch). The H200 run of 2026-11-30 (OPT-30B shape,
+# 24 layers) waited 2.7-5 ms a layer beyond the host's own compute, part of it the device catching up.
+CALL_S = 5e-4
+# The host's cold-part rate as a share of its CPU-attention rate (both gather rows and multiply them on the
+# host threads): the same run computed 8.7-15 GB/s of cold neurons (bf16 products) where its profile reads KV
+# at 24 GB/s.
+HOST_FFN_SHARE = 0.5
 TOKEN_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -106,7 +111,7 @@ class BoundHybrid:
 
 def host_cold_rate(hw) -> float:
     """Cold neuron bytes the host threads gather and multiply per second (while copies to the GPU run)."""
-    return getattr(hw.host, "cpu_ffn_bytes_s", 0.0) or hw.host.cpu_attn_contended_bytes_s
+    return HOST_FFN_SHARE * hw.host.cpu_attn_contended_bytes_s
 
 
 def consider_hybrid(solver, dense, stats: NeuronStats):
@@ -131,9 +136,10 @@ def consider_hybrid(solver, dense, stats: NeuronStats):
         # Up to how many tokens a step runs hybrid: the largest candidate where a decode step of that many
         # tokens is cheaper hybrid than dense (host work grows with T, the saved copies do not).
         tokens = 0
-        for t in TOKEN_CANDIDATES:
-            if e.model.hybrid_wins(t):
-                tokens = t
+        for t in TOKEN_CANDIDATES:  # up to the first step size where it loses (host work grows with T)
+            if not e.model.hybrid_wins(t):
+                break
+            tokens = t
         if tokens == 0:
             continue
         trial = solver.clone(max_resident_bytes=max(0, resident - hot_bytes),

@@ -1,7 +1,10 @@
 """`offbatch train-predictors`: per FFN layer, a small low-rank MLP that predicts from the FFN's input which
 neurons will be active (Deja Vu / PowerInfer), trained on calibration activations.
 
-A predictor is x -> relu(x A^T) B^T, A [rank, hidden], B [intermediate, rank], no biases: a logit per neuron;
+A predictor is x -> relu(x A^T + c) B^T, A [rank, hidden], c [rank], B [intermediate, rank]: a logit per neuron
+(Deja Vu / PowerInfer have no c; trained on inputs with a strong common direction - the hidden states of the
+synthetic OPT-30B, rows 0.4-0.8 cosine-similar - every hidden unit of a bias-free predictor died, recall 0 on
+every layer, so training centres the inputs and c carries the centring);
 a neuron is predicted active where its logit is above the layer's cut. Active means what `offbatch profile`
 counted (tools/activity.py): not 0 for ReLU FFNs, |activation| above the FFN's threshold otherwise.
 Training minimises binary cross-entropy with the active (rare) class weighted up by how rare it is. The
@@ -60,9 +63,13 @@ class Predictor:
     b: torch.Tensor  # [intermediate, rank]
     cut: float  # logit above which a neuron is predicted active
     metrics: dict = field(default_factory=dict)
+    c: torch.Tensor | None = None  # [rank] hidden bias (None: none)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x.float() @ self.a.T) @ self.b.T
+        z = x.float() @ self.a.T
+        if self.c is not None:
+            z = z + self.c
+        return torch.relu(z) @ self.b.T
 
     def active(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted active neurons [T, intermediate] (bool) for FFN inputs x [T, hidden]."""
@@ -81,20 +88,22 @@ def train_one(x: torch.Tensor, y: torch.Tensor, rank: int, recall: float, epochs
     perm = torch.randperm(t, generator=g)
     tr, cu, te = perm[:n_train], perm[n_train : n_train + n_cut], perm[n_train + n_cut :]
     h, i = x.shape[1], y.shape[1]
-    # Inputs are scaled to unit RMS for training; the scale is folded into A afterwards.
-    scale = x[tr].pow(2).mean().sqrt().clamp_min(1e-6)
+    # Inputs are centred and scaled to unit RMS for training; both fold into A and c afterwards.
+    mu = x[tr].mean(dim=0)
+    scale = (x[tr] - mu).pow(2).mean().sqrt().clamp_min(1e-6)
     a = (torch.randn(rank, h, generator=g) / h**0.5).to(device).requires_grad_()
+    c = torch.zeros(rank, device=device, requires_grad=True)
     b = (torch.randn(i, rank, generator=g) / rank**0.5).to(device).requires_grad_()
     p = float(y[tr].float().mean())
     pos_weight = torch.tensor(min(20.0, max(1.0, (1 - p) / max(p, 1e-6))))
-    opt = torch.optim.Adam([a, b], lr=lr)
+    opt = torch.optim.Adam([a, c, b], lr=lr)
     batch = 256
     with torch.enable_grad():
         for _ in range(epochs):
             order = tr[torch.randperm(tr.numel(), generator=g)]
             for s in range(0, order.numel(), batch):
                 idx = order[s : s + batch].to(device)
-                logits = torch.relu(x[idx] / scale @ a.T) @ b.T
+                logits = torch.relu((x[idx] - mu) / scale @ a.T + c) @ b.T
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[idx].float(), pos_weight=pos_weight)
                 opt.zero_grad()
                 loss.backward()
@@ -105,7 +114,8 @@ def train_one(x: torch.Tensor, y: torch.Tensor, rank: int, recall: float, epochs
         bad = int((~torch.isfinite(x)).any(dim=1).sum())
         raise OffbatchError(f"predictor training diverged (non-finite weights; last loss {float(loss):.4g}; "
                             f"{bad} of {t} input rows not finite): try a lower learning rate")
-    pred = Predictor((a.detach() / scale), b.detach(), 0.0)
+    a_x = a.detach() / scale
+    pred = Predictor(a_x, b.detach(), 0.0, c=c.detach() - mu @ a_x.T)
     cu, te = cu.to(device), te.to(device)
     with torch.no_grad():
         # The cut: the largest logit that still keeps `recall` of the active neurons on the cut split.
@@ -115,7 +125,7 @@ def train_one(x: torch.Tensor, y: torch.Tensor, rank: int, recall: float, epochs
             pos = pos[:: pos.numel() // (1 << 24) + 1]
         pred.cut = float(torch.quantile(pos, 1 - recall)) if pos.numel() else 0.0
         pred.metrics = measure(pred, x[te], y[te])
-    pred.a, pred.b = pred.a.cpu(), pred.b.cpu()
+    pred.a, pred.b, pred.c = pred.a.cpu(), pred.b.cpu(), pred.c.cpu()
     return pred
 
 
@@ -133,6 +143,8 @@ def save_predictors(path: str | Path, predictors: dict[str, Predictor], about: d
     for name, p in predictors.items():
         tensors[f"{name}.pred.a"] = p.a
         tensors[f"{name}.pred.b"] = p.b
+        if p.c is not None:
+            tensors[f"{name}.pred.c"] = p.c
         tensors[f"{name}.pred.cut"] = torch.tensor([p.cut], dtype=torch.float32)
     return write_tagged(path, tensors, "predictors", {"about": json.dumps(about), "metrics": json.dumps(
         {n: p.metrics for n, p in predictors.items()})})
@@ -149,5 +161,5 @@ def load_predictors(path: str | Path) -> dict[str, Predictor]:
         if f"{n}.pred.b" not in tensors or f"{n}.pred.cut" not in tensors:
             raise InputFileError(f"{path} is incomplete: predictor {n} lacks a part")
         out[n] = Predictor(tensors[f"{n}.pred.a"], tensors[f"{n}.pred.b"], float(tensors[f"{n}.pred.cut"][0]),
-                           metrics.get(n, {}))
+                           metrics.get(n, {}), tensors.get(f"{n}.pred.c"))
     return out
