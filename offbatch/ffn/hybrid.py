@@ -169,13 +169,22 @@ def choose_host_dtype(part: ColdPart, tokens: int, weights_dtype: torch.dtype) -
     return best, times
 
 
-def split_down(down: torch.Tensor, hot: torch.Tensor, cold: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down's hot columns [hidden, hot], its cold columns as rows [cold, hidden] in host memory). A column
-    gather is strided; on a GPU it runs there (a layer's down crosses the link twice, milliseconds)."""
-    work = torch.device(device) if torch.device(device).type == "cuda" else down.device
-    d = down.to(work, non_blocking=True)
-    hot_cols = d[:, hot.to(work)].contiguous()
-    cold_rows = d.t()[cold.to(work)].contiguous().to("cpu")
+def split_down(down: torch.Tensor, hot: torch.Tensor, cold: torch.Tensor, device,
+               block_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down's hot columns [hidden, hot] on `device`, its cold columns as rows [cold, hidden] in host memory).
+    A column gather is strided; on a GPU it runs there, a block of down's rows at a time (tens of MB of
+    scratch beside the plan's memory, not a whole layer's down)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return down[:, hot].contiguous(), down.t()[cold].contiguous()
+    hot_d, cold_d = hot.to(dev), cold.to(dev)
+    hot_cols = torch.empty(down.shape[0], hot.numel(), dtype=down.dtype, device=dev)
+    cold_rows = torch.empty(cold.numel(), down.shape[0], dtype=down.dtype)
+    for r0 in range(0, down.shape[0], block_rows):
+        blk = down[r0 : r0 + block_rows].to(dev, non_blocking=True)
+        hot_cols[r0 : r0 + blk.shape[0]] = blk[:, hot_d]
+        cold_rows[:, r0 : r0 + blk.shape[0]] = blk[:, cold_d].t().cpu()
+        del blk
     return hot_cols, cold_rows
 
 

@@ -129,32 +129,41 @@ def consider_hybrid(solver, dense, stats: NeuronStats):
         hot_bytes = int(resident * share)
         if hot_bytes <= 0:
             continue
-        trial = solver.clone(max_resident_bytes=max(0, resident - hot_bytes), hybrid=HybridTerms(costs, hot_bytes))
-        e = trial.evaluate(dense.knobs)
-        if e is None or e.model.hybrid is None or not e.model.hybrid.layers or not e.model.hybrid.hot:
+        e = _evaluate(solver, dense, HybridTerms(costs, hot_bytes))
+        if e is None or e[0].model.hybrid is None or not e[0].model.hybrid.layers or not e[0].model.hybrid.hot:
             continue
-        # Up to how many tokens a step runs hybrid: the largest candidate where a decode step of that many
-        # tokens is cheaper hybrid than dense (host work grows with T, the saved copies do not).
+        # Up to how many tokens a step runs hybrid: the step sizes where a decode step is cheaper hybrid than
+        # dense, up to the first that is not (host work grows with T, the saved copies do not).
         tokens = 0
-        for t in TOKEN_CANDIDATES:  # up to the first step size where it loses (host work grows with T)
-            if not e.model.hybrid_wins(t):
+        for t in TOKEN_CANDIDATES:
+            if not e[0].model.hybrid_wins(t):
                 break
             tokens = t
-        if tokens == 0:
+        if not tokens:
             continue
-        trial = solver.clone(max_resident_bytes=max(0, resident - hot_bytes),
-                             hybrid=HybridTerms(costs, hot_bytes, tokens))
-        e = trial.evaluate(dense.knobs)
+        e = _evaluate(solver, dense, HybridTerms(costs, hot_bytes, tokens))
         if e is None:
             continue
-        host_need = sum(e.host.values()) + e.model.hybrid.host_bytes
+        ev, trial = e
+        host_need = sum(ev.host.values()) + ev.model.hybrid.host_bytes
         if trial.host_budget is not None and host_need > trial.host_budget:
             continue
-        if best is None or e.total_s < best[0].total_s:
-            best = (e, trial, e.model.hybrid)
+        if best is None or ev.total_s < best[0].total_s:
+            best = (ev, trial, ev.model.hybrid)
     if best is None or best[0].total_s > dense.total_s * (1 - TIE_TOLERANCE):
         return None
     return best
+
+
+def _evaluate(solver, dense, terms: HybridTerms):
+    """(evaluation, solver) of the dense plan's knobs with this hybrid candidate: its hot neurons and predictors
+    take device memory the residency then does without (slots included: a module that stops being resident
+    needs one)."""
+    trial = solver.clone(max_resident_bytes=solver.max_resident, hybrid=terms)
+    if trial.usable is not None:
+        trial.usable -= terms.hot_bytes
+    e = trial.evaluate(dense.knobs)
+    return None if e is None else (e, trial)
 
 
 def apply_hybrid(plan, bound: BoundHybrid):
