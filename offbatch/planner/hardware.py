@@ -45,6 +45,10 @@ class Host:
     # One decode attention micro-batch call: its Python and launches are not hidden (the router's
     # sync in every MoE layer, and the copies issued from the same thread, tie the host to the device).
     attn_call_s: float = 5e-5
+    # Cold FFN neurons the host threads gather and multiply per second for the hybrid FFN (bf16 products,
+    # 16 threads, beside the copies): 8.7-15 GB/s in the engine on the H200 host (2026-11-30); a machine is
+    # taken at this or half its CPU-attention rate, whichever is lower (both gather rows and multiply them).
+    cpu_ffn_bytes_s: float = 11e9
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ class Hardware:
                  "d2h_bytes_s": self.d2h_bytes_s, "mem_bytes_s": self.mem_bytes_s, "scatter_elems_s": self.scatter_elems_s,
                  **{f"gemm_flop_s[{m}]": r for m, r in self.gemm_flop_s.items()},
                  **{f"host.{k}": getattr(self.host, k) for k in ("cpu_attn_bytes_s", "cpu_attn_contended_bytes_s",
-                                                                "disk_read_bytes_s")}}
+                                                                "disk_read_bytes_s", "cpu_ffn_bytes_s")}}
         for name, value in rates.items():
             if not _number(value) or not 0 < value < 1e18:
                 raise PlanFileError(f"a hardware profile's {name} is a rate above 0, not {value!r}")

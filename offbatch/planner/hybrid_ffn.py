@@ -30,9 +30,8 @@ HOT_SHARES = (0.25, 0.5, 0.75, 1.0)  # of the dense plan's resident weight memor
 # the partial sum back (two synchronisations and a thread switch). The H200 run of 2026-11-30 (OPT-30B shape,
 # 24 layers) waited 2.7-5 ms a layer beyond the host's own compute, part of it the device catching up.
 CALL_S = 5e-4
-# The host's cold-part rate as a share of its CPU-attention rate (both gather rows and multiply them on the
-# host threads): the same run computed 8.7-15 GB/s of cold neurons (bf16 products) where its profile reads KV
-# at 24 GB/s.
+# The host's cold-part rate at most this share of its CPU-attention rate (both gather rows and multiply them
+# on the host threads; Host.cpu_ffn_bytes_s has the measured figure).
 HOST_FFN_SHARE = 0.5
 TOKEN_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -111,7 +110,7 @@ class BoundHybrid:
 
 def host_cold_rate(hw) -> float:
     """Cold neuron bytes the host threads gather and multiply per second (while copies to the GPU run)."""
-    return HOST_FFN_SHARE * hw.host.cpu_attn_contended_bytes_s
+    return min(hw.host.cpu_ffn_bytes_s, HOST_FFN_SHARE * hw.host.cpu_attn_contended_bytes_s)
 
 
 def consider_hybrid(solver, dense, stats: NeuronStats):
