@@ -47,6 +47,7 @@ def test_trained_predictors_keep_their_recall_on_unseen_tokens_and_round_trip(pl
     assert "recall" in r.output
     preds = load_predictors(out)
     assert len(preds) == 2
+    assert all(p.c is not None and p.c.shape == (32,) for p in preds.values())  # the hidden bias round-trips
     for name, p in preds.items():
         m = p.metrics
         assert m["recall"] > 0.8, (name, m)  # cut for 0.9 on one split, measured on another

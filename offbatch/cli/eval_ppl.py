@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from offbatch.cli.options import DeviceOpt, DtypeOpt, JsonOpt
+from offbatch.cli.options import DeviceOpt, DtypeOpt, FfnOpt, JsonOpt, PredictorsOpt
 from offbatch.errors import InputFileError, ModelFolderError, OffbatchError
 from offbatch.models import files
 
@@ -139,7 +139,8 @@ def _print_table(report: dict) -> None:
     table = Table(title=f"{report['model']}  on  {report['text_file']}")
     # KV and attention columns only when a variant changes them: a plain run's table stays as it was.
     lossy_attention = any(r["kv"] != "dense" or r["hgca"] is not None for r in report["results"])
-    cols = ["weights"] + (["KV", "attention"] if lossy_attention else [])
+    hybrid = any(r.get("ffn") == "hybrid" for r in report["results"])
+    cols = ["weights"] + (["KV", "attention"] if lossy_attention else []) + (["FFN"] if hybrid else [])
     for col in cols + ["perplexity", "vs base", "NLL (nats/token)", "greedy agreement", "seconds"]:
         table.add_column(col, justify="right")
     for r in report["results"]:
@@ -148,6 +149,8 @@ def _print_table(report: dict) -> None:
         settings = [r["weights"]]
         if lossy_attention:
             settings += [r["kv"], "full" if r["hgca"] is None else HGCASetting(**r["hgca"]).short()]
+        if hybrid:
+            settings += ["dense" if r.get("ffn") != "hybrid" else f"hybrid, {100 * r['hot_fraction']:g}% hot"]
         table.add_row(*settings, f"{r['perplexity']:.4f}", delta, f"{r['nll']:.5f}", agree, f"{r['seconds']:.1f}")
     console = Console()
     console.print(table)
@@ -159,7 +162,7 @@ def _print_table(report: dict) -> None:
                       "prefill stays exact)")
 
 
-def _score_variants(todo: list, model_dir: Path, device: str, dtype: str | None, wins: list, bar):
+def _score_variants(todo: list, model_dir: Path, device: str, dtype: str | None, wins: list, bar, neurons=None):
     """Score each variant (tools/quality.variants' order): its report rows, the base's scores, the dtype.
     Variants of the base weights share the base's modules; a weight format is loaded once the base is
     dropped, so one model at a time is in memory (a score keeps only the greedy tokens)."""
@@ -181,7 +184,13 @@ def _score_variants(todo: list, model_dir: Path, device: str, dtype: str | None,
         if v.kv != "dense" or v.hgca is not None:
             ref = ReferenceModel(ref.spec, ref.modules, ref.device, ref.dtype,
                                  attention=LossyCacheAttention(ref.spec, v.kv, v.hgca))
+        if v.hot_fraction is not None:
+            from offbatch.tools.quality import hybrid_ffn_model
+
+            ref = hybrid_ffn_model(ref, neurons, v.hot_fraction)
         label = v.weights if v.kv == "dense" and v.hgca is None else f"{v.weights}, KV {v.kv}, {v.attention_words}"
+        if v.hot_fraction is not None:
+            label += f", FFN {v.ffn_words}"
         task = bar.add_task(label, total=len(wins))
         s = score(ref, wins, on_window=lambda k, task=task: bar.advance(task))
         del ref
@@ -216,6 +225,12 @@ def command(
                                                       "sinks=4, window=256, top_k=128): sinks and the recent window "
                                                       "exactly, per head the top_k older keys by score; base "
                                                       "weights (repeatable). Not for sliding-window models.")] = None,
+    ffn: FfnOpt = None,
+    predictors: PredictorsOpt = None,
+    hot_fraction: Annotated[Optional[list[float]], typer.Option("--hot-fraction", min=0.0, max=1.0,
+                                                                help="With --ffn hybrid: the share of each layer's "
+                                                                "neurons that is hot (computed for every token; "
+                                                                "repeatable; default 0.2).")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
@@ -232,6 +247,9 @@ def command(
     A teacher-forced window cannot decode token by token, so --kv and --hgca show every position what a
     decode step of the engine would see: keys and values quantized once, HGCA's keys chosen from them.
     The engine's prompt prefill itself stays exact.
+
+    --ffn hybrid scores the hybrid FFN with the base weights, for each --hot-fraction: hot neurons for every
+    token, the others where the layer's predictor (--predictors; default the model's) marks them active.
     """
     from offbatch.engine.select import resolve_device
     from offbatch.tools.default_model import model_folder
@@ -240,15 +258,25 @@ def command(
     for name in weights or ():
         _check_format(name)
     kvs, hgcas = _kv_names(kv), _hgca_settings(hgca)
+    if hot_fraction and ffn != "hybrid":
+        raise OffbatchError("--hot-fraction is for --ffn hybrid")
     device = resolve_device(device)
     text = read_text_file(text_file)  # before a GGUF model is imported: a bad text fails at once
     model_dir = Path(model_folder(model, dtype))
     _check_hgca_applies(model_dir, hgcas)
     ids, wins = _windows(text, text_file, model_dir, window, stride, max_windows)
     stored = _stored_format(model_dir)  # the base: the model as its folder stores it (dense, or converted)
-    todo = variants(stored, list(dict.fromkeys(weights or ())), kvs, hgcas)
+    from offbatch.cli.options import neurons_option
+
+    neurons = neurons_option(model_dir, ffn, predictors)
+    if neurons is not None:
+        from offbatch.models.spec import load_spec
+
+        neurons.check(load_spec(model_dir))
+    hots = list(dict.fromkeys(hot_fraction or [0.2])) if neurons is not None else []
+    todo = variants(stored, list(dict.fromkeys(weights or ())), kvs, hgcas, hots)
     with _progress(not as_json) as bar:
-        results, base_scores, used_dtype = _score_variants(todo, model_dir, device, dtype, wins, bar)
+        results, base_scores, used_dtype = _score_variants(todo, model_dir, device, dtype, wins, bar, neurons)
     report = {"model": str(model), "model_dir": str(model_dir), "text_file": str(text_file),
               "text_tokens": len(ids), "window": window, "stride": stride or window, "windows": len(wins),
               "scored_tokens": base_scores.tokens, "device": device, "dtype": used_dtype, "results": results}

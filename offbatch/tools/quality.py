@@ -124,18 +124,24 @@ class Variant:
     weights: str
     kv: str = "dense"
     hgca: "HGCASetting | None" = None
+    hot_fraction: float | None = None  # the hybrid FFN with this share of each layer's neurons hot (None: dense FFN)
 
     @property
     def attention_words(self) -> str:
         return "full" if self.hgca is None else self.hgca.words()
 
+    @property
+    def ffn_words(self) -> str:
+        return "dense" if self.hot_fraction is None else f"hybrid, {100 * self.hot_fraction:g}% hot"
+
     def settings(self) -> dict:
-        """For a JSON report: the weight and KV format names, the HGCA setting (or None)."""
-        return {"weights": self.weights, "kv": self.kv, "hgca": None if self.hgca is None else self.hgca.as_dict()}
+        """For a JSON report: the weight and KV format names, the HGCA setting (or None), the FFN."""
+        return {"weights": self.weights, "kv": self.kv, "hgca": None if self.hgca is None else self.hgca.as_dict(),
+                "ffn": "dense" if self.hot_fraction is None else "hybrid", "hot_fraction": self.hot_fraction}
 
 
 def variants(base_weights: str, weights: Sequence[str] = (), kvs: Sequence[str] = (),
-             hgcas: "Sequence[HGCASetting]" = ()) -> list[Variant]:
+             hgcas: "Sequence[HGCASetting]" = (), hot_fractions: Sequence[float] = ()) -> list[Variant]:
     """What eval-ppl scores, in order: the base (the model as stored, dense KV, full attention); each KV
     format and each HGCA setting on their own with the base weights; when both are given, every KV
     format with every HGCA setting (the engine runs them together), base weights; then each weight
@@ -147,5 +153,44 @@ def variants(base_weights: str, weights: Sequence[str] = (), kvs: Sequence[str] 
     wanted += [Variant(base_weights, hgca=h) for h in hgcas]
     if kvs and hgcas:
         wanted += [Variant(base_weights, kv=kv, hgca=h) for kv in kvs for h in hgcas]
+    wanted += [Variant(base_weights, hot_fraction=h) for h in hot_fractions]
     wanted += [Variant(w) for w in weights]
     return list(dict.fromkeys(wanted))
+
+
+def hybrid_ffn_model(model, neurons, hot_fraction: float):
+    """A ReferenceModel over `model`'s modules computing each dense FFN as the hybrid FFN does: a layer's
+    hot_fraction most active neurons (the profile's) for every token, the others only where the layer's
+    predictor marks them active (the oracle: where |activation| is above the profile's threshold) - the
+    engine's products, masked here on the full activations (ffn/hybrid_mlp.py: the same sums)."""
+    import torch
+
+    from offbatch.engine.reference import ReferenceModel
+    from offbatch.tools.model_hooks import hook_linear_inputs
+
+    hot = {}
+    for layer, a in neurons.activity.items():
+        mask = torch.zeros(a.numel(), dtype=torch.bool)
+        mask[neurons.hot_cold(layer, round(hot_fraction * a.numel()))[0]] = True
+        hot[layer] = mask.to(model.device)
+    inputs = {}
+
+    def hook(key, name, x):
+        if key[1] != "ffn" or key[0] not in hot:
+            return x
+        if name == "up":
+            inputs[key[0]] = x
+            return x
+        if name != "down":
+            return x
+        layer = key[0]
+        inp = inputs.pop(layer)
+        if neurons.oracle:
+            active = x.abs() > neurons.thresholds.get(layer, 0.0)
+        else:
+            active = neurons.predictors[layer].active(inp.to(torch.float32)).to(x.device)
+        return torch.where(active | hot[layer], x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    out = ReferenceModel(model.spec, dict(model.modules), model.device, model.dtype, attention=model.attention)
+    hook_linear_inputs(out, hook)
+    return out
