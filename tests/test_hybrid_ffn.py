@@ -301,3 +301,39 @@ def test_gpu_hybrid_engine_overlaps_the_host_and_keeps_the_tokens(planted):
     eng, got = gpu_run(neuron_stats_for_folder(model), **hybrid)
     st = eng.hybrid.stats
     assert 0 < st["cold_neurons"] < st["cold_count"] and all(len(g) == NEW for g in got)
+
+
+def test_plan_shows_the_hybrid_ffn_it_chose(tmp_path):
+    """A planted OPT larger than the cap, planned for one prompt on a machine whose link bounds the step (the
+    h200 profile with a 1 GB/s link): the plan takes the hybrid FFN and says so; its plan file round-trips."""
+    import dataclasses
+
+    from offbatch.planner.hardware import PROFILES
+
+    slow = dataclasses.replace(PROFILES["h200"], name="slow-link", h2d_pinned_bytes_s=1e9,
+                               host=dataclasses.replace(PROFILES["h200"].host, launch_s=1e-6))
+    (tmp_path / "hw.json").write_text(json.dumps(slow.to_dict()))
+    runner = CliRunner()
+    model, text = tmp_path / "m", tmp_path / "t.txt"
+    r = runner.invoke(app, ["synth", "opt", str(model), "--hidden-size", "256", "--intermediate-size", "8192",
+                            "--layers", "4", "--ffn-activity", "hot=0.2,sparsity=0.9", "--quiet"])
+    assert r.exit_code == 0, r.output
+    text.write_text(" ".join(f"w{i % 97} x{i % 13} y{i % 31}" for i in range(3000)))
+    for cmd in (["profile", str(model), str(text), "--windows", "2", "--window", "128", "--no-eval"],
+                ["train-predictors", str(model), str(text), "--windows", "4", "--window", "128", "--rank", "16",
+                 "--epochs", "4"]):
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 0, r.output
+    args = ["plan", str(model), "--ffn", "hybrid", "--hardware", str(tmp_path / "hw.json"), "--gpu-memory", "80MiB",
+            "--num-prompts", "1",
+            "--prompt-len", "64", "--gen-len", "64"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    words = " ".join(w for w in r.output.replace("│", " ").split())  # the table wraps its cells
+    assert "FFN hybrid:" in words and "hot neurons per" in words and "host threads" in words
+    r = runner.invoke(app, args + ["--json", "--out", str(tmp_path / "plan.json")])
+    assert r.exit_code == 0, r.output
+    plan = Plan.from_dict(json.loads((tmp_path / "plan.json").read_text()))
+    assert plan.dense_ffn == "hybrid" and plan.hot_neurons > 0 and plan.hybrid_tokens >= 1
+    dense = runner.invoke(app, args[:2] + args[4:] + ["--json"])
+    assert json.loads(dense.output)["plan"]["dense_ffn"] == "dense"  # not without --ffn hybrid

@@ -25,7 +25,7 @@ import numpy as np
 from offbatch.ffn.hybrid import neuron_bytes
 from offbatch.ffn.neurons import NeuronStats
 
-HOT_SHARES = (0.25, 0.5, 0.75, 1.0)  # of the dense plan's resident weight memory, given to hot neurons
+HOT_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # of the dense plan's resident weight memory, given to hot neurons
 # One hybrid layer's round trip beside its host work: inputs and activity to the host, the worker's hand-off,
 # the partial sum back (two synchronisations and a thread switch). The H200 run of 2026-11-30 (OPT-30B shape,
 # 24 layers) waited 2.7-5 ms a layer beyond the host's own compute, part of it the device catching up.
@@ -119,17 +119,18 @@ def consider_hybrid(solver, dense, stats: NeuronStats):
     from offbatch.planner.solve import TIE_TOLERANCE
 
     shape = solver.shape
-    if not any(k[1] == "ffn" for k in shape.nbytes):
-        return None
+    if not any(k[1] == "ffn" for k in shape.nbytes) or shape.weights != "dense":
+        return None  # dense FFN weights only: the split is by neuron over dense rows
     costs = NeuronCosts.of(stats, shape.spec, shape.dsize)
     resident = dense.residency.resident_bytes
     best = None
+    ffn_layers = sum(1 for k in shape.nbytes if k[1] == "ffn" and k[0] >= 0)
     for share in HOT_SHARES:
-        hot_bytes = int(resident * share)
-        if hot_bytes <= 0:
-            continue
+        # The predictors of every FFN layer, and a share of what the dense plan kept resident for hot neurons
+        # (share 0: every neuron computed on the host where predicted, PowerInfer with nothing hot).
+        hot_bytes = ffn_layers * costs.predictor_bytes + int(resident * share)
         e = _evaluate(solver, dense, HybridTerms(costs, hot_bytes))
-        if e is None or e[0].model.hybrid is None or not e[0].model.hybrid.layers or not e[0].model.hybrid.hot:
+        if e is None or e[0].model.hybrid is None or not e[0].model.hybrid.layers:
             continue
         # Up to how many tokens a step runs hybrid: the step sizes where a decode step is cheaper hybrid than
         # dense, up to the first that is not (host work grows with T, the saved copies do not).
@@ -144,6 +145,8 @@ def consider_hybrid(solver, dense, stats: NeuronStats):
         if e is None:
             continue
         ev, trial = e
+        if ev.model.disk_fraction > 0:
+            continue  # cold neurons are computed from host memory: not with FFN modules left on disk
         host_need = sum(ev.host.values()) + ev.model.hybrid.host_bytes
         if trial.host_budget is not None and host_need > trial.host_budget:
             continue
