@@ -69,8 +69,10 @@ def test_oracle_hybrid_engine_gives_the_reference_tokens_on_relu(planted, hot):
     assert eng.hybrid.layers == [0, 1] and all(p.count == hot for p in eng.hybrid.hot.values())
 
 
-def test_oracle_hybrid_is_exact_on_a_gated_silu_ffn_without_a_threshold(tmp_path):
-    save_hf_model("llama", tmp_path)
+@pytest.mark.parametrize("act", ["silu", "relu"])
+def test_oracle_hybrid_is_exact_on_a_gated_ffn_without_a_threshold(tmp_path, act):
+    """Llama's gated FFN, SiLU and a ReLU synth of it: the oracle with no threshold keeps every non-zero."""
+    save_hf_model("llama", tmp_path, hidden_act=act)
     ref = ReferenceModel.load(tmp_path, dtype="float32")
     expected = ref.greedy(PROMPTS, NEW)
     spec = ref.spec
