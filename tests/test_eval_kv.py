@@ -236,7 +236,13 @@ def test_variants_order_combinations_and_repeats():
                    Variant("dense", "int8", h1), Variant("dense", "int8", h2),
                    Variant("dense", "int4", h1), Variant("dense", "int4", h2), Variant("int8")]
     assert Variant("dense", "int4", h1).settings() == {"weights": "dense", "kv": "int4",
-                                                       "hgca": {"sinks": 4, "window": 8, "top_k": 128}}
+                                                       "hgca": {"sinks": 4, "window": 8, "top_k": 128},
+                                                       "ffn": "dense", "hot_fraction": None}
+    # The hybrid FFN's hot shares come after the KV and attention variants, before other weight formats.
+    got = variants("dense", ["int8"], ["int4"], [], [0.2, 0.0, 0.2])
+    assert got == [Variant("dense"), Variant("dense", "int4"), Variant("dense", hot_fraction=0.2),
+                   Variant("dense", hot_fraction=0.0), Variant("int8")]
+    assert Variant("dense", hot_fraction=0.2).settings()["ffn"] == "hybrid"
 
 
 def invoke(*args):
