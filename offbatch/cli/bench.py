@@ -169,6 +169,12 @@ def command(
          format_bytes(sum(plan["host_memory"].values())) if plan.get("host_memory") else ""),
         ("wall", f"{report['wall_s']:.1f} s", f"{pred['total_s']:.1f} s" if "total_s" in pred else ""),
     ]
+    h = report.get("hybrid_ffn")
+    if h:  # what the hybrid FFN did: the host's share of the cold neurons, its time and the device's wait for it
+        rows.insert(5, ("hybrid FFN: hot per layer / cold computed on the host",
+                        f"{h['hot_neurons']} / {100 * h['cold_share_computed']:.1f}% ({h['host_dtype']})",
+                        f"steps <= {plan.get('hybrid_tokens')} tokens"))
+        rows.insert(6, ("hybrid FFN: host compute / device thread waited", f"{h['host_s']:.2f} / {h['wait_s']:.2f} s", ""))
     for row in rows:
         t.add_row(*row)
     console = Console()
