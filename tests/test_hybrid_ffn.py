@@ -339,3 +339,38 @@ def test_plan_shows_the_hybrid_ffn_it_chose(tmp_path):
     assert plan.dense_ffn == "hybrid" and plan.hot_neurons > 0 and plan.hybrid_tokens >= 1
     dense = runner.invoke(app, args[:2] + args[4:] + ["--json"])
     assert json.loads(dense.output)["plan"]["dense_ffn"] == "dense"  # not without --ffn hybrid
+
+
+def test_a_pinned_hybrid_plan_runs_in_bench_and_run(planted, tmp_path):
+    """A plan file whose FFN is hybrid (written by hand from a CPU plan): bench and run take it with the folder's
+    statistics (--predictors picks them), bench reports what the hybrid FFN did, and run writes every result."""
+    from offbatch.planner.solve import make_plan
+    from offbatch.planner.workload import Workload
+    from offbatch.models.spec import load_spec
+
+    model, _ = planted
+    spec = load_spec(model)
+    d = make_plan(spec, torch.float32, "cpu", None, Workload.uniform(3, 8, 4), hardware="cpu").to_dict()
+    d.update(dense_ffn="hybrid", hot_neurons=64, hybrid_tokens=3, resident=[], slots={"attn": 2, "ffn": 2, "head": 1},
+             max_len=64)
+    (tmp_path / "plan.json").write_text(json.dumps(d))
+    runner = CliRunner()
+    r = runner.invoke(app, ["bench", str(model), "--plan", str(tmp_path / "plan.json"), "--device", "cpu", "--dtype",
+                            "float32", "--prompts", "3", "--prompt-len", "8", "--gen-len", "4", "--predictors", "oracle",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    h = json.loads(r.stdout)["hybrid_ffn"]
+    assert h["calls"] == 2 * 3 and h["hot_neurons"] == 64 and h["cold_share_computed"] == 1.0  # oracle: every cold one
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"id": {i}, "prompt": "w{i} x{i}", "max_tokens": 4}}\n' for i in range(3)))
+    r = runner.invoke(app, ["run", str(model), str(prompts), "-o", str(tmp_path / "o.jsonl"), "--plan",
+                            str(tmp_path / "plan.json"), "--device", "cpu", "--dtype", "float32", "--engine", "streaming",
+                            "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert len([x for x in (tmp_path / "o.jsonl").read_text().splitlines() if x.strip()]) >= 3
+    d.update(dense_ffn="dense", hot_neurons=0, hybrid_tokens=0)
+    (tmp_path / "dense.json").write_text(json.dumps(d))
+    r = runner.invoke(app, ["run", str(model), str(prompts), "-o", str(tmp_path / "o2.jsonl"), "--plan",
+                            str(tmp_path / "dense.json"), "--device", "cpu", "--engine", "streaming", "--ffn", "hybrid"])
+    assert r.exit_code != 0 and "pinned plan's FFN is dense" in r.output
+    assert not (tmp_path / "o2.jsonl").exists()

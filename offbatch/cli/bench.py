@@ -96,9 +96,9 @@ def command(
     if prompts * prompt_len > MAX_BENCH_PROMPT_TOKENS:  # bench draws every prompt up front, in host memory
         raise OffbatchError(f"--prompts {prompts} x --prompt-len {prompt_len} is {prompts * prompt_len:,} prompt "
                             f"tokens; bench builds them all in memory and takes at most {MAX_BENCH_PROMPT_TOKENS:,}")
-    neurons = neurons_option(model_dir, ffn, predictors)
-    if neurons is None and pinned is not None and pinned.dense_ffn == "hybrid":
-        neurons = neurons_option(model_dir, "hybrid", predictors)
+    # A pinned hybrid plan needs the neurons too (--predictors picks them, as with --ffn hybrid).
+    neurons = neurons_option(model_dir, "hybrid" if pinned is not None and pinned.dense_ffn == "hybrid" else ffn,
+                             predictors)
     report_file = open_report(out)  # before the bench, which takes minutes
     report = run_bench(source, device, cap, prompts, prompt_len, gen_len, dtype=dtype, default_dtype=default_dtype,
                        plan=pinned, workload=workload, hardware=hw,

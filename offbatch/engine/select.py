@@ -58,8 +58,8 @@ def check_options(options: EngineOptions) -> tuple[str, str, object]:
         raise OffbatchError("--kv and --hgca run in the streaming engine; drop --engine reference")
     if kind == "reference" and hybrid:
         raise OffbatchError("--ffn hybrid runs in the streaming engine; drop --engine reference")
-    if options.predictors is not None and not hybrid:
-        raise OffbatchError("--predictors is for --ffn hybrid")
+    if options.predictors is not None and not hybrid and options.plan_file is None:
+        raise OffbatchError("--predictors is for --ffn hybrid (or a pinned plan whose FFN is hybrid)")
     if kind not in ("streaming", "reference"):
         raise OffbatchError(f"--engine {kind!r}: use streaming or reference")
     check_caps_here(device, options.gpu_memory, options.cpu_memory)  # before anything is read or locked
@@ -75,7 +75,12 @@ def check_options(options: EngineOptions) -> tuple[str, str, object]:
             raise OffbatchError("--kv and --hgca are for the planner; a pinned --plan names its own KV format and attention")
         from offbatch.plan import load_plan_file
 
-        return device, kind, load_plan_file(options.plan_file)
+        plan = load_plan_file(options.plan_file)
+        if hybrid and plan.dense_ffn != "hybrid":
+            raise OffbatchError("--ffn hybrid is for the planner; the pinned plan's FFN is dense")
+        if options.predictors is not None and plan.dense_ffn != "hybrid":
+            raise OffbatchError("--predictors is for --ffn hybrid (or a pinned plan whose FFN is hybrid)")
+        return device, kind, plan
     return device, kind, None
 
 
