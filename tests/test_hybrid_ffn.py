@@ -186,6 +186,12 @@ def test_neuron_stats_refuse_another_model(planted, tmp_path):
 
 
 # ---- the planner ---------------------------------------------------------------------------------------
+def PROFILES_H200():
+    from offbatch.planner.hardware import PROFILES
+
+    return PROFILES["h200"]
+
+
 def planted_opt30b_neurons():
     from offbatch.models.spec import spec_from_config
     from offbatch.tools.predictor import Predictor
@@ -219,6 +225,14 @@ def test_planner_takes_the_hybrid_ffn_only_where_it_predicts_faster(prompts, hyb
         assert "hybrid FFN" in plan.summary()
         again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
         assert (again.dense_ffn, again.hot_neurons, again.hybrid_tokens) == ("hybrid", plan.hot_neurons, plan.hybrid_tokens)
+        # The plan file, pinned and priced again with the neurons, predicts what the solver did (within 1%).
+        from offbatch.planner.shape import shape_from_spec
+        from offbatch.planner.solve import predict
+
+        shape = shape_from_spec(spec, torch.bfloat16)
+        again_pred = predict(again, shape, PROFILES_H200(), wl, neurons)["decode_tok_s"]
+        assert again_pred == pytest.approx(plan.predicted["decode_tok_s"], rel=0.01)
+        assert predict(again, shape, PROFILES_H200(), wl)["decode_tok_s"] < 0.8 * again_pred  # priced dense
     else:
         assert plan.to_dict() == dense.to_dict()
     # On the CPU as compute device there is no host beside it to take the cold part.

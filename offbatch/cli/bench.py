@@ -111,7 +111,7 @@ def command(
     plan_pred = report["plan"].get("predicted") or {}
     if pinned is not None:
         shape = shape_from_spec(spec, resolve_dtype(dtype, default_dtype), get_format(pinned.weights))
-        plan_pred = predict(pinned, shape, hw, workload)
+        plan_pred = predict(pinned, shape, hw, workload, neurons)
     report["predicted"] = {k: v for k, v in plan_pred.items() if k not in ("decode_step", "prefill_step")}
     report["hardware_profile"] = hw.name
     report["prediction_error"] = {

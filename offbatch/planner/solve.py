@@ -596,10 +596,20 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, device: str, gpu_memory: int 
     return to_plan(best, solver)
 
 
-def predict(plan: Plan, shape: ModelShape, hw: Hardware, workload: Workload) -> dict:
-    """The cost model's figures for any plan (a pinned one, the rules' one)."""
+def predict(plan: Plan, shape: ModelShape, hw: Hardware, workload: Workload, neurons=None) -> dict:
+    """The cost model's figures for any plan (a pinned one, the rules' one). neurons: the model's neuron
+    statistics, to price a hybrid plan's FFN (without them it is priced dense)."""
     knobs = Knobs(plan.wave_size, plan.prefill_tokens, plan.ffn_micro_tokens, plan.attn_micro_batch,
                   plan.attention, plan.kv_format, plan.hgca)
     res = residency_of(shape, plan.resident, plan.slots)
-    model = StepModel(shape, hw, knobs, res, plan.max_len, disk_fraction(shape, res.resident, plan.disk))
+    hybrid = None
+    if plan.dense_ffn == "hybrid" and neurons is not None:
+        from offbatch.ffn.hybrid import neuron_bytes
+        from offbatch.planner.hybrid_ffn import HybridTerms, NeuronCosts
+
+        costs = NeuronCosts.of(neurons, shape.spec, shape.dsize)
+        layers = sum(1 for k in shape.nbytes if k[1] == "ffn" and k[0] >= 0 and k not in res.resident)
+        hot_bytes = layers * (plan.hot_neurons * neuron_bytes(shape.spec, shape.dsize) + costs.predictor_bytes)
+        hybrid = HybridTerms(costs, hot_bytes, plan.hybrid_tokens)
+    model = StepModel(shape, hw, knobs, res, plan.max_len, disk_fraction(shape, res.resident, plan.disk), hybrid)
     return prediction(model, workload, job_time(model, workload))
