@@ -4,10 +4,10 @@ layer's resident bank. Greedy tokens equal the reference with the Triton kernels
 CPU through the Triton interpreter), and the chunking, windows and banks are checked on their own."""
 
 import dataclasses
-import importlib
 
 import pytest
 import torch
+from triton_support import triton_kernel_module
 
 from hf_factory import save_hf_model
 from offbatch.engine.api import GenRequest, SamplingParams
@@ -70,11 +70,7 @@ def assert_close(got, expected, tol=1e-5):
 @pytest.fixture
 def triton_kernels(monkeypatch):
     """The Triton module, interpreted on the CPU, with spies counting launches and groups per launch."""
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # read at decoration and again at launch
-    module = importlib.import_module("offbatch.kernels.grouped_gemm_triton")
-    if not CUDA and not module.INTERPRETED:  # imported earlier without the interpreter
-        module = importlib.reload(module)
+    module = triton_kernel_module("grouped_gemm_triton", monkeypatch.setenv)
     groups: dict[str, list[int]] = {"grouped_swiglu": [], "grouped_gemm": []}
     swiglu, gemm = module.grouped_swiglu, module.grouped_gemm
 

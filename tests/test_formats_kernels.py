@@ -3,11 +3,11 @@ GPU): `linear` on both of its paths (fused for few rows, expanded + GEMM for man
 torch twin, and the streaming engine whose grouped experts run the quantized Triton kernels gives the
 reference forward's greedy tokens over the same quantized weights."""
 
-import importlib
 import os
 
 import pytest
 import torch
+from triton_support import triton_kernel_module
 import torch.nn.functional as F
 
 import offbatch.kernels
@@ -22,11 +22,7 @@ PROMPTS = [[3, 5, 7, 9, 11, 13, 2], [4, 8, 15, 16, 23, 42, 1, 2, 3], [99], [7, 7
 @pytest.fixture
 def triton_quant(monkeypatch):
     """offbatch.kernels dispatching to quant_triton (the interpreter on the CPU), counting its launches."""
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    module = importlib.import_module("offbatch.kernels.quant_triton")
-    if not CUDA and not module.INTERPRETED:
-        module = importlib.reload(module)
+    module = triton_kernel_module("quant_triton", monkeypatch.setenv)
     calls: dict[str, int] = {}
     for name in ("int4_linear", "int8_linear", "dequant_int4", "dequant_int8", "grouped_swiglu_int4",
                  "grouped_gemm_int4", "grouped_swiglu_int8", "grouped_gemm_int8"):

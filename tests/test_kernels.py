@@ -5,11 +5,9 @@ sizes: it is numpy per program). With CUDA the same cases run compiled on the GP
 `gpu`-marked tests add bf16 and engine-sized shapes (`pytest -m gpu`).
 """
 
-import importlib
-import os
-
 import pytest
 import torch
+from triton_support import triton_kernel_module
 
 import offbatch.kernels as kernels
 from offbatch.kernels import reference
@@ -18,22 +16,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-def _import_triton_kernels():
-    """Import offbatch.kernels.grouped_gemm_triton, interpreted when there is no GPU.
-
-    Triton reads TRITON_INTERPRET when @triton.jit decorates (at import) and again at launch (it
-    decorates its own helpers lazily), so the variable stays set for the session; it also makes
-    offbatch.kernels dispatch CPU tensors to Triton, which the dispatch test below relies on.
-    """
-    if not CUDA:
-        os.environ["TRITON_INTERPRET"] = "1"
-    module = importlib.import_module("offbatch.kernels.grouped_gemm_triton")
-    if not CUDA and not module.INTERPRETED:  # imported earlier without the interpreter
-        module = importlib.reload(module)
-    return module
-
-
-tk = _import_triton_kernels()
+tk = triton_kernel_module("grouped_gemm_triton")
 
 # ||out - ref|| / ||ref|| bounds. Against the twin both sides round the same fp32 sums once, so only
 # summation order differs; against float64 the output's own rounding dominates.

@@ -6,11 +6,9 @@ sizes: it is numpy per program); the `gpu`-marked tests add bf16 and Llama-3-8B-
 Expansion is a copy, so everything is compared bit for bit.
 """
 
-import importlib
-import os
-
 import pytest
 import torch
+from triton_support import triton_kernel_module
 
 import offbatch.kernels as kernels
 from offbatch.kernels import bitmap_reference as ref
@@ -20,18 +18,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
-def _import_triton_kernels():
-    """offbatch.kernels.bitmap_triton, interpreted when there is no GPU (see tests/test_kernels.py: Triton
-    reads TRITON_INTERPRET when it decorates and again at launch)."""
-    if not CUDA:
-        os.environ["TRITON_INTERPRET"] = "1"
-    module = importlib.import_module("offbatch.kernels.bitmap_triton")
-    if not CUDA and not module.INTERPRETED:  # imported earlier without the interpreter
-        module = importlib.reload(module)
-    return module
-
-
-bt = _import_triton_kernels()
+bt = triton_kernel_module("bitmap_triton")
 
 
 def gen(seed: int, device="cpu") -> torch.Generator:

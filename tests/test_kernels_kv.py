@@ -7,11 +7,9 @@ compute dtype (the kernel feeds dequantized K / V to its dots in that dtype, the
 K and V are always views of a larger store, as the engine passes them: a slot range and a length cut.
 """
 
-import importlib
-import os
-
 import pytest
 import torch
+from triton_support import triton_kernel_module
 
 from offbatch.kernels import kv_reference as ref
 
@@ -20,18 +18,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
-def _import_triton_kernels():
-    """offbatch.kernels.kv_triton, interpreted when there is no GPU (see tests/test_kernels.py: Triton
-    reads TRITON_INTERPRET when it decorates and again at launch)."""
-    if not CUDA:
-        os.environ["TRITON_INTERPRET"] = "1"
-    module = importlib.import_module("offbatch.kernels.kv_triton")
-    if not CUDA and not module.INTERPRETED:  # imported earlier without the interpreter
-        module = importlib.reload(module)
-    return module
-
-
-kt = _import_triton_kernels()
+kt = triton_kernel_module("kv_triton")
 
 OUT_TOL = {F32: 1e-5, F16: 2e-3, BF16: 1.5e-2}  # ||out - twin|| / ||twin||
 LSE_TOL = {F32: 1e-4, F16: 1e-3, BF16: 1e-2}  # |lse - twin| / max(|twin|, 1)

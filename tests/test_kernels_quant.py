@@ -7,11 +7,9 @@ Dequantization is compared bit for bit; GEMMs within the rounding of their outpu
 fp32 sum once, in different orders).
 """
 
-import importlib
-import os
-
 import pytest
 import torch
+from triton_support import triton_kernel_module
 
 from offbatch.formats import Int4Format, Int8Format
 from offbatch.kernels import quant_reference as ref
@@ -20,18 +18,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-def _import_triton_kernels():
-    """offbatch.kernels.quant_triton, interpreted when there is no GPU (see tests/test_kernels.py: Triton
-    reads TRITON_INTERPRET when it decorates and again at launch)."""
-    if not CUDA:
-        os.environ["TRITON_INTERPRET"] = "1"
-    module = importlib.import_module("offbatch.kernels.quant_triton")
-    if not CUDA and not module.INTERPRETED:  # imported earlier without the interpreter
-        module = importlib.reload(module)
-    return module
-
-
-qt = _import_triton_kernels()
+qt = triton_kernel_module("quant_triton")
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}  # ||out - twin|| / ||twin||
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
