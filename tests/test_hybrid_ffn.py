@@ -272,6 +272,8 @@ def test_options_refused_clearly(planted, tmp_path):
                             "--engine", "reference"])
     assert r.exit_code != 0 and "streaming engine" in r.output
     assert not (tmp_path / "o.jsonl").exists()
+    r = runner.invoke(app, ["eval-ppl", str(model), str(prompts), "--ffn", "hybrid", "--predictors", " "])
+    assert r.exit_code != 0 and "--predictors is empty" in r.output  # not the folder's, silently
     with pytest.raises(OffbatchError, match="needs the model's profile statistics"):
         engine_for_folder(model, device="cpu", dtype="float32", num_requests=2, max_len=32,
                           plan_overrides=dict(dense_ffn="hybrid", hot_neurons=4, hybrid_tokens=2))
@@ -287,6 +289,17 @@ def test_run_with_the_hybrid_ffn_writes_results_under_their_own_key(planted, tmp
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
     assert sorted(x["id"] for x in lines if "id" in x) == [0, 1, 2]
+    # Retrained predictors (another file's contents) make other results too.
+    from offbatch.cli.options import ffn_words
+    from offbatch.tools.predictor import load_predictors, save_predictors
+
+    preds = load_predictors(model / "offbatch_predictors.safetensors")
+    for p in preds.values():
+        p.cut += 1.0
+    save_predictors(tmp_path / "other.safetensors", preds, {})
+    mine = ffn_words("hybrid", None, model)
+    assert mine == ffn_words("hybrid", None, model) != ffn_words("hybrid", str(tmp_path / "other.safetensors"), model)
+    assert ffn_words("hybrid", "oracle", model) != mine and ffn_words(None, None, model) == ""
     # The same job without --ffn is another job's results: refused unless asked to redo them.
     again = CliRunner().invoke(app, ["run", str(model), str(prompts), "-o", str(out), "--device", "cpu", "--dtype",
                                      "float32", "--engine", "streaming", "--quiet"])

@@ -264,15 +264,15 @@ def command(
     text = read_text_file(text_file)  # before a GGUF model is imported: a bad text fails at once
     model_dir = Path(model_folder(model, dtype))
     _check_hgca_applies(model_dir, hgcas)
-    ids, wins = _windows(text, text_file, model_dir, window, stride, max_windows)
-    stored = _stored_format(model_dir)  # the base: the model as its folder stores it (dense, or converted)
     from offbatch.cli.options import neurons_option
 
-    neurons = neurons_option(model_dir, ffn, predictors)
+    neurons = neurons_option(model_dir, ffn, predictors)  # before the text is tokenized: bad options fail first
     if neurons is not None:
         from offbatch.models.spec import load_spec
 
         neurons.check(load_spec(model_dir))
+    ids, wins = _windows(text, text_file, model_dir, window, stride, max_windows)
+    stored = _stored_format(model_dir)  # the base: the model as its folder stores it (dense, or converted)
     hots = list(dict.fromkeys(hot_fraction or [0.2])) if neurons is not None else []
     todo = variants(stored, list(dict.fromkeys(weights or ())), kvs, hgcas, hots)
     with _progress(not as_json) as bar:

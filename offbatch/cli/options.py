@@ -161,11 +161,17 @@ PredictorsOpt = Annotated[
 ]
 
 
-def ffn_words(ffn: str | None, predictors: str | None) -> str:
-    """How results made with the hybrid FFN are told apart ("" for the dense FFN)."""
+def ffn_words(ffn: str | None, predictors: str | None, model_dir=None) -> str:
+    """How results made with the hybrid FFN are told apart ("" for the dense FFN): the predictors named, and
+    with the model folder a digest of the statistics and predictors (retrained ones make other results)."""
     if ffn != "hybrid":
         return ""
-    return f" with the hybrid FFN ({'oracle' if predictors == 'oracle' else 'predictors ' + str(predictors or 'of the folder')})"
+    which = "oracle" if predictors == "oracle" else "predictors " + str(predictors or "of the folder")
+    if model_dir is not None:
+        from offbatch.ffn.neurons import neuron_fingerprint
+
+        which += f", {neuron_fingerprint(model_dir, predictors)}"
+    return f" with the hybrid FFN ({which})"
 
 
 def neurons_option(model_dir, ffn: str | None, predictors: str | None):

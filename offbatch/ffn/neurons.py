@@ -101,9 +101,10 @@ def load_neuron_stats(activity_file: str | Path, predictors_file: str | Path | N
                        thresholds=thresholds)
 
 
-def neuron_stats_for_folder(model_dir: str | Path, predictors: str | None = None) -> NeuronStats:
-    """The statistics and predictors saved beside a model (offbatch_activity.safetensors,
-    offbatch_predictors.safetensors); predictors: "oracle" for the exact activity, or a predictors file."""
+def neuron_files(model_dir: str | Path, predictors: str | None = None) -> tuple[Path, Path | None]:
+    """(the activity statistics, the predictors file or None for the oracle) a hybrid run over this folder
+    reads, each checked to exist: the ones saved beside the model (offbatch_activity.safetensors,
+    offbatch_predictors.safetensors), or predictors: "oracle" or a predictors file."""
     from offbatch.tools.activity import STATS_FILE
     from offbatch.tools.predictor import PREDICTORS_FILE
 
@@ -113,9 +114,32 @@ def neuron_stats_for_folder(model_dir: str | Path, predictors: str | None = None
         raise InputFileError(f"--ffn hybrid needs the model's activity statistics, {act}: write them with "
                              f"`offbatch profile {model_dir} TEXT -o {act}`")
     if predictors == ORACLE:
-        return load_neuron_stats(act, None)
-    pred = Path(predictors) if predictors else model_dir / PREDICTORS_FILE
+        return act, None
+    if predictors is not None and not predictors.strip():
+        raise InputFileError("--predictors is empty: give a predictors file (offbatch train-predictors) or 'oracle'")
+    pred = Path(predictors) if predictors is not None else model_dir / PREDICTORS_FILE
     if not pred.is_file():
         raise InputFileError(f"--ffn hybrid needs activity predictors, {pred}: train them with "
                              f"`offbatch train-predictors {model_dir} TEXT -o {pred}` (or --predictors oracle)")
-    return load_neuron_stats(act, pred)
+    return act, pred
+
+
+def neuron_stats_for_folder(model_dir: str | Path, predictors: str | None = None) -> NeuronStats:
+    """The statistics and predictors a hybrid run over this folder uses (neuron_files)."""
+    return load_neuron_stats(*neuron_files(model_dir, predictors))
+
+
+def neuron_fingerprint(model_dir: str | Path, predictors: str | None = None) -> str:
+    """A short digest of the statistics and predictors files' contents: results made with other (retrained)
+    predictors are other results, whatever the files' names."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in neuron_files(model_dir, predictors):
+        if path is None:
+            h.update(b"oracle")
+            continue
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:12]

@@ -502,7 +502,7 @@ def job_key(model_dir: str | Path, dtype: str | None, defaults, weights: str | N
     if ffn == "hybrid":  # predicted neurons: other results
         from offbatch.cli.options import ffn_words
 
-        name += ffn_words(ffn, predictors)
+        name += ffn_words(ffn, predictors, model_dir)
     return JobKey(model=model_fingerprint(model_dir), dtype=name, defaults=values)
 
 
