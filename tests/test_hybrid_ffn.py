@@ -401,3 +401,19 @@ def test_a_pinned_hybrid_plan_runs_in_bench_and_run(planted, tmp_path):
                             str(tmp_path / "dense.json"), "--device", "cpu", "--engine", "streaming", "--ffn", "hybrid"])
     assert r.exit_code != 0 and "pinned plan's FFN is dense" in r.output
     assert not (tmp_path / "o2.jsonl").exists()
+
+
+@pytest.mark.gpu
+def test_down_split_on_the_gpu_equals_the_cpus_across_layers_of_ragged_shapes():
+    from offbatch.ffn.hybrid import DownSplitter
+
+    splitter = DownSplitter("cuda", block_rows=48)  # blocks that end inside the rows; scratch reused by every layer
+    g = torch.Generator().manual_seed(7)
+    for hidden, inter in ((100, 333), (130, 257), (64, 64)):
+        down = torch.randn(hidden, inter, generator=g).to(torch.bfloat16)
+        perm = torch.randperm(inter, generator=g)
+        hot, cold = perm[: inter // 5].sort().values, perm[inter // 5:].sort().values
+        hot_cols, cold_rows = splitter.split(down, hot, cold)
+        assert hot_cols.is_cuda and not cold_rows.is_cuda
+        assert torch.equal(hot_cols.cpu(), down[:, hot]) and torch.equal(cold_rows, down.t()[cold])
+    splitter.close()
