@@ -240,6 +240,51 @@ def test_large_tensor_statistics_across_chunks():
     assert norm.mean().item() == pytest.approx(1.0, abs=0.02) and 0.05 < norm.std().item() < 0.2
 
 
+
+def _fill_twin(dst, start, plan, pool):
+    """The generator's definition, one pool slice at a time (how it was first written): _fill must equal it."""
+    end, pos = start + dst.numel(), start
+    while pos < end:
+        j = pos // CHUNK
+        stop = min(end, (j + 1) * CHUNK)
+        src = pool[plan.offsets[j] + pos - j * CHUNK:][: stop - pos]
+        t = torch.mul(src, plan.scales[j])
+        if plan.mean != 0.0:
+            t.add_(plan.mean)
+        dst[pos - start: stop - start].copy_(t)
+        pos = stop
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fill_equals_its_one_slice_at_a_time_twin(dtype, monkeypatch):
+    from offbatch.tools import synth as S
+
+    monkeypatch.setattr(S, "FILL_CHUNKS", 3)  # several gather steps, each ending inside a write's range
+    spec = spec_from_config(synth_config("llama", hidden_size=512, intermediate_size=1000, heads=8, kv_heads=8))
+    pool = S._pool(0)
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.0.input_layernorm.weight"):  # mean 0 and 1
+        info = expected_tensors(spec)[name]
+        plan = S._plan(spec, name, info, 0)
+        gen = torch.Generator().manual_seed(hash(name) % 1000)
+        cuts = sorted(torch.randint(0, plan.numel, (5,), generator=gen).tolist())  # ragged, as the block writer cuts
+        for a, b in zip([0] + cuts, cuts + [plan.numel]):
+            got, want = torch.empty(b - a, dtype=dtype), torch.empty(b - a, dtype=dtype)
+            S._fill(got, a, plan, pool)
+            _fill_twin(want, a, plan, pool)
+            assert torch.equal(got, want), (name, a, b)
+    whole = synth_tensor(spec, "model.layers.0.mlp.up_proj.weight")
+    twin = torch.empty(whole.numel(), dtype=whole.dtype)
+    _fill_twin(twin, 0, S._plan(spec, "model.layers.0.mlp.up_proj.weight",
+                               expected_tensors(spec)["model.layers.0.mlp.up_proj.weight"], 0), pool)
+    assert torch.equal(whole.flatten(), twin)
+
+
+@pytest.mark.gpu
+def test_synth_tensor_on_the_gpu_equals_the_cpus():
+    spec = spec_from_config(synth_config("llama", hidden_size=1024, intermediate_size=2816, heads=8, kv_heads=8))
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.0.input_layernorm.weight"):
+        assert torch.equal(synth_tensor(spec, name, device="cuda").cpu(), synth_tensor(spec, name))
+
 # ---- presets at real shapes (config only: no weights written) ------------------------------------------
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -342,3 +387,28 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path):
     assert _run("llama", tmp_path)[0] == 0
     code, text = _run("llama", tmp_path, "--seed", "1")
     assert code != 0 and "already holds a model" in text and "--force" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weights", ["int4", "int8", "bitmap-50"])
+def test_encoding_on_the_gpu_stores_what_the_cpu_would(weights):
+    """convert/synth encode on the GPU when there is one: the same stored tensors as on the CPU for the
+    integer formats; magnitude pruning keeps the same magnitudes in every row (top-k may break ties between
+    equal magnitudes at other positions)."""
+    from offbatch.formats import get_format
+    from offbatch.tools.convert import format_name
+
+    fmt = get_format(format_name(weights))
+    spec = spec_from_config(synth_config("llama", hidden_size=1024, intermediate_size=2816, heads=8, kv_heads=8))
+    w = synth_tensor(spec, "model.layers.0.mlp.up_proj.weight")
+    cpu = fmt.encode("up.weight", w, torch.bfloat16)
+    gpu = {k: v.cpu() for k, v in fmt.encode("up.weight", w.cuda(), torch.bfloat16).items()}
+    assert cpu.keys() == gpu.keys()
+    if not weights.startswith("bitmap"):
+        for k in cpu:
+            assert torch.equal(cpu[k], gpu[k]), k
+        return
+    a = fmt.dequantize(cpu, "up.weight", torch.float32)
+    b = fmt.dequantize(gpu, "up.weight", torch.float32)
+    assert torch.equal(a.abs().sort(1).values, b.abs().sort(1).values)
+    assert ((a != 0) == (b != 0)).float().mean() > 0.99

@@ -145,20 +145,33 @@ def _stored_by_name(spec, fmt: WeightFormat) -> dict[str, list[tuple[str, Stored
     return out
 
 
+def encode_device() -> str:
+    """Where `convert` and `synth` encode: a GPU when there is one (magnitude pruning's per-row top-k of a
+    70B shape takes about a minute a layer on two CPU cores, milliseconds on a GPU), else the CPU.
+    OFFBATCH_ENCODE_DEVICE=cpu keeps it on the CPU (the GPU's top-k may break ties between equal
+    magnitudes differently, so a folder can differ in which of two equal weights it kept)."""
+    wanted = os.environ.get("OFFBATCH_ENCODE_DEVICE", "").strip()
+    if wanted:
+        return wanted
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def encode_tensor(ckpt, canonical: str, name: str, local: str, fmt: WeightFormat,
-                  dtype: torch.dtype, key=None, prune: Callable | None = None) -> dict[str, torch.Tensor]:
+                  dtype: torch.dtype, key=None, prune: Callable | None = None,
+                  device: str = "cpu") -> dict[str, torch.Tensor]:
     """One checkpoint tensor as the folder stores it: file name -> tensor. prune(key, local, tensor): zeroes
-    what a pruning method drops before the format encodes it (tools/prune.py)."""
+    what a pruning method drops before the format encodes it (tools/prune.py); the format encodes on
+    `device`, the stored tensors come back to the CPU."""
     t = ckpt.get(canonical)
     if not fmt.compresses(local, tuple(t.shape)):
-        return {name: t.to(dtype)}
+        return {name: t.to(dtype).cpu()}
     if prune is not None:
         t = prune(key, local, t)
     try:
-        stored = fmt.encode(local, t, dtype)
+        stored = fmt.encode(local, t.to(device), dtype)
     except ValueError as e:
         raise ModelFolderError(f"tensor {name} cannot be stored in {fmt.name}: {e}") from None
-    return {name + s[len(local):]: v for s, v in stored.items()}
+    return {name + s[len(local):]: v.cpu() for s, v in stored.items()}
 
 
 def _names(ckpt) -> list[str]:
@@ -167,7 +180,7 @@ def _names(ckpt) -> list[str]:
 
 
 def _groups(ckpt, fmt: WeightFormat, dtype: torch.dtype, by_kind: dict[str, list[int]],
-            prune: Callable | None = None) -> list[TensorGroup]:
+            prune: Callable | None = None, device: str = "cpu") -> list[TensorGroup]:
     """What the folder's weight files hold, checkpoint tensor by checkpoint tensor (encoded when their shard
     is written); by_kind gets each module kind's bytes before and after."""
     from offbatch.models.catalogue import local_name
@@ -185,7 +198,7 @@ def _groups(ckpt, fmt: WeightFormat, dtype: torch.dtype, by_kind: dict[str, list
         kind[0] += ckpt.entries[info.canonical].nbytes
         kind[1] += nbytes
         make = partial(encode_tensor, ckpt, info.canonical, name, local_name(info.canonical, key), fmt, dtype, key,
-                       prune)
+                       prune, device)
         groups.append(TensorGroup(tuple(f for f, _ in files), nbytes, make))
     return groups
 
@@ -236,7 +249,7 @@ def write_converted(ckpt, out_dir: Path, fmt: WeightFormat, config: dict, *, ove
     start = time.perf_counter() if start is None else start
     dtype = ckpt.dtype()  # the compute dtype the source runs in by default: the dense tensors keep it
     by_kind: dict[str, list[int]] = {}
-    groups = _groups(ckpt, fmt, dtype, by_kind, prune)
+    groups = _groups(ckpt, fmt, dtype, by_kind, prune, encode_device())
     about = dict(about or {})
     group = getattr(fmt, "group", None) or getattr(fmt, "blocksize", None)
     if group:
