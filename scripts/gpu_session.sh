@@ -103,6 +103,15 @@ for part in "$@"; do
              python -c "import json,sys; r=json.load(open(sys.argv[1])); p=r['plan']; print(sys.argv[2], 'disk modules', p.get('disk_modules'), 'decode', round(r['decode_tok_s']), 'e2e', round(r['e2e_tok_s']), 'disk GB/s', round(r.get('disk_read_bytes_s', 0) / 1e9, 2), 'direct', r.get('disk_direct_bytes'), 'buffered', r.get('disk_buffered_bytes'))" "$OUT/disk-$w.json" $w || tail -3 "$OUT/disk-$w.err"
              rm -rf $d
            done ;;
+    disk-70b) # issue 16's third target: Llama-3-70B shape, 50% pruned with int4 values, written by synth (encoded on the
+           # GPU, never dense), then run from disk at 8 GiB GPU / 32 GiB host (O_DIRECT reads): bottleneck and achieved/floor.
+           d=/tmp/llama70-b50-int4; rm -rf $d
+           s0=$(date +%s); timeout ${D70_SYNTH_TIMEOUT:-330} python -m offbatch.cli.main synth llama $d --preset llama-3-70b --prune 0.5 \
+             --weights int4 --quiet 2>&1 | tail -3; echo "synth $(( $(date +%s) - s0 )) s, $(du -sh $d | cut -f1)"
+           timeout ${D70_TIMEOUT:-240} python -m offbatch.cli.main bench $d --gpu-memory 8GiB --cpu-memory ${D70_CPU:-32GiB} \
+             --prompts ${D70_PROMPTS:-64} --prompt-len 64 --gen-len ${D70_GEN:-4} --json --out "$OUT/disk-70b.json" > /dev/null 2>"$OUT/disk-70b.err"
+           python -c "import json,sys; r=json.load(open(sys.argv[1])); p=r['plan']; print('70b bitmap-50-int4', p['attention'], 'wave', p['wave_size'], 'disk modules', p.get('disk_modules'), 'decode', round(r['decode_tok_s'], 2), 'e2e', round(r['e2e_tok_s'], 2), 'disk GB/s', round(r.get('disk_read_bytes_s', 0) / 1e9, 2), 'direct', r.get('disk_direct_bytes'), 'buffered', r.get('disk_buffered_bytes'), 'achieved/floor', round(r['decode_achieved_over_floor_with_kv_copies'], 3), 'achieved/floor with disk', round(r.get('decode_achieved_over_floor_with_disk', 0), 2), 'pred', round(p['predicted']['decode_tok_s'], 2), 'peak GPU', round(r['peak_gpu_reserved_bytes'] / 2**30, 2), 'peak host', round(r.get('peak_host_bytes', 0) / 1e9, 1)); print(p['predicted']['bottleneck'])" "$OUT/disk-70b.json" || tail -5 "$OUT/disk-70b.err"
+           rm -rf $d ;;
     hybrid) # issue 17: the hybrid FFN's GPU test, then OPT-30B with planted activity (hot=0.2, sparsity=0.9) at 8 GiB:
            # predictors trained on this run's calibration, dense vs the planner's plan for HYBRID_JOBS prompts x 256 + HYBRID_GEN.
            timeout 120 python -m pytest -q -m gpu -p no:cacheprovider tests/test_hybrid_ffn.py -rfE --tb=short 2>&1 | tail -8

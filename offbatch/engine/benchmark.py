@@ -42,15 +42,23 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return torch.randint(3, max(4, vocab - 1), (n, length), generator=g).tolist()
 
 
-def disk_report(engine) -> dict:
-    """What the disk tier did: modules, bytes read and the reader's own rate (reading time only)."""
+def disk_report(engine, floor_step: float = 0.0, tokens_per_step: float = 0.0, decode_tok_s: float = 0.0) -> dict:
+    """What the disk tier did: modules, bytes read and the reader's own rate (reading time only). With the
+    decode step's floor without the disk (floor_step, seconds): the floor with the disk's reads at the rate
+    the reader achieved (every step reads the same disk-tier modules), and the decode against it - how much
+    of a disk-bound step is not the disk."""
     reader = engine.pf.reader
     if reader is None:
         return {"disk_modules": len(engine.store.disk), "disk_bytes_read": 0}
     steps = max(1, len(engine.step_kinds))
+    per_step, rate = reader.bytes_read / steps, reader.bytes_read / reader.read_s if reader.read_s else 0.0
+    floor_disk_step = max(floor_step, per_step / rate if rate else 0.0)
     return {"disk_modules": len(engine.store.disk), "disk_bytes_read": reader.bytes_read,
-            "disk_bytes_per_step": reader.bytes_read / steps, "disk_read_s": reader.read_s,
-            "disk_read_bytes_s": reader.bytes_read / reader.read_s if reader.read_s else 0.0,
+            "disk_bytes_per_step": per_step, "disk_read_s": reader.read_s,
+            "disk_read_bytes_s": rate,
+            "decode_floor_with_disk_tok_s": tokens_per_step / floor_disk_step if floor_disk_step else 0.0,
+            "decode_achieved_over_floor_with_disk":
+                decode_tok_s * floor_disk_step / tokens_per_step if floor_disk_step and tokens_per_step else 0.0,
             # Of the raw bytes read, those that bypassed the page cache (O_DIRECT: the disk's own rate).
             "disk_direct_bytes": reader.files.direct_bytes, "disk_buffered_bytes": reader.files.buffered_bytes,
             "staging_bytes": reader.staging_bytes}
@@ -132,7 +140,7 @@ def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts
                          "host_cpu_attention_in_prefill_steps": t.prefill_cpu_attention_s,
                          "host_kv_store_wait": engine.attention.store_wait_s},
         "wasted_fetch_bytes": stats.wasted_bytes,
-        **disk_report(engine),
+        **disk_report(engine, floor_kv_step, tokens_per_step, decode_tok_s),
         "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else 0,
         # Allocations that first failed under the cap: each frees the allocator's cache and waits for the
         # device (a plan whose memory estimate is too tight runs slow without failing).
