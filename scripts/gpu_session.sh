@@ -105,6 +105,7 @@ for part in "$@"; do
            done ;;
     disk-70b) # issue 16's third target: Llama-3-70B shape, 50% pruned with int4 values, written by synth (encoded on the
            # GPU, never dense), then run from disk at 8 GiB GPU / 32 GiB host (O_DIRECT reads): bottleneck and achieved/floor.
+           timeout 90 python -m pytest -q -m gpu -p no:cacheprovider tests/test_synth.py -rfE --tb=short 2>&1 | tail -4
            d=/tmp/llama70-b50-int4; rm -rf $d
            s0=$(date +%s); timeout ${D70_SYNTH_TIMEOUT:-330} python -m offbatch.cli.main synth llama $d --preset llama-3-70b --prune 0.5 \
              --weights int4 --quiet 2>&1 | tail -3; echo "synth $(( $(date +%s) - s0 )) s, $(du -sh $d | cut -f1)"
