@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from offbatch.formats.base import WeightFormat, register_family
 from offbatch.formats.int4 import Int4Format
-from offbatch.formats.int8 import quantizable, safe
+from offbatch.formats.int8 import divided, quantizable, safe
 
 
 VALUES_DTYPE = torch.bfloat16
@@ -105,7 +105,7 @@ class BitmapFormat(WeightFormat):
         if not self.int8_values:
             return {f"{local}.bits": bits, f"{local}.nz": values.to(VALUES_DTYPE)}
         v = values.float()
-        scale = v.abs().amax(dim=1, keepdim=True) / 127
+        scale = divided(v.abs().amax(dim=1, keepdim=True), 127)
         if not torch.isfinite(scale).all():
             raise ValueError(f"{local}: weights too large (or not finite) for {self.name} scales")
         q = torch.round(v / safe(scale)).clamp_(-127, 127).to(torch.int8)

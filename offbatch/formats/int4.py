@@ -25,7 +25,7 @@ import torch
 
 from offbatch.formats.base import register_family, register_format
 from offbatch.formats.quantized import KernelFormat
-from offbatch.formats.int8 import quantizable, safe
+from offbatch.formats.int8 import divided, quantizable, safe
 
 DEFAULT_GROUP = 64
 
@@ -78,10 +78,10 @@ class Int4Format(KernelFormat):
         t = t.reshape(n, g, self.group)
         if self.asymmetric:
             lo = t.amin(dim=-1)
-            scale, low = ((t.amax(dim=-1) - lo) / 15).to(self.scale_dtype), lo.to(self.scale_dtype)
+            scale, low = divided(t.amax(dim=-1) - lo, 15).to(self.scale_dtype), lo.to(self.scale_dtype)
             q = torch.round((t - low.float()[..., None]) / safe(scale.float())[..., None]).clamp_(0, 15)
         else:
-            scale, low = (t.abs().amax(dim=-1) / 7).to(self.scale_dtype), None
+            scale, low = divided(t.abs().amax(dim=-1), 7).to(self.scale_dtype), None
             q = torch.round(t / safe(scale.float())[..., None]).clamp_(-8, 7) + 8
         if not torch.isfinite(scale).all() or (low is not None and not torch.isfinite(low).all()):
             raise ValueError(f"{local}: weights too large (or not finite) for {self.name}'s float16 scales")

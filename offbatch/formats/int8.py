@@ -38,6 +38,13 @@ def quantizable(local: str, shape: tuple[int, ...]) -> bool:
     return local[: -len(".weight")].rsplit(".", 1)[-1] not in KEEP_DENSE
 
 
+def divided(t: torch.Tensor, d: float) -> torch.Tensor:
+    """t / d, rounded as IEEE division on every device. CUDA turns a division by a Python number into a
+    multiplication by its reciprocal, which rounds differently: scales (and so codes) encoded on a GPU differed
+    from the CPU's; divided by a tensor on t's device, both divide."""
+    return t / torch.full((), d, dtype=t.dtype, device=t.device)
+
+
 def safe(scale: torch.Tensor) -> torch.Tensor:
     """The scale to divide by: 1 where it is 0 (an all-zero row or group quantizes to zeros)."""
     return torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -80,7 +87,7 @@ class Int8Format(KernelFormat):
         if kp > k:
             t = torch.cat([t, t[:, -1:].expand(n, kp - k)], dim=1)
         t = t.reshape(n, -1, kp if self.group is None else self.group)
-        scale = (t.abs().amax(dim=-1) / self.qmax).to(self.scale_dtype)
+        scale = divided(t.abs().amax(dim=-1), self.qmax).to(self.scale_dtype)
         if not torch.isfinite(scale).all():
             raise ValueError(f"{local}: weights too large (or not finite) for {self.name} scales")
         q = torch.round(t / safe(scale.float())[..., None]).clamp_(-self.qmax, self.qmax)
