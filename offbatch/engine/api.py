@@ -39,6 +39,11 @@ class GenRequest:
     # Called after each new token with all generated ids so far; True stops the sequence with
     # finish_reason "stop" (the jobs layer uses it for stop strings, which need detokenising).
     stop_check: Callable[[list[int]], bool] | None = None
+    # The stop strings behind stop_check, as data, and how the text they are looked for in is decoded: a
+    # generator that runs the request in another process (offbatch/scale) cannot take the closure along,
+    # so it rebuilds the check there (jobs.stops.make_stop_check). Engines in this process ignore them.
+    stops: tuple[str, ...] = ()
+    skip_special_tokens: bool = True
 
 
 @dataclass

@@ -294,7 +294,8 @@ def _generate(cfg, progress, generator, tokenizer, todo: list[Request], writer, 
                     check = make_stop_check(tokenizer, r.stop, params, r.skip_special_tokens)
                     slots.append((index, choice))
                     yield GenRequest(key=len(slots) - 1, prompt_ids=list(r.prompt_ids), params=params,
-                                     stop_check=guarded(check))
+                                     stop_check=guarded(check), stops=tuple(r.stop),
+                                     skip_special_tokens=r.skip_special_tokens)
 
         def finish(r: Request, outs: list) -> None:
             broken = next((o for o in outs if o.finish_reason == "error" or o.error), None)
