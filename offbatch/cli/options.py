@@ -27,6 +27,19 @@ SynthOpt = Annotated[
                                 "in memory), e.g. mixtral-8x7b.")
 ]
 SynthLayersOpt = Annotated[Optional[int], typer.Option("--layers", help="With --synth: number of layers.")]
+# Scale-out on Ray Data (offbatch/scale; `pip install offbatch[ray]`).
+RayOpt = Annotated[
+    Optional[str], typer.Option("--ray", metavar="ADDRESS",
+                                help="Run the job over a Ray cluster's GPUs (one engine per GPU): its address as "
+                                     "`ray start` printed it (HOST:6379), or auto for the one started on this "
+                                     "machine. Needs `pip install offbatch[ray]`.")
+]
+WorkersOpt = Annotated[
+    Optional[int], typer.Option("--workers", min=1,
+                                help="Engine workers: with --ray, how many of the cluster's GPUs to use (default: "
+                                     "all); alone, start a local Ray cluster with this many (one per GPU; CPU "
+                                     "workers on a machine without one).")
+]
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")  # offbatch.models.dtypes.DTYPES
 
 

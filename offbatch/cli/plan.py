@@ -88,6 +88,12 @@ def command(
     predictors: PredictorsOpt = None,
     as_json: JsonOpt = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON report (a plan file) here.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Plan for `run --workers N` / `--ray`: "
+                                                   "N workers like this machine (or --hardware), each planning for "
+                                                   "its shards; the plan shown is one worker's.")] = None,
+    workers_per_host: Annotated[Optional[int], typer.Option("--workers-per-host", min=1, help="With --workers: how "
+                                                            "many share one host's memory (default: this machine's "
+                                                            "GPUs; 1 with --hardware).")] = None,
 ):
     """Choose placement and batch sizes for a job, predict its speed, and say what bounds it."""
     import torch
@@ -113,15 +119,24 @@ def command(
     else:
         workload = Workload.uniform(num_prompts, prompt_len, gen_len or 256)
     gpu_cap = byte_size(gpu_memory, "--gpu-memory")
+    cpu_cap = byte_size(cpu_memory, "--cpu-memory")
     fmt = weights or _folder_format(model_dir)
     lossy_kv = kv_plan_options(kv, hgca)
     neurons = neurons_option(model_dir, ffn, predictors)
     if neurons is not None:
         lossy_kv["neurons"] = neurons
+    cluster = None
+    if workers is not None:  # a scaled run (offbatch/scale): the plan shown is one worker's, for its shard
+        from offbatch.scale.plan_view import ClusterView
 
-    def plan_for(name: str, **options):
-        return make_plan(spec, cdtype, device, gpu_cap, workload, hardware=hw,
-                         cpu_memory=byte_size(cpu_memory, "--cpu-memory"), weights=name, **options)
+        per_host = workers_per_host or (1 if hardware else max(1, torch.cuda.device_count()))
+        cluster = ClusterView(workload, workers, min(per_host, workers), hw.host.memory_bytes, cpu_cap)
+        workload, cpu_cap = cluster.worker_workload(), cluster.worker_cpu_memory()
+    elif workers_per_host is not None:
+        raise OffbatchError("--workers-per-host is for --workers")
+
+    def plan_for(name: str, workload=workload, cpu=cpu_cap, **options):
+        return make_plan(spec, cdtype, device, gpu_cap, workload, hardware=hw, cpu_memory=cpu, weights=name, **options)
 
     plan = plan_for(fmt, **lossy_kv)
     compare = fmt != "dense" or plan.kv_format != "dense" or bool(plan.hgca) or plan.dense_ffn != "dense"
@@ -143,6 +158,8 @@ def command(
                            **{k: dense[k] for k in ("decode_tok_s", "e2e_tok_s", "prefill_tok_s")}}
         report["weight_bytes"] = _weight_bytes(spec, cdtype, fmt)
         report["stored_as"] = _folder_format(model_dir)
+    if cluster is not None:
+        report["cluster"] = cluster.report(lambda w, cpu: plan_for(fmt, workload=w, cpu=cpu, **lossy_kv))
     text = json.dumps(report, indent=2)
     if out:
         write_report(open_report(out), text + "\n")
@@ -150,6 +167,10 @@ def command(
         typer.echo(text)
         return
     print_plan(report)
+    if cluster is not None:
+        from offbatch.scale.plan_view import print_cluster
+
+        print_cluster(report["cluster"], Console())
 
 
 def _weight_bytes(spec, dtype, fmt: str) -> int:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, FfnOpt, GpuMemoryOpt, HgcaOpt, KvOpt, PredictorsOpt,
-                                  QuietOpt, WeightsOpt, byte_size)
+                                  QuietOpt, RayOpt, WeightsOpt, WorkersOpt, byte_size)
 from offbatch.jobs.params import ParamError, validate
 
 
@@ -103,6 +103,8 @@ def command(
                                                 help="Seconds between log lines "
                                                 "(text and json formats).")] = 10.0,
     quiet: QuietOpt = False,
+    ray_address: RayOpt = None,
+    workers: WorkersOpt = None,
 ):
     """Generate a completion for every line of a JSONL prompts file.
 
@@ -149,6 +151,11 @@ def command(
     else:
         prompts = paths[0]
     _refuse_model_as_prompts(prompts)
+    scaled = ray_address is not None or workers is not None
+    if scaled:  # Ray Data must be there before anything is read or written
+        from offbatch.scale import require_ray
+
+        require_ray()
 
     flags = {
         "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
@@ -176,8 +183,14 @@ def command(
                            ffn=ffn, predictors=predictors)
     progress = Progress(pick_mode(log_format.value, quiet), interval=log_interval)
     try:
-        device, _, _ = check_options(engine)
-        progress.use_device(device)
+        if scaled:  # each worker checks the options on its own device (scale/worker.py)
+            from offbatch.scale.cli import scaled_generator
+
+            make = scaled_generator(ray_address, workers, device, progress)
+        else:
+            device, _, _ = check_options(engine)
+            progress.use_device(device)
+            make = make_generator
         model_dir = _model_folder(model, dtype, progress)
         spec = load_spec(model_dir)
         tokenizer = load_tokenizer(model_dir)
@@ -185,7 +198,7 @@ def command(
                         engine=engine, dry_run=dry_run, overwrite=overwrite,
                         redo_changed=redo_changed, keep_changed=keep_changed,
                         strict=strict, model_name=_gguf_stem(model))
-        code = run_job(cfg, progress, make_generator, tokenizer, spec)
+        code = run_job(cfg, progress, make, tokenizer, spec)
     except KeyboardInterrupt:  # before generation started (during it, the runner stops cleanly itself)
         progress.stop()
         typer.echo("offbatch: interrupted", err=True)
