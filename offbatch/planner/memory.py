@@ -19,7 +19,10 @@ from offbatch.plan import SAMPLE_CHUNK_ENTRIES, SCORE_BYTES
 from offbatch.planner.shape import ModelShape
 
 SAFETY = 0.90  # of the GPU cap: allocator fragmentation and what we do not model
-HOST_RUNTIME = 2 << 30  # the Python process, torch and the CUDA context on the host side
+HOST_RUNTIME = 2 << 30  # the Python process and torch on the host side
+# With CUDA the process also holds the CUDA context, cuBLAS/cuDNN and Triton's compiler on the host side: peak
+# RSS on the H200 ran up to 2.75 GiB beyond the plan's weights, KV and staging (BENCHMARKS.md, twelfth session).
+HOST_RUNTIME_CUDA = 3 << 30
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ def host_bytes(shape: ModelShape, knobs: Knobs, max_len: int, pinned: bool, weig
     """Host memory of a run: every weight packed (pinned when the device is CUDA), host KV, runtime."""
     weights = host_weight_bytes(shape, pinned) if weights is None else weights
     kv = get_attention(knobs.attention).host_bytes(shape, knobs, max_len, pinned)
-    return {"weights": weights, "kv": kv, "runtime": HOST_RUNTIME}
+    return {"weights": weights, "kv": kv, "runtime": HOST_RUNTIME_CUDA if pinned else HOST_RUNTIME}
 
 
 # ---- the disk tier --------------------------------------------------------------------------------------
