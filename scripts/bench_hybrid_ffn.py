@@ -23,11 +23,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from offbatch.engine.benchmark import run_bench  # noqa: E402
 from offbatch.ffn.dense import DenseFFN, mlp_chunked  # noqa: E402
 from offbatch.ffn.neurons import NeuronStats  # noqa: E402
+from offbatch.ffn.union import UNION_ROWS, independent_union, measured_union, union_table  # noqa: E402
 from offbatch.models import layers as L  # noqa: E402
 from offbatch.models.spec import spec_from_config  # noqa: E402
 from offbatch.offload.weights import SynthSource, WeightStore  # noqa: E402
@@ -144,6 +146,8 @@ def main() -> None:
     ap.add_argument("--recall", type=float, default=0.9)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--oracle", action="store_true", help="exact activity instead of trained predictors")
+    ap.add_argument("--independent-union", action="store_true",
+                    help="price steps as if tokens' activity were independent (no measured union)")
     ap.add_argument("--force", action="store_true", help="where the planner keeps the dense FFN, also run the hybrid")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -190,8 +194,20 @@ def main() -> None:
                     print(f"layer {i} predictor (cpu):", preds[i].metrics, "cut", preds[i].cut, flush=True)
     report["trained_on"] = train_on
     report["train_s"] = time.perf_counter() - t0
+    # How many neurons tokens need together, measured on the calibration rows (the planner prices a step's
+    # union from it; --independent-union: as if tokens were independent, the planner's fallback).
+    gen = torch.Generator().manual_seed(0)
+    union = {} if a.independent_union else {
+        i: union_table(y[torch.randperm(y.shape[0], generator=gen)[:UNION_ROWS]], activity[i]) for i, (_, y) in data.items()}
     del data
-    neurons = NeuronStats(activity, preds, oracle=a.oracle, source="calibration of this run")
+    neurons = NeuronStats(activity, preds, oracle=a.oracle, source="calibration of this run", union=union)
+    if union:
+        curve = np.mean([np.sort(v.numpy())[::-1] for v in activity.values()], axis=0)
+        table = np.mean([t.numpy() for t in union.values()], axis=0)
+        report["union_share"] = {f"T{t}": {"measured": float(measured_union(table, curve, 0, np.array([t]))[0]) / curve.size,
+                                          "independent": float(independent_union(curve, 0, np.array([t]))[0]) / curve.size}
+                                 for t in (1, 8, 32, 256)}
+        print("union of T tokens' active neurons (share of a layer's):", report["union_share"], flush=True)
     recalls = [p.metrics["recall"] for p in preds.values()]
     report["predictors"] = {
         "rank": a.rank, "recall_target": a.recall, "recall_mean": sum(recalls) / len(recalls) if recalls else 1.0,

@@ -27,6 +27,8 @@ class NeuronStats:
     source: str = ""
     # layer -> |activation| above which a neuron counts as active (the profile's; 0 for ReLU FFNs)
     thresholds: dict[int, float] = field(default_factory=dict)
+    # layer -> the measured union of T tokens' active neurons by activity rank (ffn/union.py); may be empty
+    union: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def hot_cold(self, layer: int, hot_count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(hot, cold) neuron indices of a layer, each ascending: the hot_count most often active, the rest."""
@@ -96,9 +98,10 @@ def load_neuron_stats(activity_file: str | Path, predictors_file: str | Path | N
     if predictors_file is not None:
         preds = {layer: p for n, p in load_predictors(predictors_file).items() if (layer := _layer_of(n)) is not None}
     thresholds = {layer: float(t) for n, t in stats.threshold.items() if (layer := _layer_of(n)) is not None}
+    union = {layer: t.float() for n, t in stats.union.items() if (layer := _layer_of(n)) is not None}
     return NeuronStats(activity, preds, oracle=predictors_file is None,
                        source=f"{activity_file}" + (f" + {predictors_file}" if predictors_file else " + oracle"),
-                       thresholds=thresholds)
+                       thresholds=thresholds, union=union)
 
 
 def neuron_files(model_dir: str | Path, predictors: str | None = None) -> tuple[Path, Path | None]:

@@ -3,9 +3,11 @@ from the resident weights the dense plan would hold), and up to how many tokens 
 
 A small step of a hybrid plan does not stream the FFN modules of its hybrid layers (the layers whose FFN
 the plan does not keep resident); instead, per such layer, the host threads compute the cold neurons the
-predictor marks active for any of the step's T tokens - their expected count is
+predictor marks active for any of the step's T tokens - their expected count U(T) is the union the profile
+measured over random sets of T calibration tokens (ffn/union.py), times the predictors' predicted over true
+active share (inflation); without a measured union,
     U(T) = sum over cold neurons j of 1 - (1 - q_j)^T,   q_j = min(1, p_j x inflation)
-with p_j a neuron's profiled activity and inflation the predictors' predicted over true active share -
+with p_j a neuron's profiled activity (tokens independent: an upper bound, as tokens share active neurons) -
 and the device waits for that host work (it is in the compute chain), and for a round trip per layer.
 A large step streams the FFN modules as the dense plan does.
 
@@ -24,6 +26,7 @@ import numpy as np
 
 from offbatch.ffn.hybrid import neuron_bytes
 from offbatch.ffn.neurons import NeuronStats
+from offbatch.ffn.union import independent_union, measured_union
 
 HOT_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # of the dense plan's resident weight memory, given to hot neurons
 # One hybrid layer's round trip beside its host work: inputs and activity to the host, the worker's hand-off,
@@ -39,30 +42,37 @@ TOKEN_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 @dataclass(frozen=True)
 class NeuronCosts:
     """A model's neurons as the planner sees them: the mean over layers of each rank's activity (layers
-    sorted descending), scaled by the predictors' inflation; a neuron's bytes; predictor bytes per layer."""
+    sorted descending) and, where the profile measured it, of the union a step of T tokens needs
+    (ffn/union.py); the predictors' inflation; a neuron's bytes; predictor bytes per layer."""
 
-    curve: np.ndarray  # [intermediate] descending
+    curve: np.ndarray  # [intermediate] descending, the profiled activity
     neuron_bytes: int
     predictor_bytes: int  # one layer's, on the device (cold rows of B counted whole: an upper bound)
+    inflation: float = 1.0
+    union_table: np.ndarray | None = None  # [len(UNION_TOKENS), UNION_BUCKETS + 1], mean over layers
 
     @staticmethod
     def of(stats: NeuronStats, spec, dsize: int) -> "NeuronCosts":
         layers = [a.float().numpy() for _, a in sorted(stats.activity.items())]
         curve = np.mean([np.sort(a)[::-1] for a in layers], axis=0) if layers else np.zeros(spec.intermediate_size)
-        curve = np.minimum(1.0, curve * stats.inflation())
         pred = 0
         if not stats.oracle and stats.predictors:
             p = next(iter(stats.predictors.values()))
             pred = (p.a.numel() + p.b.numel()) * dsize
-        return NeuronCosts(curve, neuron_bytes(spec, dsize), pred)
+        tables = [t.float().numpy() for _, t in sorted(stats.union.items())]
+        table = np.mean(tables, axis=0) if tables and len(tables) == len(layers) else None
+        return NeuronCosts(curve, neuron_bytes(spec, dsize), pred, stats.inflation(), table)
 
     def union(self, hot: int, tokens: np.ndarray) -> np.ndarray:
-        """Expected cold neurons computed per layer for steps of `tokens` tokens (any shape)."""
-        q = self.curve[hot:]
-        t = np.asarray(tokens, dtype=np.float64)
-        grid = np.unique(np.concatenate([[0.0], np.ceil(t.ravel())]))
-        table = np.array([np.sum(1.0 - (1.0 - q) ** g) for g in grid])
-        return np.interp(t, grid, table)
+        """Expected cold neurons computed per layer for steps of `tokens` tokens (any shape): the profile's
+        measured union where it has one, else each token's activity taken as independent; times the
+        predictors' over-prediction, at most every cold neuron."""
+        cold = max(0, self.curve.shape[0] - hot)
+        if self.union_table is not None:
+            u = measured_union(self.union_table, self.curve, hot, tokens) * self.inflation
+        else:
+            u = independent_union(np.minimum(1.0, self.curve * self.inflation), hot, tokens)
+        return np.minimum(u, cold)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ tokens at the target sparsity, and zeroing the others is lossy: `thresholded_qua
 
 The statistics are one safetensors file: for every FFN (and every expert's) down projection
 "layers.L.NAME.activity" (float32 [intermediate]: the share of calibration tokens where the neuron was
-active) and "layers.L.NAME.threshold" (float32 [1]), with the calibration's description in the metadata.
+active) and "layers.L.NAME.threshold" (float32 [1]), with the calibration's description in the metadata;
+for every dense FFN also "layers.L.down.union" (float32 [len(UNION_TOKENS), UNION_BUCKETS + 1]: how many of its
+neurons the tokens of a step need together, ffn/union.py; files written before it lack it).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from offbatch.ffn.union import UNION_BUCKETS, UNION_ROWS, UNION_TOKENS, union_table
 from offbatch.tools.model_hooks import hook_linear_inputs, read_tagged, write_tagged
 
 STATS_FILE = "offbatch_activity.safetensors"
@@ -50,6 +54,7 @@ class ActivityStats:
     threshold: dict[str, float]
     tokens: int
     meta: dict = field(default_factory=dict)
+    union: dict[str, torch.Tensor] = field(default_factory=dict)  # dense FFNs: ffn/union.py's table
 
     def sparsity(self) -> float:
         """The share of (token, neuron) activations below threshold, over every FFN."""
@@ -61,6 +66,8 @@ class ActivityStats:
         for name, a in self.activity.items():
             tensors[f"{name}.activity"] = a.float()
             tensors[f"{name}.threshold"] = torch.tensor([self.threshold[name]], dtype=torch.float32)
+        for name, table in self.union.items():
+            tensors[f"{name}.union"] = table.float()
         return write_tagged(path, tensors, "activity", {"tokens": str(self.tokens), "about": json.dumps(self.meta)})
 
 
@@ -72,9 +79,12 @@ def load_stats(path: str | Path) -> ActivityStats:
     names = sorted(k[: -len(".activity")] for k in tensors if k.endswith(".activity"))
     if any(f"{n}.threshold" not in tensors for n in names):
         raise InputFileError(f"{path} is incomplete: a neuron activity without its threshold")
+    union = {n: tensors[f"{n}.union"] for n in names if f"{n}.union" in tensors}
+    if any(t.shape != (len(UNION_TOKENS), UNION_BUCKETS + 1) for t in union.values()):
+        raise InputFileError(f"{path}: a union table of another shape than this offbatch writes: profile again")
     return ActivityStats({n: tensors[f"{n}.activity"] for n in names},
                          {n: float(tensors[f"{n}.threshold"][0]) for n in names}, int(meta.get("tokens", 0)),
-                         json.loads(meta.get("about", "{}")))
+                         json.loads(meta.get("about", "{}")), union)
 
 
 @torch.inference_mode()
@@ -109,26 +119,41 @@ def profile(model, windows: Sequence[Sequence[int]], sparsity: float,
             threshold[name] = float(torch.quantile(torch.cat(parts), sparsity)) if sparsity > 0 else 0.0
     counts: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
+    tokens = sum(len(w) for w in windows)
+    # A dense FFN sees every token once, in order: the same random tokens of each are kept (bit-packed) to
+    # measure how many neurons tokens need together (ffn/union.py).
+    keep = torch.zeros(tokens, dtype=torch.bool)
+    keep[torch.randperm(tokens, generator=gen)[:UNION_ROWS]] = True
+    kept: dict[str, list[np.ndarray]] = {}
 
     def count(key, name, h):
         n = stat_name(key, name)
         t = threshold.setdefault(n, 0.0)
         active = h.detach().abs() > t
-        a = active.reshape(-1, h.shape[-1]).sum(0).cpu()
-        counts[n] = counts[n] + a if n in counts else a
-        rows[n] = rows.get(n, 0) + active.reshape(-1, h.shape[-1]).shape[0]
+        flat = active.reshape(-1, h.shape[-1])
+        counts[n] = counts[n] + flat.sum(0).cpu() if n in counts else flat.sum(0).cpu()
+        start = rows.get(n, 0)
+        rows[n] = start + flat.shape[0]
+        if name == "down" and rows[n] <= tokens:
+            pick = keep[start: rows[n]]
+            if pick.any():
+                kept.setdefault(n, []).append(np.packbits(flat[pick.to(flat.device)].cpu().numpy(), axis=1))
         return h
 
     hooked(model, count)
     run("count")
-    tokens = sum(len(w) for w in windows)
     # Experts see only the tokens routed to them: each one's share is over its own rows.
     activity = {n: (c.double() / max(1, rows[n])).float() for n, c in counts.items()}
+    union = {}
+    for n, parts in kept.items():
+        width = activity[n].numel()
+        masks = torch.from_numpy(np.unpackbits(np.concatenate(parts), axis=1, count=width).astype(bool))
+        union[n] = union_table(masks, activity[n])
     return ActivityStats(activity, threshold, tokens,
                          {"activation": model.spec.activation, "gated": model.spec.gated_ffn,
                           "rule": "relu: not 0" if relu else f"|activation| > the {sparsity:g} quantile per FFN",
                           "target_sparsity": None if relu else sparsity, "windows": len(windows),
-                          "expert_rows": {n: r for n, r in rows.items() if ".experts." in n}})
+                          "expert_rows": {n: r for n, r in rows.items() if ".experts." in n}}, union)
 
 
 def thresholded(model, stats: ActivityStats):
