@@ -1,11 +1,12 @@
 """How many of a layer's neurons a step of T tokens needs, measured on calibration tokens rather than assumed.
 
 A hybrid FFN step computes the union of the neurons active for any of its T tokens. Taking each token's
-activity as independent, a neuron of activity p is needed with probability 1 - (1 - p)^T; but tokens share
-their active neurons (hidden states are alike: on the synthetic OPT-30B the union of 32 decode tokens held 6.6%
-of the cold neurons where independence gives 39%), so the planner over-priced steps of many tokens. The table
-here is the union itself, measured over random draws of T calibration tokens (from anywhere in the
-calibration, as a decode step's tokens come from different sequences), by activity rank: entry [t, j] is the
+activity as independent, a neuron of activity p is needed with probability 1 - (1 - p)^T; tokens whose hidden
+states are alike share their active neurons and need fewer (the synthetic OPT-30B's decode steps computed 6.6%
+of its cold neurons at 32 tokens where independence gives 39%; its calibration tokens, though, were as
+independent: BENCHMARKS.md, twelfth session). The table here is the union itself, measured over random draws
+of T calibration tokens (from anywhere in the calibration, as a decode step's tokens come from different
+sequences), by activity rank - as alike as the calibration text's tokens are, no more: entry [t, j] is the
 share of the layer's neurons with rank >= j / UNION_BUCKETS (most active first) that are active in at least
 one of UNION_TOKENS[t] tokens. A table row whose T exceeds the sampled tokens is NaN.
 """
