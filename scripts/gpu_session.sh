@@ -27,6 +27,14 @@ for part in "$@"; do
            timeout ${SUITE_TIMEOUT:-560} python -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short 2>&1 | tee "$OUT/gpu-suite.log" | tail -60 \
              || { echo "=== GPU suite failed: stopping"; exit 1; }
            set +o pipefail ;;
+    suite-a|suite-b) # The GPU suite in two calls (the whole of it did not fit one 600 s call): a = formats, kernels of
+           # the formats, synth, hybrid FFN; b = KV, attention, engines, the other kernels. Together every GPU test file.
+           if [ $part = suite-a ]; then files="tests/test_converted_folder.py tests/test_kernels_quant.py tests/test_formats_bnb4.py
+             tests/test_formats_int.py tests/test_formats_bitmap.py tests/test_kernels_bitmap.py tests/test_synth.py tests/test_hybrid_ffn.py"
+           else files="tests/test_kernels_kv.py tests/test_kv_formats.py tests/test_host_attention.py tests/test_kv_fetch.py
+             tests/test_engine_kv.py tests/test_engine_gpu.py tests/test_engine_experts.py tests/test_wave_attention.py tests/test_kernels.py"; fi
+           timeout ${SUITE_TIMEOUT:-560} python -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short $files 2>&1 \
+             | tee "$OUT/gpu-$part.log" | tail -40 ;;
     stability) # The same job planned from fresh probes: the chosen plan must not flip with the probe's noise.
            for shape in "--synth mixtral-8x7b --layers 8 --gpu-memory 8GiB" "--synth mixtral-8x7b --layers 8 --gpu-memory 24GiB" \
                         "--synth llama-3-8b --gpu-memory 8GiB"; do
