@@ -181,6 +181,13 @@ def test_each_worker_plans_its_shard_with_the_streaming_engine(cluster, tmp_path
     prompts = write_jsonl(tmp_path / "p.jsonl", rows)
     engine = ["--engine", "streaming", "--device", "cpu", "--gpu-memory", "2MiB"]
     plain, scaled = tmp_path / "plain.jsonl", tmp_path / "scaled.jsonl"
+    # A budget the model cannot run in fails in the workers as they plan: the plain run's one clear error
+    # (exit 3), before the output is touched.
+    r = cli("run", folder, prompts, "-o", scaled, *engine[:-1], "1KiB", "--workers", 2)
+    assert r.exit_code == 3, r.output
+    error = r.stderr.splitlines()[-1]
+    assert error.startswith("offbatch: error: worker ") and "--gpu-memory" in error
+    assert not scaled.exists() and not Path(str(scaled) + ".offbatch.json").exists()
     assert cli("run", folder, prompts, "-o", plain, *engine).exit_code == 0
     r = cli("run", folder, prompts, "-o", scaled, *engine, "--workers", 2, "--log-format", "json")
     assert r.exit_code == 0, r.output
@@ -268,6 +275,24 @@ def test_scaled_options_that_cannot_work_are_refused_before_any_work(llama, tmp_
     assert r.exit_code == 3 and "cannot connect to the Ray cluster at 127.0.0.1:1" in r.stderr
     assert "ray start --head" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
+
+
+def test_a_pipeline_failure_is_raised_as_what_it_is():
+    from offbatch.errors import BudgetError, OffbatchError
+    from offbatch.scale.generator import pipeline_error
+
+    def raised(cause):
+        try:
+            raise RuntimeError("the pipeline's wrapper") from cause
+        except RuntimeError as e:
+            return pipeline_error(e)
+
+    budget = BudgetError("--gpu-memory 1 KiB is too small")
+    assert raised(budget) is budget  # a worker's own error, as a plain run raises it
+    lost = raised(ray.exceptions.ActorDiedError())  # a worker lost more often than Ray restarts it
+    assert isinstance(lost, OffbatchError) and "rerun the same command to resume" in str(lost)
+    other = raised(ValueError("boom"))
+    assert type(other) is RuntimeError and "ValueError: boom" in str(other)  # a bug: exit 4
 
 
 def test_shards_deal_sequences_round_robin_and_plan_for_the_longest():

@@ -34,11 +34,55 @@ class WorkerError(OffbatchError):
     """A worker failed with an error that did not survive the trip as itself."""
 
 
+# Ray's words for a worker process that is gone (killed, out of memory, its machine lost).
+WORKER_LOST = ("ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError", "OutOfMemoryError",
+               "RayActorError")
+
+
+def pipeline_error(error: BaseException) -> BaseException:
+    """What the run raises for the Ray pipeline's failure: an offbatch error raised in a worker as itself;
+    workers lost more often than Ray restarts them as one clear error (exit 3: the run cannot finish here,
+    and every result that arrived is in the output); anything else as an internal error."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    for e in chain:
+        if isinstance(e, OffbatchError):
+            return e
+    lost = next((e for e in chain if any(t.__name__ in WORKER_LOST for t in type(e).__mro__)), None)
+    if lost is not None:
+        return WorkerError(f"Ray lost a worker more often than it restarts one ({MAX_RESTARTS} times): "
+                           f"{' '.join(str(lost).split())[:300]}; every result that arrived is in the output: "
+                           "rerun the same command to resume")
+    root = chain[-1]  # the first cause: what went wrong, not the layers that carried it
+    return RuntimeError(f"the Ray pipeline failed: {type(root).__name__}: {' '.join(str(root).split())[:400]}")
+
+
+class ClusterPlan:
+    """What the runner logs and predicts from in place of one engine's Plan: the workers' plans together."""
+
+    def __init__(self, plans: list[dict]):
+        self.plans = plans
+        rate = sum((p.get("predicted") or {}).get("e2e_tok_s", 0.0) for p in plans)
+        self.predicted = {"e2e_tok_s": rate} if rate else {}
+
+    def summary(self) -> str:
+        rate = self.predicted.get("e2e_tok_s")
+        together = f"; predicted {rate:,.0f} tok/s end to end together" if rate else ""
+        return f"plan: {len(self.plans)} workers, each its own plan (above){together}"
+
+    def describe(self) -> dict:
+        return {"workers": self.plans, "predicted": self.predicted}
+
+
 class ClusterGenerator:
     def __init__(self, cluster: Cluster, model_dir, tokenizer, options, progress):
         import ray
 
         self.cluster, self.progress = cluster, progress
+        self.plan = None  # a ClusterPlan once every worker has made its plan (streaming engines)
         self.stats = GenStats()
         self._handles: list = []  # the workers' actor handles, to stop them if the run stops early
         self._ready: dict[str, dict] = {}
@@ -47,6 +91,7 @@ class ClusterGenerator:
         self._thread_error: BaseException | None = None
         self._finished = threading.Event()
         self._complete = False
+        self._published: set[int] = set()
         self.collector = None
         try:
             workers = cluster.connect()
@@ -126,6 +171,9 @@ class ClusterGenerator:
                 self.progress.warn(f"{len(self._ready)} of {self.shards.pool_size} workers have loaded the model "
                                    f"after {WAIT_NOTICE_S:.0f} s; if the cluster lacks free GPUs or CPUs for them, "
                                    "`ray status` shows it")
+        plans = [info.get("plan_fields") for info in self._ready.values()]
+        if plans and all(plans):  # streaming engines: the job's prediction, for the log and the first ETA
+            self.plan = ClusterPlan(plans)
         names = sorted({info["device"] for info in self._ready.values()})
         what = "cpu" if not self.workers.gpu else ", ".join(names)
         self.progress.device = f"{what}: {len(self._ready)} Ray worker(s)" if not self.workers.gpu else \
@@ -142,11 +190,13 @@ class ClusterGenerator:
             shards[self.shards.shard_of(r.key)].append(
                 (r.key, r.prompt_ids, r.params, tuple(r.stops), r.skip_special_tokens))
         for number, payload in enumerate(shards):
-            self.collector.publish.remote(number, [ray.put(payload)])
+            self._publish(number, payload)
         expected = {r.key for r in requests}
         seen: set[int] = set()
         while len(seen) < len(expected):
-            finished = self._finished.is_set()  # read before the poll: every output was sent before it was set
+            # Read before the poll: a worker sends every output it finished before its task ends, failed or
+            # not, so once the pipeline has ended this poll takes the last of them.
+            finished = self._finished.is_set()
             for output in self._poll(wait=0.0 if finished else POLL_S):
                 if output.key in expected and output.key not in seen:  # a retried shard's repeat never passes
                     seen.add(output.key)
@@ -155,11 +205,18 @@ class ClusterGenerator:
                 # The runner's stop_check raises its StopRun once a signal asked the run to stop: that is how
                 # a generator learns it (no token is checked here).
                 signal_probe([])
-            self._raise_if_broken()
-            if finished and len(seen) < len(expected):
-                raise RuntimeError(f"the Ray pipeline finished with {len(expected) - len(seen)} sequence(s) "
-                                   "never sent back")
+            if finished:
+                self._raise_if_broken()
+                if len(seen) < len(expected):
+                    raise RuntimeError(f"the Ray pipeline finished with {len(expected) - len(seen)} sequence(s) "
+                                       "never sent back")
         self._complete = True  # the workers are returning their last shards: close() lets them
+
+    def _publish(self, shard: int, payload: list) -> None:
+        import ray
+
+        self._published.add(shard)
+        self.collector.publish.remote(shard, [ray.put(payload)])
 
     def _poll(self, wait: float) -> list:
         """Take what the collector has (waiting up to `wait` s for something): handle events and counters,
@@ -177,8 +234,10 @@ class ClusterGenerator:
         return [output for blob in blobs for output in pickle.loads(blob)]
 
     def _on_event(self, kind: str, worker: str, payload) -> None:
-        if kind == "failed":
-            blob, words = payload
+        if kind == "started":
+            self._handles.append(payload["actor"])
+        elif kind == "failed":
+            blob, words = payload["error"], payload["words"]
             error = None
             if blob is not None:
                 try:
@@ -188,13 +247,12 @@ class ClusterGenerator:
             if isinstance(error, OffbatchError):
                 raise type(error)(f"worker {worker}: {error}") from None
             raise WorkerError(f"worker {worker} failed to load the model: {words}")
-        if kind == "ready":
-            self._handles.append(payload.pop("actor", None))
+        elif kind == "ready":
             self._ready[worker] = payload
             n = len(self._ready)
             plan = f"; {payload['plan']}" if payload.get("plan") else ""
             again = " (restarted)" if n > self.shards.pool_size else ""
-            self.progress.info(f"worker {n}{again} on {payload['host']} ({payload['device']}, pid {payload['pid']}): "
+            self.progress.info(f"worker {n}{again}: {payload['host']} pid {payload['pid']}, {payload['device']}: "
                                f"model loaded in {payload['load_s']:.1f}s{plan}", worker=worker,
                                load_s=round(payload["load_s"], 2), planned_for=payload["planned_for"],
                                plan=payload.get("plan_fields"))
@@ -205,13 +263,9 @@ class ClusterGenerator:
 
     def _raise_if_broken(self) -> None:
         error = self._thread_error
-        if error is None:
-            return
-        self._thread_error = None
-        cause = getattr(error, "cause", None) or error.__cause__
-        if isinstance(cause, OffbatchError):
-            raise cause
-        raise RuntimeError(f"the Ray pipeline failed: {type(error).__name__}: {' '.join(str(error).split())[:400]}")
+        if error is not None:
+            self._thread_error = None
+            raise pipeline_error(error) from None
 
     # ---- stopping -----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -224,8 +278,15 @@ class ClusterGenerator:
             if self._thread is not None and not self._finished.is_set():
                 # Stopped early (a signal, an error): the pipeline's complaints about the workers it loses
                 # are no news.
-                logging.getLogger("ray.data").setLevel(logging.CRITICAL)
-                self.cluster.muted = True
+                data_log = logging.getLogger("ray.data")
+                level, self.cluster.muted = data_log.level, True
+                data_log.setLevel(logging.CRITICAL)
+                if self.collector is not None:
+                    for shard in range(self.shards.shards):  # a worker that starts now finds nothing to do
+                        if shard not in self._published:
+                            self._publish(shard, [])
+                    _, events, _ = ray.get(self.collector.take.remote(0.0))  # workers not heard of yet
+                    self._handles += [p["actor"] for kind, _, p in events if kind == "started"]
                 for handle in self._handles:
                     if handle is not None:
                         try:
@@ -233,6 +294,7 @@ class ClusterGenerator:
                         except Exception:  # noqa: BLE001 - already gone
                             pass
                 self._thread.join(STOP_WAIT_S)
+                data_log.setLevel(level)
             if self.collector is not None:
                 try:
                     ray.kill(self.collector)

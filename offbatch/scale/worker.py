@@ -80,13 +80,16 @@ class EngineWorker:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"  # a restarted worker is a new process: a new id
         self.generator = self.tokenizer = None
         self.failed = False
+        actor = ray.get_runtime_context().current_actor
+        # First of all, so that the driver can stop this worker whatever happens to it next.
+        ray.get(collector.event.remote("started", self.worker, {"actor": actor}))
         try:
             info = self._load(model_dir, options, gpu, threads, host_share)
-            info["actor"] = ray.get_runtime_context().current_actor  # so the driver can stop it
         except Exception as e:  # noqa: BLE001 - every failure goes to the driver as it is
             # Reported, not raised: Ray would start the worker again and again on a failure that repeats.
             self.failed = True
-            ray.get(collector.event.remote("failed", self.worker, _exception_payload(e)))
+            blob, words = _exception_payload(e)
+            ray.get(collector.event.remote("failed", self.worker, {"error": blob, "words": words}))
             return
         ray.get(collector.event.remote("ready", self.worker, info))
 
