@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--no-plain", action="store_true", help="skip the plain run (then no ratios against it)")
     ap.add_argument("--run-args", default="", help="more `offbatch run` arguments, for every run")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/offbatch-bench-scale"))
-    ap.add_argument("--timeout", type=int, default=240, help="seconds for each run")
+    ap.add_argument("--timeout", type=int, default=170, help="seconds for each run (the three runs and the rest fit a 10-minute call)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     args.workers = [int(w) for w in args.workers.split(",") if w]
