@@ -121,6 +121,12 @@ for part in "$@"; do
              --prompts ${D70_PROMPTS:-64} --prompt-len 64 --gen-len ${D70_GEN:-4} --json --out "$OUT/disk-70b.json" > /dev/null 2>"$OUT/disk-70b.err"
            python -c "import json,sys; r=json.load(open(sys.argv[1])); p=r['plan']; print('70b bitmap-50-int4', p['attention'], 'wave', p['wave_size'], 'disk modules', p.get('disk_modules'), 'decode', round(r['decode_tok_s'], 2), 'e2e', round(r['e2e_tok_s'], 2), 'disk GB/s', round(r.get('disk_read_bytes_s', 0) / 1e9, 2), 'direct', r.get('disk_direct_bytes'), 'buffered', r.get('disk_buffered_bytes'), 'achieved/floor', round(r['decode_achieved_over_floor_with_kv_copies'], 3), 'achieved/floor with disk', round(r.get('decode_achieved_over_floor_with_disk', 0), 2), 'pred', round(p['predicted']['decode_tok_s'], 2), 'peak GPU', round(r['peak_gpu_reserved_bytes'] / 2**30, 2), 'peak host', round(r.get('peak_host_bytes', 0) / 1e9, 1)); print(p['predicted']['bottleneck'])" "$OUT/disk-70b.json" || tail -5 "$OUT/disk-70b.err"
            rm -rf $d ;;
+    scale) # issue 18 on the 2-GPU kind (carry [".whl"], built here by `python scripts/bench_scale.py wheels .whl`: ray is
+           # not on the image): plain, --workers 1 and --workers 2 on a synth Mixtral folder, each timed end to end.
+           if ! python -c "import ray" 2>/dev/null; then
+             python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+           fi
+           timeout ${SCALE_TIMEOUT:-560} python scripts/bench_scale.py ${SCALE_ARGS:-} --out "$OUT/scale.json" 2>&1 | tee "$OUT/scale.log" | tail -30 ;;
     hybrid) # issue 17: the hybrid FFN's GPU test, then OPT-30B with planted activity (hot=0.2, sparsity=0.9) at 8 GiB:
            # predictors trained on this run's calibration, dense vs the planner's plan for HYBRID_JOBS prompts x 256 + HYBRID_GEN.
            timeout 120 python -m pytest -q -m gpu -p no:cacheprovider tests/test_hybrid_ffn.py -rfE --tb=short 2>&1 | tail -8
