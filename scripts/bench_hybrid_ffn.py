@@ -149,8 +149,12 @@ def main() -> None:
     ap.add_argument("--independent-union", action="store_true",
                     help="price steps as if tokens' activity were independent (no measured union)")
     ap.add_argument("--force", action="store_true", help="where the planner keeps the dense FFN, also run the hybrid")
+    ap.add_argument("--host-threads", type=int, default=None,
+                    help="torch's CPU threads (the cold part's): fewer leave DRAM bandwidth to the pinned copies")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if a.host_threads:
+        torch.set_num_threads(a.host_threads)
     cap = parse_bytes(a.gpu_memory)
     spec = spec_from_config(synth_config(a.preset, layers=a.layers,
                                          offbatch_synth_ffn_activity=parse_ffn_activity(a.activity)))
