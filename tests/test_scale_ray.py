@@ -271,6 +271,8 @@ def test_scaled_options_that_cannot_work_are_refused_before_any_work(llama, tmp_
     assert r.exit_code == 3 and "each worker computes on its own GPU" in r.stderr
     r = cli("run", llama, prompts, "-o", tmp_path / "out.jsonl", "--workers", 0)
     assert r.exit_code == 2  # a usage error
+    r = cli("run", llama, prompts, "-o", tmp_path / "out.jsonl", "--ray", " ")
+    assert r.exit_code == 2 and "--ray" in r.output and not (tmp_path / "out.jsonl").exists()
     r = cli("run", llama, prompts, "-o", tmp_path / "out.jsonl", "--ray", "127.0.0.1:1")  # nothing listens there
     assert r.exit_code == 3 and "cannot connect to the Ray cluster at 127.0.0.1:1" in r.stderr
     assert "ray start --head" in r.stderr

@@ -412,3 +412,12 @@ def test_encoding_on_the_gpu_stores_what_the_cpu_would(weights):
     b = fmt.dequantize(gpu, "up.weight", torch.float32)
     assert torch.equal(a.abs().sort(1).values, b.abs().sort(1).values)
     assert ((a != 0) == (b != 0)).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("value,message", [("bogus", "cpu, cuda or cuda:N"), ("gpu", "cpu, cuda or cuda:N"),
+                                           ("cuda:99", "no such CUDA device")])
+def test_a_bad_encode_device_is_one_clear_error_and_writes_nothing(tmp_path, monkeypatch, value, message):
+    monkeypatch.setenv("OFFBATCH_ENCODE_DEVICE", value)
+    code, text = _run("llama", tmp_path / "out", "--weights", "int4", "--quiet")
+    assert code != 0 and message in text and "internal error" not in text
+    assert not (tmp_path / "out").exists()

@@ -151,6 +151,9 @@ def command(
     else:
         prompts = paths[0]
     _refuse_model_as_prompts(prompts)
+    if ray_address is not None and not ray_address.strip():
+        raise typer.BadParameter("empty: give the cluster's address (HOST:PORT, as `ray start --head` prints it) or auto",
+                                 param_hint="--ray")
     scaled = ray_address is not None or workers is not None
     if scaled:  # Ray Data must be there before anything is read or written
         from offbatch.scale import require_ray

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from offbatch.errors import ModelFolderError, OutputFileError
+from offbatch.errors import ModelFolderError, OffbatchError, OutputFileError
 from offbatch.formats import DENSE, WeightFormat, format_names, get_format, known_format
 from offbatch.models.catalogue import module_kind, module_of
 from offbatch.models.converted import StoredTensor, quantization_config, stored_tensors
@@ -151,9 +151,17 @@ def encode_device() -> str:
     OFFBATCH_ENCODE_DEVICE=cpu keeps it on the CPU (the GPU's top-k may break ties between equal
     magnitudes differently, so a folder can differ in which of two equal weights it kept)."""
     wanted = os.environ.get("OFFBATCH_ENCODE_DEVICE", "").strip()
-    if wanted:
-        return wanted
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not wanted:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(wanted)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise OffbatchError(f"OFFBATCH_ENCODE_DEVICE={wanted!r}: cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise OffbatchError(f"OFFBATCH_ENCODE_DEVICE={wanted!r}: this machine has no such CUDA device")
+    return wanted
 
 
 def encode_tensor(ckpt, canonical: str, name: str, local: str, fmt: WeightFormat,
