@@ -73,6 +73,8 @@ def measured_union(table: np.ndarray, curve: np.ndarray, hot: int, tokens: np.nd
     x = np.log2(np.maximum(t, 1.0))
     inside = np.interp(x, np.log2(ts), us) * np.minimum(t, 1.0)
     last_t, last_u = ts[-1], us[-1]
+    if not (t > last_t).any():
+        return inside
     ref = independent_union(curve, hot, np.array([last_t]))[0]
     beyond = independent_union(curve, hot, t) * (last_u / ref if ref > 0 else 1.0)
     return np.where(t > last_t, np.maximum(beyond, last_u), inside)
