@@ -47,6 +47,9 @@ class Plan:
     dense_ffn: str = "dense"
     hot_neurons: int = 0  # per hybrid layer
     hybrid_tokens: int = 0
+    # Hybrid steps of at least this many tokens (0: none) fetch the union of their active cold neurons to the
+    # GPU (rows read from pinned host memory) and multiply it there, in place of the host threads.
+    hybrid_fetch_tokens: int = 0
     budget_bytes: int | None = None
     memory: dict[str, int] = field(default_factory=dict)  # device bytes by use
     host_memory: dict[str, int] = field(default_factory=dict)  # host bytes by use
@@ -70,7 +73,7 @@ class Plan:
             "slots": self.slots, "resident_modules": len(self.resident), "budget_bytes": self.budget_bytes,
             "memory": self.memory, "attention": self.attention, "weights": self.weights, "kv_format": self.kv_format,
             "hgca": self.hgca, "moe_ffn": self.moe_ffn, "dense_ffn": self.dense_ffn, "hot_neurons": self.hot_neurons,
-            "hybrid_tokens": self.hybrid_tokens,
+            "hybrid_tokens": self.hybrid_tokens, "hybrid_fetch_tokens": self.hybrid_fetch_tokens,
             "host_memory": self.host_memory, "hardware": self.hardware, "chosen_by": self.chosen_by,
             "disk_modules": len(self.disk), "staging_buffers": self.staging_buffers, "predicted": self.predicted,
             "residency_order": self.residency_order, "near_tie": self.near_tie,
@@ -89,7 +92,7 @@ class Plan:
             kv += f" ({self.hgca})"
         if self.dense_ffn == "hybrid":
             kv += (f", hybrid FFN ({self.hot_neurons} hot neurons per streamed layer on the {gpu.split()[0]}, cold ones "
-                   f"on the host threads in steps of at most {self.hybrid_tokens} tokens)")
+                   f"{cold_path_words(self.hybrid_tokens, self.hybrid_fetch_tokens)})")
         mem = self.memory or {}
         parts = [f"plan ({'from file' if self.chosen_by == 'file' else self.chosen_by}): {kv}, wave {self.wave_size}, "
                  f"prefill {self.prefill_tokens} tok/step, attention mb {self.attn_micro_batch}, FFN mb {self.ffn_micro_tokens}"]
@@ -142,6 +145,7 @@ class Plan:
             score_bytes=_whole(d, "score_bytes", 1 << 10, MAX_BYTES, SCORE_BYTES),
             **_backends(d),
             hot_neurons=_whole(d, "hot_neurons", 0, 1 << 24, 0), hybrid_tokens=_whole(d, "hybrid_tokens", 0, MAX_PLAN_TOKENS, 0),
+            hybrid_fetch_tokens=_whole(d, "hybrid_fetch_tokens", 0, MAX_PLAN_TOKENS, 0),
             budget_bytes=_whole(d, "budget_bytes", 1, MAX_BYTES, None),
             memory=_counts(d, "memory", MAX_BYTES, {}), host_memory=_counts(d, "host_memory", MAX_BYTES, {}),
             predicted=_predicted(d), hardware=_text(d, "hardware", ""), chosen_by="file",
@@ -163,6 +167,16 @@ MAX_PLAN_TOKENS = 1 << 24  # tokens per prefill step or FFN call
 MAX_PLAN_SLOTS = 64  # device slots per module kind, staging buffers (the solver uses 1 to 3)
 _WRITE_ONE = "write one with `offbatch plan ... --json`"
 _MISSING = object()
+
+
+def cold_path_words(hybrid_tokens: int, fetch_tokens: int) -> str:
+    """Where a hybrid plan computes its cold neurons, in words."""
+    if fetch_tokens and fetch_tokens <= 1:
+        return f"fetched to the GPU in steps of at most {hybrid_tokens} tokens"
+    if fetch_tokens:
+        return (f"on the host threads in steps of fewer than {fetch_tokens} tokens, fetched to the GPU in steps of "
+                f"{fetch_tokens} to {hybrid_tokens}")
+    return f"on the host threads in steps of at most {hybrid_tokens} tokens"
 
 
 def _shown(value) -> str:

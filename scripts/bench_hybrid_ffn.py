@@ -8,7 +8,8 @@ process on one packed copy of the weights.
      measured on another); the activity profile is the calibration's;
   3. per job size: the dense plan and the planner's plan with the neurons allowed (hybrid where it predicts
      faster), each run end to end; decode tok/s, the plans, the predictions, the hybrid's host work and the
-     greedy tokens' agreement with the dense run.
+     greedy tokens' agreement with the dense run; --other-cold-path: the planner's hybrid plan again with its
+     cold neurons taken the other way (host threads or fetched to the GPU).
 
   python scripts/bench_hybrid_ffn.py --preset opt-30b --gpu-memory 8GiB --jobs 1,8,32 --out hybrid.json
 """
@@ -149,6 +150,9 @@ def main() -> None:
     ap.add_argument("--independent-union", action="store_true",
                     help="price steps as if tokens' activity were independent (no measured union)")
     ap.add_argument("--force", action="store_true", help="where the planner keeps the dense FFN, also run the hybrid")
+    ap.add_argument("--other-cold-path", action="store_true",
+                    help="where the planner takes the hybrid FFN, also run its plan with the other cold path (host threads "
+                         "or fetched to the GPU)")
     ap.add_argument("--host-threads", type=int, default=None,
                     help="torch's CPU threads (the cold part's): fewer leave DRAM bandwidth to the pinned copies")
     ap.add_argument("--out", default=None)
@@ -237,7 +241,8 @@ def main() -> None:
                                            "decode_bytes_per_step", "peak_gpu_reserved_bytes", "gpu_alloc_retries")}
             r_slots = r["plan"]["slots"]
             row[name]["plan"] = {k: r["plan"][k] for k in ("attention", "wave_size", "dense_ffn", "hot_neurons",
-                                                            "hybrid_tokens", "memory", "host_memory")}
+                                                            "hybrid_tokens", "hybrid_fetch_tokens", "memory",
+                                                            "host_memory")}
             row[name]["predicted_decode_tok_s"] = r["plan"]["predicted"].get("decode_tok_s")
             row[name]["bottleneck"] = r["plan"]["predicted"].get("bottleneck")
             if "hybrid_ffn" in r:
@@ -272,6 +277,26 @@ def main() -> None:
                   f"{row['forced_hybrid_vs_dense']:.2f}x dense, host cold share "
                   f"{r['hybrid_ffn']['cold_share_computed']:.3f}, host {r['hybrid_ffn']['host_s']:.1f} s, "
                   f"waited {r['hybrid_ffn']['wait_s']:.1f} s", flush=True)
+        if row["planner"]["plan"]["dense_ffn"] == "hybrid" and a.other_cold_path:
+            # The planner's hybrid plan with its cold neurons taken the other way (host threads <-> fetched to
+            # the GPU, ffn/hybrid_fetch.py) for every hybrid step: is the planner's pick the faster one?
+            chosen = row["planner"]["plan"].get("hybrid_fetch_tokens", 0)
+            other = 0 if chosen else 1
+            r = run_bench(source, a.device, cap, n, a.prompt_len, a.gen_len, store=store, keep_tokens=True,
+                          dtype=store.dtype, default_dtype=store.dtype, neurons=neurons,
+                          plan_overrides=dict(hybrid_fetch_tokens=other))
+            key = "other_cold_path"
+            row[key] = {k: r[k] for k in ("decode_tok_s", "e2e_tok_s", "peak_gpu_reserved_bytes", "decode_bytes_per_step")}
+            row[key]["hybrid_fetch_tokens"] = other
+            row[key]["hybrid_ffn"] = r.get("hybrid_ffn")
+            row[key]["vs_dense"] = r["decode_tok_s"] / max(1e-9, row["dense"]["decode_tok_s"])
+            row[key]["vs_planner"] = r["decode_tok_s"] / max(1e-9, row["planner"]["decode_tok_s"])
+            row[key]["agreement"] = agreement(row["dense"]["tokens"], r["tokens"])
+            h = r.get("hybrid_ffn") or {}
+            print(f"{n:>4} prompts  other cold path ({'fetched to the GPU' if other else 'host threads'}): decode "
+                  f"{r['decode_tok_s']:8.2f} tok/s = {row[key]['vs_dense']:.2f}x dense, {row[key]['vs_planner']:.2f}x the "
+                  f"planner's; cold share {h.get('cold_share_computed', 0):.3f}, fetch {h.get('fetch_s', 0):.1f} s, "
+                  f"host {h.get('host_s', 0):.1f} s, peak {r['peak_gpu_reserved_bytes'] / 2**30:.2f} GiB", flush=True)
         row["speedup_decode"] = row["planner"]["decode_tok_s"] / max(1e-9, row["dense"]["decode_tok_s"])
         row.update(agreement(row["dense"]["tokens"], row["planner"]["tokens"]))
         for name in ("dense", "planner"):

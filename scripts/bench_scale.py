@@ -106,11 +106,12 @@ def run(name: str, folder: Path, prompts: Path, out: Path, extra: list[str], arg
     summary = next((e for e in reversed(events) if e.get("event") == "summary"), None)
     if r.returncode != 0 or summary is None:
         return {"name": name, "error": f"exit {r.returncode}: {r.stderr.strip()[-800:]}"}
-    plans = [e["message"] for e in events if e.get("message", "").startswith(("plan ", "worker "))]
+    plans = [e["message"] for e in events if e.get("message", "").startswith(("plan ", "worker ", "model loaded"))]
+    startup = [e["startup"] for e in events if "startup" in e]
     return {"name": name, "process_s": wall, "load_s": summary["load_s"], "generation_s": summary["wall_s"],
             "gen_tok_s": summary["gen_tok_s"], "e2e_gen_tok_s": summary["completion_tokens"] / wall,
             "ok": summary["ok"], "failed": summary["failed"], "device": summary["device"],
-            "peak_gpu_bytes": summary["peak_gpu_bytes"], "plans": plans}
+            "peak_gpu_bytes": summary["peak_gpu_bytes"], "plans": plans, "startup": startup}
 
 
 def records(path: Path) -> dict:

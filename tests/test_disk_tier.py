@@ -60,6 +60,34 @@ def test_disk_reads_equal_the_packed_host_bytes(model, dtype):
             assert torch.equal(on_disk.layouts[key].views(got)[name], t), (key, name)
 
 
+def test_loading_reads_modules_in_parallel_to_the_same_bytes(model, monkeypatch):
+    """The host tier's load reads several modules at once (buffered, not O_DIRECT): the packed bytes equal a
+    one-thread load's, in the checkpoint's dtype (raw reads) and converted; the load's times are kept."""
+    import offbatch.offload.weights as weights
+
+    ckpt = open_checkpoint(model)
+    for dtype in (torch.float32, torch.bfloat16):
+        parallel = WeightStore(CheckpointSource(ckpt), dtype, pin=False)
+        monkeypatch.setattr(weights, "LOAD_THREADS", 1)
+        serial = WeightStore(CheckpointSource(ckpt), dtype, pin=False)
+        monkeypatch.undo()
+        for key, flat in serial.host.items():
+            for name, t in serial.layouts[key].views(flat).items():
+                assert torch.equal(parallel.layouts[key].views(parallel.host[key])[name], t), (key, name)
+        st = parallel.load_stats
+        assert st["bytes"] == sum(f.numel() for f in parallel.host.values()) and st["total_s"] >= st["read_s"] >= 0
+
+
+def test_a_truncated_file_at_load_is_a_clear_error(tmp_path):
+    path = tmp_path / "m"
+    save_hf_model("llama", path)
+    weights = next(p for p in path.iterdir() if p.suffix == ".safetensors")
+    ckpt = open_checkpoint(path)
+    os.truncate(weights, weights.stat().st_size // 2)
+    with pytest.raises(OffbatchError, match="ended while reading"):
+        WeightStore(CheckpointSource(ckpt), torch.float32, pin=False)
+
+
 def run(path, dtype="float32", **options):
     eng = engine_for_folder(path, device="cpu", dtype=dtype, num_requests=len(PROMPTS), max_len=32, **options)
     reqs = [GenRequest(i, p, SamplingParams(max_tokens=NEW, ignore_eos=True)) for i, p in enumerate(PROMPTS)]

@@ -46,11 +46,12 @@ def planted(tmp_path_factory):
     return model, ref.greedy(PROMPTS, NEW)
 
 
-def run(path, neurons, hot=100, tokens=5, **options):
+def run(path, neurons, hot=100, tokens=5, fetch=0, **options):
     """The streaming engine on the CPU with a hybrid plan pinned over the planner's (every module streamed)."""
     eng = engine_for_folder(path, device="cpu", dtype="float32", num_requests=len(PROMPTS), max_len=32, neurons=neurons,
                             plan_overrides=dict(dense_ffn="hybrid", hot_neurons=hot, hybrid_tokens=tokens, resident=set(),
-                                                slots={"attn": 2, "ffn": 2, "head": 1}), **options)
+                                                slots={"attn": 2, "ffn": 2, "head": 1}, hybrid_fetch_tokens=fetch),
+                            **options)
     reqs = [GenRequest(i, p, SamplingParams(max_tokens=NEW, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
     outs = {o.key: o.token_ids for o in eng.generate(reqs)}
     eng.close()
@@ -117,6 +118,48 @@ def test_hybrid_parts_equal_their_torch_twins(planted):
     p = neuron_stats_for_folder(model).predictors[1]
     dp = DevicePredictor(p, cold, "cpu", torch.float32)
     assert torch.equal(dp.active(x), p.active(x)[:, cold])
+
+
+@pytest.mark.parametrize("fetch_from", [1, 4])
+def test_oracle_hybrid_fetching_its_cold_neurons_gives_the_reference_tokens(planted, fetch_from):
+    """The fetch path (ffn/hybrid_fetch.py: the union's rows gathered to the compute device, multiplied there),
+    for every hybrid step (1) or for the 5-token steps only while smaller ones stay on the host (4): exact
+    with the oracle on ReLU, as the host path."""
+    model, expected = planted
+    neurons = neuron_stats_for_folder(model, "oracle")
+    eng, got = run(model, neurons, hot=100, fetch=fetch_from)
+    assert got == expected
+    st = eng.hybrid.stats
+    assert st["fetch_calls"] == st["calls"] == 2 * (NEW - 1)  # every decode step has 5 tokens
+    assert st["cold_neurons"] == st["cold_count"]  # the oracle fetches every cold neuron
+    eng, got = run(model, neurons, hot=100, fetch=6)  # larger than any hybrid step: host path
+    assert got == expected and eng.hybrid.stats["fetch_calls"] == 0
+
+
+def test_fetched_cold_part_equals_the_host_cold_part(planted):
+    """ColdFetcher over chunks smaller than the union (3 chunks) against ColdPart.partial, predicted masks and
+    the oracle, on a gated SiLU FFN with a threshold too."""
+    from offbatch.ffn.hybrid_fetch import ColdFetcher, FetchLayer, fetch_scratch_bytes
+
+    model, _ = planted
+    ref = ReferenceModel.load(model, dtype="float32")
+    spec, w = ref.spec, ref.modules[(0, "ffn")]
+    g = torch.Generator().manual_seed(5)
+    perm = torch.randperm(spec.intermediate_size, generator=g)
+    cold = perm[100:].sort().values
+    _, down_t = split_down(w["down.weight"], perm[:100].sort().values, cold, "cpu")
+    x = torch.randn(6, spec.hidden_size, generator=g)
+    for threshold in (0.0, 0.05):
+        cp = ColdPart(w, cold, spec, down_t, threshold)
+        fetcher = ColdFetcher(spec, "cpu", torch.float32, rows=150)
+        assert fetcher.nbytes == 150 * 2 * spec.hidden_size * 4 <= fetch_scratch_bytes(spec, 4, 6, rows=150)
+        layer = FetchLayer(cp, "cpu", torch.float32)
+        active = torch.rand(6, cp.count, generator=g) < 0.3
+        for mask in (active, None, torch.zeros_like(active)):
+            y_host, n_host = cp.partial(x, mask)
+            y, n = fetcher.partial(layer, x, mask)
+            assert n == n_host and (mask is not None or n == cp.count)
+            torch.testing.assert_close(y, y_host, rtol=1e-5, atol=1e-5)
 
 
 def test_the_host_dtype_is_measured_and_bf16_products_stay_close(planted):
@@ -401,6 +444,33 @@ def test_a_pinned_hybrid_plan_runs_in_bench_and_run(planted, tmp_path):
                             str(tmp_path / "dense.json"), "--device", "cpu", "--engine", "streaming", "--ffn", "hybrid"])
     assert r.exit_code != 0 and "pinned plan's FFN is dense" in r.output
     assert not (tmp_path / "o2.jsonl").exists()
+
+
+@pytest.mark.gpu
+def test_gpu_hybrid_fetch_reads_pinned_cold_rows_and_keeps_the_tokens(planted):
+    """float32 on the GPU, cold neurons fetched by the device from pinned host memory (the weights' pinned chunks,
+    down^T registered in place): the oracle gives the dense engine's tokens; the registration is undone at close."""
+    model, _ = planted
+
+    def gpu_run(neurons=None, **overrides):
+        eng = engine_for_folder(model, device="cuda", dtype="float32", num_requests=len(PROMPTS), max_len=32,
+                                neurons=neurons, plan_overrides=dict(resident=set(), slots={"attn": 2, "ffn": 2, "head": 1},
+                                                                     **overrides))
+        reqs = [GenRequest(i, p, SamplingParams(max_tokens=NEW, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+        outs = {o.key: o.token_ids for o in eng.generate(reqs)}
+        down_t = [c.down_t for c in eng.hybrid.cold.values()] if eng.hybrid is not None else []
+        pinned = [t.is_pinned() for t in down_t]
+        eng.close()
+        return eng, [outs[i] for i in range(len(PROMPTS))], pinned, [t.is_pinned() for t in down_t]
+
+    _, dense, _, _ = gpu_run()
+    fetch = dict(dense_ffn="hybrid", hot_neurons=100, hybrid_tokens=8, hybrid_fetch_tokens=1)
+    eng, got, pinned, after = gpu_run(neuron_stats_for_folder(model, "oracle"), **fetch)
+    assert got == dense and all(pinned) and not any(after)
+    assert eng.hybrid.stats["fetch_calls"] == eng.hybrid.stats["calls"] == 2 * (NEW - 1)
+    eng, got, _, _ = gpu_run(neuron_stats_for_folder(model), **fetch)
+    st = eng.hybrid.stats
+    assert 0 < st["cold_neurons"] < st["cold_count"] and all(len(g) == NEW for g in got)
 
 
 @pytest.mark.gpu

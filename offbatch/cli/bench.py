@@ -171,10 +171,14 @@ def command(
     ]
     h = report.get("hybrid_ffn")
     if h:  # what the hybrid FFN did: the host's share of the cold neurons, its time and the device's wait for it
-        rows.insert(5, ("hybrid FFN: hot per layer / cold computed on the host",
-                        f"{h['hot_neurons']} / {100 * h['cold_share_computed']:.1f}% ({h['host_dtype']})",
+        rows.insert(5, ("hybrid FFN: hot per layer / cold computed",
+                        f"{h['hot_neurons']} / {100 * h['cold_share_computed']:.1f}% ({h['host_dtype']} on the host)",
                         f"steps <= {plan.get('hybrid_tokens')} tokens"))
         rows.insert(6, ("hybrid FFN: host compute / device thread waited", f"{h['host_s']:.2f} / {h['wait_s']:.2f} s", ""))
+        if h.get("fetch_calls"):
+            rows.insert(7, ("hybrid FFN: layer steps fetched to the GPU / their time",
+                            f"{h['fetch_calls']} of {h['calls']} / {h['fetch_s']:.2f} s",
+                            f"steps >= {plan.get('hybrid_fetch_tokens')} tokens"))
     for row in rows:
         t.add_row(*row)
     console = Console()

@@ -16,6 +16,7 @@ from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOp
                                   kv_plan_options, neurons_option,
                                   open_report, write_report)
 from offbatch.errors import InputFileError, OffbatchError
+from offbatch.plan import cold_path_words
 from offbatch.units import format_bytes
 
 HardwareOpt = Annotated[Optional[str], typer.Option(
@@ -204,9 +205,9 @@ def print_plan(report: dict, console: Console | None = None) -> None:
         ("KV format", plan.get("kv_format", "dense") + (" (exact)" if plan.get("kv_format", "dense") == "dense" else
                                                          " (lossy: `offbatch eval-ppl --kv`)")),
         *([("HGCA", f"{plan['hgca']} (lossy: `offbatch eval-ppl --hgca`)")] if plan.get("hgca") else []),
-        ("FFN", f"hybrid: {plan['hot_neurons']} hot neurons per streamed layer on the GPU, cold ones on the host "
-                f"threads in steps of <= {plan['hybrid_tokens']} tokens (lossy with predictors: their recall is "
-                "`offbatch train-predictors`')" if plan.get("dense_ffn") == "hybrid" else "dense"),
+        ("FFN", f"hybrid: {plan['hot_neurons']} hot neurons per streamed layer on the GPU, cold ones "
+                f"{cold_path_words(plan['hybrid_tokens'], plan.get('hybrid_fetch_tokens', 0))} (lossy with predictors: "
+                "their recall is `offbatch train-predictors`')" if plan.get("dense_ffn") == "hybrid" else "dense"),
         ("wave (sequences decoded together)", str(plan["wave_size"])),
         ("prompt tokens admitted per step", str(plan["prefill_tokens"])),
         ("attention micro-batch (sequences)", str(plan["attn_micro_batch"])),

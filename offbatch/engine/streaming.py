@@ -10,6 +10,8 @@ backends (dense, MoE grouped or per expert).
 
 from __future__ import annotations
 
+import time
+
 from collections.abc import Iterable
 
 import torch
@@ -38,7 +40,9 @@ class StreamingEngine(WaveScheduler):
         spec = self.spec
         self.dtype = store.dtype
         self.store = store
+        t0 = time.perf_counter()
         self.pf = Prefetcher(store, self.device, plan.slots, plan.resident, plan.staging_buffers)
+        resident_s = time.perf_counter() - t0
         self.timing = timing and self.device.type == "cuda"
         self.mods = StreamedModules(store, self.pf, self.device, self.timing)
         self.ffns = build_ffns(spec, self.mods, plan.ffn_micro_tokens, plan.moe_ffn, self.dtype)
@@ -50,13 +54,18 @@ class StreamingEngine(WaveScheduler):
                 raise OffbatchError("the plan's FFN is hybrid: give the model's neuron statistics and predictors")
             self.hybrid = HybridFFN(spec, self.mods, plan.ffn_micro_tokens, store=store, neurons=neurons,
                                     hot_neurons=plan.hot_neurons, hybrid_tokens=plan.hybrid_tokens,
-                                    resident=plan.resident, device=self.device, dtype=self.dtype)
+                                    resident=plan.resident, device=self.device, dtype=self.dtype,
+                                    fetch_tokens=plan.hybrid_fetch_tokens)
             self.ffns[False] = self.hybrid
         moe = self.ffns.get(True)
         # The grouped MoE backend (kernels, launches: tests and stats read them); None otherwise.
         self.experts = moe if isinstance(moe, GroupedMoE) else None
         # Where the wave's KV lives and where decode attention runs (offbatch/attention).
+        t0 = time.perf_counter()
         self.attention = get_attention(plan.attention)(spec, plan, self.device, self.dtype)
+        # Where the start-up went (`run` prints it with the load time): the weights into host memory (their
+        # buffers allocated and pinned, then read), the resident ones and the slots onto the device, the KV.
+        self.startup = {**getattr(store, "load_stats", {}), "resident_s": resident_s, "kv_s": time.perf_counter() - t0}
         self.kv = self.attention.kv  # the wave's KV store
         self.slots = self.attention
         self.forward = Forward(spec, self.mods, self.attention, self.ffns)

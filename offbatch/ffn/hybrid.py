@@ -9,6 +9,8 @@ Per layer and step (small steps: at most the plan's `hybrid_tokens` tokens):
   host (one worker thread, torch's intra-op threads under it): the union of the tokens' active cold
        neurons, their rows of up (and gate) and their rows of down^T gathered, two small GEMMs, the
        activations masked per token.
+A step of at least the plan's `hybrid_fetch_tokens` tokens takes the other cold path (ffn/hybrid_fetch.py): the
+GPU reads the union's rows from pinned host memory itself and multiplies them there, no host work.
 A large step (prefill: its union is every neuron, far too much for the host threads) streams the layer's
 whole FFN module as the dense backend does: the engine schedules the FFN modules of a step only when it
 is large (`StreamingEngine.step`). Layers whose FFN module the plan keeps resident run dense always.
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from offbatch.errors import OffbatchError
 from offbatch.ffn.base import FFNBackend, register_ffn
 from offbatch.ffn.dense import DenseFFN, mlp_chunked
+from offbatch.ffn.hybrid_fetch import ColdFetcher, FetchLayer, pin_in_place, unpin_in_place
 from offbatch.ffn.neurons import NeuronStats
 from offbatch.models import layers as L
 from offbatch.models.spec import ModelSpec
@@ -257,10 +260,13 @@ class HybridFFN(FFNBackend):
         return spec.moe is None or any(not spec.is_moe_layer(i) for i in range(spec.num_layers))
 
     def __init__(self, spec: ModelSpec, modules, micro_tokens: int, store=None, neurons: NeuronStats | None = None,
-                 hot_neurons: int = 0, hybrid_tokens: int = 0, resident=frozenset(), device="cpu", dtype=None):
+                 hot_neurons: int = 0, hybrid_tokens: int = 0, resident=frozenset(), device="cpu", dtype=None,
+                 fetch_tokens: int = 0):
         """store: the packed weights (dense format: the host views are the cold neurons' home); neurons:
         activity and predictors; hot_neurons: per hybrid layer; hybrid_tokens: steps of at most this many
-        tokens run hybrid; resident: the plan's resident modules (their layers run dense)."""
+        tokens run hybrid; resident: the plan's resident modules (their layers run dense); fetch_tokens:
+        hybrid steps of at least this many tokens (0: none) fetch their cold union to the device
+        (ffn/hybrid_fetch.py) in place of the host threads."""
         super().__init__(spec, modules, micro_tokens)
         if store is None or neurons is None:
             raise OffbatchError("the hybrid FFN needs the packed weights and the model's neuron statistics")
@@ -270,6 +276,7 @@ class HybridFFN(FFNBackend):
         neurons.check(spec)
         self.device, self.dtype = torch.device(device), dtype or store.dtype
         self.hybrid_tokens = hybrid_tokens
+        self.fetch_tokens = fetch_tokens
         self.neurons = neurons
         self.layers = [i for i in range(spec.num_layers) if not spec.is_moe_layer(i) and (i, "ffn") not in resident]
         self.hot: dict[int, HotPart] = {}
@@ -288,7 +295,18 @@ class HybridFFN(FFNBackend):
             if not neurons.oracle:
                 self.pred[i] = DevicePredictor(neurons.predictors[i], cold, self.device, self.dtype)
         splitter.close()
-        self.device_bytes = sum(p.nbytes for p in self.hot.values()) + sum(p.nbytes for p in self.pred.values())
+        self.fetcher, self.fetch_layers, self._registered = None, {}, []
+        if fetch_tokens:
+            if self.device.type == "cuda":  # the GPU reads the cold rows in place: their memory must be page-locked
+                for c in self.cold.values():
+                    if pin_in_place(c.down_t):
+                        self._registered.append(c.down_t)
+                    if not c.up.is_pinned():
+                        raise OffbatchError("the hybrid FFN's fetch path needs the weights in pinned host memory")
+            self.fetcher = ColdFetcher(spec, self.device, self.dtype)
+            self.fetch_layers = {i: FetchLayer(c, self.device, self.dtype) for i, c in self.cold.items()}
+        self.device_bytes = (sum(p.nbytes for p in self.hot.values()) + sum(p.nbytes for p in self.pred.values())
+                             + (self.fetcher.nbytes if self.fetcher is not None else 0))
         self.host_bytes = sum(c.down_t.numel() * c.down_t.element_size() for c in self.cold.values())
         # The host's product dtype, measured on this CPU (float32 on the CPU as compute device: exact tests).
         self.host_dtype, self.host_dtype_times = torch.float32, {}
@@ -298,7 +316,8 @@ class HybridFFN(FFNBackend):
             for c in self.cold.values():
                 c.compute_dtype = self.host_dtype
         self.use_hybrid = False  # this step (the engine sets it)
-        self.stats = {"calls": 0, "tokens": 0, "cold_neurons": 0, "cold_count": 0, "host_s": 0.0, "wait_s": 0.0}
+        self.stats = {"calls": 0, "tokens": 0, "cold_neurons": 0, "cold_count": 0, "host_s": 0.0, "wait_s": 0.0,
+                      "fetch_calls": 0, "fetch_s": 0.0}
         self._cuda = self.device.type == "cuda"
         if self._cuda:
             t, h = max(1, hybrid_tokens), spec.hidden_size
@@ -313,6 +332,10 @@ class HybridFFN(FFNBackend):
     def close(self) -> None:
         if self._cuda:
             self._pool.shutdown(wait=True)
+            torch.cuda.synchronize(self.device)  # no kernel may still read a buffer unregistered below
+        for t in self._registered:
+            unpin_in_place(t)
+        self._registered = []
 
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         if not self.use_hybrid or layer not in self.hot:
@@ -326,6 +349,13 @@ class HybridFFN(FFNBackend):
         st["calls"] += 1
         st["tokens"] += h.shape[0]
         st["cold_count"] += self.cold[layer].count
+        if self.fetcher is not None and h.shape[0] >= self.fetch_tokens:
+            t0 = time.perf_counter()
+            y, n = self.fetcher.partial(self.fetch_layers[layer], h, active)
+            st["fetch_s"] += time.perf_counter() - t0  # to the union's synchronisation; the rest is queued
+            st["fetch_calls"] += 1
+            st["cold_neurons"] += n
+            return hot.partial(h) + y
         if not self._cuda:
             t0 = time.perf_counter()
             y, n = self.cold[layer].partial(h, active)

@@ -81,6 +81,16 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def startup_words(st: dict) -> str:
+    """The streaming engine's start-up (StreamingEngine.startup) in a few words; "" without one."""
+    if "total_s" not in st:
+        return ""
+    fill = st["total_s"] - st["alloc_s"]  # read (and converted where the format does)
+    rate = st.get("bytes", 0) / max(fill, 1e-9) / 1e9
+    return (f"weights: {st['alloc_s']:.1f}s allocating host buffers, {fill:.1f}s reading at {rate:.1f} GB/s; "
+            f"{st.get('resident_s', 0):.1f}s resident weights and slots, {st.get('kv_s', 0):.1f}s KV")
+
+
 class Progress:
     def __init__(self, mode: str, interval: float = 10.0, stream=None, live_tokens=None,
                  clock=time.monotonic, window: float = RECENT_WINDOW_S):
@@ -164,7 +174,10 @@ class Progress:
         if self._device_to_name is not None:
             self.device, self._device_to_name = describe_device(self._device_to_name), None
         where = f" on {self.device}" if self.device else ""
-        self.info(f"model loaded in {self.load_s:.1f}s{where}", load_s=round(self.load_s, 2), device=self.device)
+        startup = getattr(generator, "startup", None) or {}
+        parts = startup_words(startup)
+        self.info(f"model loaded in {self.load_s:.1f}s{where}{f' ({parts})' if parts else ''}", load_s=round(self.load_s, 2),
+                  device=self.device, **({"startup": {k: round(v, 3) for k, v in startup.items()}} if startup else {}))
         return generator
 
     # ---- counting ---------------------------------------------------------------------------

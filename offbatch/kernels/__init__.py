@@ -130,7 +130,7 @@ def warm_up_grouped(hidden: int, inter: int, dtype: torch.dtype, device, groups:
     return launches
 
 
-__all__ = ["FUSE_MAX_ROWS", "backend", "bitmap_expand", "dequant_int4", "dequant_int8", "grouped_gemm",
+__all__ = ["FUSE_MAX_ROWS", "backend", "bitmap_expand", "gather_rows", "dequant_int4", "dequant_int8", "grouped_gemm",
            "grouped_gemm_int4", "grouped_gemm_int8", "grouped_swiglu", "grouped_swiglu_int4", "grouped_swiglu_int8",
            "int4_linear", "int8_linear", "should_fuse", "warm_up_grouped"]
 
@@ -142,3 +142,12 @@ def kv_encode(x, bits, group):
 
 def kv_decode_attention(q, k, v, k_len, bits=16, group=0, window_start=None):
     return _impl("kv_triton", "kv_decode_attention", q, kv_reference)(q, k, v, k_len, bits, group, window_start)
+
+
+# ---- rows of a matrix by index (a pinned host src read in place by the GPU): see rows_reference.py ---------
+from offbatch.kernels import rows_reference  # noqa: E402
+
+
+def gather_rows(src, idx, out=None):
+    """out[:n] = src[idx]; on a GPU (out/idx on CUDA) the Triton kernel reads a pinned host src over the bus."""
+    return _impl("rows_triton", "gather_rows", idx, rows_reference)(src, idx, out)

@@ -83,7 +83,10 @@ class ModuleFiles:
     O_DIRECT ones where the file system takes them (direct_io.py: the disk, not the page cache), else
     buffered; and the bounce buffer the direct reads go through (one reader thread uses it)."""
 
-    def __init__(self):
+    def __init__(self, direct: bool = True):
+        """direct: read with O_DIRECT where the file system takes it (the disk tier's reads, priced at the
+        disk's rate); False: buffered (the one-time load into host memory, which a warm page cache serves)."""
+        self.direct = direct
         self.fds: dict[str, tuple[int, bool]] = {}
         self.lock = threading.Lock()
         self.bounce: BounceBuffer | None = None
@@ -93,7 +96,7 @@ class ModuleFiles:
         """(file descriptor, whether it reads with O_DIRECT)."""
         with self.lock:
             if path not in self.fds:
-                fd = open_direct(path)
+                fd = open_direct(path) if self.direct else None
                 self.fds[path] = (fd, True) if fd is not None else (os.open(path, os.O_RDONLY), False)
             return self.fds[path]
 
@@ -118,6 +121,15 @@ def read_into(reads: list[TensorRead], out: torch.Tensor, files: ModuleFiles,
               fill: Callable[[list[Part], torch.Tensor], None]) -> None:
     """Fill a module's buffer from its TensorReads: positioned reads of the raw bytes where they are
     stored as they are; the rest through `fill(parts, out)` (the store's converting path)."""
+    read_raw(reads, out, files)
+    rest = [r.part for r in reads if not r.direct]
+    if rest:
+        fill(rest, out)
+
+
+def read_raw(reads: list[TensorRead], out: torch.Tensor, files: ModuleFiles) -> None:
+    """The positioned reads of read_into only (the bytes stored as they are); safe to run on several
+    threads at once for different modules, each with its own ModuleFiles."""
     arr = out.numpy()
     for r in reads:
         if not r.direct:
@@ -136,9 +148,6 @@ def read_into(reads: list[TensorRead], out: torch.Tensor, files: ModuleFiles,
                 raise OffbatchError(f"{r.file} ended while reading tensor {r.canonical!r} (was the file "
                                     "changed or truncated after the run started?)")
             done += got
-    rest = [r.part for r in reads if not r.direct]
-    if rest:
-        fill(rest, out)
 
 
 class DiskReader:

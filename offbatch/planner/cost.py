@@ -191,7 +191,8 @@ class StepModel:
             from offbatch.planner.hybrid_ffn import host_cold_rate
 
             # Small steps: the hybrid layers' FFN modules are not streamed; their cold part is host work in the chain.
-            weight_bytes, serial = self.hybrid.adjust(T, weight_bytes, serial, host_cold_rate(hw))
+            weight_bytes, serial = self.hybrid.adjust(T, weight_bytes, serial, host_cold_rate(hw),
+                                                      getattr(self, "_fetch_tokens", None))
         copy = (weight_bytes + kv_h2d) / hw.h2d_pinned_bytes_s
         chain = gpu + cpu_attn + kv_copy + serial
         host = (hw.host.step_s + hw.host.seq_s * S + admitted * (prompt_len * hw.host.prefill_token_s)
@@ -271,15 +272,24 @@ class StepModel:
         return t / (rate * EXPAND_EFFICIENCY)
 
     def hybrid_wins(self, tokens: int) -> bool:
-        """Whether a decode step of `tokens` sequences (context: the plan's half) is faster with the hybrid FFN."""
+        """Whether a decode step of `tokens` sequences (context: the plan's half) is faster with the hybrid FFN
+        (its cold path as the plan has it)."""
         ctx = self.max_len / 2
         hybrid = float(self.times(tokens, 0, 0.0, ctx, ctx)["total"])
-        self._dense_only = True
-        try:
-            dense = float(self.times(tokens, 0, 0.0, ctx, ctx)["total"])
-        finally:
-            self._dense_only = False
-        return hybrid < dense
+        return hybrid < self.hybrid_times(tokens)[0]
+
+    def hybrid_times(self, tokens: int) -> tuple[float, float, float]:
+        """A decode step of `tokens` sequences (context: the plan's half): (dense FFN, hybrid with the cold
+        neurons on the host threads, hybrid with them fetched to the device) seconds."""
+        ctx = self.max_len / 2
+        out = []
+        for dense_only, fetch in ((True, None), (False, 0), (False, 1)):
+            self._dense_only, self._fetch_tokens = dense_only, fetch
+            try:
+                out.append(float(self.times(tokens, 0, 0.0, ctx, ctx)["total"]))
+            finally:
+                self._dense_only, self._fetch_tokens = False, None
+        return out[0], out[1], out[2]
 
     def step(self, decode: float, admitted: float, prompt_len: float, ctx_mean: float, ctx_max: float) -> StepTime:
         t = {k: float(v) for k, v in self.times(decode, admitted, prompt_len, ctx_mean, ctx_max).items()}

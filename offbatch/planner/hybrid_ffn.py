@@ -9,6 +9,10 @@ active share (inflation); without a measured union,
     U(T) = sum over cold neurons j of 1 - (1 - q_j)^T,   q_j = min(1, p_j x inflation)
 with p_j a neuron's profiled activity (tokens independent: an upper bound, as tokens share active neurons) -
 and the device waits for that host work (it is in the compute chain), and for a round trip per layer.
+Or, for steps of at least `fetch_tokens` tokens, the GPU fetches those U(T) neurons' rows from pinned host
+memory itself (ffn/hybrid_fetch.py): their bytes cross the link beside the weight stream, and the chain
+waits only for the union's synchronisation and the chunk's launches per layer. Host work grows with U(T)
+times T, the fetch with U(T) alone: the host path for a few tokens, the fetch for more.
 A large step streams the FFN modules as the dense plan does.
 
 The choice is a post-pass over the solver's best dense plan, with its wave and micro-batches kept: each
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from offbatch.ffn.hybrid import neuron_bytes
+from offbatch.ffn.hybrid_fetch import fetch_scratch_bytes
 from offbatch.ffn.neurons import NeuronStats
 from offbatch.ffn.union import independent_union, measured_union
 
@@ -36,6 +41,8 @@ CALL_S = 5e-4
 # The host's cold-part rate at most this share of its CPU-attention rate (both gather rows and multiply them
 # on the host threads; Host.cpu_ffn_bytes_s has the measured figure).
 HOST_FFN_SHARE = 0.5
+# One fetched layer's chain beside its bytes: the union's nonzero (a synchronisation) and a chunk's launches.
+FETCH_CALL_S = 2e-4
 TOKEN_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -80,8 +87,9 @@ class HybridTerms:
     """A candidate: the device bytes hot neurons get, the step size up to which a step runs hybrid."""
 
     costs: NeuronCosts
-    hot_bytes: int
+    hot_bytes: int  # hot neurons, predictors and (fetch_tokens > 0) the fetch path's device scratch
     tokens: int = 1 << 30
+    fetch_tokens: int = 0  # steps of at least this many tokens fetch their cold neurons to the device; 0: none
 
     def bind(self, res, shape) -> "BoundHybrid":
         """Its terms under a residency: which layers are hybrid (their FFN streamed), how many hot neurons each."""
@@ -108,14 +116,20 @@ class BoundHybrid:
     host_bytes: int  # the cold neurons' down^T copies in host memory
     device_bytes: int  # hot neurons and predictors
 
-    def adjust(self, T, weight_bytes, serial, host_rate: float):
-        """(weight bytes over the link, serial chain time) of steps of T tokens under this hybrid."""
-        on = np.asarray(T) <= self.terms.tokens
+    def adjust(self, T, weight_bytes, serial, host_rate: float, fetch_tokens: int | None = None):
+        """(weight bytes over the link, serial chain time) of steps of T tokens under this hybrid (fetch_tokens:
+        in place of the terms' own, to price the other cold path)."""
+        T = np.asarray(T)
+        on = T <= self.terms.tokens
         if not self.layers:
             return weight_bytes, serial
+        f = self.terms.fetch_tokens if fetch_tokens is None else fetch_tokens
+        fetch = (T >= f) if f else np.zeros_like(on)
         cold = self.terms.costs.union(self.hot, T) * self.terms.costs.neuron_bytes
         host = self.layers * (cold / host_rate + CALL_S)
-        return np.where(on, weight_bytes - self.ffn_bytes, weight_bytes), np.where(on, serial + host, serial)
+        moved = weight_bytes - self.ffn_bytes + np.where(fetch, self.layers * cold, 0.0)
+        chain = serial + np.where(fetch, self.layers * FETCH_CALL_S, host)
+        return np.where(on, moved, weight_bytes), np.where(on, chain, serial)
 
 
 def host_cold_rate(hw) -> float:
@@ -142,16 +156,22 @@ def consider_hybrid(solver, dense, stats: NeuronStats):
         e = _evaluate(solver, dense, HybridTerms(costs, hot_bytes))
         if e is None or e[0].model.hybrid is None or not e[0].model.hybrid.layers:
             continue
-        # Up to how many tokens a step runs hybrid: the step sizes where a decode step is cheaper hybrid than
-        # dense, up to the first that is not (host work grows with T, the saved copies do not).
-        tokens = 0
+        # Up to how many tokens a step runs hybrid: the step sizes where a decode step is cheaper hybrid (by its
+        # faster cold path) than dense, up to the first that is not (cold work grows with T, the saved copies do
+        # not); and from which size the cold neurons are fetched to the device rather than computed on the host.
+        tokens = fetch_from = 0
         for t in TOKEN_CANDIDATES:
-            if not e[0].model.hybrid_wins(t):
+            dense_s, host_s, fetch_s = e[0].model.hybrid_times(t)
+            if min(host_s, fetch_s) >= dense_s:
                 break
             tokens = t
+            if fetch_s < host_s and not fetch_from:
+                fetch_from = t
         if not tokens:
             continue
-        e = _evaluate(solver, dense, HybridTerms(costs, hot_bytes, tokens))
+        if fetch_from:
+            hot_bytes += fetch_scratch_bytes(shape.spec, shape.dsize, tokens)
+        e = _evaluate(solver, dense, HybridTerms(costs, hot_bytes, tokens, fetch_from))
         if e is None:
             continue
         ev, trial = e
@@ -183,4 +203,4 @@ def apply_hybrid(plan, bound: BoundHybrid):
     memory = dict(plan.memory, hybrid_ffn=bound.device_bytes)
     host = dict(plan.host_memory, cold_neurons=bound.host_bytes)
     return dataclasses.replace(plan, dense_ffn="hybrid", hot_neurons=bound.hot, hybrid_tokens=bound.terms.tokens,
-                               memory=memory, host_memory=host)
+                               hybrid_fetch_tokens=bound.terms.fetch_tokens, memory=memory, host_memory=host)

@@ -610,6 +610,6 @@ def predict(plan: Plan, shape: ModelShape, hw: Hardware, workload: Workload, neu
         costs = NeuronCosts.of(neurons, shape.spec, shape.dsize)
         layers = sum(1 for k in shape.nbytes if k[1] == "ffn" and k[0] >= 0 and k not in res.resident)
         hot_bytes = layers * (plan.hot_neurons * neuron_bytes(shape.spec, shape.dsize) + costs.predictor_bytes)
-        hybrid = HybridTerms(costs, hot_bytes, plan.hybrid_tokens)
+        hybrid = HybridTerms(costs, hot_bytes, plan.hybrid_tokens, plan.hybrid_fetch_tokens)
     model = StepModel(shape, hw, knobs, res, plan.max_len, disk_fraction(shape, res.resident, plan.disk), hybrid)
     return prediction(model, workload, job_time(model, workload))

@@ -19,6 +19,7 @@ from dataclasses import asdict
 
 from offbatch.engine.api import GenStats
 from offbatch.errors import OffbatchError
+from offbatch.jobs.progress import startup_words
 from offbatch.scale.cluster import Cluster, Workers
 from offbatch.scale.shards import ShardPlan, host_share
 
@@ -252,8 +253,9 @@ class ClusterGenerator:
             n = len(self._ready)
             plan = f"; {payload['plan']}" if payload.get("plan") else ""
             again = " (restarted)" if n > self.shards.pool_size else ""
+            parts = startup_words(payload.get("startup") or {})
             self.progress.info(f"worker {n}{again}: {payload['host']} pid {payload['pid']}, {payload['device']}: "
-                               f"model loaded in {payload['load_s']:.1f}s{plan}", worker=worker,
+                               f"model loaded in {payload['load_s']:.1f}s{f' ({parts})' if parts else ''}{plan}", worker=worker,
                                load_s=round(payload["load_s"], 2), planned_for=payload["planned_for"],
                                plan=payload.get("plan_fields"))
         elif kind == "resumed":

@@ -119,6 +119,7 @@ class EngineWorker:
         self.generator = make_generator(model_dir, self.tokenizer, opts)
         plan = getattr(self.generator, "plan", None)
         return {"host": socket.gethostname(), "pid": os.getpid(), "load_s": time.monotonic() - t0,
+                "startup": dict(getattr(self.generator, "startup", None) or {}),
                 "planned_for": len(opts.prompt_lens or []),  # sequences: a shard's, not the job's
                 "device": describe_device("cuda" if gpu else "cpu"),
                 "plan": plan.summary() if plan is not None else None,
