@@ -71,7 +71,8 @@ def main() -> None:
 
         zero_copy()
         torch.cuda.synchronize()
-        assert torch.equal(out.cpu(), src[idx_h]), "zero-copy gather differs from the host's rows"
+        # Compared as bits: the random bit patterns include NaNs, which torch.equal never finds equal.
+        assert torch.equal(out.cpu().view(torch.int16), src[idx_h].view(torch.int16)), "zero-copy gather differs"
         t = {name: timed(fn) for name, fn in (("zero_copy", zero_copy), ("host_then_copy", host_then_copy),
                                                ("contiguous", contiguous))}
         point = {"picks": n, "bytes": nbytes, **{f"{k}_s": v for k, v in t.items()},

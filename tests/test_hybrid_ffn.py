@@ -283,6 +283,42 @@ def test_planner_takes_the_hybrid_ffn_only_where_it_predicts_faster(prompts, hyb
     assert cpu.dense_ffn == "dense"
 
 
+def test_planner_picks_the_cold_path_by_step_size_and_the_machine():
+    """Host threads for the smallest steps, the fetch to the GPU once the union times the tokens costs the host
+    more than the union's bytes cost the link; a slow link keeps every step on the host, a slow host fetches
+    them all. The choice is in the plan (and its file), its words and its prediction."""
+    import dataclasses
+
+    from offbatch.planner.hardware import PROFILES
+    from offbatch.planner.hybrid_ffn import FETCH_CALL_S  # noqa: F401 - the term the choice is priced with
+    from offbatch.planner.shape import shape_from_spec
+    from offbatch.planner.solve import make_plan, predict
+    from offbatch.planner.workload import Workload
+
+    spec, neurons = planted_opt30b_neurons()
+    h200 = PROFILES["h200"]
+    wl = Workload.uniform(32, 256, 64)
+    plan = make_plan(spec, torch.bfloat16, "cuda", 8 << 30, wl, hardware="h200", neurons=neurons)
+    assert plan.dense_ffn == "hybrid" and 1 <= plan.hybrid_fetch_tokens <= 32 <= plan.hybrid_tokens
+    assert "fetched to the GPU" in plan.summary()
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again.hybrid_fetch_tokens == plan.hybrid_fetch_tokens
+    shape = shape_from_spec(spec, torch.bfloat16)
+    assert predict(again, shape, h200, wl, neurons)["decode_tok_s"] == pytest.approx(plan.predicted["decode_tok_s"], rel=0.01)
+    host_only = predict(dataclasses.replace(again, hybrid_fetch_tokens=0), shape, h200, wl, neurons)["decode_tok_s"]
+    assert host_only < plan.predicted["decode_tok_s"]
+    # The fetch's device scratch is in the plan's device memory.
+    from offbatch.ffn.hybrid_fetch import fetch_scratch_bytes
+
+    assert plan.memory["hybrid_ffn"] >= fetch_scratch_bytes(spec, 2, plan.hybrid_tokens)
+    slow_link = dataclasses.replace(h200, name="slow-link", h2d_pinned_bytes_s=2e9)
+    p = make_plan(spec, torch.bfloat16, "cuda", 8 << 30, wl, hardware=slow_link, neurons=neurons)
+    assert p.dense_ffn == "hybrid" and p.hybrid_fetch_tokens == 0 and "host threads" in p.summary()
+    slow_host = dataclasses.replace(h200, name="slow-host", host=dataclasses.replace(h200.host, cpu_ffn_bytes_s=1e8))
+    p = make_plan(spec, torch.bfloat16, "cuda", 8 << 30, Workload.uniform(1, 256, 64), hardware=slow_host, neurons=neurons)
+    assert p.dense_ffn == "hybrid" and p.hybrid_fetch_tokens == 1
+
+
 def test_a_plan_file_names_a_known_ffn():
     from offbatch.planner.solve import make_plan
     from offbatch.planner.workload import Workload
