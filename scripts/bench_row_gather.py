@@ -83,6 +83,7 @@ def main() -> None:
               f"{point['host_then_copy_gb_s']:6.1f} GB/s, contiguous copy {point['contiguous_gb_s']:6.1f} GB/s "
               f"(zero-copy at {point['zero_copy_over_floor']:.2f} of it)", flush=True)
     if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
 

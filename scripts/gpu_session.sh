@@ -127,6 +127,12 @@ for part in "$@"; do
              python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
            fi
            timeout ${SCALE_TIMEOUT:-560} python scripts/bench_scale.py ${SCALE_ARGS:-} --out "$OUT/scale.json" 2>&1 | tee "$OUT/scale.log" | tail -30 ;;
+    probes) # start-up and fetch microbenches: pinned host memory three ways, the zero-copy row gather; then the GPU
+           # tests of this session's paths (balanced keys, the row gather, the hybrid FFN's fetch).
+           timeout 90 python scripts/bench_pinned_alloc.py 2>&1 | tail -3
+           timeout 90 python scripts/bench_row_gather.py --json "$OUT/row-gather.json" 2>&1 | tail -6
+           timeout 150 python -m pytest -q -m gpu -p no:cacheprovider tests/test_key_balance.py tests/test_kernels_rows.py \
+             tests/test_hybrid_ffn.py tests/test_engine_kv.py -rfE --tb=short 2>&1 | tail -8 ;;
     fetch) # issue 17's fetch path: the row gather's and the hybrid FFN's GPU tests, then the gather's rate from pinned memory.
            timeout 150 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_rows.py tests/test_hybrid_ffn.py -rfE --tb=short 2>&1 | tail -8
            timeout 90 python scripts/bench_row_gather.py --json "$OUT/row-gather.json" 2>&1 | tail -8 ;;

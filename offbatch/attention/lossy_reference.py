@@ -99,8 +99,10 @@ class LossyCacheAttention:
     HGCASetting or None (full attention). HGCA on a sliding-window model: a ValueError."""
 
     def __init__(self, spec: ModelSpec, kv: str = "dense", hgca: HGCASetting | None = None,
-                 score_bytes: int = SCORE_BYTES):
+                 score_bytes: int = SCORE_BYTES, key_scales=None):
+        """key_scales: balanced keys (attention/key_balance.py), applied as the engine applies them."""
         self.spec = spec
+        self.key_scales = key_scales
         self.kv = kv_format_name(kv)
         self.hgca = hgca
         self.score_bytes = score_bytes
@@ -110,6 +112,8 @@ class LossyCacheAttention:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step) -> torch.Tensor:
         caches, lens = step
         fmt = kv_format(self.kv, k.dtype)
+        if self.key_scales is not None:
+            q, k = self.key_scales.apply(layer, q, k)
         k, v = stored_view(fmt, k), stored_view(fmt, v)  # quantized once, as written; the cache holds them
         outs, start = [], 0
         for cache, n in zip(caches, lens):

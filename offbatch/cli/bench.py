@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, ModelOrSynthArg,
-                                  SynthLayersOpt, SynthOpt, WeightsOpt, KvOpt, HgcaOpt, FfnOpt, PredictorsOpt, byte_size,
+                                  SynthLayersOpt, SynthOpt, WeightsOpt, KvOpt, KvBalanceOpt, HgcaOpt, FfnOpt, PredictorsOpt,
+                                  byte_size,
                                   kv_plan_options, neurons_option,
                                   open_report, write_report)
 from offbatch.cli.plan import HardwareOpt
@@ -57,6 +58,7 @@ def command(
     weights: WeightsOpt = None,
     kv: KvOpt = None,
     hgca: HgcaOpt = None,
+    kv_balance: KvBalanceOpt = False,
     ffn: FfnOpt = None,
     predictors: PredictorsOpt = None,
     as_json: JsonOpt = False,
@@ -99,13 +101,28 @@ def command(
     # A pinned hybrid plan needs the neurons too (--predictors picks them, as with --ffn hybrid).
     neurons = neurons_option(model_dir, "hybrid" if pinned is not None and pinned.dense_ffn == "hybrid" else ffn,
                              predictors)
+    key_scales = None
+    if kv_balance:
+        from offbatch.engine.select import EngineOptions, lossy_kv_format
+
+        if model_dir is None:
+            raise OffbatchError("--kv-balance needs MODEL_DIR with its key scales (offbatch calibrate-keys); a --synth "
+                                "shape has none")
+        if pinned is None and not lossy_kv_format(EngineOptions(kv=kv)):
+            raise OffbatchError("--kv-balance balances the keys a compressed KV format stores: give --kv int8 or int4")
+        if pinned is not None and pinned.kv_format == "dense":
+            raise OffbatchError("--kv-balance balances the keys a compressed KV format stores; the pinned plan's KV is dense")
+        from offbatch.attention.key_balance import key_scales_for_folder
+
+        key_scales = key_scales_for_folder(model_dir, spec)
     report_file = open_report(out)  # before the bench, which takes minutes
     report = run_bench(source, device, cap, prompts, prompt_len, gen_len, dtype=dtype, default_dtype=default_dtype,
                        plan=pinned, workload=workload, hardware=hw,
                        **({"cpu_memory": host_cap} if host_cap is not None else {}),
                        **({"weights": weights} if weights is not None and pinned is None else {}),
                        **(kv_plan_options(kv, hgca) if pinned is None else {}),
-                       **({"neurons": neurons} if neurons is not None else {}))
+                       **({"neurons": neurons} if neurons is not None else {}),
+                       **({"key_scales": key_scales} if key_scales is not None else {}))
     # What the cost model expected of the plan that ran (the solver's own figures, or for a pinned plan,
     # the model applied to it), on the hardware profile used for planning.
     plan_pred = report["plan"].get("predicted") or {}

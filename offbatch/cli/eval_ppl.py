@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from offbatch.cli.options import DeviceOpt, DtypeOpt, FfnOpt, JsonOpt, PredictorsOpt
+from offbatch.cli.options import DeviceOpt, DtypeOpt, FfnOpt, JsonOpt, KvBalanceOpt, PredictorsOpt
 from offbatch.errors import InputFileError, ModelFolderError, OffbatchError
 from offbatch.models import files
 
@@ -148,7 +148,8 @@ def _print_table(report: dict) -> None:
         delta = "-" if r.get("delta_pct") is None else f"{r['delta_pct']:+.2f}%"
         settings = [r["weights"]]
         if lossy_attention:
-            settings += [r["kv"], "full" if r["hgca"] is None else HGCASetting(**r["hgca"]).short()]
+            settings += [r["kv"] + (", balanced keys" if r.get("kv_balance") else ""),
+                         "full" if r["hgca"] is None else HGCASetting(**r["hgca"]).short()]
         if hybrid:
             settings += ["dense" if r.get("ffn") != "hybrid" else f"hybrid, {100 * r['hot_fraction']:g}% hot"]
         table.add_row(*settings, f"{r['perplexity']:.4f}", delta, f"{r['nll']:.5f}", agree, f"{r['seconds']:.1f}")
@@ -162,7 +163,8 @@ def _print_table(report: dict) -> None:
                       "prefill stays exact)")
 
 
-def _score_variants(todo: list, model_dir: Path, device: str, dtype: str | None, wins: list, bar, neurons=None):
+def _score_variants(todo: list, model_dir: Path, device: str, dtype: str | None, wins: list, bar, neurons=None,
+                    key_scales=None):
     """Score each variant (tools/quality.variants' order): its report rows, the base's scores, the dtype.
     Variants of the base weights share the base's modules; a weight format is loaded once the base is
     dropped, so one model at a time is in memory (a score keeps only the greedy tokens)."""
@@ -183,12 +185,13 @@ def _score_variants(todo: list, model_dir: Path, device: str, dtype: str | None,
         used_dtype = str(ref.dtype).replace("torch.", "")
         if v.kv != "dense" or v.hgca is not None:
             ref = ReferenceModel(ref.spec, ref.modules, ref.device, ref.dtype,
-                                 attention=LossyCacheAttention(ref.spec, v.kv, v.hgca))
+                                 attention=LossyCacheAttention(ref.spec, v.kv, v.hgca,
+                                                               key_scales=key_scales if v.kv_balance else None))
         if v.hot_fraction is not None:
             from offbatch.tools.quality import hybrid_ffn_model
 
             ref = hybrid_ffn_model(ref, neurons, v.hot_fraction)
-        label = v.weights if v.kv == "dense" and v.hgca is None else f"{v.weights}, KV {v.kv}, {v.attention_words}"
+        label = v.weights if v.kv == "dense" and v.hgca is None else f"{v.weights}, KV {v.kv_words}, {v.attention_words}"
         if v.hot_fraction is not None:
             label += f", FFN {v.ffn_words}"
         task = bar.add_task(label, total=len(wins))
@@ -225,6 +228,7 @@ def command(
                                                       "sinks=4, window=256, top_k=128): sinks and the recent window "
                                                       "exactly, per head the top_k older keys by score; base "
                                                       "weights (repeatable). Not for sliding-window models.")] = None,
+    kv_balance: KvBalanceOpt = False,
     ffn: FfnOpt = None,
     predictors: PredictorsOpt = None,
     hot_fraction: Annotated[Optional[list[float]], typer.Option("--hot-fraction", min=0.0, max=1.0,
@@ -267,6 +271,13 @@ def command(
     from offbatch.cli.options import neurons_option
 
     neurons = neurons_option(model_dir, ffn, predictors)  # before the text is tokenized: bad options fail first
+    key_scales = None
+    if kv_balance:
+        if not any(k != "dense" for k in kvs):
+            raise OffbatchError("--kv-balance scores balanced keys under a compressed KV format: give --kv int8 or int4")
+        from offbatch.attention.key_balance import key_scales_for_folder
+
+        key_scales = key_scales_for_folder(model_dir)
     if neurons is not None:
         from offbatch.models.spec import load_spec
 
@@ -274,9 +285,10 @@ def command(
     ids, wins = _windows(text, text_file, model_dir, window, stride, max_windows)
     stored = _stored_format(model_dir)  # the base: the model as its folder stores it (dense, or converted)
     hots = list(dict.fromkeys(hot_fraction or [0.2])) if neurons is not None else []
-    todo = variants(stored, list(dict.fromkeys(weights or ())), kvs, hgcas, hots)
+    todo = variants(stored, list(dict.fromkeys(weights or ())), kvs, hgcas, hots, kv_balance)
     with _progress(not as_json) as bar:
-        results, base_scores, used_dtype = _score_variants(todo, model_dir, device, dtype, wins, bar, neurons)
+        results, base_scores, used_dtype = _score_variants(todo, model_dir, device, dtype, wins, bar, neurons,
+                                                           key_scales)
     report = {"model": str(model), "model_dir": str(model_dir), "text_file": str(text_file),
               "text_tokens": len(ids), "window": window, "stride": stride or window, "windows": len(wins),
               "scored_tokens": base_scores.tokens, "device": device, "dtype": used_dtype, "results": results}

@@ -44,6 +44,7 @@ COMMANDS = [
     ("convert", "convert"),
     ("profile", "profile"),
     ("train-predictors", "train_predictors"),
+    ("calibrate-keys", "calibrate_keys"),
 ]
 
 

@@ -149,6 +149,20 @@ HgcaOpt = Annotated[
                                      "still takes full attention where that is faster.")
 ]
 
+KvBalanceOpt = Annotated[
+    bool, typer.Option("--kv-balance", help="With a compressed --kv format: balance the keys' channels by the "
+                                            "scales `offbatch calibrate-keys` wrote beside the model before they "
+                                            "are quantized (q.k unchanged; helps models with outlier key channels "
+                                            "such as Qwen2.5, can hurt others: see `eval-ppl --kv int4 --kv-balance`).")
+]
+
+
+def kv_balance_words(model_dir) -> str:
+    """For a results key: balanced keys, and which scales (their file's digest)."""
+    from offbatch.attention.key_balance import key_scales_fingerprint
+
+    return f" with keys balanced by scales {key_scales_fingerprint(model_dir)}"
+
 
 def ffn_choice(value: str | None) -> str | None:
     if value is None:

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, FfnOpt, GpuMemoryOpt, HgcaOpt, KvOpt, PredictorsOpt,
+from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, FfnOpt, GpuMemoryOpt, HgcaOpt, KvBalanceOpt, KvOpt,
+                                  PredictorsOpt,
                                   QuietOpt, RayOpt, WeightsOpt, WorkersOpt, byte_size)
 from offbatch.jobs.params import ParamError, validate
 
@@ -74,6 +75,7 @@ def command(
     weights: WeightsOpt = None,
     kv: KvOpt = None,
     hgca: HgcaOpt = None,
+    kv_balance: KvBalanceOpt = False,
     ffn: FfnOpt = None,
     predictors: PredictorsOpt = None,
     cpu_memory: CpuMemoryOpt = None,
@@ -183,7 +185,7 @@ def command(
     engine = EngineOptions(device=device, dtype=dtype, gpu_memory=byte_size(gpu_memory, "--gpu-memory"),
                            cpu_memory=byte_size(cpu_memory, "--cpu-memory"), max_batch=max_batch,
                            engine=engine_kind, plan_file=plan_file, weights=weights, kv=kv, hgca=hgca,
-                           ffn=ffn, predictors=predictors)
+                           ffn=ffn, predictors=predictors, kv_balance=kv_balance)
     progress = Progress(pick_mode(log_format.value, quiet), interval=log_interval)
     try:
         if scaled:  # each worker checks the options on its own device (scale/worker.py)

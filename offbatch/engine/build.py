@@ -88,7 +88,7 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
                  num_requests: int = 64, max_len: int = 2048, eos_token_ids=(), timing: bool = False,
                  default_dtype: torch.dtype = torch.float32, plan_overrides: dict | None = None,
                  plan: Plan | None = None, workload: Workload | None = None, hardware=None,
-                 cpu_memory: int | None = None, store: WeightStore | None = None, neurons=None,
+                 cpu_memory: int | None = None, store: WeightStore | None = None, neurons=None, key_scales=None,
                  **plan_options) -> StreamingEngine:
     """plan: pin this plan (e.g. `Plan.from_dict` of a `plan --json` file) instead of solving.
     workload: the job (prompt and generation lengths, request count) the planner optimises for;
@@ -146,7 +146,7 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         torch.cuda.reset_accumulated_memory_stats(dev)  # bench reports this engine's allocator retries
-    return StreamingEngine(store, plan, eos_token_ids, timing=timing, neurons=neurons)
+    return StreamingEngine(store, plan, eos_token_ids, timing=timing, neurons=neurons, key_scales=key_scales)
 
 
 def engine_for_folder(model_dir: str | Path, weights: str | None = None, **kwargs) -> StreamingEngine:

@@ -75,8 +75,11 @@ class Forward:
     """The layers of a model over a module source, an attention backend and FFN backends
     ({False: dense layers', True: MoE layers'}, offbatch.ffn.build_ffns)."""
 
-    def __init__(self, spec: ModelSpec, modules: LayerModules, attention: Attention, ffns: dict[bool, FFNBackend]):
+    def __init__(self, spec: ModelSpec, modules: LayerModules, attention: Attention, ffns: dict[bool, FFNBackend],
+                 key_scales=None):
+        """key_scales: balanced keys for a compressed KV format (attention/key_balance.py), or None."""
         self.spec, self.mods, self.attention, self.ffns = spec, modules, attention, ffns
+        self.key_scales = key_scales
 
     def layers(self, x: torch.Tensor, step, cos, sin) -> torch.Tensor:
         for i in range(self.spec.num_layers):
@@ -98,6 +101,8 @@ class Forward:
         w = self.mods.acquire((i, "attn"))
         h = L.norm(x, w, "attn_norm", spec) if spec.pre_norm else x
         q, k, v = L.attention_qkv(h, w, spec, cos, sin)
+        if self.key_scales is not None:
+            q, k = self.key_scales.apply(i, q, k)
         y = L.attention_output(self.attention.attend(i, q, k, v, step), w)
         self.mods.release((i, "attn"))
         return y

@@ -26,6 +26,21 @@ class EngineOptions:
     hgca: str | None = None  # HGCA allowed with this setting (--hgca); None: full attention
     ffn: str | None = None  # "hybrid": the hybrid FFN allowed (--ffn); None: dense
     predictors: str | None = None  # --predictors: a file, "oracle", or None (the folder's)
+    kv_balance: bool = False  # --kv-balance: keys balanced by the folder's calibrated scales (attention/key_balance.py)
+
+
+def lossy_kv_format(options: EngineOptions) -> bool:
+    """Whether --kv allows a compressed KV format (a comma list of formats; dense alone is exact)."""
+    from offbatch.offload.kv import kv_format_name
+
+    names = [n.strip() for n in (options.kv or "").split(",") if n.strip()]
+    out = False
+    for n in names:
+        try:
+            out |= kv_format_name(n) != "dense"
+        except KeyError:
+            out = True  # an unknown name: --kv's own check says so
+    return out
 
 
 def resolve_device(device: str | None) -> str:
@@ -58,6 +73,9 @@ def check_options(options: EngineOptions) -> tuple[str, str, object]:
         raise OffbatchError("--kv and --hgca run in the streaming engine; drop --engine reference")
     if kind == "reference" and hybrid:
         raise OffbatchError("--ffn hybrid runs in the streaming engine; drop --engine reference")
+    if options.kv_balance and not lossy_kv_format(options) and options.plan_file is None:
+        raise OffbatchError("--kv-balance balances the keys a compressed KV format stores: give --kv int8 or int4 "
+                            "(with exact KV it would change nothing but the rounding)")
     if options.predictors is not None and not hybrid and options.plan_file is None:
         raise OffbatchError("--predictors is for --ffn hybrid (or a pinned plan whose FFN is hybrid)")
     if kind not in ("streaming", "reference"):
@@ -80,6 +98,9 @@ def check_options(options: EngineOptions) -> tuple[str, str, object]:
             raise OffbatchError("--ffn hybrid is for the planner; the pinned plan's FFN is dense")
         if options.predictors is not None and plan.dense_ffn != "hybrid":
             raise OffbatchError("--predictors is for --ffn hybrid (or a pinned plan whose FFN is hybrid)")
+        if options.kv_balance and plan.kv_format == "dense":
+            raise OffbatchError("--kv-balance balances the keys a compressed KV format stores; the pinned plan's KV "
+                                "is dense")
         return device, kind, plan
     return device, kind, None
 
@@ -109,6 +130,10 @@ def make_generator(model_dir: str | Path, tokenizer, options: EngineOptions | No
             from offbatch.cli.options import kv_plan_options
 
             pinned = kv_plan_options(options.kv, options.hgca)
+        if options.kv_balance:
+            from offbatch.attention.key_balance import key_scales_for_folder
+
+            pinned["key_scales"] = key_scales_for_folder(model_dir)
         if options.ffn == "hybrid" or (plan is not None and plan.dense_ffn == "hybrid"):
             from offbatch.ffn.neurons import neuron_stats_for_folder
 

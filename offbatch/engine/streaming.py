@@ -23,6 +23,7 @@ from offbatch.engine.scheduler import LiveSeq, StepTimes, WaveScheduler
 from offbatch.ffn import GroupedMoE, HybridFFN, build_ffns, layer_modules
 from offbatch.models import layers as L
 from offbatch.models.catalogue import step_order
+from offbatch.offload.kv import kv_format
 from offbatch.offload.prefetch import Prefetcher
 from offbatch.offload.weights import WeightStore
 from offbatch.plan import Plan
@@ -32,7 +33,7 @@ __all__ = ["LiveSeq", "StepTimes", "StreamingEngine"]
 
 class StreamingEngine(WaveScheduler):
     def __init__(self, store: WeightStore, plan: Plan, eos_token_ids: Iterable[int] = (), timing: bool = False,
-                 neurons=None):
+                 neurons=None, key_scales=None):
         """neurons: the model's activity statistics and predictors (ffn.neurons.NeuronStats), for a plan
         whose dense FFN layers are hybrid."""
         device = torch.device(plan.device)
@@ -68,7 +69,12 @@ class StreamingEngine(WaveScheduler):
         self.startup = {**getattr(store, "load_stats", {}), "resident_s": resident_s, "kv_s": time.perf_counter() - t0}
         self.kv = self.attention.kv  # the wave's KV store
         self.slots = self.attention
-        self.forward = Forward(spec, self.mods, self.attention, self.ffns)
+        # Balanced keys only where the plan stores K compressed: with exact KV they would change nothing but
+        # the rounding (the exact path stays the reference's).
+        self.key_scales = key_scales if key_scales is not None and kv_format(plan.kv_format, self.dtype).lossy else None
+        if self.key_scales is not None:
+            self.key_scales.check(spec)
+        self.forward = Forward(spec, self.mods, self.attention, self.ffns, self.key_scales)
         # The step's module order: every layer's modules as its backends declare them, then the head.
         self.order = step_order(spec.num_layers, store.keys(),
                                 layer_modules(spec, moe.name if moe else None, self.attention))

@@ -485,7 +485,8 @@ DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def job_key(model_dir: str | Path, dtype: str | None, defaults, weights: str | None = None, kv: str | None = None,
-            hgca: str | None = None, ffn: str | None = None, predictors: str | None = None) -> JobKey:
+            hgca: str | None = None, ffn: str | None = None, predictors: str | None = None,
+            kv_balance: bool = False) -> JobKey:
     """The JobKey of a run: the model folder's fingerprint, the compute dtype asked for (None: the
     checkpoint's own, which the fingerprint covers) with the weight format asked for (None: the
     folder's own, which config.json records), and the command-wide sampling defaults."""
@@ -499,6 +500,10 @@ def job_key(model_dir: str | Path, dtype: str | None, defaults, weights: str | N
         from offbatch.cli.options import kv_words
 
         name += kv_words(kv, hgca)
+        if kv_balance:
+            from offbatch.cli.options import kv_balance_words
+
+            name += kv_balance_words(model_dir)
     if ffn == "hybrid":  # predicted neurons: other results
         from offbatch.cli.options import ffn_words
 

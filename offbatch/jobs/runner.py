@@ -175,7 +175,8 @@ def _run_job(cfg: RunConfig, progress: Progress, make_generator: Callable, token
     # is not this job's; nothing is changed in it before the model has loaded.
     job = job_key(cfg.model_dir, getattr(cfg.engine, "dtype", None), defaults, getattr(cfg.engine, "weights", None),
                   getattr(cfg.engine, "kv", None), getattr(cfg.engine, "hgca", None),
-                  getattr(cfg.engine, "ffn", None), getattr(cfg.engine, "predictors", None))
+                  getattr(cfg.engine, "ffn", None), getattr(cfg.engine, "predictors", None),
+                  getattr(cfg.engine, "kv_balance", False))
     keys = {json.dumps(r.id): job.request_key(effective_settings(r)) for r in requests}
     wanted = wanted_of(requests, errors, keys)
     output = RunOutput(cfg.output, overwrite=cfg.overwrite, redo_changed=cfg.redo_changed,

@@ -125,6 +125,11 @@ class Variant:
     kv: str = "dense"
     hgca: "HGCASetting | None" = None
     hot_fraction: float | None = None  # the hybrid FFN with this share of each layer's neurons hot (None: dense FFN)
+    kv_balance: bool = False  # keys balanced by the model's calibrated scales before the KV format stores them
+
+    @property
+    def kv_words(self) -> str:
+        return self.kv + (", balanced keys" if self.kv_balance else "")
 
     @property
     def attention_words(self) -> str:
@@ -137,22 +142,29 @@ class Variant:
     def settings(self) -> dict:
         """For a JSON report: the weight and KV format names, the HGCA setting (or None), the FFN."""
         return {"weights": self.weights, "kv": self.kv, "hgca": None if self.hgca is None else self.hgca.as_dict(),
-                "ffn": "dense" if self.hot_fraction is None else "hybrid", "hot_fraction": self.hot_fraction}
+                "ffn": "dense" if self.hot_fraction is None else "hybrid", "hot_fraction": self.hot_fraction,
+                "kv_balance": self.kv_balance}
 
 
 def variants(base_weights: str, weights: Sequence[str] = (), kvs: Sequence[str] = (),
-             hgcas: "Sequence[HGCASetting]" = (), hot_fractions: Sequence[float] = ()) -> list[Variant]:
+             hgcas: "Sequence[HGCASetting]" = (), hot_fractions: Sequence[float] = (),
+             kv_balance: bool = False) -> list[Variant]:
     """What eval-ppl scores, in order: the base (the model as stored, dense KV, full attention); each KV
     format and each HGCA setting on their own with the base weights; when both are given, every KV
     format with every HGCA setting (the engine runs them together), base weights; then each weight
     format with dense KV and full attention. Names are canonical (kvs: registered KV format names);
     repeats, and variants equal to the base, are dropped. The base-weight variants come before the
-    weight formats, so one model at a time is in memory."""
+    weight formats, so one model at a time is in memory. kv_balance: each compressed KV format also with
+    balanced keys, right after it."""
     wanted = [Variant(base_weights)]
-    wanted += [Variant(base_weights, kv=kv) for kv in kvs]
+    for kv in kvs:
+        wanted.append(Variant(base_weights, kv=kv))
+        if kv_balance and kv != "dense":
+            wanted.append(Variant(base_weights, kv=kv, kv_balance=True))
     wanted += [Variant(base_weights, hgca=h) for h in hgcas]
     if kvs and hgcas:
-        wanted += [Variant(base_weights, kv=kv, hgca=h) for kv in kvs for h in hgcas]
+        wanted += [Variant(base_weights, kv=kv, hgca=h, kv_balance=b) for kv in kvs for h in hgcas
+                   for b in ((False, True) if kv_balance and kv != "dense" else (False,))]
     wanted += [Variant(base_weights, hot_fraction=h) for h in hot_fractions]
     wanted += [Variant(w) for w in weights]
     return list(dict.fromkeys(wanted))
