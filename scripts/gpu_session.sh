@@ -127,6 +127,27 @@ for part in "$@"; do
              python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
            fi
            timeout ${SCALE_TIMEOUT:-560} python scripts/bench_scale.py ${SCALE_ARGS:-} --out "$OUT/scale.json" 2>&1 | tee "$OUT/scale.log" | tail -30 ;;
+    pin-ab) # pinned buffers registered in place (offload/pinned.py) against torch's allocator: the GPU tests of the paths
+           # that pin, then the same `run` (Mixtral 8 layers, 8 GiB, PIN_PROMPTS x 256 + 4: the host KV of a large
+           # wave is pinned too) with OFFBATCH_PIN_REGISTER=1 and =0, each run's start-up in its log.
+           timeout 150 python -m pytest -q -m gpu -p no:cacheprovider tests/test_pinned.py tests/test_engine_gpu.py \
+             tests/test_hybrid_ffn.py -rfE --tb=short 2>&1 | tail -6
+           dir=/tmp/offbatch-pin; rm -rf $dir; mkdir -p $dir
+           python -m offbatch.cli.main synth mixtral-8x7b $dir/model --layers 8 --quiet 2>&1 | tail -2
+           python - "$dir/prompts.jsonl" ${PIN_PROMPTS:-2048} <<'PY'
+import json, random, sys
+random.seed(0)
+with open(sys.argv[1], "w") as f:
+    for i in range(int(sys.argv[2])):
+        f.write(json.dumps({"id": i, "prompt": [random.randrange(1, 30000) for _ in range(256)], "max_tokens": 4, "ignore_eos": True}) + "\n")
+PY
+           for reg in 1 0; do
+             rm -f $dir/out.jsonl*
+             OFFBATCH_PIN_REGISTER=$reg timeout 130 python -m offbatch.cli.main run $dir/model $dir/prompts.jsonl -o $dir/out.jsonl \
+               --gpu-memory 8GiB --log-format json 2> $dir/log-$reg.txt > /dev/null
+             echo "register=$reg: $(grep -o '"message": "model loaded[^"]*"' $dir/log-$reg.txt | head -1) $(grep -o '"event": "summary".*' $dir/log-$reg.txt | grep -o '"wall_s": [0-9.]*' | head -1)"
+             cp $dir/log-$reg.txt "$OUT/pin-log-$reg.txt"
+           done ;;
     probes) # start-up and fetch microbenches: pinned host memory three ways, the zero-copy row gather; then the GPU
            # tests of this session's paths (balanced keys, the row gather, the hybrid FFN's fetch).
            timeout 90 python scripts/bench_pinned_alloc.py 2>&1 | tail -3

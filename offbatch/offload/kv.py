@@ -22,7 +22,7 @@ from offbatch.formats.base import dtype_bytes
 from offbatch.kernels import kv_reference
 from offbatch.models.spec import ModelSpec
 from offbatch.offload import copy2d
-from offbatch.offload.weights import pack_pinned, pinned_bytes
+from offbatch.offload.weights import pack_pinned, pinned_bytes, pinned_chunks
 
 
 # ---- KV formats --------------------------------------------------------------------------------------
@@ -215,7 +215,10 @@ class WaveKV:
         1024-sequence Llama-3-8B wave's 40 GiB of host KV would take 64 GiB)."""
         per = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         sizes, place = pack_pinned([per] * count)
-        chunks = [torch.zeros(n, dtype=torch.uint8, pin_memory=pin) for n in sizes]
+        if pin:
+            chunks = pinned_chunks(sizes, place, [per] * count)
+        else:
+            chunks = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
         return [chunks[c][off : off + per].view(dtype).view(shape) for c, off in place]
 
     @property

@@ -106,6 +106,20 @@ def release_pinned_cache() -> None:
         release()
 
 
+def pinned_chunks(sizes: list[int], place: list, nbytes: list[int]) -> list[torch.Tensor]:
+    """The pinned chunks pack_pinned laid out (zeroed): registered in place, each only as large as what it
+    holds (offload/pinned.py), or from torch's allocator at its power-of-two sizes (OFFBATCH_PIN_REGISTER=0)."""
+    from offbatch.offload.pinned import pinned_zeros, registering
+
+    if not registering():
+        return [torch.zeros(n, dtype=torch.uint8, pin_memory=True) for n in sizes]
+    used = [0] * len(sizes)
+    for p, n in zip(place, nbytes):
+        if p is not None:
+            used[p[0]] = max(used[p[0]], p[1] + n)
+    return [pinned_zeros(n) for n in used]
+
+
 def pinned_bytes(sizes: list[int]) -> int:
     """Host bytes that pinning modules of these sizes (in this order) takes."""
     return sum(pack_pinned(sizes)[0])
@@ -199,7 +213,7 @@ class WeightStore:
         whole, so it needs no pinning."""
         pinned_keys = [k for k in keys if pin and k[1] != "embed"]
         sizes, place = pack_pinned([self.layouts[k].nbytes for k in pinned_keys])
-        chunks = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for n in sizes]
+        chunks = pinned_chunks(sizes, place, [self.layouts[k].nbytes for k in pinned_keys])
         flats = {k: chunks[c][off : off + self.layouts[k].nbytes] for k, (c, off) in zip(pinned_keys, place)}
         for k in keys:
             if k not in flats:
