@@ -290,7 +290,6 @@ def test_planner_picks_the_cold_path_by_step_size_and_the_machine():
     import dataclasses
 
     from offbatch.planner.hardware import PROFILES
-    from offbatch.planner.hybrid_ffn import FETCH_CALL_S  # noqa: F401 - the term the choice is priced with
     from offbatch.planner.shape import shape_from_spec
     from offbatch.planner.solve import make_plan, predict
     from offbatch.planner.workload import Workload
