@@ -237,7 +237,11 @@ def test_variants_order_combinations_and_repeats():
                    Variant("dense", "int4", h1), Variant("dense", "int4", h2), Variant("int8")]
     assert Variant("dense", "int4", h1).settings() == {"weights": "dense", "kv": "int4",
                                                        "hgca": {"sinks": 4, "window": 8, "top_k": 128},
-                                                       "ffn": "dense", "hot_fraction": None}
+                                                       "ffn": "dense", "hot_fraction": None, "kv_balance": False}
+    # --kv-balance: each compressed format again with balanced keys, right after it (dense KV has none).
+    got = variants("dense", [], ["dense", "int4"], [h1], kv_balance=True)
+    assert got == [Variant("dense"), Variant("dense", "int4"), Variant("dense", "int4", kv_balance=True),
+                   Variant("dense", hgca=h1), Variant("dense", "int4", h1), Variant("dense", "int4", h1, kv_balance=True)]
     # The hybrid FFN's hot shares come after the KV and attention variants, before other weight formats.
     got = variants("dense", ["int8"], ["int4"], [], [0.2, 0.0, 0.2])
     assert got == [Variant("dense"), Variant("dense", "int4"), Variant("dense", hot_fraction=0.2),

@@ -385,6 +385,20 @@ def test_run_with_the_hybrid_ffn_writes_results_under_their_own_key(planted, tmp
 
 
 # ---- on the GPU: the host's cold part beside the device's hot part ----------------------------------------
+def gpu_tokens(model, neurons=None, **overrides):
+    """float32 on the GPU, every module streamed: (engine, tokens, whether each hybrid layer's down^T was pinned
+    while it ran, and after close)."""
+    eng = engine_for_folder(model, device="cuda", dtype="float32", num_requests=len(PROMPTS), max_len=32,
+                            neurons=neurons, plan_overrides=dict(resident=set(), slots={"attn": 2, "ffn": 2, "head": 1},
+                                                                 **overrides))
+    reqs = [GenRequest(i, p, SamplingParams(max_tokens=NEW, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
+    outs = {o.key: o.token_ids for o in eng.generate(reqs)}
+    down_t = [c.down_t for c in eng.hybrid.cold.values()] if eng.hybrid is not None else []
+    pinned = [t.is_pinned() for t in down_t]
+    eng.close()
+    return eng, [outs[i] for i in range(len(PROMPTS))], pinned, [t.is_pinned() for t in down_t]
+
+
 @pytest.mark.gpu
 def test_gpu_hybrid_engine_overlaps_the_host_and_keeps_the_tokens(planted):
     """float32 on the GPU: the oracle hybrid (cold part on the host threads, beside the hot part on the GPU)
@@ -392,13 +406,8 @@ def test_gpu_hybrid_engine_overlaps_the_host_and_keeps_the_tokens(planted):
     model, _ = planted
 
     def gpu_run(neurons=None, **overrides):
-        eng = engine_for_folder(model, device="cuda", dtype="float32", num_requests=len(PROMPTS), max_len=32,
-                                neurons=neurons, plan_overrides=dict(resident=set(), slots={"attn": 2, "ffn": 2, "head": 1},
-                                                                     **overrides))
-        reqs = [GenRequest(i, p, SamplingParams(max_tokens=NEW, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
-        outs = {o.key: o.token_ids for o in eng.generate(reqs)}
-        eng.close()
-        return eng, [outs[i] for i in range(len(PROMPTS))]
+        eng, tokens, _, _ = gpu_tokens(model, neurons, **overrides)
+        return eng, tokens
 
     _, dense = gpu_run()
     hybrid = dict(dense_ffn="hybrid", hot_neurons=100, hybrid_tokens=8)
@@ -486,24 +495,12 @@ def test_gpu_hybrid_fetch_reads_pinned_cold_rows_and_keeps_the_tokens(planted):
     """float32 on the GPU, cold neurons fetched by the device from pinned host memory (the weights' pinned chunks,
     down^T registered in place): the oracle gives the dense engine's tokens; the registration is undone at close."""
     model, _ = planted
-
-    def gpu_run(neurons=None, **overrides):
-        eng = engine_for_folder(model, device="cuda", dtype="float32", num_requests=len(PROMPTS), max_len=32,
-                                neurons=neurons, plan_overrides=dict(resident=set(), slots={"attn": 2, "ffn": 2, "head": 1},
-                                                                     **overrides))
-        reqs = [GenRequest(i, p, SamplingParams(max_tokens=NEW, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
-        outs = {o.key: o.token_ids for o in eng.generate(reqs)}
-        down_t = [c.down_t for c in eng.hybrid.cold.values()] if eng.hybrid is not None else []
-        pinned = [t.is_pinned() for t in down_t]
-        eng.close()
-        return eng, [outs[i] for i in range(len(PROMPTS))], pinned, [t.is_pinned() for t in down_t]
-
-    _, dense, _, _ = gpu_run()
+    _, dense, _, _ = gpu_tokens(model)
     fetch = dict(dense_ffn="hybrid", hot_neurons=100, hybrid_tokens=8, hybrid_fetch_tokens=1)
-    eng, got, pinned, after = gpu_run(neuron_stats_for_folder(model, "oracle"), **fetch)
+    eng, got, pinned, after = gpu_tokens(model, neuron_stats_for_folder(model, "oracle"), **fetch)
     assert got == dense and all(pinned) and not any(after)
     assert eng.hybrid.stats["fetch_calls"] == eng.hybrid.stats["calls"] == 2 * (NEW - 1)
-    eng, got, _, _ = gpu_run(neuron_stats_for_folder(model), **fetch)
+    eng, got, _, _ = gpu_tokens(model, neuron_stats_for_folder(model), **fetch)
     st = eng.hybrid.stats
     assert 0 < st["cold_neurons"] < st["cold_count"] and all(len(g) == NEW for g in got)
 

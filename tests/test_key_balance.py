@@ -19,8 +19,7 @@ from offbatch.engine.api import GenRequest, SamplingParams
 from offbatch.engine.build import engine_for_folder
 from offbatch.engine.reference import ReferenceModel
 from offbatch.errors import InputFileError
-from offbatch.models import layers as L
-from offbatch.offload.kv import kv_format
+from test_engine_kv import StoredKVAttention
 
 PROMPTS = [[3, 5, 7, 9, 11, 13, 2], [4, 8, 15, 16, 23, 42, 1, 2, 3, 4, 5, 6], [99], list(range(1, 15)), [7, 7, 7]]
 NEW = 8
@@ -93,27 +92,17 @@ def test_scales_round_trip_and_refuse_another_model(folder, tmp_path):
         key_scales_for_folder(tmp_path)
 
 
-class BalancedStoredKV:
-    """The engine's semantics with balanced keys: q times the scales, k divided, K/V stored quantized once
-    (a prompt attends its own K/V as computed)."""
+class BalancedStoredKV(StoredKVAttention):
+    """The engine's semantics with balanced keys: q times the scales, k divided, then K/V stored quantized once
+    (test_engine_kv's oracle)."""
 
     def __init__(self, spec, name, scales):
-        self.spec, self.fmt, self.scales = spec, kv_format(name, torch.float32), scales
+        super().__init__(spec, name)
+        self.scales = scales
 
     def attend(self, layer, q, k, v, step):
         q, k = self.scales.apply(layer, q, k)
-        caches, lens = step
-        outs, start = [], 0
-        for cache, n in zip(caches, lens):
-            kn, vn = k[start : start + n], v[start : start + n]
-            d = kn.shape[-1]
-            kk, vv = cache.extend(layer, self.fmt.decode(self.fmt.encode(kn), d), self.fmt.decode(self.fmt.encode(vn), d))
-            if cache.length == 0:
-                outs.append(L.causal_attention(q[start : start + n], kn, vn, 0, self.spec.sliding_window))
-            else:
-                outs.append(L.causal_attention(q[start : start + n], kk, vv, cache.length, self.spec.sliding_window))
-            start += n
-        return torch.cat(outs)
+        return super().attend(layer, q, k, v, step)
 
 
 def engine_tokens(path, device="cpu", **options):

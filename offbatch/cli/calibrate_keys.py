@@ -39,17 +39,15 @@ def command(
     --kv format's perplexity and greedy agreement with and without the scales."""
     from offbatch.attention.key_balance import KEY_SCALES_FILE, calibrate
     from offbatch.attention.lossy_reference import LossyCacheAttention
-    from offbatch.cli.convert import _eval_text, _progress
+    from offbatch.cli.convert import _progress
     from offbatch.cli.eval_ppl import _kv_names
-    from offbatch.cli.profile import calibration_text
+    from offbatch.cli.profile import calibration_windows
     from offbatch.engine.reference import ReferenceModel
     from offbatch.engine.select import resolve_device
-    from offbatch.errors import InputFileError, OffbatchError
+    from offbatch.errors import OffbatchError
     from offbatch.models.spec import load_spec
-    from offbatch.models.tokenizer import load_tokenizer
     from offbatch.tools.model_hooks import check_output
     from offbatch.tools.quality import agreement_of, delta_pct, score
-    from offbatch.tools.quality import windows as make_windows
 
     [kv_name] = _kv_names([kv])
     if kv_name == "dense":
@@ -58,17 +56,7 @@ def command(
     out = out if out is not None else model_dir / KEY_SCALES_FILE
     check_output(out, overwrite)
     window = min(window, spec.max_position)
-    tok = load_tokenizer(model_dir)
-    ids = tok.encode(calibration_text(text), add_special_tokens=False)
-    calib = make_windows(ids, window, None, windows)
-    if not calib:
-        raise InputFileError(f"{text} is {len(ids):,} tokens long, fewer than one window of {window}")
-    eval_file, eval_body = _eval_text(eval_text, no_eval)
-    wins = []
-    if eval_body is not None:
-        eids = tok.encode(eval_body, add_special_tokens=False)
-        skip = len(calib) if eval_file is not None and Path(eval_file).resolve() == text.resolve() else 0
-        wins = make_windows(eids, window, None, skip + eval_windows)[skip:]
+    calib, eval_file, wins = calibration_windows(model_dir, text, window, windows, eval_text, eval_windows, no_eval)
     device = resolve_device(device)
     model = ReferenceModel.load(model_dir, device=device, dtype=dtype)
     with _progress(not quiet) as bar:

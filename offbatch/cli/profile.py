@@ -40,6 +40,29 @@ def calibration_text(path: Path) -> str:
     return "\n\n".join(parts)
 
 
+def calibration_windows(model_dir: Path, text: Path, window: int, windows: int, eval_text: Path | None,
+                        eval_windows: int, no_eval: bool):
+    """(calibration windows of the text, the evaluation text's file, its windows): the evaluation windows
+    follow the calibration ones when both are the same text, so no token is scored that was calibrated on."""
+    from offbatch.cli.convert import _eval_text
+    from offbatch.errors import InputFileError
+    from offbatch.models.tokenizer import load_tokenizer
+    from offbatch.tools.quality import windows as make_windows
+
+    tok = load_tokenizer(model_dir)
+    ids = tok.encode(calibration_text(text), add_special_tokens=False)
+    calib = make_windows(ids, window, None, windows)
+    if not calib:
+        raise InputFileError(f"{text} is {len(ids):,} tokens long, fewer than one window of {window}")
+    eval_file, eval_body = _eval_text(eval_text, no_eval)
+    wins = []
+    if eval_body is not None:
+        eids = tok.encode(eval_body, add_special_tokens=False)
+        skip = len(calib) if eval_file is not None and Path(eval_file).resolve() == text.resolve() else 0
+        wins = make_windows(eids, window, None, skip + eval_windows)[skip:]
+    return calib, eval_file, wins
+
+
 def command(
     model_dir: Annotated[Path, typer.Argument(help="The model folder.", show_default=False)],
     text: Annotated[Path, typer.Argument(help="Calibration text: a plain UTF-8 text file, or a JSONL prompts "
@@ -62,32 +85,19 @@ def command(
     """Record how often each FFN neuron is active over calibration text (PowerInfer's hot and cold
     neurons): ReLU FFNs where the activation is not 0; gated SiLU/GELU FFNs where |activation| is above
     a per-FFN threshold at --sparsity (lossy: its perplexity and greedy agreement are measured)."""
-    from offbatch.cli.convert import _eval_text, _progress
+    from offbatch.cli.convert import _progress
     from offbatch.engine.reference import ReferenceModel
     from offbatch.engine.select import resolve_device
-    from offbatch.errors import InputFileError
     from offbatch.models.spec import load_spec
-    from offbatch.models.tokenizer import load_tokenizer
     from offbatch.tools.activity import STATS_FILE, profile, thresholded
     from offbatch.tools.model_hooks import check_output
     from offbatch.tools.quality import agreement_of, score
-    from offbatch.tools.quality import windows as make_windows
 
     spec = load_spec(model_dir)
     out = out if out is not None else model_dir / STATS_FILE
     check_output(out, overwrite)
     window = min(window, spec.max_position)
-    tok = load_tokenizer(model_dir)
-    ids = tok.encode(calibration_text(text), add_special_tokens=False)
-    calib = make_windows(ids, window, None, windows)
-    if not calib:
-        raise InputFileError(f"{text} is {len(ids):,} tokens long, fewer than one window of {window}")
-    eval_file, eval_body = _eval_text(eval_text, no_eval)
-    wins = []
-    if eval_body is not None:
-        eids = tok.encode(eval_body, add_special_tokens=False)
-        skip = len(calib) if eval_file is not None and Path(eval_file).resolve() == text.resolve() else 0
-        wins = make_windows(eids, window, None, skip + eval_windows)[skip:]
+    calib, eval_file, wins = calibration_windows(model_dir, text, window, windows, eval_text, eval_windows, no_eval)
     device = resolve_device(device)
 
     model = ReferenceModel.load(model_dir, device=device, dtype=dtype)

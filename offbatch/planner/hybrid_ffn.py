@@ -43,6 +43,10 @@ CALL_S = 5e-4
 HOST_FFN_SHARE = 0.5
 # One fetched layer's chain beside its bytes: the union's nonzero (a synchronisation) and a chunk's launches.
 FETCH_CALL_S = 2e-4
+# The GPU's reads of scattered rows in pinned memory ran at 0.83 of a contiguous copy's rate for 1800 rows of an
+# OPT-30B layer (0.78-0.91 for 512-8192 rows; scripts/bench_row_gather.py on the H200): fetched bytes count
+# this much more on the link.
+FETCH_LINK_EFFICIENCY = 0.83
 TOKEN_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -127,7 +131,7 @@ class BoundHybrid:
         fetch = (T >= f) if f else np.zeros_like(on)
         cold = self.terms.costs.union(self.hot, T) * self.terms.costs.neuron_bytes
         host = self.layers * (cold / host_rate + CALL_S)
-        moved = weight_bytes - self.ffn_bytes + np.where(fetch, self.layers * cold, 0.0)
+        moved = weight_bytes - self.ffn_bytes + np.where(fetch, self.layers * cold / FETCH_LINK_EFFICIENCY, 0.0)
         chain = serial + np.where(fetch, self.layers * FETCH_CALL_S, host)
         return np.where(on, moved, weight_bytes), np.where(on, chain, serial)
 
