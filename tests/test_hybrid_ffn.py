@@ -309,7 +309,12 @@ def test_planner_picks_the_cold_path_by_step_size_and_the_machine():
     # The fetch's device scratch is in the plan's device memory.
     from offbatch.ffn.hybrid_fetch import fetch_scratch_bytes
 
-    assert plan.memory["hybrid_ffn"] >= fetch_scratch_bytes(spec, 2, plan.hybrid_tokens)
+    from offbatch.ffn.hybrid import neuron_bytes
+
+    layers = spec.num_layers - sum(1 for k in plan.resident if k[1] == "ffn")
+    pred = (128 * (spec.hidden_size + spec.intermediate_size)) * 2
+    assert plan.memory["hybrid_ffn"] == (layers * (plan.hot_neurons * neuron_bytes(spec, 2) + pred)
+                                         + fetch_scratch_bytes(spec, 2, plan.hybrid_tokens))
     slow_link = dataclasses.replace(h200, name="slow-link", h2d_pinned_bytes_s=2e9)
     p = make_plan(spec, torch.bfloat16, "cuda", 8 << 30, wl, hardware=slow_link, neurons=neurons)
     assert p.dense_ffn == "hybrid" and p.hybrid_fetch_tokens == 0 and "host threads" in p.summary()

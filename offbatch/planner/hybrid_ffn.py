@@ -91,9 +91,10 @@ class HybridTerms:
     """A candidate: the device bytes hot neurons get, the step size up to which a step runs hybrid."""
 
     costs: NeuronCosts
-    hot_bytes: int  # hot neurons, predictors and (fetch_tokens > 0) the fetch path's device scratch
+    hot_bytes: int  # device bytes for hot neurons, predictors and scratch_bytes
     tokens: int = 1 << 30
     fetch_tokens: int = 0  # steps of at least this many tokens fetch their cold neurons to the device; 0: none
+    scratch_bytes: int = 0  # of hot_bytes, the fetch path's device scratch (not hot neurons)
 
     def bind(self, res, shape) -> "BoundHybrid":
         """Its terms under a residency: which layers are hybrid (their FFN streamed), how many hot neurons each."""
@@ -105,10 +106,10 @@ class HybridTerms:
         n = round(res.streamed_by_kind.get("ffn", 0) / per) if per else 0
         if res.resident:
             n = len(streamed)
-        budget = self.hot_bytes - n * self.costs.predictor_bytes
+        budget = self.hot_bytes - self.scratch_bytes - n * self.costs.predictor_bytes
         hot = int(min(spec.intermediate_size, max(0, budget) // max(1, n * self.costs.neuron_bytes))) if n else 0
         return BoundHybrid(self, n, hot, n * per, n * (spec.intermediate_size - hot) * spec.hidden_size * shape.dsize,
-                           n * (hot * self.costs.neuron_bytes + self.costs.predictor_bytes))
+                           n * (hot * self.costs.neuron_bytes + self.costs.predictor_bytes) + self.scratch_bytes)
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class BoundHybrid:
     hot: int  # hot neurons per hybrid layer
     ffn_bytes: int  # the FFN bytes a small step no longer streams
     host_bytes: int  # the cold neurons' down^T copies in host memory
-    device_bytes: int  # hot neurons and predictors
+    device_bytes: int  # hot neurons, predictors and the fetch path's scratch
 
     def adjust(self, T, weight_bytes, serial, host_rate: float, fetch_tokens: int | None = None):
         """(weight bytes over the link, serial chain time) of steps of T tokens under this hybrid (fetch_tokens:
@@ -173,9 +174,8 @@ def consider_hybrid(solver, dense, stats: NeuronStats):
                 fetch_from = t
         if not tokens:
             continue
-        if fetch_from:
-            hot_bytes += fetch_scratch_bytes(shape.spec, shape.dsize, tokens)
-        e = _evaluate(solver, dense, HybridTerms(costs, hot_bytes, tokens, fetch_from))
+        scratch = fetch_scratch_bytes(shape.spec, shape.dsize, tokens) if fetch_from else 0
+        e = _evaluate(solver, dense, HybridTerms(costs, hot_bytes + scratch, tokens, fetch_from, scratch))
         if e is None:
             continue
         ev, trial = e

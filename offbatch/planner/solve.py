@@ -605,11 +605,13 @@ def predict(plan: Plan, shape: ModelShape, hw: Hardware, workload: Workload, neu
     hybrid = None
     if plan.dense_ffn == "hybrid" and neurons is not None:
         from offbatch.ffn.hybrid import neuron_bytes
+        from offbatch.ffn.hybrid_fetch import fetch_scratch_bytes
         from offbatch.planner.hybrid_ffn import HybridTerms, NeuronCosts
 
         costs = NeuronCosts.of(neurons, shape.spec, shape.dsize)
         layers = sum(1 for k in shape.nbytes if k[1] == "ffn" and k[0] >= 0 and k not in res.resident)
         hot_bytes = layers * (plan.hot_neurons * neuron_bytes(shape.spec, shape.dsize) + costs.predictor_bytes)
-        hybrid = HybridTerms(costs, hot_bytes, plan.hybrid_tokens, plan.hybrid_fetch_tokens)
+        scratch = fetch_scratch_bytes(shape.spec, shape.dsize, plan.hybrid_tokens) if plan.hybrid_fetch_tokens else 0
+        hybrid = HybridTerms(costs, hot_bytes + scratch, plan.hybrid_tokens, plan.hybrid_fetch_tokens, scratch)
     model = StepModel(shape, hw, knobs, res, plan.max_len, disk_fraction(shape, res.resident, plan.disk), hybrid)
     return prediction(model, workload, job_time(model, workload))
