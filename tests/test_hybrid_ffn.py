@@ -120,8 +120,15 @@ def test_hybrid_parts_equal_their_torch_twins(planted):
     assert torch.equal(dp.active(x), p.active(x)[:, cold])
 
 
+@pytest.fixture
+def torch_gathers(monkeypatch):
+    """The row gather's torch twin on the CPU (the Triton kernel under the interpreter is tests/test_kernels_rows.py's;
+    other modules leave TRITON_INTERPRET set for the session, which would send every gather through it)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
 @pytest.mark.parametrize("fetch_from", [1, 4])
-def test_oracle_hybrid_fetching_its_cold_neurons_gives_the_reference_tokens(planted, fetch_from):
+def test_oracle_hybrid_fetching_its_cold_neurons_gives_the_reference_tokens(planted, fetch_from, torch_gathers):
     """The fetch path (ffn/hybrid_fetch.py: the union's rows gathered to the compute device, multiplied there),
     for every hybrid step (1) or for the 5-token steps only while smaller ones stay on the host (4): exact
     with the oracle on ReLU, as the host path."""
@@ -136,7 +143,7 @@ def test_oracle_hybrid_fetching_its_cold_neurons_gives_the_reference_tokens(plan
     assert got == expected and eng.hybrid.stats["fetch_calls"] == 0
 
 
-def test_fetched_cold_part_equals_the_host_cold_part(planted):
+def test_fetched_cold_part_equals_the_host_cold_part(planted, torch_gathers):
     """ColdFetcher over chunks smaller than the union (3 chunks) against ColdPart.partial, predicted masks and
     the oracle, on a gated SiLU FFN with a threshold too."""
     from offbatch.ffn.hybrid_fetch import ColdFetcher, FetchLayer, fetch_scratch_bytes
