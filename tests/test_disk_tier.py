@@ -78,6 +78,27 @@ def test_loading_reads_modules_in_parallel_to_the_same_bytes(model, monkeypatch)
         assert st["bytes"] == sum(f.numel() for f in parallel.host.values()) and st["total_s"] >= st["read_s"] >= 0
 
 
+def test_the_load_line_says_where_the_start_up_went(tmp_path):
+    """`run` with the streaming engine: the load event carries the engine's start-up (host buffers, reading,
+    resident weights, KV) and the message says it in words."""
+    from typer.testing import CliRunner
+
+    from jobs_support import synth_llama
+    from offbatch.cli.main import app
+
+    model = synth_llama(tmp_path / "m")
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text('{"id": 1, "prompt": "hello there", "max_tokens": 3}\n')
+    r = CliRunner().invoke(app, ["run", str(model), str(prompts), "-o", str(tmp_path / "o.jsonl"), "--engine",
+                                 "streaming", "--device", "cpu", "--log-format", "json"])
+    assert r.exit_code == 0, r.output
+    events = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
+    [loaded] = [e for e in events if e.get("message", "").startswith("model loaded")]
+    st = loaded["startup"]
+    assert set(st) >= {"alloc_s", "read_s", "total_s", "bytes", "resident_s", "kv_s"} and st["bytes"] > 0
+    assert st["total_s"] >= st["read_s"] >= 0 and "allocating host buffers" in loaded["message"]
+
+
 def test_a_truncated_file_at_load_is_a_clear_error(tmp_path):
     path = tmp_path / "m"
     save_hf_model("llama", path)
