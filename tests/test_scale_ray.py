@@ -311,6 +311,17 @@ def test_shards_deal_sequences_round_robin_and_plan_for_the_longest():
     assert big.shards == 4 and big.pool_size == 2  # shards past MAX_SHARD_SEQUENCES: more than one each
 
 
+def test_the_cluster_view_says_when_workers_stream_for_smaller_waves():
+    from offbatch.scale.plan_view import small_wave_note
+
+    rows = [{"wave": 1024}, {"wave": 1024}]
+    note = small_wave_note(rows, 2048, 2, 1.46)
+    assert "wave of 1024" in note and "2048" in note and "1.46x, not 2x" in note
+    assert small_wave_note(rows, 1024, 2, 1.46) is None  # the same wave as one GPU's
+    assert small_wave_note(rows, 2048, 2, 1.9) is None  # it scales
+    assert small_wave_note(rows[:1], 2048, 1, 1.0) is None
+
+
 def test_plan_for_workers_shows_each_workers_plan_and_the_jobs_time(llama, tmp_path):
     r = cli("plan", llama, "--hardware", "cpu", "--num-prompts", 64, "--prompt-len", 16, "--gen-len", 8,
             "--gpu-memory", "4MiB", "--workers", 3, "--workers-per-host", 3, "--json")

@@ -65,6 +65,7 @@ class ClusterView:
         one = plan_for(self.workload, self.cpu_memory)
         one_total = one.predicted["load_s"] + one.predicted["total_s"]
         slowest = max(rows, key=lambda r: r["total_s"])
+        speedup_run = one.predicted["total_s"] / max(r["run_s"] for r in rows) if rows else 0.0
         return {
             "workers": self.shards.pool_size, "workers_per_host": self.per_host,
             "worker_cpu_memory": cpu, "shards": self.shards.shards, "per_worker": rows,
@@ -72,8 +73,21 @@ class ClusterView:
             "one_worker": {"wave": one.wave_size, "load_s": one.predicted["load_s"], "run_s": one.predicted["total_s"],
                            "total_s": one_total},
             "speedup": one_total / slowest["total_s"] if slowest["total_s"] else 0.0,
-            "speedup_run": one.predicted["total_s"] / max(r["run_s"] for r in rows) if rows else 0.0,
+            "speedup_run": speedup_run,
+            "note": small_wave_note(rows, one.wave_size, self.shards.pool_size, speedup_run),
         }
+
+
+def small_wave_note(rows: list[dict], one_wave: int, workers: int, speedup_run: float) -> str | None:
+    """Why a streaming job gains less than the workers' count, where that is so: each worker decodes its whole
+    share as a smaller wave than one GPU runs, yet streams the whole model every decode step."""
+    wave = min((r["wave"] for r in rows), default=0)
+    if workers < 2 or not wave or wave >= one_wave or speedup_run >= 0.8 * workers:
+        return None
+    return (f"each worker decodes a wave of {wave} sequences where one GPU runs {one_wave}, and streams the whole "
+            f"model every decode step for them: generation {speedup_run:.2f}x, not {workers}x. A streaming job gains "
+            "more from workers where each worker's wave stays as large as one GPU's: a larger job, or a host (and "
+            "its memory) per worker")
 
 
 def print_cluster(cluster: dict, console) -> None:
@@ -94,3 +108,5 @@ def print_cluster(cluster: dict, console) -> None:
     console.print(f"job: predicted {cluster['job_s']:.1f} s on {cluster['workers']} workers (each loads the model "
                   f"at once), against {one['total_s']:.1f} s on one (wave {one['wave']}): {cluster['speedup']:.2f}x; "
                   f"generation alone {cluster['speedup_run']:.2f}x")
+    if cluster.get("note"):
+        console.print(f"note: {cluster['note']}")
