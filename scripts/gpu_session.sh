@@ -165,7 +165,7 @@ PY
            timeout 120 python -m pytest -q -m gpu -p no:cacheprovider tests/test_hybrid_ffn.py -rfE --tb=short 2>&1 | tail -8
            timeout ${HYBRID_TIMEOUT:-420} python scripts/bench_hybrid_ffn.py --preset ${HYBRID_PRESET:-opt-30b} \
              $([ -n "${HYBRID_LAYERS:-}" ] && echo --layers $HYBRID_LAYERS) --gpu-memory 8GiB --jobs ${HYBRID_JOBS:-1,8,32} \
-             --gen-len ${HYBRID_GEN:-16} --calib-tokens ${HYBRID_CALIB:-4096} --epochs ${HYBRID_EPOCHS:-12} --recall ${HYBRID_RECALL:-0.9} --force --other-cold-path \
+             --gen-len ${HYBRID_GEN:-16} --calib-tokens ${HYBRID_CALIB:-4096} --epochs ${HYBRID_EPOCHS:-12} --recall ${HYBRID_RECALL:-0.92} --force --other-cold-path \
              $([ -n "${HYBRID_THREADS:-}" ] && echo --host-threads $HYBRID_THREADS) --out "$OUT/hybrid.json" 2>"$OUT/hybrid.err" || tail -20 "$OUT/hybrid.err" ;;
     sdpa-shapes) timeout 120 python scripts/bench_sdpa_shapes.py 2>&1 | tail -5 ;;
     llama-int4-cudnn) # issue 14's Llama job, bf16 and int4, then int4 again with cuDNN's SDPA allowed (A/B).
