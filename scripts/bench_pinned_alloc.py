@@ -4,7 +4,7 @@ of page-locked memory is, and whether copies from it reach the link's rate.
 
   a. torch.empty(n, pin_memory=True)            (cudaHostAlloc through torch's pinned allocator; today's way)
   b. a. then zero_()                            (the host KV's torch.zeros(..., pin_memory=True))
-  c. torch.empty(n), its pages touched by T threads, then cudaHostRegister (ffn/hybrid_fetch.pin_in_place)
+  c. torch.empty(n), its pages touched by T threads, then cudaHostRegister (offload/pinned.pin_in_place)
 
   python scripts/bench_pinned_alloc.py [--gib 4] [--threads 16]
 """
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from offbatch.ffn.hybrid_fetch import pin_in_place, unpin_in_place  # noqa: E402
+from offbatch.offload.pinned import pin_in_place, unpin_in_place  # noqa: E402
 
 
 def copy_rate(host: torch.Tensor) -> float:

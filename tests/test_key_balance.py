@@ -15,14 +15,10 @@ from jobs_support import synth_llama
 from offbatch.attention.key_balance import (KEY_SCALES_FILE, KeyScales, calibrate, key_scales_for_folder,
                                             load_key_scales, scales_from_maxima)
 from offbatch.cli.main import app
-from offbatch.engine.api import GenRequest, SamplingParams
-from offbatch.engine.build import engine_for_folder
 from offbatch.engine.reference import ReferenceModel
 from offbatch.errors import InputFileError
-from test_engine_kv import StoredKVAttention
+from test_engine_kv import NEW, PROMPTS, StoredKVAttention, engine_tokens
 
-PROMPTS = [[3, 5, 7, 9, 11, 13, 2], [4, 8, 15, 16, 23, 42, 1, 2, 3, 4, 5, 6], [99], list(range(1, 15)), [7, 7, 7]]
-NEW = 8
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,14 +99,6 @@ class BalancedStoredKV(StoredKVAttention):
     def attend(self, layer, q, k, v, step):
         q, k = self.scales.apply(layer, q, k)
         return super().attend(layer, q, k, v, step)
-
-
-def engine_tokens(path, device="cpu", **options):
-    eng = engine_for_folder(path, device=device, dtype="float32", num_requests=len(PROMPTS), max_len=32, **options)
-    reqs = [GenRequest(i, p, SamplingParams(max_tokens=NEW, ignore_eos=True)) for i, p in enumerate(PROMPTS)]
-    outs = {o.key: o.token_ids for o in eng.generate(reqs)}
-    eng.close()
-    return eng, [outs[i] for i in range(len(PROMPTS))]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

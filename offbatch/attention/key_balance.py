@@ -92,14 +92,19 @@ def load_key_scales(path: str | Path) -> KeyScales:
     return KeyScales(scales, about)
 
 
-def key_scales_for_folder(model_dir: str | Path, spec: ModelSpec | None = None) -> KeyScales:
-    """The key scales `calibrate-keys` wrote beside the model, checked against it."""
-    from offbatch.models.spec import load_spec
-
+def _scales_file(model_dir: str | Path) -> Path:
     path = Path(model_dir) / KEY_SCALES_FILE
     if not path.is_file():
         raise InputFileError(f"--kv-balance needs the model's key scales: {path} is missing (offbatch calibrate-keys "
                              f"{model_dir} TEXT writes it)")
+    return path
+
+
+def key_scales_for_folder(model_dir: str | Path, spec: ModelSpec | None = None) -> KeyScales:
+    """The key scales `calibrate-keys` wrote beside the model, checked against it."""
+    from offbatch.models.spec import load_spec
+
+    path = _scales_file(model_dir)
     scales = load_key_scales(path)
     scales.check(spec or load_spec(model_dir), str(path))
     return scales
@@ -109,11 +114,7 @@ def key_scales_fingerprint(model_dir: str | Path) -> str:
     """A short digest of the scales file: results made with other scales are other results."""
     import hashlib
 
-    path = Path(model_dir) / KEY_SCALES_FILE
-    if not path.is_file():
-        raise InputFileError(f"--kv-balance needs the model's key scales: {path} is missing (offbatch calibrate-keys "
-                             f"{model_dir} TEXT writes it)")
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return hashlib.sha256(_scales_file(model_dir).read_bytes()).hexdigest()[:12]
 
 
 class KeyRecorder:

@@ -103,16 +103,13 @@ def command(
                              predictors)
     key_scales = None
     if kv_balance:
-        from offbatch.engine.select import EngineOptions, lossy_kv_format
+        from offbatch.attention.key_balance import key_scales_for_folder
+        from offbatch.engine.select import check_kv_balance
 
         if model_dir is None:
             raise OffbatchError("--kv-balance needs MODEL_DIR with its key scales (offbatch calibrate-keys); a --synth "
                                 "shape has none")
-        if pinned is None and not lossy_kv_format(EngineOptions(kv=kv)):
-            raise OffbatchError("--kv-balance balances the keys a compressed KV format stores: give --kv int8 or int4")
-        if pinned is not None and pinned.kv_format == "dense":
-            raise OffbatchError("--kv-balance balances the keys a compressed KV format stores; the pinned plan's KV is dense")
-        from offbatch.attention.key_balance import key_scales_for_folder
+        check_kv_balance(kv, pinned)
 
         key_scales = key_scales_for_folder(model_dir, spec)
     report_file = open_report(out)  # before the bench, which takes minutes

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from offbatch.cli.options import DeviceOpt, DtypeOpt, QuietOpt
+from offbatch.cli.options import CalibWindowsOpt, DeviceOpt, DtypeOpt, EvalWindowsOpt, NoEvalOpt, QuietOpt, WindowOpt
 
 
 def command(
@@ -20,14 +20,14 @@ def command(
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Where to write the scales (default: "
                                                 "MODEL_DIR/offbatch_key_scales.safetensors, where --kv-balance "
                                                 "reads them).")] = None,
-    windows: Annotated[int, typer.Option("--windows", min=1, help="Windows of calibration tokens.")] = 2,
-    window: Annotated[int, typer.Option("--window", min=2, help="Tokens per window.")] = 1024,
+    windows: CalibWindowsOpt = 2,
+    window: WindowOpt = 1024,
     kv: Annotated[str, typer.Option("--kv", help="The KV format whose quality is measured with and without "
                                     "the scales.")] = "int4",
     eval_text: Annotated[Optional[Path], typer.Option("--eval-text", help="Text to measure on (default: the "
                                                       "text `make setup` installs).")] = None,
-    eval_windows: Annotated[int, typer.Option("--eval-windows", min=1, help="Windows of the evaluation text.")] = 1,
-    no_eval: Annotated[bool, typer.Option("--no-eval", help="Do not measure quality.")] = False,
+    eval_windows: EvalWindowsOpt = 1,
+    no_eval: NoEvalOpt = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the scales file.")] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from offbatch.cli.options import DeviceOpt, DtypeOpt, FfnOpt, JsonOpt, KvBalanceOpt, PredictorsOpt
+from offbatch.cli.options import DeviceOpt, DtypeOpt, FfnOpt, JsonOpt, KvBalanceOpt, PredictorsOpt, WindowOpt
 from offbatch.errors import InputFileError, ModelFolderError, OffbatchError
 from offbatch.models import files
 
@@ -212,7 +212,7 @@ def command(
     model: Annotated[Path, typer.Argument(help="Model folder or .gguf file (imported once into the cache).",
                                           show_default=False)],
     text_file: Annotated[Path, typer.Argument(help="Plain UTF-8 text to score.", show_default=False)],
-    window: Annotated[int, typer.Option("--window", min=2, help="Tokens per window.")] = 512,
+    window: WindowOpt = 512,
     stride: Annotated[Optional[int], typer.Option("--stride", min=1, help="Tokens between window starts "
                                                   "(default: --window, no overlap).")] = None,
     max_windows: Annotated[Optional[int], typer.Option("--max-windows", min=1, help="Score at most this many "

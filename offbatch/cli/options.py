@@ -149,6 +149,12 @@ HgcaOpt = Annotated[
                                      "still takes full attention where that is faster.")
 ]
 
+# Calibration commands (profile, train-predictors, calibrate-keys): windows of a text, and the quality check.
+CalibWindowsOpt = Annotated[int, typer.Option("--windows", min=1, help="Windows of calibration tokens.")]
+WindowOpt = Annotated[int, typer.Option("--window", min=2, help="Tokens per window.")]
+EvalWindowsOpt = Annotated[int, typer.Option("--eval-windows", min=1, help="Windows of the evaluation text.")]
+NoEvalOpt = Annotated[bool, typer.Option("--no-eval", help="Do not measure quality.")]
+
 KvBalanceOpt = Annotated[
     bool, typer.Option("--kv-balance", help="With a compressed --kv format: balance the keys' channels by the "
                                             "scales `offbatch calibrate-keys` wrote beside the model before they "

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from offbatch.cli.options import DeviceOpt, DtypeOpt, QuietOpt
+from offbatch.cli.options import CalibWindowsOpt, DeviceOpt, DtypeOpt, EvalWindowsOpt, NoEvalOpt, QuietOpt, WindowOpt
 
 
 def calibration_text(path: Path) -> str:
@@ -71,12 +71,12 @@ def command(
                                                 "MODEL_DIR/offbatch_activity.safetensors).")] = None,
     sparsity: Annotated[float, typer.Option("--sparsity", min=0.0, max=0.99, help="Gated SiLU/GELU FFNs: the "
                                             "share of activations counted inactive (per-FFN threshold).")] = 0.5,
-    windows: Annotated[int, typer.Option("--windows", min=1, help="Windows of calibration tokens.")] = 8,
-    window: Annotated[int, typer.Option("--window", min=2, help="Tokens per window.")] = 512,
+    windows: CalibWindowsOpt = 8,
+    window: WindowOpt = 512,
     eval_text: Annotated[Optional[Path], typer.Option("--eval-text", help="Text to measure the thresholded "
                                                       "model on (default: the text `make setup` installs).")] = None,
-    eval_windows: Annotated[int, typer.Option("--eval-windows", min=1, help="Windows of the evaluation text.")] = 4,
-    no_eval: Annotated[bool, typer.Option("--no-eval", help="Do not measure quality.")] = False,
+    eval_windows: EvalWindowsOpt = 4,
+    no_eval: NoEvalOpt = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the statistics file.")] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,

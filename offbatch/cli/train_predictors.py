@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from offbatch.cli.options import DeviceOpt, DtypeOpt, QuietOpt
+from offbatch.cli.options import CalibWindowsOpt, DeviceOpt, DtypeOpt, QuietOpt, WindowOpt
 
 
 def command(
@@ -25,8 +25,8 @@ def command(
                                           "cut keeps (chosen on held-out tokens).")] = 0.9,
     sparsity: Annotated[float, typer.Option("--sparsity", min=0.0, max=0.99, help="Without statistics: the share "
                                             "of a gated FFN's activations counted inactive.")] = 0.5,
-    windows: Annotated[int, typer.Option("--windows", min=1, help="Windows of calibration tokens.")] = 8,
-    window: Annotated[int, typer.Option("--window", min=2, help="Tokens per window.")] = 512,
+    windows: CalibWindowsOpt = 8,
+    window: WindowOpt = 512,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training tokens.")] = 30,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the predictors file.")] = False,
     device: DeviceOpt = None,

@@ -29,11 +29,22 @@ class EngineOptions:
     kv_balance: bool = False  # --kv-balance: keys balanced by the folder's calibrated scales (attention/key_balance.py)
 
 
-def lossy_kv_format(options: EngineOptions) -> bool:
+def check_kv_balance(kv: str | None, plan=None) -> None:
+    """--kv-balance needs a compressed KV format: among --kv's (planning), or the pinned plan's."""
+    from offbatch.errors import OffbatchError
+
+    if plan is not None and plan.kv_format == "dense":
+        raise OffbatchError("--kv-balance balances the keys a compressed KV format stores; the pinned plan's KV is dense")
+    if plan is None and not lossy_kv_format(kv):
+        raise OffbatchError("--kv-balance balances the keys a compressed KV format stores: give --kv int8 or int4 "
+                            "(with exact KV it would change nothing but the rounding)")
+
+
+def lossy_kv_format(kv: str | None) -> bool:
     """Whether --kv allows a compressed KV format (a comma list of formats; dense alone is exact)."""
     from offbatch.offload.kv import kv_format_name
 
-    names = [n.strip() for n in (options.kv or "").split(",") if n.strip()]
+    names = [n.strip() for n in (kv or "").split(",") if n.strip()]
     out = False
     for n in names:
         try:
@@ -73,9 +84,8 @@ def check_options(options: EngineOptions) -> tuple[str, str, object]:
         raise OffbatchError("--kv and --hgca run in the streaming engine; drop --engine reference")
     if kind == "reference" and hybrid:
         raise OffbatchError("--ffn hybrid runs in the streaming engine; drop --engine reference")
-    if options.kv_balance and not lossy_kv_format(options) and options.plan_file is None:
-        raise OffbatchError("--kv-balance balances the keys a compressed KV format stores: give --kv int8 or int4 "
-                            "(with exact KV it would change nothing but the rounding)")
+    if options.kv_balance and options.plan_file is None:
+        check_kv_balance(options.kv)
     if options.predictors is not None and not hybrid and options.plan_file is None:
         raise OffbatchError("--predictors is for --ffn hybrid (or a pinned plan whose FFN is hybrid)")
     if kind not in ("streaming", "reference"):
@@ -98,9 +108,8 @@ def check_options(options: EngineOptions) -> tuple[str, str, object]:
             raise OffbatchError("--ffn hybrid is for the planner; the pinned plan's FFN is dense")
         if options.predictors is not None and plan.dense_ffn != "hybrid":
             raise OffbatchError("--predictors is for --ffn hybrid (or a pinned plan whose FFN is hybrid)")
-        if options.kv_balance and plan.kv_format == "dense":
-            raise OffbatchError("--kv-balance balances the keys a compressed KV format stores; the pinned plan's KV "
-                                "is dense")
+        if options.kv_balance:
+            check_kv_balance(None, plan)
         return device, kind, plan
     return device, kind, None
 

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from offbatch.errors import OffbatchError
 from offbatch.ffn.base import FFNBackend, register_ffn
 from offbatch.ffn.dense import DenseFFN, mlp_chunked
-from offbatch.ffn.hybrid_fetch import ColdFetcher, FetchLayer, pin_in_place, unpin_in_place
+from offbatch.ffn.hybrid_fetch import ColdFetcher, FetchLayer
+from offbatch.offload.pinned import pin_in_place, unpin_in_place
 from offbatch.ffn.neurons import NeuronStats
 from offbatch.models import layers as L
 from offbatch.models.spec import ModelSpec

@@ -31,22 +31,6 @@ def fetch_scratch_bytes(spec: ModelSpec, dsize: int, tokens: int, rows: int = FE
     return rows * mats * spec.hidden_size * dsize + 3 * tokens * rows * dsize
 
 
-def pin_in_place(t: torch.Tensor) -> bool:
-    """Page-lock a host tensor's memory where it is (cudaHostRegister), so the GPU may read it: torch's pinned
-    allocator would round a fresh pinned copy up to a power of two (a 392 MB layer would hold 512 MiB).
-    True when this call registered it (unpin_in_place undoes it)."""
-    if t.is_pinned() or t.numel() == 0:
-        return False
-    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-    if int(err) != 0:
-        raise RuntimeError(f"cudaHostRegister of {t.numel() * t.element_size()} bytes failed with CUDA error {int(err)}")
-    return True
-
-
-def unpin_in_place(t: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
-
-
 class FetchLayer:
     """One hybrid layer's device-side indices for the fetch path: its cold neurons' ids and biases."""
 

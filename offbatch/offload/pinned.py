@@ -41,6 +41,28 @@ class _LockedMapping(mmap.mmap):
             self.ptr = 0
 
 
+def _register(ptr: int, nbytes: int) -> int:
+    """cudaHostRegister of a host range (mapped into the device's address space); its CUDA error code."""
+    return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
+
+
+def pin_in_place(t: torch.Tensor) -> bool:
+    """Page-lock an existing host tensor's memory where it is, so the GPU may read it (a fresh pinned copy from
+    torch's allocator would be rounded up to a power of two: a 392 MB layer would hold 512 MiB). True when this
+    call registered it; the caller undoes it with unpin_in_place before the memory goes."""
+    if t.is_pinned() or t.numel() == 0:
+        return False
+    nbytes = t.numel() * t.element_size()
+    err = _register(t.data_ptr(), nbytes)
+    if err != 0:
+        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed with CUDA error {err}")
+    return True
+
+
+def unpin_in_place(t: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+
+
 def pinned_zeros(nbytes: int) -> torch.Tensor:
     """A zeroed uint8 tensor of nbytes in page-locked host memory (see the module's docstring)."""
     if nbytes <= 0 or not registering():
@@ -50,12 +72,11 @@ def pinned_zeros(nbytes: int) -> torch.Tensor:
     starts = range(0, nbytes, TOUCH_CHUNK)
     with ThreadPoolExecutor(min(TOUCH_THREADS, len(starts))) as pool:  # fault the pages in, several at once
         list(pool.map(lambda s: t[s : s + TOUCH_CHUNK].zero_(), starts))
-    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0))
-    if err != 0:  # this driver refuses to register it: torch's allocator, as before
+    if _register(t.data_ptr(), nbytes) != 0:  # this driver refuses to register it: torch's allocator, as before
         del t, mapping
         return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
     mapping.ptr = t.data_ptr()
     return t
 
 
-__all__ = ["pinned_zeros", "registering"]
+__all__ = ["pin_in_place", "pinned_zeros", "registering", "unpin_in_place"]
