@@ -121,7 +121,7 @@ def test_the_planner_prices_expanding_a_compressed_format_past_the_fused_rows():
     enough for the fused kernel."""
     import dataclasses
 
-    from offbatch.planner.cost import EXPAND_EFFICIENCY, StepModel, expansion_bytes
+    from offbatch.planner.cost import StepModel, expansion_bytes
     from offbatch.planner.memory import Knobs
     from offbatch.planner.residency import residency_of
     from offbatch.planner.shape import shape_from_spec
@@ -140,6 +140,35 @@ def test_the_planner_prices_expanding_a_compressed_format_past_the_fused_rows():
             model = StepModel(shape, hw, knobs, residency_of(shape, set(shape.nbytes), {}), 128)
             gpu[name, wave] = model.step(wave, 0, 64, 96, 128).gpu_s
     per_layer = expansion_bytes(shapes["int4"])
-    want = spec.num_layers * (per_layer["attn"] + per_layer["ffn"]) / (hw.mem_bytes_s * EXPAND_EFFICIENCY)
+    want = spec.num_layers * (per_layer["attn"] + per_layer["ffn"]) / (hw.mem_bytes_s * get_format("int4").expand_efficiency)
     assert gpu["int4", 512] - gpu["dense", 512] == pytest.approx(want, rel=1e-6)
     assert gpu["int4", 16] == pytest.approx(gpu["dense", 16], rel=1e-9)  # 16 rows: the fused kernel
+
+
+def test_each_format_prices_its_expansion_at_its_own_efficiency():
+    """The bitmap expansion is priced at its own (faster) share of the memory rate, int4's at its own: the
+    same stored and dense bytes cost bitmap half the time at 0.2 against 0.1; keep= takes its inner format's."""
+    import dataclasses
+
+    from offbatch.planner.cost import StepModel, expansion_bytes
+    from offbatch.planner.memory import Knobs
+    from offbatch.planner.residency import residency_of
+    from offbatch.planner.shape import shape_from_spec
+    from offbatch.planner.solve import resolve_hardware
+    from offbatch.models.spec import spec_from_config
+    from offbatch.tools.synth import synth_config
+
+    spec = spec_from_config(synth_config("llama-3-8b", layers=2))
+    hw = resolve_hardware("h200", "cuda")
+    hw = dataclasses.replace(hw, host=dataclasses.replace(hw.host, launch_s=0.0))
+    knobs = Knobs(512, 64, 4096, 512, "device-kv")
+    gpu = {}
+    for name in ("dense", "bitmap-50", "int4+keep=o"):
+        shape = shape_from_spec(spec, torch.bfloat16, get_format(name))
+        gpu[name] = StepModel(shape, hw, knobs, residency_of(shape, set(shape.nbytes), {}), 128).step(512, 0, 64, 96, 128).gpu_s
+        if name != "dense":
+            per_layer = expansion_bytes(shape)
+            want = spec.num_layers * (per_layer["attn"] + per_layer["ffn"]) / (hw.mem_bytes_s * get_format(name).expand_efficiency)
+            assert gpu[name] - gpu["dense"] == pytest.approx(want, rel=1e-6), name
+    assert get_format("bitmap-50").expand_efficiency == 2 * get_format("int4").expand_efficiency
+    assert get_format("int4+keep=o").expand_efficiency == get_format("int4").expand_efficiency

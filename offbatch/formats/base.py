@@ -129,6 +129,11 @@ class WeightFormat:
     # `fused_rows` rows, inside a fused dequant-GEMM that costs about what the dense GEMM does.
     expands = False
     fused_rows = 0
+    # What an expansion costs, as a fraction of the device-memory rate of its bytes (stored read + dense
+    # written): the kernel's own rate and what the step loses around it (scratch, the dense GEMM over it).
+    # Fitted to the H200 int4 Mixtral-8x7B runs of 2026-11-30 (8 and 32 layers, 8 GiB), which the plain
+    # rate over-predicted by 22-29%; a format whose expansion is cheaper says so (bitmap.py).
+    expand_efficiency = 0.1
     # Whether `encode` gives the same bytes on any device (plain torch arithmetic): then the store may
     # encode on the GPU. A library's quantizer may round ties differently per device: it encodes on the host.
     encodes_anywhere = True

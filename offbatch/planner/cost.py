@@ -40,12 +40,6 @@ from offbatch.planner.workload import Workload
 # to 8 all brought the balanced points in; 4 had the smallest median error), decode errors there: the
 # median fell from 5-6% to 4-7%, the worst balanced point (Llama-3-8B, 24 GiB, wave 205) from +35% to +15%.
 OVERLAP_P = 4.0
-# What expanding compressed weights costs on the device, as a fraction of the device-memory rate of its
-# bytes (stored read + dense written): the dequant kernel alone streams near that rate, but the step loses
-# more around it (scratch allocation, the dense kernels over the scratch, the chunks of two experts).
-# Fitted to the H200 int4 Mixtral-8x7B runs of 2026-11-30 (8 and 32 layers, 8 GiB), which the plain rate
-# over-predicted by 22-29%; Llama-3-8B's int4 run stays over-predicted (BENCHMARKS.md has the residuals).
-EXPAND_EFFICIENCY = 0.1
 
 
 @dataclass
@@ -269,7 +263,7 @@ class StepModel:
             t = t + np.where(np.minimum(per_expert, micro) > fused, self.expand.get("expert", 0.0) * n_used * w.moe_layers, 0.0)
             if w.shared:
                 t = t + np.where(np.minimum(T, micro) > fused, self.expand.get("shared", 0.0) * w.moe_layers, 0.0)
-        return t / (rate * EXPAND_EFFICIENCY)
+        return t / (rate * self.fmt.expand_efficiency)
 
     def hybrid_wins(self, tokens: int) -> bool:
         """Whether a decode step of `tokens` sequences (context: the plan's half) is faster with the hybrid FFN
