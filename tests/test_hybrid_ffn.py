@@ -290,6 +290,35 @@ def test_planner_takes_the_hybrid_ffn_only_where_it_predicts_faster(prompts, hyb
     assert cpu.dense_ffn == "dense"
 
 
+def test_planner_prices_the_hybrid_ffn_on_every_attention_backend():
+    """The dense FFN may keep KV on the GPU (its streamed weights bound the step anyway) where the hybrid FFN's hot
+    neurons want that memory: the hybrid is priced on each backend's best dense plan, not only the chosen one's.
+    With the probed H200's rates (CPU attention noisy: the dense plan keeps KV on the device) the issue's job of
+    8 prompts x 256 + 128 leaves no device memory for hot neurons beside device KV; the hybrid plan moves KV to
+    host memory. Pinned to device KV the plan stays dense."""
+    import dataclasses
+
+    from offbatch.planner.hardware import PROFILES
+    from offbatch.planner.solve import make_plan
+    from offbatch.planner.workload import Workload
+
+    spec, neurons = planted_opt30b_neurons()
+    h200 = PROFILES["h200"]
+    probed = dataclasses.replace(h200, name="probed-h200", mem_bytes_s=2.88e12, h2d_pinned_bytes_s=55.3e9,
+                                 cpu_attn_noise=0.4, host=dataclasses.replace(
+                                     h200.host, cpu_attn_bytes_s=58.1e9, cpu_attn_contended_bytes_s=26.6e9))
+    wl = Workload.uniform(8, 256, 128)
+    dense = make_plan(spec, torch.bfloat16, "cuda", 8 << 30, wl, hardware=probed)
+    assert dense.attention == "device-kv"
+    plan = make_plan(spec, torch.bfloat16, "cuda", 8 << 30, wl, hardware=probed, neurons=neurons)
+    assert plan.dense_ffn == "hybrid" and plan.attention != "device-kv" and plan.hot_neurons > 0
+    assert plan.predicted["decode_tok_s"] > 1.5 * dense.predicted["decode_tok_s"]
+    pinned = make_plan(spec, torch.bfloat16, "cuda", 8 << 30, wl, hardware=probed, neurons=neurons, attention="device-kv")
+    assert pinned.dense_ffn == "dense" and pinned.attention == "device-kv"
+    # Among hybrid plans within the CPU-attention noise of each other the simpler backend is kept (GPU attention).
+    assert plan.attention == "host-kv-gpu"
+
+
 def test_planner_picks_the_cold_path_by_step_size_and_the_machine():
     """Host threads for the smallest steps, the fetch to the GPU once the union times the tokens costs the host
     more than the union's bytes cost the link; a slow link keeps every step on the host, a slow host fetches

@@ -15,10 +15,10 @@ waits only for the union's synchronisation and the chunk's launches per layer. H
 times T, the fetch with U(T) alone: the host path for a few tokens, the fetch for more.
 A large step streams the FFN modules as the dense plan does.
 
-The choice is a post-pass over the solver's best dense plan, with its wave and micro-batches kept: each
-candidate share of the resident weight memory given to hot neurons is priced over the whole job, and the
-hybrid FFN is taken only when the fastest is more than TIE_TOLERANCE faster than the dense plan (issue
-17: the planner must never pick it where it measures slower).
+The choice is a post-pass over each attention backend's best dense plan (the solver's), with its wave and
+micro-batches kept: each candidate share of the resident weight memory given to hot neurons is priced over the
+whole job, and the hybrid FFN is taken only when the fastest is more than TIE_TOLERANCE faster than the dense
+plan the solver chose (issue 17: the planner must never pick it where it measures slower).
 """
 
 from __future__ import annotations
@@ -140,6 +140,31 @@ class BoundHybrid:
 def host_cold_rate(hw) -> float:
     """Cold neuron bytes the host threads gather and multiply per second (while copies to the GPU run)."""
     return min(hw.host.cpu_ffn_bytes_s, HOST_FFN_SHARE * hw.host.cpu_attn_contended_bytes_s)
+
+
+def choose_hybrid(solver, chosen, stats: NeuronStats):
+    """(evaluation, solver, bound terms) of the fastest hybrid candidate over every attention backend's best
+    dense plan (the solver's), or None when none is more than TIE_TOLERANCE faster than the chosen dense plan.
+    Each backend is tried, not only the chosen one: KV on the device may suit the dense FFN, whose streamed
+    weights bound the step anyway, while the hybrid FFN's hot neurons would rather have that memory (KV in
+    host memory, attention on the host threads)."""
+    from offbatch.planner.solve import TIE_TOLERANCE, backend
+
+    dense_plans = list(getattr(solver, "best_by_backend", {}).values()) or [chosen]
+    found = [h for h in (consider_hybrid(solver, e, stats) for e in dense_plans) if h is not None]
+    if not found:
+        return None
+    fastest = min(found, key=lambda h: h[0].total_s)
+
+    def tolerance(h) -> float:  # the solver's rule: wider where only one of the two attends on the host threads
+        on_host = {backend(h[0]).attends_on_host, backend(fastest[0]).attends_on_host}
+        return max(TIE_TOLERANCE, solver.hw.cpu_attn_noise) if len(on_host) == 2 else TIE_TOLERANCE
+
+    # Among near-ties the simplest backend, as the solver keeps among dense plans: noise in the measured
+    # rates cannot flip the choice.
+    near = [h for h in found if h[0].total_s <= fastest[0].total_s * (1 + tolerance(h))]
+    best = min(near, key=lambda h: (backend(h[0]).rank, backend(h[0]).name))
+    return best if best[0].total_s <= chosen.total_s * (1 - TIE_TOLERANCE) else None
 
 
 def consider_hybrid(solver, dense, stats: NeuronStats):

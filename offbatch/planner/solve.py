@@ -587,9 +587,9 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, device: str, gpu_memory: int 
                     kv_formats, hgca, hgca_window_given)
     best = solver.solve()
     if neurons is not None and torch.device(device).type == "cuda":
-        from offbatch.planner.hybrid_ffn import apply_hybrid, consider_hybrid
+        from offbatch.planner.hybrid_ffn import apply_hybrid, choose_hybrid
 
-        hybrid = consider_hybrid(solver, best, neurons)
+        hybrid = choose_hybrid(solver, best, neurons)
         if hybrid is not None:
             e, trial, bound = hybrid
             return apply_hybrid(to_plan(e, trial), bound)
