@@ -153,6 +153,9 @@ def main() -> None:
     ap.add_argument("--other-cold-path", action="store_true",
                     help="where the planner takes the hybrid FFN, also run its plan with the other cold path (host threads "
                          "or fetched to the GPU)")
+    ap.add_argument("--also-attention", default="",
+                    help="comma-separated attention backends: the planner's plan with the neurons allowed, pinned to each "
+                         "of these that differs from its own choice, run too (is its backend the faster one?)")
     ap.add_argument("--host-threads", type=int, default=None,
                     help="torch's CPU threads (the cold part's): fewer leave DRAM bandwidth to the pinned copies")
     ap.add_argument("--out", default=None)
@@ -297,6 +300,22 @@ def main() -> None:
                   f"{r['decode_tok_s']:8.2f} tok/s = {row[key]['vs_dense']:.2f}x dense, {row[key]['vs_planner']:.2f}x the "
                   f"planner's; cold share {h.get('cold_share_computed', 0):.3f}, fetch {h.get('fetch_s', 0):.1f} s, "
                   f"host {h.get('host_s', 0):.1f} s, peak {r['peak_gpu_reserved_bytes'] / 2**30:.2f} GiB", flush=True)
+        for name in [b for b in a.also_attention.split(",") if b and b != row["planner"]["plan"]["attention"]]:
+            # The same job planned with the attention backend pinned (the hybrid FFN still allowed).
+            r = run_bench(source, a.device, cap, n, a.prompt_len, a.gen_len, store=store, keep_tokens=True,
+                          dtype=store.dtype, default_dtype=store.dtype, neurons=neurons, attention=name)
+            key = f"attention_{name}"
+            row[key] = {k: r[k] for k in ("decode_tok_s", "e2e_tok_s", "peak_gpu_reserved_bytes", "decode_bytes_per_step")}
+            row[key]["plan"] = {k: r["plan"][k] for k in ("attention", "wave_size", "dense_ffn", "hot_neurons",
+                                                           "hybrid_tokens", "hybrid_fetch_tokens")}
+            row[key]["predicted_decode_tok_s"] = r["plan"]["predicted"].get("decode_tok_s")
+            row[key]["vs_dense"] = r["decode_tok_s"] / max(1e-9, row["dense"]["decode_tok_s"])
+            row[key]["vs_planner"] = r["decode_tok_s"] / max(1e-9, row["planner"]["decode_tok_s"])
+            row[key]["agreement"] = agreement(row["dense"]["tokens"], r["tokens"])
+            print(f"{n:>4} prompts  attention pinned to {name}: {r['plan']['dense_ffn']} FFN, {r['plan']['hot_neurons']} hot, "
+                  f"decode {r['decode_tok_s']:8.2f} tok/s (predicted {row[key]['predicted_decode_tok_s']:.2f}) = "
+                  f"{row[key]['vs_dense']:.2f}x dense, {row[key]['vs_planner']:.2f}x the planner's; peak "
+                  f"{r['peak_gpu_reserved_bytes'] / 2**30:.2f} GiB", flush=True)
         row["speedup_decode"] = row["planner"]["decode_tok_s"] / max(1e-9, row["dense"]["decode_tok_s"])
         row.update(agreement(row["dense"]["tokens"], row["planner"]["tokens"]))
         for name in ("dense", "planner"):
