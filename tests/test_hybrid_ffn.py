@@ -305,6 +305,8 @@ def test_planner_prices_the_hybrid_ffn_on_every_attention_backend():
     spec, neurons = planted_opt30b_neurons()
     h200 = PROFILES["h200"]
     probed = dataclasses.replace(h200, name="probed-h200", mem_bytes_s=2.88e12, h2d_pinned_bytes_s=55.3e9,
+                                 h2d_pageable_bytes_s=7.13e9, d2h_bytes_s=55.3e9, gpu_memory_bytes=150109880320,
+                                 gemm_flop_s={16: 53.8e12, 64: 191e12, 256: 617e12, 1024: 750e12, 4096: 714e12},
                                  cpu_attn_noise=0.4, host=dataclasses.replace(
                                      h200.host, cpu_attn_bytes_s=58.1e9, cpu_attn_contended_bytes_s=26.6e9))
     wl = Workload.uniform(8, 256, 128)
@@ -315,8 +317,18 @@ def test_planner_prices_the_hybrid_ffn_on_every_attention_backend():
     assert plan.predicted["decode_tok_s"] > 1.5 * dense.predicted["decode_tok_s"]
     pinned = make_plan(spec, torch.bfloat16, "cuda", 8 << 30, wl, hardware=probed, neurons=neurons, attention="device-kv")
     assert pinned.dense_ffn == "dense" and pinned.attention == "device-kv"
-    # Among hybrid plans within the CPU-attention noise of each other the simpler backend is kept (GPU attention).
-    assert plan.attention == "host-kv-gpu"
+    # Hybrid plans are compared at CPU rates less the machine's noise. At 8 prompts the CPU attention hides under
+    # the link (the H200 measured host-kv-cpu 1.16x host-kv-gpu on this job): taken.
+    assert plan.attention == "host-kv-cpu"
+    # At 32 prompts on a slower host its CPU attention bounds the step: predicted 13% faster at the probed rate,
+    # slower at that rate less the noise, so GPU attention is kept; without noise the faster one is taken.
+    slower = dataclasses.replace(probed, host=dataclasses.replace(probed.host, cpu_attn_contended_bytes_s=20e9))
+    wl32 = Workload.uniform(32, 256, 128)
+    wider = make_plan(spec, torch.bfloat16, "cuda", 8 << 30, wl32, hardware=slower, neurons=neurons)
+    assert wider.dense_ffn == "hybrid" and wider.attention == "host-kv-gpu"
+    exact = make_plan(spec, torch.bfloat16, "cuda", 8 << 30, wl32, hardware=dataclasses.replace(slower, cpu_attn_noise=0.0),
+                      neurons=neurons)
+    assert exact.dense_ffn == "hybrid" and exact.attention == "host-kv-cpu"
 
 
 def test_planner_picks_the_cold_path_by_step_size_and_the_machine():

@@ -143,28 +143,46 @@ def host_cold_rate(hw) -> float:
 
 
 def choose_hybrid(solver, chosen, stats: NeuronStats):
-    """(evaluation, solver, bound terms) of the fastest hybrid candidate over every attention backend's best
+    """(evaluation, solver, bound terms) of the hybrid candidate to take over every attention backend's best
     dense plan (the solver's), or None when none is more than TIE_TOLERANCE faster than the chosen dense plan.
     Each backend is tried, not only the chosen one: KV on the device may suit the dense FFN, whose streamed
     weights bound the step anyway, while the hybrid FFN's hot neurons would rather have that memory (KV in
-    host memory, attention on the host threads)."""
+    host memory).
+
+    The candidates are compared at the host threads' rates less the machine's CPU-attention noise (the probe's
+    rate moves that much from one probe to the next): a plan whose step waits on CPU attention is taken only
+    if it wins even then, and one whose CPU part hides under the link is not held back by that noise (the
+    solver's flat near-tie tolerance would keep the simpler backend at any gap under it). Near-ties (within
+    TIE_TOLERANCE) go to the simpler backend."""
     from offbatch.planner.solve import TIE_TOLERANCE, backend
 
     dense_plans = list(getattr(solver, "best_by_backend", {}).values()) or [chosen]
     found = [h for h in (consider_hybrid(solver, e, stats) for e in dense_plans) if h is not None]
     if not found:
         return None
-    fastest = min(found, key=lambda h: h[0].total_s)
-
-    def tolerance(h) -> float:  # the solver's rule: wider where only one of the two attends on the host threads
-        on_host = {backend(h[0]).attends_on_host, backend(fastest[0]).attends_on_host}
-        return max(TIE_TOLERANCE, solver.hw.cpu_attn_noise) if len(on_host) == 2 else TIE_TOLERANCE
-
-    # Among near-ties the simplest backend, as the solver keeps among dense plans: noise in the measured
-    # rates cannot flip the choice.
-    near = [h for h in found if h[0].total_s <= fastest[0].total_s * (1 + tolerance(h))]
+    cautious = {id(h): cautious_total_s(h[1], h[0]) for h in found}
+    fastest = min(cautious.values())
+    near = [h for h in found if cautious[id(h)] <= fastest * (1 + TIE_TOLERANCE)]
     best = min(near, key=lambda h: (backend(h[0]).rank, backend(h[0]).name))
     return best if best[0].total_s <= chosen.total_s * (1 - TIE_TOLERANCE) else None
+
+
+def cautious_total_s(trial, ev) -> float:
+    """The job time of ev's knobs under trial's terms with the host threads' rates lowered by the machine's
+    CPU-attention noise (the same as ev's where that is 0)."""
+    import copy
+
+    noise = trial.hw.cpu_attn_noise
+    if not noise:
+        return ev.total_s
+    slow = 1.0 - noise
+    host = dataclasses.replace(trial.hw.host, cpu_attn_bytes_s=trial.hw.host.cpu_attn_bytes_s * slow,
+                               cpu_attn_contended_bytes_s=trial.hw.host.cpu_attn_contended_bytes_s * slow,
+                               cpu_ffn_bytes_s=trial.hw.host.cpu_ffn_bytes_s * slow)
+    pessimist = copy.copy(trial)
+    pessimist.hw, pessimist.cache = dataclasses.replace(trial.hw, host=host), {}
+    e = pessimist.evaluate(ev.knobs)
+    return e.total_s if e is not None else float("inf")
 
 
 def consider_hybrid(solver, dense, stats: NeuronStats):
