@@ -108,6 +108,28 @@ def test_wanda_keeps_the_largest_weight_times_input_norm():
         wanda_prune(w, norms[:3], 2)
 
 
+@pytest.mark.parametrize("name", ["bitmap-50", "bitmap-70-int8", "bitmap-50-int4"])
+def test_a_weight_encoded_in_row_blocks_is_the_weight_encoded_whole(monkeypatch, name):
+    """Conversion encodes (and Wanda scores) a weight in blocks of rows to bound host memory: every stored tensor,
+    bit for bit, is what the whole weight encodes to (ragged last block), and Wanda keeps the same values."""
+    import offbatch.formats.bitmap as bitmap
+    import offbatch.tools.prune as prune
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(37, 96, generator=g)
+    fmt = get_format(name)
+    whole = fmt.encode("up.weight", w, torch.float32)
+    monkeypatch.setattr(bitmap, "ENCODE_ROWS", 8)
+    blocks = fmt.encode("up.weight", w, torch.float32)
+    assert whole.keys() == blocks.keys()
+    for key in whole:
+        assert whole[key].dtype == blocks[key].dtype and torch.equal(whole[key], blocks[key]), key
+    norms = torch.rand(96, generator=g) + 0.1
+    want = wanda_prune(w, norms, 40)
+    monkeypatch.setattr(prune, "PRUNE_ROWS", 5)
+    assert torch.equal(wanda_prune(w, norms, 40), want)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from hf_factory import save_hf_model

@@ -36,6 +36,10 @@ from offbatch.formats.int8 import divided, quantizable, safe
 
 
 VALUES_DTYPE = torch.bfloat16
+# Rows encoded at once. Every step of the encoding is row by row (a row's kept values, its bitmap, its int8
+# scale, its int4 groups), so a weight is encoded in row blocks: its transient index and count tensors (int64,
+# 8 bytes an element) then stay within a block's, not a whole Llama-3-70B FFN weight's 2 GB each.
+ENCODE_ROWS = 4096
 
 
 class _Int4Values(Int4Format):
@@ -91,10 +95,17 @@ class BitmapFormat(WeightFormat):
         return [bits, (f"{local}.nz", (n, c), VALUES_DTYPE)]
 
     def encode(self, local, tensor, dtype):
-        from offbatch.kernels.bitmap_reference import bitmap_pack
-
         if not self.compresses(local, tuple(tensor.shape)):
             return super().encode(local, tensor, dtype)
+        n = tensor.shape[0]
+        if n <= ENCODE_ROWS:
+            return self._encode_rows(local, tensor, dtype)
+        parts = [self._encode_rows(local, tensor[a : a + ENCODE_ROWS], dtype) for a in range(0, n, ENCODE_ROWS)]
+        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+    def _encode_rows(self, local, tensor, dtype):
+        from offbatch.kernels.bitmap_reference import bitmap_pack
+
         n, k = tensor.shape
         c = self.kept_values(k)
         t = tensor.float()

@@ -21,6 +21,7 @@ import torch
 from offbatch.tools.model_hooks import hook_linear_inputs
 
 METHODS = ("magnitude", "wanda")
+PRUNE_ROWS = 4096  # rows scored at once (each row keeps its own best: blocks change nothing but the memory)
 CALIB_WINDOWS = 8  # windows of 512 tokens: 4 096 tokens of calibration, as Wanda's paper used 128 x 2 048 at most
 
 
@@ -56,9 +57,11 @@ def wanda_prune(weight: torch.Tensor, norms: torch.Tensor, kept: int) -> torch.T
         raise ValueError(f"input norms of shape {tuple(norms.shape)} for a weight of {k} inputs")
     out = torch.zeros_like(weight)
     if kept:
-        score = weight.float().abs() * norms.to(weight.device, torch.float32)[None, :]
-        idx = score.topk(kept, dim=1, sorted=False).indices
-        out.scatter_(1, idx, weight.gather(1, idx))
+        scale = norms.to(weight.device, torch.float32)[None, :]
+        for a in range(0, n, PRUNE_ROWS):  # row blocks: the float32 scores and int64 indices of a block at a time
+            w = weight[a : a + PRUNE_ROWS]
+            idx = (w.float().abs() * scale).topk(kept, dim=1, sorted=False).indices
+            out[a : a + PRUNE_ROWS].scatter_(1, idx, w.gather(1, idx))
     return out
 
 
