@@ -60,9 +60,8 @@ def kept_per_row(k: int, sparsity: float) -> int:
 class BitmapFormat(WeightFormat):
     expands = True
     fused_rows = 0  # no fused sparse GEMM: every use expands first
-    # The expansion kernel alone streams at 0.18-0.20 of HBM on the H200 (kernels/bitmap_triton.py); at the
-    # int4 formats' 0.1 the planner priced a 70B decode step GPU-bound at 100 tok/s, which ran link-bound
-    # at 121.8 (BENCHMARKS.md, twelfth session).
+    # The expansion kernel (kernels/bitmap_triton.py) streams at 0.18-0.20 of HBM on the H200, about twice the
+    # int4 formats' whole cost around their dequantization (BENCHMARKS.md has the runs it was checked on).
     expand_efficiency = 0.2
 
     def __init__(self, percent: int, values: str = "bf16"):

@@ -23,6 +23,7 @@ plan the solver chose (issue 17: the planner must never pick it where it measure
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -170,8 +171,6 @@ def choose_hybrid(solver, chosen, stats: NeuronStats):
 def cautious_total_s(trial, ev) -> float:
     """The job time of ev's knobs under trial's terms with the host threads' rates lowered by the machine's
     CPU-attention noise (the same as ev's where that is 0)."""
-    import copy
-
     noise = trial.hw.cpu_attn_noise
     if not noise:
         return ev.total_s
