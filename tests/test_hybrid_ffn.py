@@ -331,6 +331,34 @@ def test_planner_prices_the_hybrid_ffn_on_every_attention_backend():
     assert exact.dense_ffn == "hybrid" and exact.attention == "host-kv-cpu"
 
 
+def test_near_tie_hybrid_plans_go_to_exact_kv_then_the_simpler_backend(monkeypatch):
+    """choose_hybrid's order among hybrid plans within TIE_TOLERANCE of the fastest (by their cautious price):
+    exact KV before a lossy format, then the backend's rank, as the solver orders dense plans; a plan outside
+    the tolerance is not taken for being simpler; none is taken unless it beats the chosen dense plan."""
+    from types import SimpleNamespace
+
+    import offbatch.planner.hybrid_ffn as hf
+    from offbatch.planner.solve import TIE_TOLERANCE
+
+    def ev(attention, kv, total):
+        return SimpleNamespace(knobs=SimpleNamespace(attention=attention, kv_format=kv, hgca=""), total_s=total)
+
+    def pick(*cands, dense_s=100.0):
+        plans = {i: c for i, c in enumerate(cands)}
+        solver = SimpleNamespace(best_by_backend=plans)
+        monkeypatch.setattr(hf, "consider_hybrid", lambda s, e, stats: (e, None, None))
+        monkeypatch.setattr(hf, "cautious_total_s", lambda trial, e: e.total_s)
+        got = hf.choose_hybrid(solver, ev("device-kv", "dense", dense_s), None)
+        return None if got is None else (got[0].knobs.attention, got[0].knobs.kv_format)
+
+    close = 50.0 * (1 + TIE_TOLERANCE / 2)
+    assert pick(ev("host-kv-gpu", "int8", 50.0), ev("host-kv-cpu", "dense", close)) == ("host-kv-cpu", "dense")
+    assert pick(ev("host-kv-cpu", "dense", 50.0), ev("host-kv-gpu", "dense", close)) == ("host-kv-gpu", "dense")
+    far = 50.0 * (1 + 2 * TIE_TOLERANCE)
+    assert pick(ev("host-kv-cpu", "dense", 50.0), ev("device-kv", "dense", far)) == ("host-kv-cpu", "dense")
+    assert pick(ev("host-kv-cpu", "dense", 99.9)) is None  # not faster than the dense plan by the tolerance
+
+
 def test_planner_picks_the_cold_path_by_step_size_and_the_machine():
     """Host threads for the smallest steps, the fetch to the GPU once the union times the tokens costs the host
     more than the union's bytes cost the link; a slow link keeps every step on the host, a slow host fetches

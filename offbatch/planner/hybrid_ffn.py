@@ -154,8 +154,8 @@ def choose_hybrid(solver, chosen, stats: NeuronStats):
     rate moves that much from one probe to the next): a plan whose step waits on CPU attention is taken only
     if it wins even then, and one whose CPU part hides under the link is not held back by that noise (the
     solver's flat near-tie tolerance would keep the simpler backend at any gap under it). Near-ties (within
-    TIE_TOLERANCE) go to the simpler backend."""
-    from offbatch.planner.solve import TIE_TOLERANCE, backend
+    TIE_TOLERANCE) go to the simplest, as the solver orders them: exact KV first, then the backend's rank."""
+    from offbatch.planner.solve import TIE_TOLERANCE, backend, kv_rank
 
     dense_plans = list(getattr(solver, "best_by_backend", {}).values()) or [chosen]
     found = [h for h in (consider_hybrid(solver, e, stats) for e in dense_plans) if h is not None]
@@ -164,7 +164,8 @@ def choose_hybrid(solver, chosen, stats: NeuronStats):
     cautious = {id(h): cautious_total_s(h[1], h[0]) for h in found}
     fastest = min(cautious.values())
     near = [h for h in found if cautious[id(h)] <= fastest * (1 + TIE_TOLERANCE)]
-    best = min(near, key=lambda h: (backend(h[0]).rank, backend(h[0]).name))
+    best = min(near, key=lambda h: (kv_rank(h[0].knobs.kv_format), backend(h[0]).rank, backend(h[0]).name,
+                                    h[0].knobs.hgca))
     return best if best[0].total_s <= chosen.total_s * (1 - TIE_TOLERANCE) else None
 
 
