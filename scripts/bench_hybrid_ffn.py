@@ -160,6 +160,16 @@ def main() -> None:
                     help="torch's CPU threads (the cold part's): fewer leave DRAM bandwidth to the pinned copies")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    from offbatch.attention import attention_names
+
+    unknown = [b for b in a.also_attention.split(",") if b and b not in attention_names()]
+    if unknown:
+        ap.error(f"--also-attention: unknown backend(s) {', '.join(unknown)} (known: {', '.join(attention_names())})")
+    from offbatch.attention import get_attention
+
+    lossy = [b for b in a.also_attention.split(",") if b and get_attention(b).lossy]
+    if lossy:
+        ap.error(f"--also-attention: {', '.join(lossy)} is lossy; this bench compares exact attention backends")
     if a.host_threads:
         torch.set_num_threads(a.host_threads)
     cap = parse_bytes(a.gpu_memory)
