@@ -60,6 +60,14 @@ for part in "$@"; do
              timeout 150 python scripts/profile_format.py --synth llama-3-8b --layers 8 --weights $w --gpu-memory 40GiB \
                --prompts ${PROFILE_PROMPTS:-96} --prompt-len 64 --gen-len 16 --top 40 --out "$OUT/profile-llama-$w.txt" > "$OUT/profile-llama-$w.log" 2>&1; head -4 "$OUT/profile-llama-$w.log"
            done ;;
+    steps) # Where a decode step's time goes, the steps alone under the profiler (scripts/profile_steps.py):
+           # STEPS_RUNS="weights:kv ..." (kv "-" for exact) on STEPS_SHAPE (default Llama-3-8B) at 8 GiB.
+           for run in ${STEPS_RUNS:-int4:int8 dense:int8 int4:-}; do
+             w=${run%%:*}; k=${run#*:}; kv=(); [ "$k" != "-" ] && kv=(--kv "$k")
+             timeout ${STEPS_TIMEOUT:-200} python scripts/profile_steps.py --synth ${STEPS_SHAPE:-llama-3-8b} --weights $w "${kv[@]}" \
+               --gpu-memory 8GiB --prompts ${STEPS_PROMPTS:-1024} --prompt-len ${STEPS_PROMPT_LEN:-64} --gen-len 12 --skip 4 --steps 3 \
+               --out "$OUT" > "$OUT/steps-$w-$k.log" 2>&1; echo "rc $?"; head -${STEPS_HEAD:-28} "$OUT/steps-$w-$k.log"
+           done ;;
     kv-tests) # Compressed KV and HGCA on the GPU: the Triton kernels in bf16 against their twins, the backends.
            set -o pipefail
            timeout 240 python -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_kv.py tests/test_kv_formats.py \
