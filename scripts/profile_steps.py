@@ -13,6 +13,7 @@ Usage: python scripts/profile_steps.py --synth llama-3-8b --weights int4 --kv in
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import time
@@ -113,7 +114,7 @@ def main() -> None:
     wall_ms = sum(w for w, _ in state["walls"]) / steps * 1e3
     lines = [f"{args.synth} x{r['layers']} weights {args.weights} kv {args.kv or 'exact'}: plan {r['plan'].get('attention')} "
              f"wave {r['plan'].get('wave_size')}, kv_format {r['plan'].get('kv_format')}, "
-             f"{len(r['plan'].get('resident', []))} modules resident",
+             f"{r['plan'].get('resident_modules')} modules resident, attn micro-batch {r['plan'].get('attn_micro_batch')}",
              f"decode {r['decode_tok_s']:.0f} tok/s over the whole job, achieved/floor with KV "
              f"{r['decode_achieved_over_floor_with_kv_copies']:.2f}; KV copied per step "
              f"{r['decode_kv_copied_bytes_per_step'] / 1e9:.2f} GB, weights {r['decode_bytes_per_step'] / 1e9:.2f} GB",
@@ -140,7 +141,11 @@ def main() -> None:
             json.dump({"walls_s": state["walls"], "kernel_ms_per_step": kernel_ms, "copy_ms_per_step": copy_ms,
                        "report": {k: v for k, v in r.items() if k != "tokens"}}, f, indent=1, default=str)
         if args.trace:
-            prof.export_chrome_trace(os.path.join(args.out, f"trace-{tag}.json"))
+            path = os.path.join(args.out, f"trace-{tag}.json")
+            prof.export_chrome_trace(path)
+            with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as z:
+                z.write(f.read())
+            os.remove(path)
 
 
 if __name__ == "__main__":
