@@ -697,3 +697,22 @@ def test_cpu_attention_noise_widens_the_tie_only_where_cpu_attention_is_in_the_c
     assert Hardware.from_dict(replace(h200, cpu_attn_noise=0.3).to_dict()).cpu_attn_noise == 0.3
     with pytest.raises(PlanFileError, match="cpu_attn_noise"):
         Hardware.from_dict({**h200.to_dict(), "cpu_attn_noise": 2.0})
+
+
+def test_host_kv_micro_batches_are_priced_on_the_host_thread():
+    # Llama-3-8B in int4 with int8 KV at 8 GiB: every weight resident, the host KV copied per attention
+    # micro-batch. Each micro-batch of each layer is a copy to issue and tokens to patch on the host thread;
+    # on the H200 a step took 180 / 155 / 125 ms with 4 / 2 / 1 micro-batches a layer. The model must rank
+    # them so, and the solver take one micro-batch for the wave on that backend (it had only 256 to choose up
+    # to).
+    spec, wl = spec_of("llama-3-8b"), Workload.uniform(1024, 64, 32)
+
+    def plan(**pins):
+        return make_plan(spec, torch.bfloat16, "cuda", 8 * GiB, wl, hardware="h200", weights="int4",
+                         kv_formats=("int8",), disk_tier=False, **pins)
+
+    steps = {mb: plan(attention="host-kv-gpu", wave_size=1024, attn_micro_batch=mb).predicted["decode_step"]["total_s"]
+             for mb in (256, 512, 1024)}
+    assert steps[256] > steps[512] * 1.05 and steps[256] > steps[1024] * 1.05
+    chosen = plan(attention="host-kv-gpu")
+    assert (chosen.wave_size, chosen.attn_micro_batch) == (1024, 1024)

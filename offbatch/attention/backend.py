@@ -34,6 +34,9 @@ class StepTerms:
     kv_copy_s: np.ndarray  # host KV copies issued on the compute stream (in the chain)
     kv_store_s: np.ndarray  # storing new K/V to host KV, beside the chain
     serial: list[np.ndarray] = field(default_factory=list)  # serial parts of the chain, added in order
+    # The host thread's time issuing the backend's work (copies, patches), beside its launches: like them a
+    # floor under the device chain, which can run no faster than the host feeds it.
+    issue_s: np.ndarray | float = 0.0
 
 
 @dataclass

@@ -63,8 +63,13 @@ class HostKVGPU(AttentionBackend):
         # with the weight copies (in the step's link bytes) and are not in the compute chain. Issued on the
         # compute stream (OFFBATCH_KV_COPY_STREAM=0) they are in both.
         kv_copy = zero if copy_stream_enabled() else kv_h2d / m.hw.h2d_pinned_bytes_s
+        # Each micro-batch of each layer: a copy to issue on the fetch stream, its events, the new tokens to
+        # patch in, all on the host thread. (Copies on the compute stream: in attn_call_s, fitted to that
+        # engine.)
+        ranges = np.ceil(covered / max(1, min(m.knobs.attn_micro_batch, m.knobs.wave)))
+        issue = m.L * ranges * m.hw.host.kv_fetch_range_s if copy_stream_enabled() else zero
         return StepTerms(kv_link_bytes=kv_h2d, kv_store_bytes=d2h, gpu_s=attn_bytes / m.hw.mem_bytes_s, cpu_s=zero,
-                         kv_copy_s=kv_copy, kv_store_s=store_s)
+                         kv_copy_s=kv_copy, kv_store_s=store_s, issue_s=issue)
 
     @classmethod
     def summary_words(cls, gpu: str) -> str:

@@ -173,7 +173,7 @@ class StepModel:
         gpu = gpu + f / hw.gemm_rate(prompt_len) + 2 * 4 * spec.num_heads * sq * L / hw.mem_bytes_s
         flops = flops + f
         gpu = gpu + T * (spec.hidden_size * dsize * 24 * L) / hw.mem_bytes_s  # norms, rope, residuals
-        gpu = np.maximum(gpu, launches * hw.host.launch_s)
+        gpu = np.maximum(gpu, launches * hw.host.launch_s + att.issue_s)
 
         # ---- serial parts of the chain ---------------------------------------------------------------
         serial = zero + w.moe_layers * hw.host.sync_s

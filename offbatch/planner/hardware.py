@@ -45,6 +45,12 @@ class Host:
     # One decode attention micro-batch call: its Python and launches are not hidden (the router's
     # sync in every MoE layer, and the copies issued from the same thread, tie the host to the device).
     attn_call_s: float = 5e-5
+    # One decode micro-batch of host KV attended on the GPU, beyond attn_call_s: its copy issued on the
+    # fetch stream, the step's new tokens patched into the copy, the buffer's events. Issued from the host
+    # thread like launches, it bounds the step where nothing slower does (every weight resident: Llama-3-8B
+    # int4 + int8 KV, wave 1024 at 8 GiB, 180 / 155 / 125 ms a decode step with 4 / 2 / 1 micro-batches a
+    # layer, benchmarks/2026-11-30-e).
+    kv_fetch_range_s: float = 5.7e-4
     # Cold FFN neurons the host threads gather and multiply per second for the hybrid FFN (bf16 products,
     # 16 threads, beside the copies): 8.7-15 GB/s in the engine on the H200 host (2026-11-30); a machine is
     # taken at this or half its CPU-attention rate, whichever is lower (both gather rows and multiply them).
@@ -160,7 +166,8 @@ class Hardware:
         for name, value in rates.items():
             if not _number(value) or not 0 < value < 1e18:
                 raise PlanFileError(f"a hardware profile's {name} is a rate above 0, not {value!r}")
-        for name in ("seq_s", "step_s", "prefill_token_s", "launch_s", "sync_s", "attn_call_s"):
+        for name in ("seq_s", "step_s", "prefill_token_s", "launch_s", "sync_s", "attn_call_s",
+                     "kv_fetch_range_s"):
             value = getattr(self.host, name)
             if not _number(value) or not 0 <= value < 3600:
                 raise PlanFileError(f"a hardware profile's host.{name} is seconds from 0, not {value!r}")

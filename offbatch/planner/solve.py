@@ -62,7 +62,7 @@ HOST_SHARE = 0.8  # of the host's memory, when no --cpu-memory is given
 PREFILL_MULTIPLES = (1, 4, 16, 64)  # prompts per step (with 8192 tokens, the rules' budget)
 # GEMM efficiency is flat beyond ~1024 rows, memory is not; the smallest sizes are for tight budgets.
 FFN_CANDIDATES = (64, 1024, 2048, 4096)
-ATTN_CANDIDATES = (1, 16, 64, 256)
+ATTN_CANDIDATES = (1, 16, 64, 256, 1024)
 START_MICRO_BATCHES = ((4096, 64), (1024, 256))  # (FFN tokens, attention sequences) the descents start from
 HGCA_WINDOWS = (64, 128, 256, 512, 1024, 2048)  # GPU windows the solver tries for HGCA (recent keys per sequence)
 TIE_TOLERANCE = 0.03  # of the predicted job time: candidates this close count as a tie
