@@ -80,6 +80,31 @@ def test_engine_with_compressed_kv_equals_the_stored_kv_oracle(folder, kv, devic
     assert not torch.allclose(logits[0], logits[1], atol=1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv", ["dense", "int8", "int4"])
+@pytest.mark.parametrize("gpu_writes", ["1", "0"])
+def test_host_kv_gpu_stores_decode_tokens_from_the_gpu(folder, kv, gpu_writes, monkeypatch):
+    """Host KV with GPU attention: the step's new K/V rows are written into the pinned host KV by the GPU (no
+    host writer thread for them) and the next steps read them back: the same tokens as the oracle, and as the
+    writer's path (OFFBATCH_KV_GPU_WRITES=0)."""
+    monkeypatch.setenv("OFFBATCH_KV_GPU_WRITES", gpu_writes)
+    ref = ReferenceModel.load(folder, dtype="float32")
+    if kv == "dense":
+        expected = ref.greedy(PROMPTS, NEW)
+    else:
+        expected = ReferenceModel(ref.spec, ref.modules, "cpu", torch.float32, StoredKVAttention(ref.spec, kv)).greedy(
+            PROMPTS, NEW)
+    eng, got = engine_tokens(folder, "cuda", kv_formats=[kv], attention="host-kv-gpu", attn_micro_batch=2,
+                             prefill_tokens=16, max_wave=3)
+    assert eng.plan.attention == "host-kv-gpu" and eng.attention.kv.pinned
+    assert got == expected
+    # The writer thread stored the prompts only, or every row with OFFBATCH_KV_GPU_WRITES=0.
+    prompt_rows = sum(len(p) for p in PROMPTS) * eng.spec.num_layers
+    decode_rows = len(PROMPTS) * (NEW - 1) * eng.spec.num_layers
+    assert eng.attention.kv.writer.rows_written == prompt_rows + (decode_rows if gpu_writes == "0" else 0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_hgca_over_every_older_key_gives_the_exact_tokens(folder, device):
     from offbatch.attention.hgca_setting import HGCASetting

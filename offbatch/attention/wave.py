@@ -13,6 +13,7 @@ The KV is read and written only through WaveKV's methods.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,9 @@ class DecodeBatch:
     store_slots: torch.Tensor  # slots / positions on the KV's device (synchronous stores)
     store_pos: torch.Tensor
     where_slots: torch.Tensor  # on `where`
+    # With copy_kv onto a GPU and pinned host KV: the new tokens' positions on `where`, for the GPU to write
+    # them into host KV itself (gpu_writes); None: the host KV writer's thread stores them.
+    where_pos: torch.Tensor | None
     k_len: torch.Tensor  # [W] keys per slot (dead slots: one finite key, output dropped)
     q_pos: torch.Tensor  # [W]
     ranges: list[tuple[int, int, int]]  # micro-batches (a, b, longest live length) with a live sequence
@@ -79,8 +83,21 @@ def decode_batch(kv: WaveKV, slots: list[int], lengths: list[int], micro_batch: 
         else:
             patches.append(None)
     fetcher = RangeFetcher(kv, ranges, where) if copy_kv and ranges else None
+    where_pos = _index(lengths, where) if copy_kv and gpu_writes(kv, where) else None
     return DecodeBatch(slots, lengths, where, copy_kv, _index(slots, store), _index(lengths, store),
-                       _index(slots, where), _index(k_len, where), _index(q_pos, where), ranges, patches, fetcher)
+                       _index(slots, where), where_pos, _index(k_len, where), _index(q_pos, where), ranges, patches,
+                       fetcher)
+
+
+def gpu_writes(kv: WaveKV, where: torch.device) -> bool:
+    """Whether a step's new K/V rows go from the GPU straight into host KV (a kernel writing the pinned pages
+    over the bus, on the compute stream) instead of through the host KV writer's staging copy and thread.
+    That thread's scatter, its Python and its waits sat on the host thread's path every layer, and a host KV
+    plan with every weight resident is bound by that thread. Only for readers that copy host KV to the GPU
+    after the compute stream's work (the next step's copies wait for it); OFFBATCH_KV_GPU_WRITES=0 keeps
+    the writer (A/B runs)."""
+    return (where.type == "cuda" and kv.device.type == "cpu" and kv.pinned
+            and os.environ.get("OFFBATCH_KV_GPU_WRITES", "1") != "0")
 
 
 def decode_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: DecodeBatch,
@@ -92,7 +109,12 @@ def decode_attention(kv: WaveKV, layer: int, q: torch.Tensor, k: torch.Tensor, v
     kv.settle(layer)  # earlier asynchronous writes of this layer (last step's) are in place
     if batch.copy_kv:  # packed once: the store and the patches below take the same rows
         k, v = kv.encode(k), kv.encode(v)
-    if batch.copy_kv and kv.writer is not None:
+    if batch.where_pos is not None:
+        # Written by the GPU into the pinned host KV, on the compute stream: the next step's copies of this
+        # layer wait for it (their fetcher starts after this step's work), this step's ranges are patched.
+        kernels.scatter_tokens(k, batch.where_slots, batch.where_pos, kv.k[layer])
+        kernels.scatter_tokens(v, batch.where_slots, batch.where_pos, kv.v[layer])
+    elif batch.copy_kv and kv.writer is not None:
         # The device works on a copy of each range with the new tokens patched in: the host copy of
         # this step's tokens can land later (the next step settles it first).
         kv.writer.store_tokens(layer, k, v, batch.store_slots, batch.store_pos)  # host tensors, built per step

@@ -151,3 +151,9 @@ from offbatch.kernels import rows_reference  # noqa: E402
 def gather_rows(src, idx, out=None):
     """out[:n] = src[idx]; on a GPU (out/idx on CUDA) the Triton kernel reads a pinned host src over the bus."""
     return _impl("rows_triton", "gather_rows", idx, rows_reference)(src, idx, out)
+
+
+def scatter_tokens(src, slots, pos, dst):
+    """dst[slots[j], :, pos[j]] = src[j]; on a GPU (src on CUDA) the Triton kernel writes a pinned host dst in
+    place over the bus."""
+    return _impl("rows_triton", "scatter_tokens", src, rows_reference)(src, slots, pos, dst)

@@ -41,3 +41,38 @@ def gather_rows(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None =
         return rows.to(idx.device)
     out[:n].copy_(rows, non_blocking=False)
     return out[:n]
+
+
+# ---- scatter_tokens ------------------------------------------------------------------------------------
+# Contract (scatter_tokens): one new row per sequence into a KV layout.
+#   src    [n, H, C]     the rows (K or V of the step's new tokens, as stored: values or packed bytes), on the
+#                        compute device, each [C] contiguous
+#   slots  [n], pos [n]  integer slot and position of row j, on src's device
+#   dst    [S, H, P, C]  the layout (host KV of one layer), C contiguous; on a GPU the Triton kernel writes a
+#                        pinned host `dst` in place over the bus (its pages are mapped into the device's address
+#                        space): no copy back, no host thread
+# dst[slots[j], :, pos[j], :] = src[j] for every j (a copy: bit-exact); (slot, pos) pairs must be distinct.
+# The twin copies the rows and indexes where dst lives.
+
+
+def check_scatter_args(src, slots, pos, dst) -> None:
+    if not isinstance(dst, torch.Tensor) or dst.dim() != 4 or dst.stride(3) != 1:
+        raise ValueError(f"scatter_tokens: dst must be [S, H, P, C] with C contiguous, got "
+                         f"{getattr(dst, 'shape', type(dst).__name__)}")
+    if not isinstance(src, torch.Tensor) or src.dim() != 3 or src.shape[1:] != (dst.shape[1], dst.shape[3]) \
+            or src.dtype != dst.dtype or src.stride(2) != 1:
+        raise ValueError(f"scatter_tokens: src must be [n, {dst.shape[1]}, {dst.shape[3]}] {dst.dtype} with rows "
+                         f"contiguous, got {tuple(getattr(src, 'shape', ()))} {getattr(src, 'dtype', None)}")
+    for name, t in (("slots", slots), ("pos", pos)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != src.shape[0] \
+                or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"scatter_tokens: {name} must be a 1-D int32/int64 tensor of {src.shape[0]} entries")
+        if t.device != src.device:
+            raise ValueError(f"scatter_tokens: {name} ({t.device}) and src ({src.device}) must share a device")
+
+
+def scatter_tokens(src: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    check_scatter_args(src, slots, pos, dst)
+    if src.shape[0]:
+        dst[slots.to(dst.device), :, pos.to(dst.device)] = src.to(dst.device)
+    return dst
