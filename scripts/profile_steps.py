@@ -13,6 +13,9 @@ Usage: python scripts/profile_steps.py --synth llama-3-8b --weights int4 --kv in
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import gzip
 import json
 import os
@@ -45,6 +48,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--out", help="a folder for the tables, the step times and the Chrome trace")
     ap.add_argument("--trace", action="store_true", help="also write a Chrome trace of the profiled steps")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="profile the steps' Python with cProfile instead (where the host thread's time goes)")
     ap.add_argument("--device", default="cuda", help="cpu: check the script itself on a tiny shape")
     args = ap.parse_args()
 
@@ -77,15 +82,22 @@ def main() -> None:
         if n > args.skip + args.steps:
             return original(self, dec, pre)
         if n == args.skip + 1:
-            state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-            state["prof"].__enter__()
+            if args.cprofile:
+                state["prof"] = cProfile.Profile()
+                state["prof"].enable()
+            else:
+                state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                state["prof"].__enter__()
         sync()
         t = time.perf_counter()
         out = original(self, dec, pre)
         sync()
         state["walls"].append((time.perf_counter() - t, len(dec)))
         if n == args.skip + args.steps:
-            state["prof"].__exit__(None, None, None)
+            if args.cprofile:
+                state["prof"].disable()
+            else:
+                state["prof"].__exit__(None, None, None)
         return out
 
     StreamingEngine.step = step
@@ -98,6 +110,19 @@ def main() -> None:
     if prof is None:
         raise SystemExit(f"only {state['decode']} decode steps ran: lower --skip or raise --gen-len")
     steps = len(state["walls"])
+    if args.cprofile:
+        walls = ", ".join(f"{w * 1e3:.1f} ({n})" for w, n in state["walls"])
+        out = io.StringIO()
+        out.write(f"profiled steps (ms, tokens) under cProfile: {walls}\n")
+        stats = pstats.Stats(prof, stream=out)
+        stats.sort_stats("tottime").print_stats(args.top)
+        stats.sort_stats("cumulative").print_stats(args.top)
+        print(out.getvalue())
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"cprofile-{args.synth}-{args.weights}-{args.kv or 'exact'}.txt"), "w") as f:
+                f.write(out.getvalue())
+        return
 
     # Device time per kernel name over the profiled steps; copies apart (they run on the copy stream).
     kernels = defaultdict(lambda: [0.0, 0])
