@@ -171,11 +171,12 @@ PY
     hybrid) # issue 17: the hybrid FFN's GPU test, then OPT-30B with planted activity (hot=0.2, sparsity=0.9) at 8 GiB:
            # predictors trained on this run's calibration, dense vs the planner's plan for HYBRID_JOBS prompts x 256 + HYBRID_GEN.
            # HYBRID_TESTS=0 skips the GPU test (suite-a runs it); HYBRID_OTHER=0 skips the other cold path's run;
+           # HYBRID_FORCE=0 skips the hybrid run forced onto the dense plan's knobs;
            # HYBRID_ALSO_ATTENTION=host-kv-cpu,host-kv-gpu also runs the plan pinned to each backend the planner did not take.
            [ "${HYBRID_TESTS:-1}" = 0 ] || timeout 120 python -m pytest -q -m gpu -p no:cacheprovider tests/test_hybrid_ffn.py -rfE --tb=short 2>&1 | tail -8
            timeout ${HYBRID_TIMEOUT:-420} python scripts/bench_hybrid_ffn.py --preset ${HYBRID_PRESET:-opt-30b} \
              $([ -n "${HYBRID_LAYERS:-}" ] && echo --layers $HYBRID_LAYERS) --gpu-memory 8GiB --jobs ${HYBRID_JOBS:-1,8,32} \
-             --gen-len ${HYBRID_GEN:-16} --calib-tokens ${HYBRID_CALIB:-4096} --epochs ${HYBRID_EPOCHS:-12} --recall ${HYBRID_RECALL:-0.92} --force $([ "${HYBRID_OTHER:-1}" = 0 ] || echo --other-cold-path) \
+             --gen-len ${HYBRID_GEN:-16} --calib-tokens ${HYBRID_CALIB:-4096} --epochs ${HYBRID_EPOCHS:-12} --recall ${HYBRID_RECALL:-0.92} $([ "${HYBRID_FORCE:-1}" = 0 ] || echo --force) $([ "${HYBRID_OTHER:-1}" = 0 ] || echo --other-cold-path) \
              $([ -n "${HYBRID_ALSO_ATTENTION:-}" ] && echo --also-attention $HYBRID_ALSO_ATTENTION) \
              $([ -n "${HYBRID_THREADS:-}" ] && echo --host-threads $HYBRID_THREADS) --out "$OUT/hybrid.json" 2>"$OUT/hybrid.err" || tail -20 "$OUT/hybrid.err" ;;
     sdpa-shapes) timeout 120 python scripts/bench_sdpa_shapes.py 2>&1 | tail -5 ;;
