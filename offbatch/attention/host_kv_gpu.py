@@ -1,7 +1,8 @@
 """host-kv-gpu: the wave's KV in pinned host memory; each decode micro-batch's slot range is copied to
 the device (its live positions, one range ahead on a stream of its own: offload/kv_fetch.py, sharing the
-link with the weight copies) and attended there. New K/V go back through the host writer's staging ring
-(offload/kv_writer.py), off the compute stream's path."""
+link with the weight copies) and attended there. A decode step's new K/V rows are written into the pinned
+host KV by the GPU (attention/wave.py, kernels.scatter_tokens); prompts' K/V go back through the host
+writer's staging ring (offload/kv_writer.py), off the compute stream's path."""
 
 from __future__ import annotations
 

@@ -76,6 +76,6 @@ def scatter_tokens(src: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, ds
         raise ValueError("scatter_tokens: a host dst must be pinned for the GPU to write it")
     block = min(1024, triton.next_power_of_2(C))
     grid = (n, H, triton.cdiv(C, block))
-    _scatter_tokens_kernel[grid](src, slots, pos, dst, C, src.stride(0), src.stride(1),
-                                 dst.stride(0), dst.stride(1), dst.stride(2), BLOCK=block, num_warps=1 if block <= 128 else 4)
+    _scatter_tokens_kernel[grid](src, slots, pos, dst, C, src.stride(0), src.stride(1), dst.stride(0), dst.stride(1),
+                                 dst.stride(2), BLOCK=block, num_warps=1 if block <= 128 else 4)
     return dst

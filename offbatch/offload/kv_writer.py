@@ -10,6 +10,10 @@ never waits. A small ring of staging buffers bounds how far the device may run a
 Ordering: writes land in submission order (one thread). Readers of a layer's host KV call `settle`
 first, which waits for that layer's writes submitted so far; the engine's next read of a layer comes
 a whole step after its writes, so the wait is normally already over.
+
+With GPU attention over pinned host KV, a decode step's one row per sequence is written by the GPU itself
+(attention/wave.py `gpu_writes`): the thread's per-layer scatter and the GIL it took from the host thread
+bound a step whose weights were all resident. This writer keeps the prompts' spans and the other paths.
 """
 
 from __future__ import annotations
