@@ -13,6 +13,7 @@ from offbatch.engine.build import build_engine
 from offbatch.models.spec import ModelSpec
 from offbatch.offload.weights import WeightSource
 from offbatch.planner import probe
+from offbatch.planner.workload import Workload
 
 
 def active_params_per_token(spec: ModelSpec) -> int:
@@ -66,7 +67,9 @@ def disk_report(engine, floor_step: float = 0.0, tokens_per_step: float = 0.0, d
 
 def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts: int, prompt_len: int,
               gen_len: int, dtype=None, default_dtype=torch.bfloat16, keep_tokens: bool = False, **plan_options) -> dict:
-    """keep_tokens: the report's "tokens" holds each prompt's generated ids (comparing two engines' outputs)."""
+    """keep_tokens: the report's "tokens" holds each prompt's generated ids (comparing two engines' outputs).
+    The planner plans for this job (prompts x prompt_len + gen_len) unless plan_options name a workload: left
+    to itself it would assume prompts of 3/4 of the context, another job than the one timed."""
     spec = source.spec
     dev = torch.device(device)
     # Ceilings, measured now on this machine, before the engine takes its memory and sets the cap.
@@ -75,6 +78,7 @@ def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts
     gemm_at = {m: probe.gemm_rate(dev, m=m, k=spec.hidden_size, n=inter) for m in (16, 64, 256, 1024)}
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+    plan_options.setdefault("workload", Workload.uniform(prompts, prompt_len, gen_len))
     t_build = time.perf_counter()
     engine = build_engine(source, device=device, dtype=dtype, gpu_memory=gpu_memory, num_requests=prompts,
                           max_len=prompt_len + gen_len, timing=dev.type == "cuda", default_dtype=default_dtype,
