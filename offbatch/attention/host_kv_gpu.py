@@ -46,8 +46,9 @@ class HostKVGPU(AttentionBackend):
 
     @classmethod
     def kv_store_s(cls, m, T):
-        """New K/V reach host KV through a pinned staging ring (device-to-host, the link's other
-        direction) and a writer thread's scatter on the host: beside the chain, not in it."""
+        """New K/V cross the link's other direction (device-to-host): prompts' through a pinned staging
+        ring and a writer thread's scatter, decode rows written by the GPU in place (a few MB a layer);
+        either way beside the chain, not in it, at the slower of the link and the host's memory."""
         d2h = T * (m.kv_row * m.L)
         return d2h, d2h / min(m.hw.d2h_bytes_s, m.hw.host.cpu_attn_contended_bytes_s)
 
