@@ -135,7 +135,15 @@ def test_bench_reports_where_the_host_was_blocked():
     r = runner.invoke(app, ["bench", "--synth", "mixtral", "--device", "cpu", "--prompts", "4", "--prompt-len", "6",
                             "--gen-len", "3", "--json"])
     assert r.exit_code == 0, r.output
-    split = json.loads(r.output)["time_split_s"]
+    rep = json.loads(r.output)
+    split = rep["time_split_s"]
+    # How even the decode steps were: 2 decode steps per prompt (3 new tokens, the first from the prompt's step).
+    steps = rep["decode_step_s"]
+    assert rep["decode_steps"] >= 2 and 0 < steps["median"] <= steps["max"] and steps["beyond_twice_median"] >= 0
+    # They are the decode steps' own times: half of them at least the median, none above the slowest.
+    decode_wall = rep["decode_steps"] * rep["decode_tokens_per_step"] / rep["decode_tok_s"]
+    assert rep["decode_steps"] // 2 * steps["median"] <= decode_wall * (1 + 1e-9)
+    assert decode_wall <= rep["decode_steps"] * steps["max"] * (1 + 1e-9)
     # A MoE model syncs once per layer and step for its routing; the CPU engine has no CPU attention
     # beside a device and no host KV writer.
     assert split["host_router_sync"] > 0 and split["host_cpu_attention"] == 0 == split["host_kv_store_wait"]

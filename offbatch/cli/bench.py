@@ -150,6 +150,9 @@ def command(
     rows = [
         ("prefill tok/s", *both("prefill_tok_s")),
         ("decode tok/s", *both("decode_tok_s")),
+        ("decode step: median / slowest; beyond twice the median",
+         f"{report['decode_step_s']['median'] * 1e3:.1f} / {report['decode_step_s']['max'] * 1e3:.1f} ms; "
+         f"{report['decode_step_s']['beyond_twice_median']:.2f} s", ""),
         ("end-to-end tok/s (generated)", *both("e2e_tok_s")),
         ("decode floor tok/s", *both("decode_floor_tok_s")),
         ("decode achieved / floor", f"{report['decode_achieved_over_floor']:.2f}", ""),

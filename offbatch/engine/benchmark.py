@@ -115,6 +115,12 @@ def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts
     kv_copied = sum(c for _, c in kv_decode) / max(1, len(kv_decode))
     floor_kv_step = max((bytes_per_step + kv_copied) / pinned, decode_flops(spec, tokens_per_step, mean_ctx) / gemm)
     decode_tok_s = t.decode_tokens / t.decode_wall_s if t.decode_wall_s else 0.0
+    # How even the decode steps were: a few slow ones (a kernel compiled for a new shape, a late copy) read
+    # differently from every step being slow.
+    walls = sorted(w for w, kind in zip(engine.step_walls, engine.step_kinds) if kind == "decode")
+    median = walls[len(walls) // 2] if walls else 0.0
+    decode_step_s = {"median": median, "max": walls[-1] if walls else 0.0,
+                     "beyond_twice_median": sum(w - median for w in walls if w > 2 * median)}
     floor_tok_s = tokens_per_step / floor_step if floor_step else 0.0
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -126,7 +132,7 @@ def run_bench(source: WeightSource, device: str, gpu_memory: int | None, prompts
         "prefill_tok_s": t.prefill_tokens / t.prefill_wall_s if t.prefill_wall_s else 0.0,
         "decode_tok_s": decode_tok_s,
         "e2e_tok_s": prompts * gen_len / wall,
-        "decode_steps": t.decode_steps, "prefill_steps": t.prefill_steps,
+        "decode_steps": t.decode_steps, "prefill_steps": t.prefill_steps, "decode_step_s": decode_step_s,
         "decode_bytes_per_step": bytes_per_step, "decode_tokens_per_step": tokens_per_step,
         "decode_floor_tok_s": floor_tok_s,
         "decode_achieved_over_floor": decode_tok_s / floor_tok_s if floor_tok_s else 0.0,

@@ -57,6 +57,7 @@ class WaveScheduler:
         self.stats = GenStats()
         self.times = StepTimes()
         self.step_kinds: list[str] = []  # "prefill" or "decode", one per step, beside pf.stats.per_step_bytes
+        self.step_walls: list[float] = []  # each step's wall time, beside step_kinds
         self._blocked_mark = (0.0, 0.0)  # host-blocked totals at the start of the step (prefill share)
 
     # ---- what the forward side provides -----------------------------------------------------
@@ -136,6 +137,7 @@ class WaveScheduler:
         t.wall_s += wall
         t.weight_wait_s += self.weight_wait_s()
         self.step_kinds.append("prefill" if n_prompt else "decode")
+        self.step_walls.append(wall)
         t.router_sync_s, t.cpu_attention_s = self.blocked_s()
         if n_prompt:
             sync0, attn0 = self._blocked_mark
