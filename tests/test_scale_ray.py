@@ -211,26 +211,39 @@ def engine_worker_pids() -> list[int]:
 
 
 def test_a_worker_killed_mid_job_loses_nothing_and_writes_nothing_twice(cluster, llama, tmp_path):
-    rows = [{"id": f"k{i}", "prompt": " ".join(WORDS[i % 40:i % 40 + 3])} for i in range(60)]
+    half = 40  # sequences per shard: two shards, one per worker
+    rows = [{"id": f"k{i}", "prompt": " ".join(WORDS[i % 40:i % 40 + 3])} for i in range(2 * half)]
     prompts = write_jsonl(tmp_path / "p.jsonl", rows)
     job = ["--max-tokens", 24, "--ignore-eos"]
     out = tmp_path / "out.jsonl"
     killed = []
 
+    def per_shard_written() -> tuple[int, int]:
+        """Records written so far of each of the two shards (the first half of the ids, the second), whole lines."""
+        lines = out.read_bytes().split(b"\n")[:-1] if out.exists() else []
+        ids = [int(json.loads(line)["id"][1:]) for line in lines]
+        return sum(i < half for i in ids), sum(i >= half for i in ids)
+
     def kill_one_worker_mid_shard():
+        # Only once both workers have sent results and neither has finished: whichever is killed, its shard's
+        # retry then finds some of it done (a worker killed before its first result would be retried silently,
+        # and a loaded machine can start one worker seconds after the other).
         deadline = time.monotonic() + 120  # a hang guard, not a speed check
         while time.monotonic() < deadline:
-            if out.exists() and out.read_bytes().count(b"\n") >= 4:
+            a, b = per_shard_written()
+            if 1 <= a < half and 1 <= b < half:
                 pids = engine_worker_pids()
                 if pids:
                     os.kill(pids[0], signal.SIGKILL)
-                    killed.append((pids[0], out.read_bytes().count(b"\n")))
+                    killed.append((pids[0], a + b))
                 return
+            if a >= half or b >= half:
+                return  # a shard finished first: the assertion below says the kill did not land
             time.sleep(0.01)
 
     killer = threading.Thread(target=kill_one_worker_mid_shard)
     killer.start()
-    # --max-batch 1: one sequence at a time, so each worker's shard of 30 takes a while.
+    # --max-batch 1: one sequence at a time, so each worker's shard takes a while.
     r = cli("run", llama, prompts, "-o", out, *job, "--max-batch", 1, "--workers", 2)
     killer.join()
     assert killed and killed[0][1] < len(rows), "the kill must land mid-job"
@@ -239,7 +252,7 @@ def test_a_worker_killed_mid_job_loses_nothing_and_writes_nothing_twice(cluster,
     assert "shard" in r.stderr and "restarted on worker" in r.stderr
     restarted = next(line for line in r.stderr.splitlines() if "restarted on worker" in line)
     finished_before = int(restarted.split(": ")[-1].split(" of its ")[0])
-    assert 1 <= finished_before < 30 and "of its 30 sequences" in restarted
+    assert 1 <= finished_before < half and f"of its {half} sequences" in restarted
 
     # Every request exactly once, each the record the single-process run writes.
     plain = tmp_path / "plain.jsonl"
