@@ -222,10 +222,9 @@ def test_workers_killed_mid_job_lose_nothing_and_write_nothing_twice(cluster, ll
         return out.read_bytes().count(b"\n") if out.exists() else 0
 
     def kill_the_workers_mid_shard():
-        # Every engine worker at once: Ray Data may run both shards on one actor in turn while the other idles
-        # (a killed idle worker restarts with nothing to retry), or start one worker seconds after the other (one
-        # killed before its first result is retried without a word). With fewer records out than a shard holds,
-        # the shard that wrote them is mid-way on a worker that dies, and its retry finds them done.
+        # Every engine worker at once: on a loaded machine one worker may start seconds after the other, and one
+        # killed before its first result has its shard retried without a word. With fewer records out than a
+        # shard holds, the shard that wrote them is part-way on a worker that dies, and its retry finds them done.
         deadline = time.monotonic() + 120  # a hang guard, not a speed check
         while time.monotonic() < deadline:
             n = written()
