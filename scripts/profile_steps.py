@@ -52,6 +52,8 @@ def main() -> None:
                     help="profile the steps' Python with cProfile instead (where the host thread's time goes)")
     ap.add_argument("--device", default="cuda", help="cpu: check the script itself on a tiny shape")
     args = ap.parse_args()
+    if args.steps < 1 or args.skip < 0:
+        ap.error("--steps is at least 1 and --skip at least 0")
 
     source = SynthSource(spec_from_config(synth_config(args.synth, layers=args.layers)))
     cap = parse_bytes(args.gpu_memory) if args.device != "cpu" else None

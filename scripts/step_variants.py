@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds is at least 1")
     variants = [parse_variant(v) for v in args.variants]
 
     source = SynthSource(spec_from_config(synth_config(args.synth, layers=args.layers)))
