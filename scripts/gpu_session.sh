@@ -65,7 +65,7 @@ for part in "$@"; do
            for run in ${STEPS_RUNS:-int4:int8 dense:int8 int4:-}; do
              w=${run%%:*}; k=${run#*:}; kv=(); [ "$k" != "-" ] && kv=(--kv "$k")
              timeout ${STEPS_TIMEOUT:-200} python scripts/profile_steps.py --synth ${STEPS_SHAPE:-llama-3-8b} --weights $w "${kv[@]}" \
-               --gpu-memory 8GiB --prompts ${STEPS_PROMPTS:-1024} --prompt-len ${STEPS_PROMPT_LEN:-64} --gen-len 12 --skip 4 --steps 3 \
+               --gpu-memory 8GiB --prompts ${STEPS_PROMPTS:-1024} --prompt-len ${STEPS_PROMPT_LEN:-64} --gen-len ${STEPS_GEN:-12} --skip ${STEPS_SKIP:-4} --steps 3 \
                --out "$OUT" > "$OUT/steps-$w-$k.log" 2>&1; echo "rc $?"; head -${STEPS_HEAD:-28} "$OUT/steps-$w-$k.log"
            done ;;
     kv-tests) # Compressed KV and HGCA on the GPU: the Triton kernels in bf16 against their twins, the backends.

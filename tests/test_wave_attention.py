@@ -65,15 +65,38 @@ def test_prefill_then_decode_matches_per_sequence_attention(window, micro_batch,
 
 def test_decode_attention_counts_the_kv_it_reads():
     # Slots 0..5, micro-batches of 4: [0..3] holds live slots 1 (length 5) and 3 (length 2), [4..5] slot 4
-    # (length 7). Each micro-batch reads K and V up to its longest live context (+1 for the new token).
+    # (length 7). Each micro-batch reads the span of its live slots (1..3, then 4) up to its longest live
+    # context (+1 for the new token).
     sp = spec()
     kv = WaveKV(sp, slots=6, max_len=16, device="cpu", dtype=torch.float32)
     slots, lengths = [1, 3, 4], [5, 2, 7]
     q, k, v = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)
     decode_attention(kv, 0, q, k, v, decode_batch(kv, slots, lengths, 4, torch.device("cpu")))
     row = 2 * 8 * 4  # kv heads x head dim x float32
-    assert kv.read_bytes == 2 * (4 * 6 + 2 * 8) * row
+    assert kv.read_bytes == 2 * (3 * 6 + 1 * 8) * row
     assert kv.copied_bytes == 0  # the KV is where the attention runs
+
+
+@pytest.mark.parametrize("live", [[2, 3, 4], [7], [0, 5], list(range(8))])
+def test_a_wide_micro_batch_copies_only_its_live_slots_span(live):
+    # A micro-batch as wide as the wave (8 slots) while the wave fills or drains: only the span of the live
+    # slots is copied to the attention's device, and the product is each live sequence's own attention.
+    torch.manual_seed(len(live))
+    sp = spec()
+    kv = WaveKV(sp, slots=8, max_len=6, device="cpu", dtype=torch.float32)
+    lengths = [1 + s % 4 for s in live]
+    for s, n in zip(live, lengths):
+        kv.k[0][s, :, :n], kv.v[0][s, :, :n] = torch.randn(2, n, 8), torch.randn(2, n, 8)
+    q, k, v = torch.randn(len(live), 4, 8), torch.randn(len(live), 2, 8), torch.randn(len(live), 2, 8)
+    batch = decode_batch(kv, live, lengths, 8, torch.device("cpu"), copy_kv=True)
+    assert batch.ranges == [(live[0], live[-1] + 1, max(lengths) + 1)]
+    got, _ = decode_attention(kv, 0, q, k, v, batch)
+    row = 2 * 8 * 4
+    assert kv.copied_bytes == 2 * (live[-1] + 1 - live[0]) * 6 * row  # whole slots on a CPU (no 2D copy)
+    for j, (s, n) in enumerate(zip(live, lengths)):
+        kk = torch.cat([kv.k[0][s, :, :n].transpose(0, 1), k[j : j + 1]])
+        vv = torch.cat([kv.v[0][s, :, :n].transpose(0, 1), v[j : j + 1]])
+        torch.testing.assert_close(got[j], causal_attention(q[j : j + 1], kk, vv, n)[0])
 
 
 def test_host_kv_writer_stores_ragged_spans_and_tokens_like_direct_writes():

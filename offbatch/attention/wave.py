@@ -70,11 +70,14 @@ def decode_batch(kv: WaveKV, slots: list[int], lengths: list[int], micro_batch: 
         live_len[s] = n + 1
         k_len[s], q_pos[s] = n + 1, n
     ranges, patches = [], []
-    for a in range(0, W, micro_batch):
-        b = min(W, a + micro_batch)
-        L = max(live_len[a:b])
-        if L == 0:
+    for start in range(0, W, micro_batch):
+        live = [s for s in range(start, min(W, start + micro_batch)) if live_len[s]]
+        if not live:
             continue
+        # The span of the micro-batch's live slots: slots not yet filled, or freed at the wave's end, are
+        # neither copied nor attended (a micro-batch as wide as the wave would otherwise copy them all).
+        a, b = live[0], live[-1] + 1
+        L = max(live_len[a:b])
         ranges.append((a, b, L))
         if copy_kv:
             sel = [j for j, s in enumerate(slots) if a <= s < b]

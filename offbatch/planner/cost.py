@@ -148,9 +148,10 @@ class StepModel:
             n_used = zero
             weight_bytes = zero + self.res.streamed_dense_bytes
         mb = max(1, min(k.attn_micro_batch, k.wave))
-        # Slots of the micro-batches that hold a live sequence. Sequences admitted together take adjacent
-        # slots and finish together, freeing them together, so live slots stay packed: ceil(decode / mb).
-        covered = np.minimum(k.wave, np.ceil(decode / mb) * mb)
+        # Slots whose KV a step reads: each micro-batch's span of live slots. Sequences admitted together
+        # take adjacent slots and finish together, freeing them together, so live slots stay packed and
+        # the spans cover about the live sequences alone.
+        covered = np.minimum(k.wave, decode)
         # The attention backend's part: KV over the link, new K/V stored back, the product's time.
         att = self.attention.step_terms(self, decode, T, covered, ctx_mean, zero)
         kv_h2d = att.kv_link_bytes
