@@ -158,8 +158,19 @@ def main() -> None:
                          "of these that differs from its own choice, run too (is its backend the faster one?)")
     ap.add_argument("--host-threads", type=int, default=None,
                     help="torch's CPU threads (the cold part's): fewer leave DRAM bandwidth to the pinned copies")
+    ap.add_argument("--kv", default=None,
+                    help="KV format of every run, dense and hybrid alike (int8, int4, ...; default: the exact bf16 KV)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    from offbatch.cli.options import kv_plan_options
+    from offbatch.offload.kv import kv_format_name
+
+    if a.kv:
+        try:
+            kv_format_name(a.kv)
+        except Exception as e:  # the format's own message names the known ones
+            ap.error(f"--kv: {e}")
+    kv_opts = kv_plan_options(a.kv, None)
     from offbatch.attention import attention_names
 
     unknown = [b for b in a.also_attention.split(",") if b and b not in attention_names()]
@@ -180,7 +191,7 @@ def main() -> None:
     dt = torch.bfloat16 if a.device == "cuda" else torch.float32
     store = WeightStore(source, dt, pin=a.device == "cuda", encode_on=a.device)
     report = {"preset": a.preset, "layers": spec.num_layers, "activity": a.activity, "gpu_memory": cap,
-              "prompt_len": a.prompt_len, "gen_len": a.gen_len, "pack_s": time.perf_counter() - t0,
+              "prompt_len": a.prompt_len, "gen_len": a.gen_len, "kv": a.kv or "dense", "pack_s": time.perf_counter() - t0,
               "host_threads": torch.get_num_threads(), "jobs": []}
     print(f"packed {store.total_bytes / 1e9:.1f} GB in {report['pack_s']:.0f} s; host threads {torch.get_num_threads()}",
           flush=True)
@@ -246,14 +257,14 @@ def main() -> None:
     for n in [int(j) for j in a.jobs.split(",")]:
         row = {"prompts": n}
         for name, extra in (("dense", {}), ("planner", {"neurons": neurons})):
-            r = run_bench(source, a.device, cap, n, a.prompt_len, a.gen_len, store=store, keep_tokens=True, dtype=store.dtype,
+            r = run_bench(source, a.device, cap, n, a.prompt_len, a.gen_len, store=store, keep_tokens=True, **kv_opts, dtype=store.dtype,
                           default_dtype=store.dtype, **extra)
             if "hybrid_ffn" in r:
                 print("   host dtype", r["hybrid_ffn"].get("host_dtype"), r["hybrid_ffn"].get("host_dtype_times"), flush=True)
             row[name] = {k: r[k] for k in ("decode_tok_s", "e2e_tok_s", "prefill_tok_s", "wall_s",
                                            "decode_bytes_per_step", "peak_gpu_reserved_bytes", "gpu_alloc_retries")}
             r_slots = r["plan"]["slots"]
-            row[name]["plan"] = {k: r["plan"][k] for k in ("attention", "wave_size", "dense_ffn", "hot_neurons",
+            row[name]["plan"] = {k: r["plan"][k] for k in ("attention", "kv_format", "wave_size", "dense_ffn", "hot_neurons",
                                                             "hybrid_tokens", "hybrid_fetch_tokens", "memory",
                                                             "host_memory")}
             row[name]["predicted_decode_tok_s"] = r["plan"]["predicted"].get("decode_tok_s")
@@ -277,7 +288,7 @@ def main() -> None:
             hot = max(0, int(0.85 * plan["memory"]["resident_weights"]) - spec.num_layers * pred_bytes) // (
                 spec.num_layers * neuron_bytes(spec, 2))
             slots = {"attn": 2, "ffn": 2, "head": 1, **{k: v for k, v in r_slots.items() if v}}
-            r = run_bench(source, a.device, cap, n, a.prompt_len, a.gen_len, store=store, keep_tokens=True,
+            r = run_bench(source, a.device, cap, n, a.prompt_len, a.gen_len, store=store, keep_tokens=True, **kv_opts,
                           dtype=store.dtype, default_dtype=store.dtype, neurons=neurons,
                           plan_overrides=dict(dense_ffn="hybrid", hot_neurons=int(hot), hybrid_tokens=n, resident=set(),
                                               slots=slots))
@@ -295,7 +306,7 @@ def main() -> None:
             # the GPU, ffn/hybrid_fetch.py) for every hybrid step: is the planner's pick the faster one?
             chosen = row["planner"]["plan"].get("hybrid_fetch_tokens", 0)
             other = 0 if chosen else 1
-            r = run_bench(source, a.device, cap, n, a.prompt_len, a.gen_len, store=store, keep_tokens=True,
+            r = run_bench(source, a.device, cap, n, a.prompt_len, a.gen_len, store=store, keep_tokens=True, **kv_opts,
                           dtype=store.dtype, default_dtype=store.dtype, neurons=neurons,
                           plan_overrides=dict(hybrid_fetch_tokens=other))
             key = "other_cold_path"
@@ -312,7 +323,7 @@ def main() -> None:
                   f"host {h.get('host_s', 0):.1f} s, peak {r['peak_gpu_reserved_bytes'] / 2**30:.2f} GiB", flush=True)
         for name in [b for b in a.also_attention.split(",") if b and b != row["planner"]["plan"]["attention"]]:
             # The same job planned with the attention backend pinned (the hybrid FFN still allowed).
-            r = run_bench(source, a.device, cap, n, a.prompt_len, a.gen_len, store=store, keep_tokens=True,
+            r = run_bench(source, a.device, cap, n, a.prompt_len, a.gen_len, store=store, keep_tokens=True, **kv_opts,
                           dtype=store.dtype, default_dtype=store.dtype, neurons=neurons, attention=name)
             key = f"attention_{name}"
             row[key] = {k: r[k] for k in ("decode_tok_s", "e2e_tok_s", "peak_gpu_reserved_bytes", "decode_bytes_per_step")}

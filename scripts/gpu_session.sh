@@ -172,13 +172,14 @@ PY
            # predictors trained on this run's calibration, dense vs the planner's plan for HYBRID_JOBS prompts x 256 + HYBRID_GEN.
            # HYBRID_TESTS=0 skips the GPU test (suite-a runs it); HYBRID_OTHER=0 skips the other cold path's run;
            # HYBRID_FORCE=0 skips the hybrid run forced onto the dense plan's knobs;
-           # HYBRID_ALSO_ATTENTION=host-kv-cpu,host-kv-gpu also runs the plan pinned to each backend the planner did not take.
+           # HYBRID_ALSO_ATTENTION=host-kv-cpu,host-kv-gpu also runs the plan pinned to each backend the planner did not take;
+           # HYBRID_KV=int8 gives every run (dense and hybrid) that KV format.
            [ "${HYBRID_TESTS:-1}" = 0 ] || timeout 120 python -m pytest -q -m gpu -p no:cacheprovider tests/test_hybrid_ffn.py -rfE --tb=short 2>&1 | tail -8
            timeout ${HYBRID_TIMEOUT:-420} python scripts/bench_hybrid_ffn.py --preset ${HYBRID_PRESET:-opt-30b} \
              $([ -n "${HYBRID_LAYERS:-}" ] && echo --layers $HYBRID_LAYERS) --gpu-memory 8GiB --jobs ${HYBRID_JOBS:-1,8,32} \
              --gen-len ${HYBRID_GEN:-16} --calib-tokens ${HYBRID_CALIB:-4096} --epochs ${HYBRID_EPOCHS:-12} --recall ${HYBRID_RECALL:-0.92} $([ "${HYBRID_FORCE:-1}" = 0 ] || echo --force) $([ "${HYBRID_OTHER:-1}" = 0 ] || echo --other-cold-path) \
              $([ -n "${HYBRID_ALSO_ATTENTION:-}" ] && echo --also-attention $HYBRID_ALSO_ATTENTION) \
-             $([ -n "${HYBRID_THREADS:-}" ] && echo --host-threads $HYBRID_THREADS) --out "$OUT/hybrid.json" 2>"$OUT/hybrid.err" || tail -20 "$OUT/hybrid.err" ;;
+             $([ -n "${HYBRID_THREADS:-}" ] && echo --host-threads $HYBRID_THREADS) $([ -n "${HYBRID_KV:-}" ] && echo --kv $HYBRID_KV) --out "$OUT/hybrid.json" 2>"$OUT/hybrid.err" || tail -20 "$OUT/hybrid.err" ;;
     sdpa-shapes) timeout 120 python scripts/bench_sdpa_shapes.py 2>&1 | tail -5 ;;
     llama-int4-cudnn) # issue 14's Llama job, bf16 and int4, then int4 again with cuDNN's SDPA allowed (A/B).
            job="--synth llama-3-8b --gpu-memory 8GiB --prompts 1024 --prompt-len 64 --gen-len 32"
