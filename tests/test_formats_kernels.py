@@ -172,3 +172,34 @@ def test_each_format_prices_its_expansion_at_its_own_efficiency():
             assert gpu[name] - gpu["dense"] == pytest.approx(want, rel=1e-6), name
     assert get_format("bitmap-50").expand_efficiency == 2 * get_format("int4").expand_efficiency
     assert get_format("int4+keep=o").expand_efficiency == get_format("int4").expand_efficiency
+
+
+def test_moe_experts_expansion_is_priced_at_the_experts_efficiency():
+    """Mixtral int4 at a large step: the attention modules' expansion at the dense modules' efficiency, every
+    used expert's at the experts' (their grouped path); keep=o keeps both figures of its inner format."""
+    import dataclasses
+
+    from offbatch.planner.cost import StepModel, expansion_bytes
+    from offbatch.planner.memory import Knobs
+    from offbatch.planner.residency import residency_of
+    from offbatch.planner.shape import shape_from_spec
+    from offbatch.planner.solve import resolve_hardware
+    from offbatch.models.spec import spec_from_config
+    from offbatch.tools.synth import synth_config
+
+    spec = spec_from_config(synth_config("mixtral-8x7b", layers=2))
+    hw = resolve_hardware("h200", "cuda")
+    hw = dataclasses.replace(hw, host=dataclasses.replace(hw.host, launch_s=0.0))
+    knobs = Knobs(1024, 64, 4096, 1024, "device-kv")
+    fmt = get_format("int4")
+    gpu = {}
+    for name in ("dense", "int4"):
+        shape = shape_from_spec(spec, torch.bfloat16, get_format(name))
+        gpu[name] = StepModel(shape, hw, knobs, residency_of(shape, set(shape.nbytes), {}), 128).step(1024, 0, 64, 96, 128).gpu_s
+    per_layer = expansion_bytes(shape_from_spec(spec, torch.bfloat16, fmt))
+    experts = spec.moe.num_experts  # 1024 tokens x top-2 over 8 experts: every expert is used
+    want = spec.num_layers * (per_layer["attn"] / fmt.expand_efficiency
+                              + experts * per_layer["expert"] / fmt.expert_expand_efficiency) / hw.mem_bytes_s
+    assert gpu["int4"] - gpu["dense"] == pytest.approx(want, rel=1e-3)
+    assert fmt.expert_expand_efficiency > fmt.expand_efficiency
+    assert get_format("int4+keep=o").expert_expand_efficiency == fmt.expert_expand_efficiency

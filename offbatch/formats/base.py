@@ -131,9 +131,14 @@ class WeightFormat:
     fused_rows = 0
     # What an expansion costs, as a fraction of the device-memory rate of its bytes (stored read + dense
     # written): the kernel's own rate and what the step loses around it (scratch, the dense GEMM over it).
-    # Fitted to the H200 int4 Mixtral-8x7B runs of 2026-11-30 (8 and 32 layers, 8 GiB), which the plain
-    # rate over-predicted by 22-29%; a format whose expansion is cheaper says so (bitmap.py).
+    # Dense modules (dequantized into a scratch, then cuBLAS): fitted to the H200's int4 runs; a cheaper
+    # price would make the planner take Llama-3-8B int4 with device KV at wave 342, a plan measured at half
+    # the rate of the one it takes (BENCHMARKS.md). A format whose expansion is cheaper says so (bitmap.py).
     expand_efficiency = 0.1
+    # MoE experts expand on another path (kernels/grouped_gemm_triton.py: two experts at a time into the
+    # grouped kernel's operand, no cuBLAS call per expert) and cost less: fitted to the H200's Mixtral-8x7B
+    # int4 and nf4 runs, which the dense modules' figure under-predicted by 28-50%.
+    expert_expand_efficiency = 0.2
     # Whether `encode` gives the same bytes on any device (plain torch arithmetic): then the store may
     # encode on the GPU. A library's quantizer may round ties differently per device: it encodes on the host.
     encodes_anywhere = True

@@ -63,6 +63,7 @@ class BitmapFormat(WeightFormat):
     # The expansion kernel (kernels/bitmap_triton.py) streams at 0.18-0.20 of HBM on the H200, about twice the
     # int4 formats' whole cost around their dequantization (BENCHMARKS.md has the runs it was checked on).
     expand_efficiency = 0.2
+    expert_expand_efficiency = 0.2  # the same kernel for experts (not measured on experts apart)
 
     def __init__(self, percent: int, values: str = "bf16"):
         if not 1 <= percent <= 99:

@@ -33,7 +33,7 @@ class KeepDense(WeightFormat):
         self.inner, self.keep = inner, frozenset(keep)
         self.name = f"{inner.name}+keep={','.join(sorted(self.keep))}"
         self.expands, self.fused_rows, self.encodes_anywhere = inner.expands, inner.fused_rows, inner.encodes_anywhere
-        self.expand_efficiency = inner.expand_efficiency
+        self.expand_efficiency, self.expert_expand_efficiency = inner.expand_efficiency, inner.expert_expand_efficiency
         kept = [self.kept(f"experts.0.{w}") for w in EXPERT_WEIGHTS]
         self.experts_as = DENSE if all(kept) else inner if not any(kept) else None
         self.grouped_experts = self.experts_as is not None and self.experts_as.grouped_experts

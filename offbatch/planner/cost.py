@@ -256,15 +256,16 @@ class StepModel:
         fused, micro, w = self.fmt.fused_rows, self.knobs.ffn_micro_tokens, self.work
         rate = self.hw.mem_bytes_s
         t = np.where(T > fused, self.expand.get("attn", 0.0) * self.L, 0.0)
+        experts = 0.0
         if w.dense_layers:
             rows = np.minimum(T, micro)
             t = t + np.where(rows > fused, self.expand.get("ffn", 0.0) * w.dense_layers * np.ceil(T / micro), 0.0)
         if w.moe_layers:
             per_expert = T * w.top_k / np.maximum(n_used, 1e-9)
-            t = t + np.where(np.minimum(per_expert, micro) > fused, self.expand.get("expert", 0.0) * n_used * w.moe_layers, 0.0)
+            experts = np.where(np.minimum(per_expert, micro) > fused, self.expand.get("expert", 0.0) * n_used * w.moe_layers, 0.0)
             if w.shared:
                 t = t + np.where(np.minimum(T, micro) > fused, self.expand.get("shared", 0.0) * w.moe_layers, 0.0)
-        return t / (rate * self.fmt.expand_efficiency)
+        return t / (rate * self.fmt.expand_efficiency) + experts / (rate * self.fmt.expert_expand_efficiency)
 
     def hybrid_wins(self, tokens: int) -> bool:
         """Whether a decode step of `tokens` sequences (context: the plan's half) is faster with the hybrid FFN
