@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from offbatch.engine.benchmark import run_bench  # noqa: E402
+from offbatch.errors import OffbatchError  # noqa: E402
 from offbatch.ffn.dense import DenseFFN, mlp_chunked  # noqa: E402
 from offbatch.ffn.neurons import NeuronStats  # noqa: E402
 from offbatch.ffn.union import UNION_ROWS, independent_union, measured_union, union_table  # noqa: E402
@@ -171,6 +172,8 @@ def main() -> None:
         except Exception as e:  # the format's own message names the known ones
             ap.error(f"--kv: {e}")
     kv_opts = kv_plan_options(a.kv, None)
+    if min(a.prompt_len, a.gen_len) < 1 or any(not j.strip().isdigit() or int(j) < 1 for j in a.jobs.split(",")):
+        ap.error("--prompt-len and --gen-len are at least 1; --jobs is prompt counts of at least 1, comma-separated")
     from offbatch.attention import attention_names
 
     unknown = [b for b in a.also_attention.split(",") if b and b not in attention_names()]
@@ -184,8 +187,11 @@ def main() -> None:
     if a.host_threads:
         torch.set_num_threads(a.host_threads)
     cap = parse_bytes(a.gpu_memory)
-    spec = spec_from_config(synth_config(a.preset, layers=a.layers,
-                                         offbatch_synth_ffn_activity=parse_ffn_activity(a.activity)))
+    try:
+        spec = spec_from_config(synth_config(a.preset, layers=a.layers,
+                                             offbatch_synth_ffn_activity=parse_ffn_activity(a.activity)))
+    except (OffbatchError, ValueError) as e:  # an unknown preset or activity: the message says what is known
+        ap.error(str(e))
     source = SynthSource(spec)
     t0 = time.perf_counter()
     dt = torch.bfloat16 if a.device == "cuda" else torch.float32

@@ -26,6 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from offbatch.engine.benchmark import run_bench
+from offbatch.errors import OffbatchError
 from offbatch.engine.streaming import StreamingEngine
 from offbatch.models.spec import spec_from_config
 from offbatch.offload.weights import SynthSource
@@ -54,8 +55,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.steps < 1 or args.skip < 0:
         ap.error("--steps is at least 1 and --skip at least 0")
+    if min(args.prompts, args.prompt_len, args.gen_len) < 1:
+        ap.error("--prompts, --prompt-len and --gen-len are at least 1")
 
-    source = SynthSource(spec_from_config(synth_config(args.synth, layers=args.layers)))
+    try:
+        config = synth_config(args.synth, layers=args.layers)
+    except OffbatchError as e:  # an unknown preset: its message lists the known ones
+        ap.error(str(e))
+    source = SynthSource(spec_from_config(config))
     cap = parse_bytes(args.gpu_memory) if args.device != "cpu" else None
     options = {"weights": args.weights}
     if args.kv:

@@ -22,6 +22,7 @@ import time
 import torch
 
 from offbatch.engine.benchmark import run_bench
+from offbatch.errors import OffbatchError
 from offbatch.engine.streaming import StreamingEngine
 from offbatch.formats import get_format
 from offbatch.models.spec import spec_from_config
@@ -63,9 +64,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds is at least 1")
+    if min(args.prompts, args.prompt_len, args.gen_len) < 1:
+        ap.error("--prompts, --prompt-len and --gen-len are at least 1")
     variants = [parse_variant(v) for v in args.variants]
 
-    source = SynthSource(spec_from_config(synth_config(args.synth, layers=args.layers)))
+    try:
+        config = synth_config(args.synth, layers=args.layers)
+    except OffbatchError as e:  # an unknown preset: its message lists the known ones
+        ap.error(str(e))
+    source = SynthSource(spec_from_config(config))
     cap = parse_bytes(args.gpu_memory) if args.device != "cpu" else None
     t0 = time.perf_counter()
     store = WeightStore(source, torch.bfloat16, pin=args.device == "cuda", fmt=get_format(args.weights),
