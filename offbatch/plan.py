@@ -64,6 +64,9 @@ class Plan:
     # The solver's rival backend predicted within its tie tolerance (planner.solve.Solver.near_tie):
     # the knobs, its figure and a sentence; None when the choice was clear.
     near_tie: dict | None = None
+    # GPUs of one host that split the weight stream (offload/shard_group.py, `run --split-stream`): the plan
+    # is each one's (its share of the sequences and of host memory; 1/split of the weight bytes over its link).
+    split_stream: int = 1
 
     def describe(self) -> dict:
         return {
@@ -76,7 +79,7 @@ class Plan:
             "hybrid_tokens": self.hybrid_tokens, "hybrid_fetch_tokens": self.hybrid_fetch_tokens,
             "host_memory": self.host_memory, "hardware": self.hardware, "chosen_by": self.chosen_by,
             "disk_modules": len(self.disk), "staging_buffers": self.staging_buffers, "predicted": self.predicted,
-            "residency_order": self.residency_order, "near_tie": self.near_tie,
+            "residency_order": self.residency_order, "near_tie": self.near_tie, "split_stream": self.split_stream,
         }
 
     def summary(self) -> str:
@@ -101,9 +104,14 @@ class Plan:
             parts.append(f"{gpu.split()[0]} {format_bytes(sum(mem.values()))} ({format_bytes(mem.get('resident_weights', 0))} "
                          f"resident weights{spread}{f', {len(self.disk)} modules on disk' if self.disk else ''})")
         pred = self.predicted or {}
+        n = self.split_stream
+        if n > 1:
+            parts.insert(0, f"weight stream split over {n} GPUs (each copies 1/{n} of every streamed module, runs 1/{n} "
+                            "of the prompts, and this plan)")
         if pred.get("e2e_tok_s"):
-            parts.append(f"predicted {pred['e2e_tok_s']:,.0f} tok/s end to end (decode {pred['decode_tok_s']:,.0f}, "
-                         f"prefill {pred['prefill_tok_s']:,.0f})")
+            per_gpu = f" ({n} x {pred['e2e_tok_s']:,.0f} per GPU)" if n > 1 else ""
+            parts.append(f"predicted {n * pred['e2e_tok_s']:,.0f} tok/s end to end{per_gpu} (decode "
+                         f"{n * pred['decode_tok_s']:,.0f}, prefill {n * pred['prefill_tok_s']:,.0f})")
         line = "; ".join(parts)
         if pred.get("bottleneck"):
             line += f"\n  bottleneck: {pred['bottleneck']}"
@@ -150,6 +158,7 @@ class Plan:
             memory=_counts(d, "memory", MAX_BYTES, {}), host_memory=_counts(d, "host_memory", MAX_BYTES, {}),
             predicted=_predicted(d), hardware=_text(d, "hardware", ""), chosen_by="file",
             disk=_modules(d, "disk", set()), staging_buffers=_whole(d, "staging_buffers", 1, MAX_PLAN_SLOTS, 2),
+            split_stream=_whole(d, "split_stream", 1, 1024, 1),
             residency_order=_choice(d, "residency_order", ("layer", "spread"), "layer"),
         )
         if plan.attn_micro_batch > plan.wave_size:

@@ -1,6 +1,7 @@
 """Issue 18 on the GPU machine: one `offbatch run` job plain (one GPU, no Ray), with `--workers 1` and with
-`--workers N` (a local Ray cluster, one engine per GPU), each timed end to end as the user sees it (the
-process from start to exit), in one call, on a synthetic model folder written here.
+`--workers N` (a local Ray cluster, one engine per GPU), and with `--split-stream N` (one engine whose N GPUs
+split the weight stream; no Ray), each timed end to end as the user sees it (the process from start to
+exit), in one call, on a synthetic model folder written here.
 
   1. `offbatch synth PRESET DIR --layers L` writes the folder (a run's workers each load it, as they would
      a real one; the real model cannot travel to the GPU machine);
@@ -18,6 +19,7 @@ JSON goes to --out after every run (a timeout loses nothing measured). On the GP
 image; `scripts/bench_scale.py wheels DIR` here makes a carriable copy):
 
   python scripts/bench_scale.py --out $OUT/scale.json
+  python scripts/bench_scale.py --workers '' --split 2 --out $OUT/split.json         # split stream, no Ray
   python scripts/bench_scale.py --synth mixtral --layers 2 --prompts 16 --prompt-len 8 --gen-len 4 \\
       --gpu-memory '' --run-args="--engine streaming --device cpu --gpu-memory 2MiB"      # the CPU path
 """
@@ -62,8 +64,22 @@ def write_prompts(path: Path, folder: Path, n: int, prompt_len: int, gen_len: in
             f.write(json.dumps({"id": f"r{i}", "prompt": ids, "max_tokens": gen_len, "ignore_eos": True}) + "\n")
 
 
+def plan_split(folder: Path, args, n: int) -> dict | None:
+    """The planner's view of the job with the weight stream split over n GPUs, against one GPU."""
+    cmd = offbatch("plan", folder, "--num-prompts", args.prompts, "--prompt-len", args.prompt_len, "--gen-len",
+                   args.gen_len, "--split-stream", n, "--json", *cap_args(args), *plan_args(args))
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=args.timeout)
+    if r.returncode != 0:
+        print(f"plan failed ({r.returncode}): {r.stderr.strip()[-500:]}", flush=True)
+        return None
+    report = json.loads(r.stdout)
+    return {**report["split_stream"], "rank_plan": report["plan"], "hardware": report["hardware"]}
+
+
 def plan(folder: Path, args) -> dict | None:
     """The planner's view of the job on one and on N workers (and the machine's probe, cached for the runs)."""
+    if not args.workers:
+        return None
     workers = max(args.workers)
     cmd = offbatch("plan", folder, "--num-prompts", args.prompts, "--prompt-len", args.prompt_len, "--gen-len",
                    args.gen_len, "--workers", workers, "--json", *cap_args(args), *plan_args(args))
@@ -136,6 +152,7 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--gpu-memory", default="8GiB", help="per GPU ('' for none)")
     ap.add_argument("--workers", default="1,2", help="the --workers runs after the plain one, comma-separated")
+    ap.add_argument("--split", default="", help="the --split-stream runs after those, comma-separated")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain run (then no ratios against it)")
     ap.add_argument("--run-args", default="", help="more `offbatch run` arguments, for every run")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/offbatch-bench-scale"))
@@ -143,6 +160,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     args.workers = [int(w) for w in args.workers.split(",") if w]
+    args.split = [int(w) for w in args.split.split(",") if w]
 
     args.dir.mkdir(parents=True, exist_ok=True)
     folder, prompts = args.dir / f"model-{args.synth}-{args.layers}", args.dir / "prompts.jsonl"
@@ -162,11 +180,17 @@ def main() -> None:
         p = report["predicted"]
         print(f"predicted: {p['workers']} workers {p['job_s']:.1f}s, one {p['one_worker_s']:.1f}s: {p['speedup']:.2f}x "
               f"(generation alone {p['speedup_generation']:.2f}x)", flush=True)
+    report["predicted_split"] = {n: plan_split(folder, args, n) for n in args.split}
+    for n, p in report["predicted_split"].items():
+        if p:
+            print(f"predicted: --split-stream {n} {p['job_e2e_tok_s']:,.0f} gen tok/s against {p['one_gpu_e2e_tok_s']:,.0f} "
+                  f"on one GPU: {p['speedup']:.2f}x (generation, load not counted)", flush=True)
     save()
 
     outputs = {}
-    for name, extra in ([] if args.no_plain else [("plain", [])]) + [(f"workers{w}", ["--workers", w])
-                                                                   for w in args.workers]:
+    runs = ([] if args.no_plain else [("plain", [])]) + [(f"workers{w}", ["--workers", w]) for w in args.workers]
+    runs += [(f"split{n}", ["--split-stream", n]) for n in args.split]
+    for name, extra in runs:
         out = args.dir / f"out-{name}.jsonl"
         result = run(name, folder, prompts, out, [str(x) for x in extra], args)
         report["runs"].append(result)

@@ -32,7 +32,8 @@ for part in "$@"; do
            if [ $part = suite-a ]; then files="tests/test_converted_folder.py tests/test_kernels_quant.py tests/test_formats_bnb4.py
              tests/test_formats_int.py tests/test_formats_bitmap.py tests/test_kernels_bitmap.py tests/test_synth.py tests/test_hybrid_ffn.py"
            else files="tests/test_kernels_kv.py tests/test_kv_formats.py tests/test_host_attention.py tests/test_kv_fetch.py
-             tests/test_engine_kv.py tests/test_engine_gpu.py tests/test_engine_experts.py tests/test_wave_attention.py tests/test_kernels.py"; fi
+             tests/test_engine_kv.py tests/test_engine_gpu.py tests/test_engine_experts.py tests/test_wave_attention.py tests/test_kernels.py
+             tests/test_split_stream.py"; fi
            if ! python -c "import bitsandbytes" 2>/dev/null; then  # not on the image: carry .wheels (see the top)
              echo "=== bitsandbytes missing (carry .wheels): tests/test_formats_bnb4.py NOT run"; files=${files/tests\/test_formats_bnb4.py/}
            fi
@@ -138,6 +139,15 @@ for part in "$@"; do
              python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
            fi
            timeout ${SCALE_TIMEOUT:-560} python scripts/bench_scale.py ${SCALE_ARGS:-} --out "$OUT/scale.json" 2>&1 | tee "$OUT/scale.log" | tail -30 ;;
+    split) # issue 18's split weight stream: its GPU tests (a group of one on this GPU: the NCCL gathers and their
+           # stream), then, where two GPUs are visible, plain against --split-stream 2 on a synth Mixtral folder
+           # (SPLIT_ARGS: more bench_scale.py arguments; no Ray needed).
+           timeout 150 python -m pytest -q -m gpu -p no:cacheprovider tests/test_split_stream.py -rfE --tb=short 2>&1 \
+             | tee "$OUT/split-tests.log" | tail -8
+           if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+             timeout ${SPLIT_TIMEOUT:-420} python scripts/bench_scale.py --workers '' --split ${SPLIT_N:-2} ${SPLIT_ARGS:-} \
+               --out "$OUT/split.json" 2>&1 | tee "$OUT/split.log" | tail -30
+           else echo "=== one GPU visible: the two-GPU run needs nvidia-h200-x2"; fi ;;
     pin-ab) # pinned buffers registered in place (offload/pinned.py) against torch's allocator: the GPU tests of the paths
            # that pin, then the same `run` (Mixtral 8 layers, 8 GiB, PIN_PROMPTS x 256 + 4: the host KV of a large
            # wave is pinned too) with OFFBATCH_PIN_REGISTER=1 and =0, each run's start-up in its log.

@@ -354,3 +354,19 @@ def test_plan_for_workers_shows_each_workers_plan_and_the_jobs_time(llama, tmp_p
     assert cluster["worker_cpu_memory"] == int(HOST_SHARE * host / 3)
     r = cli("plan", llama, "--hardware", "cpu", "--workers-per-host", 2)
     assert r.exit_code == 3 and "--workers-per-host is for --workers" in r.stderr
+
+
+def test_workers_that_split_their_weight_stream_equal_the_plain_run(cluster, llama, tmp_path):
+    """`--workers 1 --split-stream 2`: the Ray worker runs one engine over two rank processes (CPU: gloo)
+    that split the weight stream; the records equal the plain run's."""
+    rows = [{"id": f"s{i}", "prompt": " ".join(WORDS[i:i + 2 + i % 4]), "max_tokens": 2 + i % 5} for i in range(7)]
+    prompts = write_jsonl(tmp_path / "p.jsonl", rows)
+    engine = ["--engine", "streaming", "--device", "cpu", "--gpu-memory", "2MiB"]
+    plain, scaled = tmp_path / "plain.jsonl", tmp_path / "scaled.jsonl"
+    assert cli("run", llama, prompts, "-o", plain, *engine).exit_code == 0
+    r = cli("run", llama, prompts, "-o", scaled, *engine, "--workers", 1, "--split-stream", 2, "--log-format", "json")
+    assert r.exit_code == 0, r.output
+    assert_same_records(by_id(scaled), by_id(plain))
+    events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    ready = [e for e in events if e.get("message", "").startswith("worker ")]
+    assert len(ready) == 1 and ready[0]["plan"]["split_stream"] == 2

@@ -40,6 +40,12 @@ WorkersOpt = Annotated[
                                      "all); alone, start a local Ray cluster with this many (one per GPU; CPU "
                                      "workers on a machine without one).")
 ]
+SplitStreamOpt = Annotated[
+    int, typer.Option("--split-stream", min=1, max=64,
+                      help="Split the weight stream over this many GPUs of this host (cuda:0..N-1): each copies "
+                           "1/N of every streamed module over its own PCIe link and the GPUs exchange the rest "
+                           "over NVLink; each runs 1/N of the prompts. For jobs the weight stream bounds.")
+]
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")  # offbatch.models.dtypes.DTYPES
 
 

@@ -3,6 +3,7 @@ speed and say what bounds it; `--json` writes a plan file that `bench --plan FIL
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, GpuMemoryOpt, JsonOpt, ModelOrSynthArg,
-                                  SynthLayersOpt, SynthOpt, WeightsOpt, KvOpt, HgcaOpt, FfnOpt, PredictorsOpt, byte_size,
+                                  SplitStreamOpt, SynthLayersOpt, SynthOpt, WeightsOpt, KvOpt, HgcaOpt, FfnOpt, PredictorsOpt,
+                                  byte_size,
                                   kv_plan_options, neurons_option,
                                   open_report, write_report)
 from offbatch.errors import InputFileError, OffbatchError
@@ -95,13 +97,14 @@ def command(
     workers_per_host: Annotated[Optional[int], typer.Option("--workers-per-host", min=1, help="With --workers: how "
                                                             "many share one host's memory (default: this machine's "
                                                             "GPUs; 1 with --hardware).")] = None,
+    split_stream: SplitStreamOpt = 1,
 ):
     """Choose placement and batch sizes for a job, predict its speed, and say what bounds it."""
     import torch
 
     from offbatch.models.dtypes import resolve_dtype
     from offbatch.planner.probe import probe_hardware
-    from offbatch.planner.solve import make_plan, resolve_hardware
+    from offbatch.planner.solve import HOST_SHARE, make_plan, resolve_hardware
     from offbatch.planner.workload import Workload
 
     spec = load_spec_for(model_dir, synth, layers)
@@ -135,6 +138,18 @@ def command(
         workload, cpu_cap = cluster.worker_workload(), cluster.worker_cpu_memory()
     elif workers_per_host is not None:
         raise OffbatchError("--workers-per-host is for --workers")
+    whole = (workload, cpu_cap)
+    if split_stream > 1:  # the plan shown is one rank's: its share of the sequences and of host memory
+        from offbatch.engine.split import rank_workload
+
+        if ffn == "hybrid":
+            raise OffbatchError("--split-stream runs dense FFN layers; drop --ffn hybrid")
+        share = cpu_cap if cpu_cap is not None else int(HOST_SHARE * hw.host.memory_bytes)
+        workload = rank_workload([round(workload.prompt_len)] * workload.num_requests,
+                                 [round(workload.gen_len)] * workload.num_requests, split_stream)
+        workload = dataclasses.replace(workload, max_prompt_len=whole[0].max_prompt_len, max_len=whole[0].max_len)
+        cpu_cap = share // split_stream
+        lossy_kv["split_stream"] = split_stream
 
     def plan_for(name: str, workload=workload, cpu=cpu_cap, **options):
         return make_plan(spec, cdtype, device, gpu_cap, workload, hardware=hw, cpu_memory=cpu, weights=name, **options)
@@ -161,6 +176,13 @@ def command(
         report["stored_as"] = _folder_format(model_dir)
     if cluster is not None:
         report["cluster"] = cluster.report(lambda w, cpu: plan_for(fmt, workload=w, cpu=cpu, **lossy_kv))
+    if split_stream > 1:  # against one GPU running the whole job
+        alone = plan_for(fmt, workload=whole[0], cpu=whole[1], **{k: v for k, v in lossy_kv.items() if k != "split_stream"})
+        job = split_stream * plan.predicted["e2e_tok_s"]
+        report["split_stream"] = {"gpus": split_stream, "job_e2e_tok_s": job,
+                                  "job_decode_tok_s": split_stream * plan.predicted["decode_tok_s"],
+                                  "one_gpu_e2e_tok_s": alone.predicted["e2e_tok_s"],
+                                  "one_gpu_wave": alone.wave_size, "speedup": job / alone.predicted["e2e_tok_s"]}
     text = json.dumps(report, indent=2)
     if out:
         write_report(open_report(out), text + "\n")
@@ -168,6 +190,11 @@ def command(
         typer.echo(text)
         return
     print_plan(report)
+    if split_stream > 1:
+        s = report["split_stream"]
+        Console().print(f"split stream: {s['gpus']} GPUs run this plan each, {s['job_e2e_tok_s']:,.0f} tok/s end to "
+                        f"end for the job against {s['one_gpu_e2e_tok_s']:,.0f} on one GPU (wave {s['one_gpu_wave']}): "
+                        f"{s['speedup']:.2f}x predicted")
     if cluster is not None:
         from offbatch.scale.plan_view import print_cluster
 

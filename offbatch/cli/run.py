@@ -10,7 +10,7 @@ import typer
 
 from offbatch.cli.options import (CpuMemoryOpt, DeviceOpt, DtypeOpt, FfnOpt, GpuMemoryOpt, HgcaOpt, KvBalanceOpt, KvOpt,
                                   PredictorsOpt,
-                                  QuietOpt, RayOpt, WeightsOpt, WorkersOpt, byte_size)
+                                  QuietOpt, RayOpt, SplitStreamOpt, WeightsOpt, WorkersOpt, byte_size)
 from offbatch.jobs.params import ParamError, validate
 
 
@@ -107,6 +107,7 @@ def command(
     quiet: QuietOpt = False,
     ray_address: RayOpt = None,
     workers: WorkersOpt = None,
+    split_stream: SplitStreamOpt = 1,
 ):
     """Generate a completion for every line of a JSONL prompts file.
 
@@ -185,13 +186,13 @@ def command(
     engine = EngineOptions(device=device, dtype=dtype, gpu_memory=byte_size(gpu_memory, "--gpu-memory"),
                            cpu_memory=byte_size(cpu_memory, "--cpu-memory"), max_batch=max_batch,
                            engine=engine_kind, plan_file=plan_file, weights=weights, kv=kv, hgca=hgca,
-                           ffn=ffn, predictors=predictors, kv_balance=kv_balance)
+                           ffn=ffn, predictors=predictors, kv_balance=kv_balance, split_stream=split_stream)
     progress = Progress(pick_mode(log_format.value, quiet), interval=log_interval)
     try:
         if scaled:  # each worker checks the options on its own device (scale/worker.py)
             from offbatch.scale.cli import scaled_generator
 
-            make = scaled_generator(ray_address, workers, device, progress)
+            make = scaled_generator(ray_address, workers, device, progress, split_stream)
         else:
             device, _, _ = check_options(engine)
             progress.use_device(device)

@@ -89,7 +89,7 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
                  default_dtype: torch.dtype = torch.float32, plan_overrides: dict | None = None,
                  plan: Plan | None = None, workload: Workload | None = None, hardware=None,
                  cpu_memory: int | None = None, store: WeightStore | None = None, neurons=None, key_scales=None,
-                 **plan_options) -> StreamingEngine:
+                 group=None, plan_only: bool = False, **plan_options) -> StreamingEngine | Plan:
     """plan: pin this plan (e.g. `Plan.from_dict` of a `plan --json` file) instead of solving.
     workload: the job (prompt and generation lengths, request count) the planner optimises for;
     without one it assumes num_requests prompts filling 3/4 of max_len.
@@ -100,7 +100,9 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
     plan_overrides: replace fields of the chosen plan afterwards (experiments).
     store: reuse weights already packed (benchmark grids: packing a large model takes a while).
     neurons: the model's neuron statistics and predictors (ffn.neurons.NeuronStats): the planner may then
-    choose the hybrid FFN (`ffn="hybrid"` among plan_options allows it; it is lossy with predictors)."""
+    choose the hybrid FFN (`ffn="hybrid"` among plan_options allows it; it is lossy with predictors).
+    group: a ShardGroup whose ranks split the weight stream (engine/split.py); every rank runs one plan.
+    plan_only: return the checked plan without packing the weights (engine/split.py plans once for its ranks)."""
     dev = torch.device(device)
     dtype = resolve_dtype(dtype, default_dtype)
     spec = source.spec
@@ -139,14 +141,18 @@ def build_engine(source: WeightSource, device: str = "cpu", dtype=None, gpu_memo
         raise OffbatchError(f"the packed weights given are in the {store.format.name} format, the plan's are {fmt.name}")
     # Every check before the weights are packed (which pins the model in host memory).
     check_plan(plan, shape_from_store(store) if store is not None else shape_from_spec(spec, dtype, fmt), dev, gpu_memory)
+    if plan_only:
+        return plan
     cap_gpu_memory(dev, gpu_memory)
     if store is None:
         store = WeightStore(source, dtype, pin=dev.type == "cuda", disk=plan.disk, fmt=fmt,
-                            encode_on=dev if dev.type == "cuda" else "cpu")
+                            encode_on=dev if dev.type == "cuda" else "cpu",
+                            shard=group.own_range if group is not None else None)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         torch.cuda.reset_accumulated_memory_stats(dev)  # bench reports this engine's allocator retries
-    return StreamingEngine(store, plan, eos_token_ids, timing=timing, neurons=neurons, key_scales=key_scales)
+    return StreamingEngine(store, plan, eos_token_ids, timing=timing, neurons=neurons, key_scales=key_scales,
+                           group=group)
 
 
 def engine_for_folder(model_dir: str | Path, weights: str | None = None, **kwargs) -> StreamingEngine:

@@ -59,6 +59,9 @@ class WaveScheduler:
         self.step_kinds: list[str] = []  # "prefill" or "decode", one per step, beside pf.stats.per_step_bytes
         self.step_walls: list[float] = []  # each step's wall time, beside step_kinds
         self._blocked_mark = (0.0, 0.0)  # host-blocked totals at the start of the step (prefill share)
+        # A split weight stream's group (offload/shard_group.py): the ranks step together; None alone.
+        self.group = None
+        self.idle_steps = 0  # steps this rank ran with no sequence of its own, for the others
 
     # ---- what the forward side provides -----------------------------------------------------
     slots = None
@@ -78,6 +81,10 @@ class WaveScheduler:
 
     def _end_generate(self) -> None:
         pass
+
+    def _idle_step(self) -> None:
+        """A step with no sequence of this rank's while other ranks of its group still have some."""
+        raise NotImplementedError
 
     # ---- the wave loop ---------------------------------------------------------------------
     def _admit(self, pending: Iterator[GenRequest], waiting: list[GenRequest]) -> list[LiveSeq]:
@@ -111,7 +118,16 @@ class WaveScheduler:
         live: list[LiveSeq] = []
         while True:
             new = self._admit(pending, waiting)
-            if not live and not new:
+            if self.group is not None and self.group.world > 1:
+                # Every rank of a split stream runs every step: one with nothing left streams its chunks
+                # for the others until no rank has a sequence.
+                if not self.group.any_work(bool(live or new)):
+                    return
+                if not live and not new:
+                    self._idle_step()
+                    self.idle_steps += 1
+                    continue
+            elif not live and not new:
                 return
             t0 = time.perf_counter()
             self._begin_step()

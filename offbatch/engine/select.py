@@ -27,6 +27,7 @@ class EngineOptions:
     ffn: str | None = None  # "hybrid": the hybrid FFN allowed (--ffn); None: dense
     predictors: str | None = None  # --predictors: a file, "oracle", or None (the folder's)
     kv_balance: bool = False  # --kv-balance: keys balanced by the folder's calibrated scales (attention/key_balance.py)
+    split_stream: int = 1  # --split-stream N: N GPUs of this host split the weight stream (engine/split.py)
 
 
 def check_kv_balance(kv: str | None, plan=None) -> None:
@@ -90,6 +91,21 @@ def check_options(options: EngineOptions) -> tuple[str, str, object]:
         raise OffbatchError("--predictors is for --ffn hybrid (or a pinned plan whose FFN is hybrid)")
     if kind not in ("streaming", "reference"):
         raise OffbatchError(f"--engine {kind!r}: use streaming or reference")
+    if options.split_stream > 1:
+        if kind != "streaming":
+            raise OffbatchError("--split-stream splits the streaming engine's weight stream; on the CPU add "
+                                "--engine streaming")
+        if hybrid:
+            raise OffbatchError("--split-stream runs dense FFN layers; drop --ffn hybrid")
+        if device.startswith("cuda"):
+            import torch
+
+            if device != "cuda":
+                raise OffbatchError(f"--device {device} with --split-stream: the ranks take cuda:0 to "
+                                    f"cuda:{options.split_stream - 1}; give --device cuda")
+            if torch.cuda.device_count() < options.split_stream:
+                raise OffbatchError(f"--split-stream {options.split_stream}: {torch.cuda.device_count()} GPU(s) "
+                                    "visible to torch")
     check_caps_here(device, options.gpu_memory, options.cpu_memory)  # before anything is read or locked
     if options.plan_file is not None:
         if kind != "streaming":
@@ -143,6 +159,11 @@ def make_generator(model_dir: str | Path, tokenizer, options: EngineOptions | No
             from offbatch.attention.key_balance import key_scales_for_folder
 
             pinned["key_scales"] = key_scales_for_folder(model_dir)
+        if options.split_stream > 1:
+            from offbatch.engine.split import make_split_generator
+
+            pinned.pop("key_scales", None)  # each rank reads them itself
+            return make_split_generator(model_dir, tokenizer, options, device, plan, pinned)
         if options.ffn == "hybrid" or (plan is not None and plan.dense_ffn == "hybrid"):
             from offbatch.ffn.neurons import neuron_stats_for_folder
 

@@ -33,16 +33,21 @@ __all__ = ["LiveSeq", "StepTimes", "StreamingEngine"]
 
 class StreamingEngine(WaveScheduler):
     def __init__(self, store: WeightStore, plan: Plan, eos_token_ids: Iterable[int] = (), timing: bool = False,
-                 neurons=None, key_scales=None):
+                 neurons=None, key_scales=None, group=None):
         """neurons: the model's activity statistics and predictors (ffn.neurons.NeuronStats), for a plan
-        whose dense FFN layers are hybrid."""
+        whose dense FFN layers are hybrid. group: a ShardGroup (offload/shard_group.py) whose ranks split
+        the weight stream; this engine runs its rank's sequences."""
         device = torch.device(plan.device)
         super().__init__(store.spec, plan, device, eos_token_ids)
         spec = self.spec
         self.dtype = store.dtype
         self.store = store
+        if group is not None and plan.dense_ffn == "hybrid":
+            raise ValueError("a split weight stream runs dense FFN layers (the hybrid FFN streams a step's modules "
+                             "by its size, which differs between ranks)")
+        self.group = group
         t0 = time.perf_counter()
-        self.pf = Prefetcher(store, self.device, plan.slots, plan.resident, plan.staging_buffers)
+        self.pf = Prefetcher(store, self.device, plan.slots, plan.resident, plan.staging_buffers, group=group)
         resident_s = time.perf_counter() - t0
         self.timing = timing and self.device.type == "cuda"
         self.mods = StreamedModules(store, self.pf, self.device, self.timing)
@@ -113,7 +118,7 @@ class StreamingEngine(WaveScheduler):
         hybrid = self.hybrid is not None and len(ids) <= plan.hybrid_tokens
         if self.hybrid is not None:
             self.hybrid.use_hybrid = hybrid
-        self.pf.schedule(self.order_hybrid if hybrid else self.order)
+        self.mods.schedule(self.order_hybrid if hybrid else self.order)
         groups = list(prefill_groups([n for _, n in pre], self.spec.num_heads, plan.attn_micro_batch, plan.score_bytes))
         step = self.attention.begin_step([s.slot for s in dec], [s.length for s in dec],
                                          [(s.slot, n) for s, n in pre], groups)
@@ -124,6 +129,7 @@ class StreamingEngine(WaveScheduler):
             row += n
             last.append(row - 1)
         logits = self.forward.head(x[torch.tensor(last, device=self.device)])
+        self.mods.pass_until(None)
         self.pf.end_step()
         kv = self.attention
         self.kv_step_bytes.append((kv.read_bytes - self._kv_mark[0], kv.copied_bytes - self._kv_mark[1]))
@@ -133,6 +139,15 @@ class StreamingEngine(WaveScheduler):
         for s, n in pre:
             s.length += n
         return logits
+
+    @torch.inference_mode()
+    def _idle_step(self) -> None:
+        """Every module of the step passes over (this rank's chunk copied, the others' gathered), in the
+        order a working rank's step fetches them."""
+        self.mods.schedule(self.order)
+        for key in self.order:
+            self.pf.pass_over(key)
+        self.pf.end_step()
 
     # ---- what the scheduler reads --------------------------------------------------------------
     def blocked_s(self) -> tuple[float, float]:

@@ -16,6 +16,7 @@ device (its CUDA event); on the CPU the copy is synchronous and the buffer is fr
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections import deque
@@ -66,6 +67,21 @@ def module_reads(source, layout: Layout, parts: list[Part], dtype: torch.dtype, 
         direct = not e.stored and SAFETENSORS_DTYPES[e.dtype] == dtype and fmt.unchanged(part.local, shape, dtype)
         reads.append(_read(part, e, layout.item(part.local).offset if direct else -1, direct))
     return sorted(reads, key=lambda r: (r.file, r.file_offset))
+
+
+def clip_reads(reads: list[TensorRead], lo: int, hi: int) -> list[TensorRead]:
+    """The direct reads of a module's bytes [lo, hi) only, into a buffer that holds just that range (a rank
+    of a split weight stream reads its share of each module). Reads that convert are left out: the store
+    builds those modules whole and keeps the range."""
+    out = []
+    for r in reads:
+        if not r.direct:
+            continue
+        a, b = max(lo, r.buf_offset), min(hi, r.buf_offset + r.nbytes)
+        if a < b:
+            out.append(dataclasses.replace(r, file_offset=r.file_offset + a - r.buf_offset, nbytes=b - a,
+                                           buf_offset=a - lo))
+    return out
 
 
 def _read(part: Part, e, buf: int, direct: bool) -> TensorRead:

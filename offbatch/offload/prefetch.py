@@ -18,6 +18,11 @@ waits (on the host) for the read: then the disk is the bottleneck and there is n
 
 On the CPU (compute device "cpu") the same code runs with plain synchronous copies, so CI exercises
 the scheduling, slot reuse and views.
+
+With a shard group (offload/shard_group.py: `run --split-stream N`) each copy moves only this rank's
+chunk of the module over the link, and an all-gather (on a stream of its own, behind the copy) fills in
+the other ranks' chunks; the slot is ready when the gather is. Every rank issues the same copies in the
+same order (the ranks' schedules are the same), so the gathers pair up.
 """
 
 from __future__ import annotations
@@ -53,11 +58,15 @@ class PrefetchStats:
 
 class Prefetcher:
     def __init__(self, store: WeightStore, device: torch.device, slots_per_kind: dict[str, int],
-                 resident: set[ModuleKey], staging: int = 2):
+                 resident: set[ModuleKey], staging: int = 2, group=None):
         self.store = store
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.group = group  # a ShardGroup: this rank copies its chunk of each module, a gather the rest
+        if group is not None and getattr(store, "disk", None):
+            raise ValueError("a split weight stream reads every module from host memory: the plan puts "
+                             f"{len(store.disk)} modules on the disk tier")
         # Resident modules: copied once, never evicted; those of one kind in one layer (a layer's
         # resident experts) as the rows of one bank.
         self.resident: dict[ModuleKey, ModuleWeights] = {}
@@ -66,7 +75,12 @@ class Prefetcher:
         for key in sorted(resident):
             groups.setdefault((key[0], module_kind(key[1])), []).append(key)
         for members in groups.values():
-            if len(members) == 1:
+            if group is not None:  # each rank holds its share in host memory: gathered once, here
+                bank = torch.empty(len(members), group.padded(max(store.nbytes(k) for k in members)),
+                                   dtype=torch.uint8, device=self.device)
+                for row, key in enumerate(members):
+                    self._gather_resident(key, bank[row])
+            elif len(members) == 1:
                 bank = self._host_bytes(members[0]).to(self.device).unsqueeze(0)  # on the CPU: the host buffer itself
             else:
                 bank = torch.empty(len(members), max(store.nbytes(k) for k in members), dtype=torch.uint8,
@@ -84,6 +98,8 @@ class Prefetcher:
             size = max((store.nbytes(k) for k in store.keys() if module_kind(k[1]) == kind and k not in resident), default=0)
             if size == 0 or count == 0:
                 continue
+            if group is not None:  # room for every rank's chunk, padding included
+                size = group.padded(size)
             bank = torch.empty(count, size, dtype=torch.uint8, device=self.device)
             self.banks[kind] = bank
             self.rings[kind] = [Slot(bank[j], j) for j in range(count)]
@@ -101,6 +117,16 @@ class Prefetcher:
     def _weights(self, key: ModuleKey, buf: torch.Tensor) -> ModuleWeights:
         """A module's weights over the device bytes holding it, as its format computes with them."""
         return self.store.format.weights(self.store.layouts[key].views(buf))
+
+    def _gather_resident(self, key: ModuleKey, row: torch.Tensor) -> None:
+        """A resident module of a split stream into its bank row: this rank's share copied, the rest gathered."""
+        n = self.store.nbytes(key)
+        lo, hi = self.group.own_range(n)
+        if hi > lo:
+            row[lo:hi].copy_(self.store.host_share(key, lo, hi))
+        work = self.group.gather(row, n)
+        if work is not None:
+            work.wait()
 
     def _host_bytes(self, key: ModuleKey) -> torch.Tensor:
         if key in getattr(self.store, "disk", {}):
@@ -175,23 +201,37 @@ class Prefetcher:
         if slot.key is not None and self.in_slot.get(slot.key) is slot:
             del self.in_slot[slot.key]  # (a later copy of the same module may sit in another slot)
         n = self.store.nbytes(key)
-        src = self.store.host[key] if staged is None else staged[1][:n]
+        lo, hi = (0, n) if self.group is None else self.group.own_range(n)
+        if staged is not None:
+            src = staged[1][lo:hi]
+        else:  # a rank's store holds only its share of the module
+            src = self.store.host[key] if self.group is None else self.store.host_share(key, lo, hi)
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
                 if slot.free is not None:
                     self.copy_stream.wait_event(slot.free)
-                slot.buf[:n].copy_(src, non_blocking=True)
+                if hi > lo:
+                    slot.buf[lo:hi].copy_(src, non_blocking=True)
                 slot.ready = torch.cuda.Event()
                 slot.ready.record(self.copy_stream)
+            if self.group is not None:
+                stream = self.group.gather_stream
+                with torch.cuda.stream(stream):
+                    stream.wait_event(slot.ready)
+                    self.group.gather(slot.buf, n)
+                    slot.ready = torch.cuda.Event()
+                    slot.ready.record(stream)
         else:
-            slot.buf[:n].copy_(src)
+            if hi > lo:
+                slot.buf[lo:hi].copy_(src)
+            slot.ready = self.group.gather(slot.buf, n) if self.group is not None else None
         if staged is not None:  # the staging buffer may be refilled once this copy has run
             self.reader.give_back(staged[0], slot.ready if self.cuda else None)
         slot.key, slot.busy = key, True
         self.in_slot[key] = slot
-        self.stats.bytes_copied += n
+        self.stats.bytes_copied += max(0, hi - lo)
         self.stats.copies += 1
-        self._step_bytes += n
+        self._step_bytes += max(0, hi - lo)
 
     # ---- use -------------------------------------------------------------
     def acquire(self, key: ModuleKey) -> ModuleWeights:
@@ -199,12 +239,30 @@ class Prefetcher:
         if key in self.resident:
             return self.resident[key]
         self.pump(until=key if self.reader is not None else None)
-        slot = self.in_slot.get(key)
-        if slot is None or not slot.busy:
-            raise RuntimeError(f"module {key} acquired before it was scheduled (or its ring is too small)")
+        slot = self._issued_slot(key)
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
         return self._weights(key, slot.buf)
+
+    def _issued_slot(self, key: ModuleKey) -> Slot:
+        slot = self.in_slot.get(key)
+        if slot is None or not slot.busy:
+            raise RuntimeError(f"module {key} acquired before it was scheduled (or its ring is too small)")
+        if not self.cuda and slot.ready is not None:  # a CPU rank's gather
+            slot.ready.wait()
+            slot.ready = None
+        return slot
+
+    def pass_over(self, key: ModuleKey) -> None:
+        """A split stream's module this rank does not compute with this step (the others do): its chunk is
+        copied and gathered like any other, and its slot is refilled once the gather is done."""
+        if key in self.resident:
+            return
+        self.pump(until=key if self.reader is not None else None)
+        slot = self._issued_slot(key)
+        slot.free = slot.ready if self.cuda else None  # no compute reads it: the gather's end frees it
+        slot.busy = False
+        self.pump()
 
     def row_of(self, key: ModuleKey) -> tuple[torch.Tensor, int]:
         """(bank, row): the byte buffer [rows, row_bytes] that holds an acquired or resident module as

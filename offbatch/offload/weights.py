@@ -23,7 +23,7 @@ from offbatch.errors import OffbatchError
 from offbatch.formats import DENSE, Layout, ModuleWeights, WeightFormat
 from offbatch.models.catalogue import ModuleKey, Part, modules_of
 from offbatch.models.spec import ModelSpec
-from offbatch.offload.disk import ModuleFiles, module_reads, read_module_now, read_raw
+from offbatch.offload.disk import ModuleFiles, clip_reads, module_reads, read_module_now, read_raw
 
 
 class WeightSource(Protocol):
@@ -137,11 +137,16 @@ class WeightStore:
     the modules of the disk tier (`disk`), which stay in the checkpoint and are read at each use.
 
     `fmt` stores the weights; `modules` is the model's module catalogue (default: every tensor of the
-    source grouped by models/catalogue.modules_of)."""
+    source grouped by models/catalogue.modules_of).
+
+    `shard` (a rank of a split weight stream, offload/shard_group.py): n -> the byte range [lo, hi) of an
+    n-byte module this rank copies over its link. The store then holds only that range of every module
+    but the embedding (the ranks of one host hold the model once between them, and each reads only its
+    share from the folder), and a module's norms apart (post-norm layers read them after release)."""
 
     def __init__(self, source: WeightSource, dtype: torch.dtype, pin: bool, disk: set[ModuleKey] = frozenset(),
                  fmt: WeightFormat = DENSE, modules: dict[ModuleKey, list[Part]] | None = None,
-                 encode_on: torch.device | str = "cpu"):
+                 encode_on: torch.device | str = "cpu", shard=None):
         """encode_on: where the format encodes tensors at load (the GPU, when there is one: quantizing a
         large model on the host takes minutes; the same arithmetic, in float32, gives the same bytes)."""
         self.spec = source.spec
@@ -154,6 +159,14 @@ class WeightStore:
             key: module_layout(fmt, parts, source.tensor_shape, dtype) for key, parts in sorted(self.modules.items())}
         self.host: dict[ModuleKey, torch.Tensor] = {}
         self.disk: dict[ModuleKey, list] = {}  # module -> its TensorReads (offload/disk.py)
+        # A rank's share: module -> the byte range of it that host[module] holds (others: all of it).
+        self.ranges: dict[ModuleKey, tuple[int, int]] = {}
+        self._norms: dict[ModuleKey, dict[str, torch.Tensor]] = {}
+        if shard is not None:
+            if disk:
+                raise OffbatchError("a rank of a split weight stream holds every weight it streams in host memory: "
+                                    "no disk tier")
+            self.ranges = {k: shard(self.layouts[k].nbytes) for k in self.layouts if k[1] != "embed"}
         unknown = set(disk) - set(self.layouts)
         if unknown:
             raise OffbatchError(f"the disk tier names modules this model does not have, e.g. {sorted(unknown)[0]}")
@@ -176,6 +189,8 @@ class WeightStore:
                 self.disk[key] = module_reads(source, layout, self.modules[key], dtype, fmt)
             elif ckpt:
                 reads[key] = module_reads(source, layout, self.modules[key], dtype, fmt)
+                if key in self.ranges:
+                    reads[key] = clip_reads(reads[key], *self.ranges[key])
         if reads:
             local = threading.local()
             opened: list[ModuleFiles] = []
@@ -198,7 +213,9 @@ class WeightStore:
             if key in disk:
                 continue
             flat = flats[key]
-            if key in reads:
+            if key in self.ranges:
+                self._fill_share(key, flat, reads.get(key))
+            elif key in reads:
                 rest = [r.part for r in reads[key] if not r.direct]  # what the format converts: on this thread
                 if rest:
                     self.fill(key, rest, flat)
@@ -208,17 +225,64 @@ class WeightStore:
         self.load_stats["total_s"] = time.perf_counter() - t0 + self.load_stats["alloc_s"]
         self.load_stats["bytes"] = sum(f.numel() for f in flats.values())
 
+    def _held(self, key: ModuleKey) -> int:
+        """Bytes the store holds of a module (a rank's share, or all of it)."""
+        lo, hi = self.ranges.get(key, (0, self.layouts[key].nbytes))
+        return max(0, hi - lo)
+
     def _host_buffers(self, keys: list[ModuleKey], pin: bool) -> tuple[list[torch.Tensor], dict[ModuleKey, torch.Tensor]]:
         """(pinned chunks, a buffer per module): the embedding is looked up on the host and never copied
         whole, so it needs no pinning."""
-        pinned_keys = [k for k in keys if pin and k[1] != "embed"]
-        sizes, place = pack_pinned([self.layouts[k].nbytes for k in pinned_keys])
-        chunks = pinned_chunks(sizes, place, [self.layouts[k].nbytes for k in pinned_keys])
-        flats = {k: chunks[c][off : off + self.layouts[k].nbytes] for k, (c, off) in zip(pinned_keys, place)}
+        pinned_keys = [k for k in keys if pin and k[1] != "embed" and self._held(k)]
+        sizes, place = pack_pinned([self._held(k) for k in pinned_keys])
+        chunks = pinned_chunks(sizes, place, [self._held(k) for k in pinned_keys])
+        flats = {k: chunks[c][off : off + self._held(k)] for k, (c, off) in zip(pinned_keys, place)}
         for k in keys:
             if k not in flats:
-                flats[k] = torch.empty(self.layouts[k].nbytes, dtype=torch.uint8)
+                flats[k] = torch.empty(self._held(k), dtype=torch.uint8)
         return chunks, flats
+
+    def _fill_share(self, key: ModuleKey, share: torch.Tensor, reads) -> None:
+        """A rank's range of a module: read straight into it where every tensor is read as it is (the reads
+        were clipped to the range), else the whole module built in a scratch buffer and the range copied.
+        The module's norms are kept whole beside it."""
+        lo, hi = self.ranges[key]
+        parts = self.modules[key]
+        whole = None if reads is None else module_reads(self.source, self.layouts[key], parts, self.dtype, self.format)
+        if whole is not None and all(r.direct for r in whole):
+            scratch = None  # the clipped reads filled the share
+        else:
+            scratch = torch.empty(self.layouts[key].nbytes, dtype=torch.uint8)
+            if whole is not None:
+                files = ModuleFiles(direct=False)
+                try:
+                    read_raw(whole, scratch, files)
+                finally:
+                    files.close()
+                parts = [r.part for r in whole if not r.direct]
+            self.fill(key, parts, scratch)
+            if hi > lo:
+                share.copy_(scratch[lo:hi])
+        norm_parts = [p for p in self.modules[key] if "norm" in p.local]
+        if norm_parts:
+            if scratch is None:
+                scratch = torch.zeros(self.layouts[key].nbytes, dtype=torch.uint8)
+                self.fill(key, norm_parts, scratch)
+            self._norms[key] = {k: t.clone() for k, t in self.views(key, scratch).items() if "norm" in k}
+
+    def host_share(self, key: ModuleKey, lo: int, hi: int) -> torch.Tensor:
+        """Host bytes [lo, hi) of a module (a rank's store holds only its own range of it)."""
+        if key in self.ranges:
+            if (lo, hi) != self.ranges[key]:
+                raise ValueError(f"module {key}: this store holds bytes {self.ranges[key]}, not {(lo, hi)}")
+            return self.host[key]
+        return self.host[key][lo:hi]
+
+    def norms(self, key: ModuleKey) -> dict[str, torch.Tensor]:
+        """A module's norm tensors, on the host."""
+        if key in self.ranges:
+            return self._norms.get(key, {})
+        return {k: t for k, t in self.host_views(key).items() if "norm" in k}
 
     def fill(self, key: ModuleKey, parts: list[Part], flat: torch.Tensor) -> None:
         """Write these parts of a module into its buffer (host, uint8) from the source: copied (and
@@ -248,6 +312,8 @@ class WeightStore:
 
     def host_views(self, key: ModuleKey) -> ModuleWeights:
         """Host tensors of a module (a disk-tier module is read into a fresh buffer)."""
+        if key in self.ranges:
+            raise ValueError(f"module {key}: this rank's store holds only its share of the module's bytes")
         if key in self.disk:
             return self.views(key, read_module_now(self, key))
         return self.views(key, self.host[key])

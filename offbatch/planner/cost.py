@@ -94,9 +94,11 @@ class StepModel:
     """Step times of one plan (knobs + residency) on one machine."""
 
     def __init__(self, shape: ModelShape, hw: Hardware, knobs: Knobs, res: Residency, max_len: int,
-                 disk_fraction: float = 0.0, hybrid=None):
-        """hybrid: a hybrid FFN candidate (planner.hybrid_ffn.HybridTerms), bound here to this residency."""
+                 disk_fraction: float = 0.0, hybrid=None, split: int = 1):
+        """hybrid: a hybrid FFN candidate (planner.hybrid_ffn.HybridTerms), bound here to this residency.
+        split: GPUs splitting the weight stream (offload/shard_group.py); this models one rank of them."""
         self.shape, self.hw, self.knobs, self.res = shape, hw, knobs, res
+        self.split = max(1, int(split))
         self.hybrid = hybrid.bind(res, shape) if hybrid is not None and hw.device == "cuda" else None
         self.disk_fraction = disk_fraction  # share of the streamed weight bytes read from disk
         spec = shape.spec
@@ -142,6 +144,8 @@ class StepModel:
         # ---- bytes over the link --------------------------------------------------------------
         if w.num_experts:
             use = 1.0 - (1.0 - w.top_k / w.num_experts) ** T  # chance an expert gets a token of the step
+            if self.split > 1:  # a split stream fetches every expert (modules.py: ranks issue the same copies)
+                use = zero + 1.0
             n_used = w.num_experts * use
             weight_bytes = self.res.streamed_dense_bytes + self.res.streamed_experts * self.res.expert_bytes * use
         else:
@@ -188,6 +192,10 @@ class StepModel:
             # Small steps: the hybrid layers' FFN modules are not streamed; their cold part is host work in the chain.
             weight_bytes, serial = self.hybrid.adjust(T, weight_bytes, serial, host_cold_rate(hw),
                                                       getattr(self, "_fetch_tokens", None))
+        # A split stream: this rank's link carries its chunk of each module; the all-gather brings the
+        # others' over the GPUs' interconnect, on a stream of its own beside the copies.
+        gather = weight_bytes * (self.split - 1) / self.split / hw.peer_rate
+        weight_bytes = weight_bytes / self.split
         copy = (weight_bytes + kv_h2d) / hw.h2d_pinned_bytes_s
         chain = gpu + cpu_attn + kv_copy + serial
         host = (hw.host.step_s + hw.host.seq_s * S + admitted * (prompt_len * hw.host.prefill_token_s)
@@ -216,7 +224,7 @@ class StepModel:
             a, b = copy + head_s - both, np.maximum(chain - exposed - both, 0.0)
             hi = np.maximum(np.maximum(a, b), 1e-12)
             overlapped = hi * (1.0 + (np.minimum(a, b) / hi) ** OVERLAP_P) ** (1 / OVERLAP_P) + both
-            total = np.maximum(overlapped, np.maximum(disk, kv_store)) + exposed + host
+            total = np.maximum(np.maximum(overlapped, gather), np.maximum(disk, kv_store)) + exposed + host
         else:
             total = copy + chain + disk + host
         return {"total": total, "copy": copy, "disk": disk, "gpu": gpu, "cpu_attn": cpu_attn, "kv_copy": kv_copy, "serial": serial,

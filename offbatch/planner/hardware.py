@@ -80,6 +80,14 @@ class Hardware:
     # decode attention on the CPU and one that does not, the solver counts predictions within this (or
     # its TIE_TOLERANCE, whichever is larger) as a tie, so the choice cannot flip from probe to probe.
     cpu_attn_noise: float = 0.0
+    # GPU-to-GPU copies between two GPUs of the host (NVLink, else PCIe peer), bytes/s one way: what a split
+    # weight stream's all-gather moves (`run --split-stream`). 0: not measured (one GPU, or a profile without
+    # it): priced at the pinned host link's rate.
+    peer_bytes_s: float = 0.0
+
+    @property
+    def peer_rate(self) -> float:
+        return self.peer_bytes_s or self.h2d_pinned_bytes_s
 
     # ---- rates -------------------------------------------------------------------------------------
     def gemm_rate(self, m: float) -> float:

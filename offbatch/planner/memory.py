@@ -151,10 +151,14 @@ class WeightTotals:
     largest: int  # the largest module but the embedding (staging size, chunk-tail margin)
 
     @staticmethod
-    def of(shape: ModelShape, pinned: bool) -> "WeightTotals":
-        return WeightTotals(host_weight_bytes(shape, pinned),
-                            sum(n for k, n in shape.nbytes.items() if k[1] == "embed"),
-                            max((n for k, n in shape.nbytes.items() if k[1] != "embed"), default=0))
+    def of(shape: ModelShape, pinned: bool, split: int = 1) -> "WeightTotals":
+        """split: a rank of a split weight stream holds 1/split of every module but the embedding."""
+        embed = sum(n for k, n in shape.nbytes.items() if k[1] == "embed")
+        largest = max((n for k, n in shape.nbytes.items() if k[1] != "embed"), default=0)
+        if split > 1:
+            shares = [-(-n // split) for k, n in shape.nbytes.items() if k[1] != "embed"]
+            return WeightTotals(embed + (pinned_bytes(shares) if pinned else sum(shares)), embed, largest)
+        return WeightTotals(host_weight_bytes(shape, pinned), embed, largest)
 
 
 def host_floor(shape: ModelShape, knobs: Knobs, max_len: int, pinned: bool, totals: WeightTotals) -> int:

@@ -162,6 +162,32 @@ def release_probe_memory(dev: torch.device) -> None:
     torch.cuda.empty_cache()
 
 
+def peer_rate(dev: torch.device, nbytes: int = 1 << 28, reps: int = 3) -> float:
+    """Bytes/s of a copy from this GPU to the next one (a split weight stream's all-gather rides the same
+    path); 0 with one GPU visible."""
+    if torch.cuda.device_count() < 2:
+        return 0.0
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    other = torch.device("cuda", (index + 1) % torch.cuda.device_count())
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=other)
+    dst.copy_(src)  # the peer mapping and its first touch, untimed
+    torch.cuda.synchronize(dev)
+    torch.cuda.synchronize(other)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(dev)
+        torch.cuda.synchronize(other)
+        times.append(time.perf_counter() - t0)
+    del src, dst
+    with torch.cuda.device(other):
+        torch.cuda.empty_cache()
+    release_probe_memory(dev)
+    return nbytes / _median(times)
+
+
 # ---- the whole probe ----------------------------------------------------------------------------
 def measure(device: str | None = None) -> Hardware:
     """Probe this machine with `device` as the compute device (cuda when present)."""
@@ -192,12 +218,14 @@ def measure(device: str | None = None) -> Hardware:
         torch.cuda.synchronize(dev)
         del src, dst
         release_probe_memory(dev)
+        peer = peer_rate(dev)
         hw = Hardware(
             name=f"probed:{props.name}", device="cuda", gpu_name=props.name, gpu_memory_bytes=props.total_memory,
             pcie="", h2d_pinned_bytes_s=pinned, h2d_pageable_bytes_s=pageable, d2h_bytes_s=d2h, gemm_flop_s=gemm,
             mem_bytes_s=0.75 * membw,
             host=replace(base, threads=threads, memory_bytes=host_mem, cpu_attn_bytes_s=_median(alones),
                          cpu_attn_contended_bytes_s=min(_median(alones), _median(contendeds))),
+            peer_bytes_s=peer,
             cpu_attn_noise=PROBED_CPU_ATTN_NOISE,
         )
     else:

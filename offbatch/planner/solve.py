@@ -88,11 +88,15 @@ class Solver:
     def __init__(self, shape: ModelShape, hw: Hardware, workload: Workload, device: str,
                  gpu_budget: int | None, host_budget: int | None, max_wave: int = MAX_WAVE,
                  max_resident_bytes: int | None = None, pins: dict | None = None, disk_tier: bool = True,
-                 kv_formats=("dense",), hgca: HGCASetting | None = None, hgca_window_given: bool = True):
+                 kv_formats=("dense",), hgca: HGCASetting | None = None, hgca_window_given: bool = True,
+                 split: int = 1):
         """disk_tier: whether weights may stay in the model folder (not for synthetic weights, which have
-        none: then every plan holds all of them in host memory, and the wave is what gives way)."""
+        none: then every plan holds all of them in host memory, and the wave is what gives way).
+        split: GPUs splitting the weight stream (offload/shard_group.py); the plan is one rank's (workload
+        and host budget are its shares), and every weight stays in host memory (no disk tier)."""
         self.shape, self.hw, self.wl, self.device = shape, hw, workload, device
-        self.disk_tier = disk_tier
+        self.split = max(1, int(split))
+        self.disk_tier = disk_tier and self.split == 1
         # KV formats the user allows (a lossy one only when asked for), and HGCA's setting where allowed
         # (its window chosen here unless the user gave one).
         self.kv_formats = [kv_format_name(f) for f in kv_formats] or ["dense"]
@@ -115,7 +119,7 @@ class Solver:
         if self.order not in RESIDENCY_ORDERS:
             raise OffbatchError(f"residency order {self.order!r}: use {' or '.join(RESIDENCY_ORDERS)}")
         self.chooser = ResidencyChooser(shape)
-        self.totals = WeightTotals.of(shape, self.cuda)
+        self.totals = WeightTotals.of(shape, self.cuda, self.split)
         self.kind_max = {kind: max(shape.nbytes[k] for k in keys) for kind, keys in shape.kinds().items()}
         self.cache: dict[Knobs, Evaluation | None] = {}
         self.fastest: Evaluation | None = None  # the fastest candidate found (solve)
@@ -245,7 +249,8 @@ class Solver:
             res = self.chooser.choose(left, knobs.wave, self.max_resident, with_keys=False, order=self.order)
             tier = self.host_split(knobs, res) if res is not None else None
             if tier is not None:
-                model = StepModel(self.shape, self.hw, knobs, res, self.max_len, tier.disk_fraction, self.hybrid)
+                model = StepModel(self.shape, self.hw, knobs, res, self.max_len, tier.disk_fraction, self.hybrid,
+                                  self.split)
                 result = Evaluation(knobs, res, model, job_time(model, self.wl), trans, tier.host, tier)
         self.cache[knobs] = result
         return result
@@ -473,7 +478,7 @@ def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
     model = e.model
     if disk:  # price the modules chosen (the search priced a byte estimate of them)
         model = StepModel(solver.shape, solver.hw, k, e.residency, solver.max_len,
-                          disk_fraction(solver.shape, res.resident, disk), solver.hybrid)
+                          disk_fraction(solver.shape, res.resident, disk), solver.hybrid, solver.split)
         e = dataclasses.replace(e, model=model, job=job_time(model, solver.wl))
     return Plan(
         device=solver.device, dtype=solver.shape.dtype, wave_size=k.wave, max_len=solver.max_len,
@@ -486,7 +491,7 @@ def to_plan(e: Evaluation, solver: Solver, chosen_by: str = "solver") -> Plan:
                 "activations": e.transient["activations"]},
         host_memory=host, predicted=prediction(e.model, solver.wl, e.job), hardware=solver.hw.name,
         chosen_by=chosen_by, disk=disk, staging_buffers=STAGING_BUFFERS, residency_order=solver.order,
-        near_tie=solver.near_tie(e),
+        near_tie=solver.near_tie(e), split_stream=solver.split,
     )
 
 
@@ -565,7 +570,7 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, device: str, gpu_memory: int 
               hardware: Hardware | str | None = None, cpu_memory: int | None = None, max_wave: int = MAX_WAVE,
               max_resident_bytes: int | None = None, shape: ModelShape | None = None, weights: str = "dense",
               disk_tier: bool = True, kv_formats=("dense",), hgca: HGCASetting | None = None,
-              hgca_window_given: bool = True, neurons=None, **pins) -> Plan:
+              hgca_window_given: bool = True, neurons=None, split_stream: int = 1, **pins) -> Plan:
     """The solver's plan for a job. `pins` fix knobs (wave_size, prefill_tokens, ffn_micro_tokens,
     attn_micro_batch, attention, residency_order); the rest is chosen. weights: the weight format the
     model is stored in (its module sizes are what the plan places and streams). disk_tier: whether
@@ -584,7 +589,7 @@ def make_plan(spec: ModelSpec, dtype: torch.dtype, device: str, gpu_memory: int 
         gpu_memory = hw.gpu_memory_bytes
     host = cpu_memory if cpu_memory is not None else int(HOST_SHARE * hw.host.memory_bytes)
     solver = Solver(shape, hw, workload, device, gpu_memory, host, max_wave, max_resident_bytes, pins, disk_tier,
-                    kv_formats, hgca, hgca_window_given)
+                    kv_formats, hgca, hgca_window_given, split_stream)
     best = solver.solve()
     if neurons is not None and torch.device(device).type == "cuda":
         from offbatch.planner.hybrid_ffn import apply_hybrid, choose_hybrid
@@ -613,5 +618,6 @@ def predict(plan: Plan, shape: ModelShape, hw: Hardware, workload: Workload, neu
         hot_bytes = layers * (plan.hot_neurons * neuron_bytes(shape.spec, shape.dsize) + costs.predictor_bytes)
         scratch = fetch_scratch_bytes(shape.spec, shape.dsize, plan.hybrid_tokens) if plan.hybrid_fetch_tokens else 0
         hybrid = HybridTerms(costs, hot_bytes + scratch, plan.hybrid_tokens, plan.hybrid_fetch_tokens, scratch)
-    model = StepModel(shape, hw, knobs, res, plan.max_len, disk_fraction(shape, res.resident, plan.disk), hybrid)
+    model = StepModel(shape, hw, knobs, res, plan.max_len, disk_fraction(shape, res.resident, plan.disk), hybrid,
+                      plan.split_stream)
     return prediction(model, workload, job_time(model, workload))

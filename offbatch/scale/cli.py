@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 
-def scaled_generator(address: str | None, workers: int | None, device: str | None, progress):
+def scaled_generator(address: str | None, workers: int | None, device: str | None, progress, split: int = 1):
     """make_generator's stand-in: called by the runner (timed as the model's load) only when there is work
     left, it connects to Ray and returns a ClusterGenerator whose workers have all loaded the model."""
     from offbatch.scale.cluster import Cluster
 
-    cluster = Cluster(address, workers, device, notify=progress.warn)  # options checked now, before any reading
+    cluster = Cluster(address, workers, device, notify=progress.warn, split=split)  # options checked now, before any reading
 
     def make(model_dir, tokenizer, options):
         from offbatch.scale.generator import ClusterGenerator

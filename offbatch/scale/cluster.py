@@ -26,9 +26,12 @@ class Workers:
     gpu: bool
     cpus: float  # Ray CPUs each worker asks for (GPU workers: 1; CPU workers: a fraction)
     threads: int | None  # torch threads of a CPU worker (None: a GPU worker keeps torch's default)
+    gpus_each: int = 1  # GPUs of one worker (--split-stream N: its N GPUs split one weight stream)
 
     def describe(self, count: int | None = None) -> str:
         each = "one GPU each" if self.gpu else f"{self.cpus:g} CPU and {self.threads} thread(s) each"
+        if self.gpu and self.gpus_each > 1:
+            each = f"{self.gpus_each} GPUs each, splitting its weight stream"
         return f"{self.count if count is None else count} {'GPU' if self.gpu else 'CPU'} worker(s) ({each})"
 
 
@@ -37,9 +40,10 @@ class Cluster:
     (or stops it) at the end. A process that is already connected (ray.init was called, as in tests) is
     used as it is and left connected."""
 
-    def __init__(self, address: str | None, workers: int | None, device: str | None, notify=None):
+    def __init__(self, address: str | None, workers: int | None, device: str | None, notify=None, split: int = 1):
         if workers is not None and workers < 1:
             raise OffbatchError("--workers needs at least 1")
+        self.split = max(1, split)  # GPUs per worker (--split-stream)
         if device is not None and device not in ("cpu", "cuda"):
             raise OffbatchError(f"--device {device}: with --ray or --workers each worker computes on its own GPU; "
                                 "give --device cuda or cpu")
@@ -84,10 +88,13 @@ class Cluster:
         if self.device == "cuda" and not gpu:
             raise OffbatchError("--device cuda: the Ray cluster has no GPU")
         if gpu:
-            count = self.asked or gpus
-            if count > gpus:
-                raise OffbatchError(f"--workers {count}: the Ray cluster has {gpus} GPU(s), and each worker takes one")
-            return Workers(count, True, 1.0 if cpus >= count else 0.0, None)
+            each = self.split
+            count = self.asked or gpus // each
+            if count < 1 or count * each > gpus:
+                takes = "one" if each == 1 else f"{each} (--split-stream {each})"
+                raise OffbatchError(f"--workers {max(count, 1)}: the Ray cluster has {gpus} GPU(s), and each worker "
+                                    f"takes {takes}")
+            return Workers(count, True, 1.0 if cpus >= count else 0.0, None, each)
         count = self.asked or max(1, len(nodes))
         # Fractions of a CPU: Ray Data's own tasks and the collector need a share, else a 2-CPU machine with
         # two 1-CPU workers never schedules them. A worker never asks for more than its largest host has.

@@ -120,13 +120,13 @@ class ClusterGenerator:
         lens = plan.worker_lengths(prompt_lens, gen_lens)
         worker_options = {**asdict(options), "prompt_lens": lens[0], "gen_lens": lens[1], "device": None}
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        share = host_share(plan.pool_size, max((n["Resources"].get("GPU", 0) for n in nodes), default=0),
+        share = host_share(plan.pool_size, max((n["Resources"].get("GPU", 0) for n in nodes), default=0) / workers.gpus_each,
                            max((n["Resources"].get("CPU", 0) for n in nodes), default=1), workers.cpus, workers.gpu)
         self.workers = workers
         self.progress.info(f"ray: {workers.describe(plan.pool_size)}, {plan.shards} shard(s) of about "
                            f"{plan.sequences // max(plan.shards, 1)} sequences; each worker loads the model",
                            workers=plan.pool_size, shards=plan.shards, gpu=workers.gpu)
-        resources = {"num_gpus": 1} if workers.gpu else {}
+        resources = {"num_gpus": workers.gpus_each} if workers.gpu else {}
         ds = ray.data.from_items([{"shard": s} for s in range(plan.shards)], override_num_blocks=plan.shards)
         with warnings.catch_warnings():
             # Ray 2.60 names max_restarts / max_task_retries deprecated (to go in 2.64, with infinite retries the
