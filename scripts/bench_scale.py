@@ -64,30 +64,28 @@ def write_prompts(path: Path, folder: Path, n: int, prompt_len: int, gen_len: in
             f.write(json.dumps({"id": f"r{i}", "prompt": ids, "max_tokens": gen_len, "ignore_eos": True}) + "\n")
 
 
-def plan_split(folder: Path, args, n: int) -> dict | None:
-    """The planner's view of the job with the weight stream split over n GPUs, against one GPU."""
+def plan_report(folder: Path, args, extra: list) -> dict | None:
+    """`offbatch plan --json` for the job with these flags (None, said, when it fails)."""
     cmd = offbatch("plan", folder, "--num-prompts", args.prompts, "--prompt-len", args.prompt_len, "--gen-len",
-                   args.gen_len, "--split-stream", n, "--json", *cap_args(args), *plan_args(args))
+                   args.gen_len, *extra, "--json", *cap_args(args), *plan_args(args))
     r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=args.timeout)
     if r.returncode != 0:
         print(f"plan failed ({r.returncode}): {r.stderr.strip()[-500:]}", flush=True)
         return None
-    report = json.loads(r.stdout)
-    return {**report["split_stream"], "rank_plan": report["plan"], "hardware": report["hardware"]}
+    return json.loads(r.stdout)
+
+
+def plan_split(folder: Path, args, n: int) -> dict | None:
+    """The planner's view of the job with the weight stream split over n GPUs, against one GPU."""
+    report = plan_report(folder, args, ["--split-stream", n])
+    return report and {**report["split_stream"], "rank_plan": report["plan"], "hardware": report["hardware"]}
 
 
 def plan(folder: Path, args) -> dict | None:
     """The planner's view of the job on one and on N workers (and the machine's probe, cached for the runs)."""
-    if not args.workers:
+    report = plan_report(folder, args, ["--workers", max(args.workers)]) if args.workers else None
+    if report is None:
         return None
-    workers = max(args.workers)
-    cmd = offbatch("plan", folder, "--num-prompts", args.prompts, "--prompt-len", args.prompt_len, "--gen-len",
-                   args.gen_len, "--workers", workers, "--json", *cap_args(args), *plan_args(args))
-    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=args.timeout)
-    if r.returncode != 0:
-        print(f"plan failed ({r.returncode}): {r.stderr.strip()[-500:]}", flush=True)
-        return None
-    report = json.loads(r.stdout)
     c = report["cluster"]
     return {"workers": c["workers"], "job_s": c["job_s"], "one_worker_s": c["one_worker"]["total_s"],
             "speedup": c["speedup"], "speedup_generation": c["speedup_run"],

@@ -209,3 +209,27 @@ def test_gpu_group_of_one_gathers_through_nccl_and_gives_the_engines_tokens(fami
     finally:
         group.close()
     assert got == want
+
+
+def test_a_rank_killed_mid_job_ends_the_job_with_its_error_and_no_rank_is_left(tmp_path):
+    """The ranks step together: when one dies (killed, out of memory) the others cannot go on. The caller gets
+    one clear error, every rank process is gone, and what it yielded before stays right (the jobs layer has
+    written it: a rerun resumes from there)."""
+    import os
+    import signal
+
+    model = synth(tmp_path / "llama", "llama")
+    ref = ReferenceModel.load(model, dtype="float32")
+    prompts, _ = job(ref.spec.vocab_size, 24, seed=9)
+    expected = ref.greedy(prompts, 16)
+    gen = SplitStreamGenerator(model, streamed_plan(model, 24), world=2, device="cpu", build={"dtype": "float32"},
+                               threads=1)
+    reqs = [GenRequest(i, p, SamplingParams(max_tokens=1 if i < 2 else 16, ignore_eos=True)) for i, p in enumerate(prompts)]
+    got = []
+    with pytest.raises(OffbatchError, match="died|failed"):
+        for out in gen.generate(reqs):
+            got.append(out)
+            if len(got) == 1:
+                os.kill(gen.procs[1].pid, signal.SIGKILL)
+    assert got and all(o.token_ids == expected[o.key][: len(o.token_ids)] for o in got)
+    assert all(not p.is_alive() for p in gen.procs)

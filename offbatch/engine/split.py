@@ -26,6 +26,7 @@ from offbatch.engine.api import GenOutput, GenRequest, GenStats
 from offbatch.errors import OffbatchError
 
 POLL_S = 0.5  # how often the caller looks whether a rank died while it waits for outputs
+STOP_WAIT_S = 3.0  # after a rank failed: how long the others get to end before they are killed
 
 
 def _free_port() -> int:
@@ -150,11 +151,11 @@ class SplitStreamGenerator:
             except queue.Empty:
                 dead = [p for p in self.procs if p.exitcode is not None and p.exitcode != 0]
                 if dead:
-                    self.close()
+                    self.close(wait_s=STOP_WAIT_S)
                     raise OffbatchError(f"split stream: rank process {dead[0].name} died (exit code {dead[0].exitcode})")
                 continue
             if kind == "error":
-                self.close()
+                self.close(wait_s=STOP_WAIT_S)  # the others wait in a collective for it: they will not end alone
                 raise OffbatchError(f"split stream: rank {rank} failed: {payload}")
             return kind, rank, payload
 
@@ -176,14 +177,14 @@ class SplitStreamGenerator:
                 self.rank_stats[rank] = payload
         self.stats.peak_gpu_reserved_bytes = max(s.get("peak_gpu_reserved_bytes", 0) for s in self.rank_stats)
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 30.0) -> None:
         for inbox in self.inboxes:
             try:
                 inbox.put(None)
             except Exception:  # noqa: BLE001 - a closed queue: the rank is gone already
                 pass
         for p in self.procs:
-            p.join(timeout=30)
+            p.join(timeout=wait_s)
             if p.is_alive():
                 p.kill()
                 p.join()

@@ -20,6 +20,7 @@ behind a weight gather in flight.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
@@ -45,6 +46,10 @@ class ShardGroup:
         file://PATH): the default process group carries the weights, a gloo group the control."""
         device = torch.device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
+        # No NVLink SHARP (multicast): an all-gather of a few GPUs gains little from it, its buffers take GPU
+        # memory outside the caching allocator (beyond what --gpu-memory accounts for), and on shared hosts
+        # multicast objects have put GPUs out of service. The user's own setting wins.
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, **kwargs)
         control = dist.new_group(backend="gloo")
