@@ -52,12 +52,13 @@ def rank_main(folder: str, prompts: str, world: int, gpu_memory: str | None, out
     from offbatch.engine.api import GenRequest, SamplingParams
     from offbatch.engine.build import engine_for_folder
     from offbatch.engine.split import host_share, rank_workload
+    from offbatch.planner.workload import Workload
     from offbatch.models.tokenizer import load_tokenizer
 
     rows = [json.loads(line) for line in open(prompts)]
     cap = byte_size(gpu_memory, "--gpu-memory") if gpu_memory else None
     lens, gens = [len(r["prompt"]) for r in rows], [r["max_tokens"] for r in rows]
-    workload = rank_workload(lens, gens, world)
+    workload = rank_workload(Workload.from_lengths(lens, gens), world)
     plan = engine_for_folder(folder, device=device, gpu_memory=cap, cpu_memory=host_share(None, world),
                              workload=workload, num_requests=workload.num_requests, max_len=workload.max_len,
                              split_stream=world, plan_only=True)

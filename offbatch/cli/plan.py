@@ -3,7 +3,6 @@ speed and say what bounds it; `--json` writes a plan file that `bench --plan FIL
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -104,7 +103,7 @@ def command(
 
     from offbatch.models.dtypes import resolve_dtype
     from offbatch.planner.probe import probe_hardware
-    from offbatch.planner.solve import HOST_SHARE, make_plan, resolve_hardware
+    from offbatch.planner.solve import make_plan, resolve_hardware
     from offbatch.planner.workload import Workload
 
     spec = load_spec_for(model_dir, synth, layers)
@@ -140,15 +139,12 @@ def command(
         raise OffbatchError("--workers-per-host is for --workers")
     whole = (workload, cpu_cap)
     if split_stream > 1:  # the plan shown is one rank's: its share of the sequences and of host memory
-        from offbatch.engine.split import rank_workload
+        from offbatch.engine.split import host_share, rank_workload
 
         if ffn == "hybrid":
             raise OffbatchError("--split-stream runs dense FFN layers; drop --ffn hybrid")
-        share = cpu_cap if cpu_cap is not None else int(HOST_SHARE * hw.host.memory_bytes)
-        workload = rank_workload([round(workload.prompt_len)] * workload.num_requests,
-                                 [round(workload.gen_len)] * workload.num_requests, split_stream)
-        workload = dataclasses.replace(workload, max_prompt_len=whole[0].max_prompt_len, max_len=whole[0].max_len)
-        cpu_cap = share // split_stream
+        workload = rank_workload(workload, split_stream)
+        cpu_cap = host_share(cpu_cap, split_stream, hw.host.memory_bytes)
         lossy_kv["split_stream"] = split_stream
 
     def plan_for(name: str, workload=workload, cpu=cpu_cap, **options):

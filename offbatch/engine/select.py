@@ -155,15 +155,14 @@ def make_generator(model_dir: str | Path, tokenizer, options: EngineOptions | No
             from offbatch.cli.options import kv_plan_options
 
             pinned = kv_plan_options(options.kv, options.hgca)
+        if options.split_stream > 1:  # (each rank reads the key scales itself)
+            from offbatch.engine.split import make_split_generator
+
+            return make_split_generator(model_dir, tokenizer, options, device, plan, pinned)
         if options.kv_balance:
             from offbatch.attention.key_balance import key_scales_for_folder
 
             pinned["key_scales"] = key_scales_for_folder(model_dir)
-        if options.split_stream > 1:
-            from offbatch.engine.split import make_split_generator
-
-            pinned.pop("key_scales", None)  # each rank reads them itself
-            return make_split_generator(model_dir, tokenizer, options, device, plan, pinned)
         if options.ffn == "hybrid" or (plan is not None and plan.dense_ffn == "hybrid"):
             from offbatch.ffn.neurons import neuron_stats_for_folder
 

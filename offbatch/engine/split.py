@@ -193,37 +193,39 @@ class SplitStreamGenerator:
             os.unlink(rendezvous)
 
 
-def rank_workload(prompt_lens: list[int], gen_lens: list[int], world: int):
-    """One rank's job for the planner: its share of the requests (dealt round robin: at most ceil(N / world)),
-    the job's mean lengths, and the job's longest context (any rank may get the longest request)."""
+def rank_workload(whole, world: int):
+    """One rank's job (a Workload) for the planner: its share of the whole job's requests (dealt round robin:
+    at most ceil(N / world)), the job's mean lengths, and the job's longest context (any rank may get the
+    longest request)."""
     import math
 
-    from offbatch.planner.workload import Workload
-
-    whole = Workload.from_lengths(prompt_lens, gen_lens)
-    return Workload(math.ceil(whole.num_requests / world), whole.prompt_len, whole.gen_len, whole.max_prompt_len,
-                    whole.max_len)
+    return dataclasses.replace(whole, num_requests=math.ceil(whole.num_requests / world))
 
 
-def host_share(cpu_memory: int | None, world: int) -> int:
-    """Each rank's host budget: its share of --cpu-memory, else of the default share of this host's memory
-    (every rank holds the weights it streams and its sequences' host KV)."""
+def host_share(cpu_memory: int | None, world: int, memory_bytes: int | None = None) -> int:
+    """Each rank's host budget: its share of --cpu-memory, else of the default share of the host's memory
+    (memory_bytes: a hardware profile's; None: this machine's). Every rank holds its share of the weights
+    and its sequences' host KV."""
     from offbatch.planner.probe import host_memory_bytes
     from offbatch.planner.solve import HOST_SHARE
 
-    total = cpu_memory if cpu_memory is not None else int(HOST_SHARE * host_memory_bytes())
-    return total // world
+    if cpu_memory is None:
+        cpu_memory = int(HOST_SHARE * (memory_bytes if memory_bytes is not None else host_memory_bytes()))
+    return cpu_memory // world
 
 
 def make_split_generator(model_dir, tokenizer, options, device: str, plan, pinned: dict) -> SplitStreamGenerator:
     """`run --split-stream N`: plan once for one rank (unless a plan is pinned), then start the ranks."""
+    import torch
+
     from offbatch.engine.build import engine_for_folder
+    from offbatch.planner.workload import Workload
 
     world = options.split_stream
     if plan is None:
         workload = None
         if options.prompt_lens:
-            workload = rank_workload(options.prompt_lens, options.gen_lens, world)
+            workload = rank_workload(Workload.from_lengths(options.prompt_lens, options.gen_lens), world)
         rank0 = rank_device(device, 0)
         plan = engine_for_folder(model_dir, device=rank0, dtype=options.dtype, gpu_memory=options.gpu_memory,
                                  cpu_memory=host_share(options.cpu_memory, world), workload=workload,
@@ -232,8 +234,6 @@ def make_split_generator(model_dir, tokenizer, options, device: str, plan, pinne
                                  split_stream=world, plan_only=True, **pinned)
     else:
         plan = dataclasses.replace(plan, split_stream=world)
-    import torch
-
     build = {"dtype": options.dtype, "gpu_memory": options.gpu_memory, "kv_balance": options.kv_balance}
     # The host's threads (or a Ray worker's share of them) shared by the ranks' host work.
     return SplitStreamGenerator(model_dir, plan, world, device, build, threads=max(1, torch.get_num_threads() // world))

@@ -63,10 +63,7 @@ class Prefetcher:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.group = group  # a ShardGroup: this rank copies its chunk of each module, a gather the rest
-        if group is not None and getattr(store, "disk", None):
-            raise ValueError("a split weight stream reads every module from host memory: the plan puts "
-                             f"{len(store.disk)} modules on the disk tier")
+        self.group = group  # a ShardGroup: this rank copies its chunk of each module (the store has no disk tier then)
         # Resident modules: copied once, never evicted; those of one kind in one layer (a layer's
         # resident experts) as the rows of one bank.
         self.resident: dict[ModuleKey, ModuleWeights] = {}
