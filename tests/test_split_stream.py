@@ -233,3 +233,19 @@ def test_a_rank_killed_mid_job_ends_the_job_with_its_error_and_no_rank_is_left(t
                 os.kill(gen.procs[1].pid, signal.SIGKILL)
     assert got and all(o.token_ids == expected[o.key][: len(o.token_ids)] for o in got)
     assert all(not p.is_alive() for p in gen.procs)
+
+
+def test_closing_in_the_middle_of_a_job_ends_every_rank(tmp_path):
+    """A run stopped while the ranks work (SIGTERM, an error in the jobs layer): close() ends them all."""
+    model = synth(tmp_path / "llama", "llama")
+    ref = ReferenceModel.load(model, dtype="float32")
+    prompts, _ = job(ref.spec.vocab_size, 16, seed=2)
+    gen = SplitStreamGenerator(model, streamed_plan(model, 16), world=2, device="cpu", build={"dtype": "float32"},
+                               threads=1)
+    outs = gen.generate([GenRequest(i, p, SamplingParams(max_tokens=1 if i == 0 else 16, ignore_eos=True))
+                         for i, p in enumerate(prompts)])
+    first = next(outs)
+    assert first.token_ids == ref.greedy([prompts[first.key]], 1)[0]
+    assert gen.busy
+    gen.close()
+    assert all(not p.is_alive() for p in gen.procs)

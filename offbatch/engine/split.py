@@ -113,6 +113,7 @@ class SplitStreamGenerator:
             if torch.cuda.device_count() < world:
                 raise OffbatchError(f"--split-stream {world}: {torch.cuda.device_count()} GPU(s) visible")
         self.plan, self.world = plan, world
+        self.busy = False  # a job dealt to the ranks and not finished: closing then cannot wait for them
         self.stats = GenStats()
         self.startup: dict = {}
         ctx = mp.get_context("spawn")
@@ -165,6 +166,7 @@ class SplitStreamGenerator:
             jobs[i % self.world].append((r.key, list(r.prompt_ids), r.params, tuple(r.stops), r.skip_special_tokens))
         for inbox, job in zip(self.inboxes, jobs):
             inbox.put(job)
+        self.busy = True
         done = 0
         while done < self.world:
             kind, rank, payload = self._next()
@@ -175,9 +177,14 @@ class SplitStreamGenerator:
             elif kind == "done":
                 done += 1
                 self.rank_stats[rank] = payload
+        self.busy = False
         self.stats.peak_gpu_reserved_bytes = max(s.get("peak_gpu_reserved_bytes", 0) for s in self.rank_stats)
 
     def close(self, wait_s: float = 30.0) -> None:
+        """End the ranks: each finishes when it reads the end of its inbox; ranks in the middle of a job
+        (the run stopped, a rank failed) would not read it, so they get only a moment before they are killed."""
+        if self.busy:
+            wait_s = min(wait_s, STOP_WAIT_S)
         for inbox in self.inboxes:
             try:
                 inbox.put(None)
